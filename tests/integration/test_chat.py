@@ -1,0 +1,239 @@
+"""Chat completions through the real daemon, a real worker and a tiny real MLX model,
+driven by the official openai client and raw httpx."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+MESSAGES = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Tell me about the weather in Paris today."},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model: Path):
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    return load_tokenizer(tiny_model)
+
+
+@pytest.fixture
+def daemon(start_daemon):
+    return start_daemon()
+
+
+def _sse_events(response: httpx.Response) -> list[str]:
+    return [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_non_streaming_completion_counts_tokens_like_the_tokenizer(daemon, tokenizer):
+    client = daemon.openai()
+    resp = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=7,
+                                          temperature=0)
+    expected_prompt = len(tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True))
+    assert resp.object == "chat.completion"
+    assert resp.choices[0].message.role == "assistant"
+    assert resp.choices[0].message.content
+    assert resp.choices[0].finish_reason == "length"
+    assert resp.usage.prompt_tokens == expected_prompt
+    assert resp.usage.completion_tokens == 7
+    assert resp.usage.total_tokens == expected_prompt + 7
+
+
+def test_streaming_matches_non_streaming_and_follows_openai_chunk_shapes(daemon):
+    client = daemon.openai()
+    full = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12,
+                                          temperature=0)
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    roles = [c.choices[0].delta.role for c in chunks if c.choices and c.choices[0].delta.role]
+    assert roles == ["assistant"] and chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "length" and finishes.count("length") == 1
+    usage_chunk = chunks[-1]
+    assert usage_chunk.choices == []
+    assert usage_chunk.usage.completion_tokens == 12
+    assert usage_chunk.usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_raw_sse_wire_format(daemon):
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 4, "stream": True}
+    with daemon.http.stream("POST", "/v1/chat/completions", json=body) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        assert resp.headers["cache-control"] == "no-cache"
+        events = _sse_events(resp)
+    assert events[-1] == "[DONE]"
+    parsed = [json.loads(e) for e in events[:-1]]
+    assert parsed[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all("role" not in p["choices"][0]["delta"] for p in parsed[1:])
+    assert len({p["id"] for p in parsed}) == 1
+
+
+def test_stop_string_ends_generation_and_never_appears(daemon):
+    client = daemon.openai()
+    base = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=24,
+                                          temperature=0).choices[0].message.content
+    assert len(base) > 8
+    stop = base[5:8]
+    expected = base[: base.index(stop)]
+    resp = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=24,
+                                          temperature=0, stop=[stop, "\u2603never"])
+    assert resp.choices[0].finish_reason == "stop"
+    assert resp.choices[0].message.content == expected
+    assert stop not in resp.choices[0].message.content
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(model="tiny", messages=MESSAGES,
+                                                max_tokens=24, temperature=0, stop=stop,
+                                                stream=True))
+    assert streamed == expected
+
+
+def test_seed_makes_sampling_reproducible(daemon):
+    client = daemon.openai()
+
+    def sample(seed: int) -> str:
+        return client.chat.completions.create(
+            model="tiny", messages=MESSAGES, max_tokens=10, temperature=1.0, seed=seed,
+        ).choices[0].message.content
+
+    assert sample(1234) == sample(1234)
+    assert len({sample(s) for s in range(4)}) > 1
+
+
+def test_max_completion_tokens_is_honoured(daemon):
+    resp = daemon.openai().chat.completions.create(
+        model="tiny", messages=MESSAGES, max_completion_tokens=3)
+    assert resp.usage.completion_tokens == 3
+    assert resp.choices[0].finish_reason == "length"
+
+
+def test_messages_of_every_role_and_text_parts(daemon):
+    messages = [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": [{"type": "text", "text": "what is "},
+                                     {"type": "text", "text": "2+2?"}]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "add", "arguments": "{\"a\": 2, \"b\": 2}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "4"},
+    ]
+    resp = daemon.openai().chat.completions.create(model="tiny", messages=messages,
+                                                   max_tokens=2)
+    assert resp.usage.completion_tokens == 2
+
+
+def test_unknown_model_is_a_404_in_openai_shape(daemon):
+    with pytest.raises(openai.NotFoundError) as info:
+        daemon.openai().chat.completions.create(model="no/such-model", messages=MESSAGES)
+    assert info.value.body["code"] == "model_not_found"
+    assert "no/such-model" in info.value.body["message"]
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": "tiny", "messages": []}, "messages"),
+    ({"model": "tiny", "messages": [{"role": "bot", "content": "x"}]}, "messages[0].role"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": "5"},
+     "max_tokens"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": 3},
+     "temperature"),
+    ({"messages": [{"role": "user", "content": "x"}]}, "model"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"1": 5}},
+     "logit_bias"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+])
+def test_invalid_fields_are_400s_that_name_the_field(daemon, body, param):
+    resp = daemon.http.post("/v1/chat/completions", json=body)
+    assert resp.status_code == 400, resp.text
+    err = resp.json()["error"]
+    assert err["type"] == "invalid_request_error"
+    assert err["param"] == param
+    assert set(err) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("content", [b"", b"{not json", b"[1, 2]"])
+def test_malformed_bodies_are_400s(daemon, content):
+    resp = daemon.http.post("/v1/chat/completions", content=content,
+                            headers={"content-type": "application/json"})
+    assert resp.status_code == 400
+    assert resp.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_prompt_longer_than_the_context_is_a_400(start_daemon, tiny_model):
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "max_context": 64}})
+    resp = daemon.http.post("/v1/chat/completions", json={
+        "model": "tiny", "messages": [{"role": "user", "content": "word " * 100}]})
+    assert resp.status_code == 400
+    assert resp.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_models_endpoints(daemon, tiny_model):
+    # A model found on disk in the HF cache layout is listed with its org/name id.
+    snap = daemon.root / "models" / "models--acme--tiny-chat" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    for f in Path(tiny_model).iterdir():
+        (snap / f.name).symlink_to(f)
+    listing = daemon.http.get("/v1/models").json()
+    assert listing["object"] == "list"
+    ids = {m["id"] for m in listing["data"]}
+    assert {"tiny", "acme/tiny-chat"} <= ids
+    for m in listing["data"]:
+        assert m["object"] == "model" and isinstance(m["created"], int) and m["owned_by"]
+    one = daemon.http.get("/v1/models/acme/tiny-chat")
+    assert one.status_code == 200 and one.json()["id"] == "acme/tiny-chat"
+    assert daemon.http.get("/v1/models/acme/nope").status_code == 404
+    # It is servable, not just listed.
+    resp = daemon.openai().chat.completions.create(model="acme/tiny-chat", messages=MESSAGES,
+                                                   max_tokens=2)
+    assert resp.usage.completion_tokens == 2
+    assert daemon.http.get("/v1/models/acme/tiny-chat").json()["loaded"] is True
+
+
+def test_second_request_is_batched_not_queued_behind_the_first(start_daemon, tiny_model):
+    # 50 ms per step: a 40-token request takes ~2 s; a second one joining the batch finishes
+    # long before the first does if the engine batches continuously.
+    daemon = start_daemon({"tiny": {"path": str(tiny_model),
+                                    "fault": {"delay_per_token_s": 0.05}}})
+    client = daemon.openai()
+    done: dict[str, float] = {}
+
+    def long_request() -> None:
+        client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=40)
+        done["long"] = time.monotonic()
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    stream = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=40,
+                                            stream=True)
+    first = next(iter(stream))  # the long request is now generating too
+    assert first.choices[0].delta.role == "assistant"
+    short = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3)
+    done["short"] = time.monotonic()
+    for _ in stream:
+        pass
+    thread.join(30)
+    assert short.usage.completion_tokens == 3
+    assert done["short"] < done["long"]
+
+
+def test_health_endpoints(daemon):
+    assert daemon.http.get("/health").json() == {"status": "ok"}
+    daemon.openai().chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=1)
+    detail = daemon.http.get("/v1/health").json()
+    (worker,) = detail["workers"]
+    assert worker["model"] == "tiny" and worker["state"] == "RUNNING"
+    assert worker["pid"] > 0 and worker["memory_bytes"] > 0
+    assert detail["memory"]["total_bytes"] > 0

@@ -1,0 +1,143 @@
+"""Crash isolation with real processes: workers are SIGKILLed, SIGSTOPped and fail to load;
+the daemon is SIGTERMed and SIGKILLed. The daemon must keep serving and never hang a client."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import openai
+import psutil
+import pytest
+
+from conftest import wait_for
+
+MESSAGES = [{"role": "user", "content": "Write a long story about a lighthouse."}]
+# 40 ms per engine step: a 200-token stream lasts ~8 s, long enough to kill it midway.
+SLOW = {"delay_per_token_s": 0.04}
+
+
+def _slow_daemon(start_daemon, tiny_model, **fault):
+    return start_daemon({"tiny": {"path": str(tiny_model), "fault": {**SLOW, **fault}}},
+                        supervisor={"silence_timeout_s": 2.0})
+
+
+def test_worker_sigkill_mid_stream_fails_that_stream_and_the_next_request_works(
+        start_daemon, tiny_model):
+    daemon = _slow_daemon(start_daemon, tiny_model)
+    client = daemon.openai()
+    stream = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=200,
+                                            stream=True)
+    chunks = iter(stream)
+    next(chunks)
+    next(chunks)
+    pid = daemon.worker_pid("tiny")
+    killed_at = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(openai.APIError) as info:
+        for _ in chunks:
+            pass
+    error_after = time.monotonic() - killed_at
+    assert "exited unexpectedly" in str(info.value.message)
+    assert error_after < 5
+    assert daemon.http.get("/health").status_code == 200
+    resp = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3)
+    assert resp.usage.completion_tokens == 3
+    assert daemon.worker_pid("tiny") not in (None, pid)
+
+
+def test_worker_sigkill_during_non_streaming_request_is_a_502(start_daemon, tiny_model):
+    daemon = _slow_daemon(start_daemon, tiny_model, crash_after_tokens=5)
+    with pytest.raises(openai.InternalServerError) as info:
+        daemon.openai().chat.completions.create(model="tiny", messages=MESSAGES,
+                                                max_tokens=50)
+    assert info.value.status_code == 502
+    assert info.value.body["code"] == "worker_crashed"
+    assert daemon.http.get("/health").status_code == 200
+
+
+def test_sigstopped_worker_is_detected_killed_and_replaced(start_daemon, tiny_model):
+    daemon = _slow_daemon(start_daemon, tiny_model)
+    client = daemon.openai()
+    stream = iter(client.chat.completions.create(model="tiny", messages=MESSAGES,
+                                                 max_tokens=200, stream=True))
+    next(stream)
+    pid = daemon.worker_pid("tiny")
+    stopped_at = time.monotonic()
+    os.kill(pid, signal.SIGSTOP)
+    with pytest.raises(openai.APIError):
+        for _ in stream:
+            pass
+    assert time.monotonic() - stopped_at < 8
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    resp = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2)
+    assert resp.usage.completion_tokens == 2
+
+
+def test_worker_that_fails_to_load_gives_a_503_with_its_reason(start_daemon, tiny_model):
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "fault": {"fail_load": 1}}})
+    with pytest.raises(openai.APIStatusError) as info:
+        daemon.openai().chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2)
+    assert info.value.status_code == 503
+    assert info.value.body["code"] == "model_load_failed"
+    assert "fault injection: load failed" in info.value.body["message"]
+    assert daemon.http.get("/health").status_code == 200
+
+
+def test_a_broken_model_dir_fails_its_requests_not_the_daemon(start_daemon, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama"}')
+    daemon = start_daemon({"broken": {"path": str(broken)}})
+    resp = daemon.http.post("/v1/chat/completions", json={"model": "broken",
+                                                          "messages": MESSAGES})
+    assert resp.status_code == 503
+    assert resp.json()["error"]["code"] == "model_load_failed"
+    assert daemon.http.get("/health").status_code == 200
+
+
+def test_sigterm_lets_the_stream_in_flight_finish_then_exits_cleanly(start_daemon, tiny_model):
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "fault": {"delay_per_token_s": 0.02}}})
+    client = daemon.openai()
+    stream = iter(client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=60, stream=True,
+        stream_options={"include_usage": True}))
+    next(stream)
+    worker = daemon.worker_pid("tiny")
+    daemon.proc.send_signal(signal.SIGTERM)
+    # New requests are refused while it drains.
+    wait_for(lambda: daemon.http.get("/health").status_code == 503, 5, "draining health")
+    rest = list(stream)
+    assert rest[-1].usage.completion_tokens == 60
+    assert daemon.proc.wait(30) == 0
+    assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == "zombie"
+    assert not (daemon.run_dir / "gw.sock").exists()
+
+
+@pytest.mark.parametrize("pdeathsig", [True, False], ids=["pdeathsig", "getppid"])
+def test_workers_exit_by_themselves_when_the_daemon_is_sigkilled(start_daemon, tiny_model,
+                                                                 pdeathsig):
+    fault = {} if pdeathsig else {"no_pdeathsig": 1}
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "fault": fault}})
+    daemon.openai().chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=1)
+    pid = daemon.worker_pid("tiny")
+    killed_at = time.monotonic()
+    daemon.proc.kill()
+    daemon.proc.wait()
+    wait_for(lambda: not daemon.worker_processes(), 10, "workers to exit")
+    assert time.monotonic() - killed_at < 10
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+
+
+def test_a_second_daemon_on_the_same_run_dir_refuses_to_start(start_daemon):
+    import subprocess
+    import sys
+
+    daemon = start_daemon()
+    out = subprocess.run(
+        [sys.executable, "-m", "mlxrouter", "serve", "--config",
+         str(daemon.root / "supervisor.toml")], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1
+    assert f"already running (pid {daemon.proc.pid})" in out.stderr
+    assert daemon.http.get("/health").status_code == 200
