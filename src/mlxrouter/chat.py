@@ -41,7 +41,6 @@ class StopText:
 
     def __init__(self, stops: list[str]) -> None:
         self._stops = [s for s in stops if s]
-        self._holdback = max((len(s) for s in self._stops), default=1) - 1
         self._buf = ""
 
     def feed(self, text: str) -> tuple[str, bool]:
@@ -53,9 +52,19 @@ class StopText:
         if hits:
             out, self._buf = self._buf[: min(hits)], ""
             return out, True
-        cut = max(0, len(self._buf) - self._holdback)
+        keep = self._partial_len()
+        cut = len(self._buf) - keep
         out, self._buf = self._buf[:cut], self._buf[cut:]
         return out, False
+
+    def _partial_len(self) -> int:
+        """Length of the longest tail of the buffer that starts some stop string."""
+        buf = self._buf
+        for n in range(min(len(buf), max(len(s) for s in self._stops) - 1), 0, -1):
+            tail = buf[-n:]
+            if any(s.startswith(tail) for s in self._stops):
+                return n
+        return 0
 
     def flush(self) -> str:
         out, self._buf = self._buf, ""

@@ -59,6 +59,21 @@ class SupervisorConfig(_Section):
     load_timeout_s: float = 300.0
     stop_timeout_s: float = 10.0
     silence_timeout_s: float = 5.0
+    engine_stall_timeout_s: float = 120.0
+    drain_timeout_s: float = 30.0
+    # Start failures back off 1, 2, 4, 8 ... s (cap 30); after this many retries: FATAL.
+    start_retries: int = 3
+    # Memory budget for all workers together; default 0.8 x min(RAM, cgroup memory.max).
+    memory_budget_gb: float | None = None
+    # At most this many workers at once (the seed's cache_size); 0 = no limit.
+    max_loaded_models: int = 0
+    # A load that cannot fit waits this long for busy workers to go idle, then 503 no_memory.
+    load_wait_timeout_s: float = 60.0
+    # Pressure levels: high below this much available memory, critical below half of it,
+    # moderate below twice it; swap use above these percentages raises the level too.
+    memory_threshold_gb: float = 2.0
+    swap_high_percent: float = 80.0
+    swap_critical_percent: float = 95.0
 
 
 class ModelOptions(_Section):
@@ -74,8 +89,14 @@ class ModelOptions(_Section):
     max_running: int | None = None
     max_queue: int | None = None
     required_memory_gb: float | None = None
-    engine: Literal["mlx-lm", "fault"] | None = None
-    # Test aid for the fault engine / real engine: see worker.FaultPlan.
+    safety_margin: float | None = None
+    idle_ttl_s: float | None = None
+    pinned: bool | None = None
+    preload: bool | None = None
+    timeout_s: float | None = None
+    memory_pressure_max_tokens: dict[Literal["moderate", "high", "critical"], int] | None = None
+    engine: Literal["mlx-lm"] | None = None
+    # Test aid: faults injected into the real worker (see engine.FaultPlan).
     fault: dict[str, float] | None = None
     env: dict[str, str] | None = None
 
@@ -105,9 +126,22 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     min_p: float = 0.0
     # 0 = the model's own max_position_embeddings.
     max_context: int = 0
+    # Requests inside the worker at once (its batch) and waiting in the gateway beyond that.
     max_running: int = 8
     max_queue: int = 64
+    # Overrides the memory estimate: required_memory_gb x safety_margin.
     required_memory_gb: float | None = None
+    safety_margin: float = 1.2
+    # Unload after this long without requests; 0 = never.
+    idle_ttl_s: float = 0.0
+    # Never evicted to make room (still stopped by ctl stop / reload).
+    pinned: bool = False
+    # Started in the background when the daemon starts.
+    preload: bool = False
+    # Whole-request limit (queue + generation); past it the client gets 504.
+    timeout_s: float = 600.0
+    # max_tokens caps by memory pressure level, e.g. {high = 256, critical = 64}.
+    memory_pressure_max_tokens: dict[str, int] = {}
     engine: str = "mlx-lm"
     fault: dict[str, float] = {}
     env: dict[str, str] = {}
@@ -154,17 +188,21 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
 # because they have no effect yet. Anything else unknown is an error.
 _SEED_NOOP_KEYS = {
     "server": {"log_level", "workers", "reload", "cors_origins", "streaming_format",
-               "stream_chunk_size", "api_key", "timeout"},
-    "defaults": {"cache_size", "swap_high_percent", "swap_critical_percent",
-                 "memory_threshold_gb", "memory_pressure_max_tokens", "safety_margin",
-                 "streaming_format", "stream_chunk_size", "enable_function_calling",
+               "stream_chunk_size", "api_key"},
+    "defaults": {"streaming_format", "stream_chunk_size", "enable_function_calling",
                  "supports_tools", "supports_vision", "reasoning_response", "chat_template",
-                 "timeout", "idle_ttl_s", "pinned", "preload", "repetition_penalty",
-                 "trust_remote_code"},
+                 "repetition_penalty", "trust_remote_code"},
 }
-_SEED_NOOP_KEYS["models"] = _SEED_NOOP_KEYS["defaults"]
-# Seed keys that belong to another section here.
-_SEED_SUPERVISOR_KEYS = {"model_directory", "default_model"}
+_SEED_NOOP_KEYS["models"] = _SEED_NOOP_KEYS["defaults"] | {"cache_size"}
+# Seed keys that live in [supervisor] here, with their names here.
+_SEED_SUPERVISOR_KEYS = {
+    "model_directory": "model_directory", "default_model": "default_model",
+    "cache_size": "max_loaded_models", "swap_high_percent": "swap_high_percent",
+    "swap_critical_percent": "swap_critical_percent",
+    "memory_threshold_gb": "memory_threshold_gb", "memory_budget_gb": "memory_budget_gb",
+}
+# Seed keys of models and defaults renamed here.
+_SEED_RENAMED = {"timeout": "timeout_s"}
 
 
 def _decode(data: dict[str, Any], type_: type, where: str) -> Any:
@@ -219,15 +257,35 @@ def _main_from_seed_json(path: Path) -> dict[str, Any]:
     unknown = set(raw) - {"defaults", "server", "models"}
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}")
+    for name in ("defaults", "server", "models"):
+        if not isinstance(raw.get(name, {}), dict):
+            raise ConfigError(f"{path}: section '{name}' must be a JSON object")
+    for model_id, opts in raw.get("models", {}).items():
+        if not isinstance(opts, dict):
+            raise ConfigError(f"{path}: models.{model_id} must be a JSON object")
     server = _split_seed_section(dict(raw.get("server", {})), "server", str(path))
     defaults = _split_seed_section(dict(raw.get("defaults", {})), "defaults", str(path))
-    supervisor = {k: defaults.pop(k) for k in list(defaults) if k in _SEED_SUPERVISOR_KEYS}
-    supervisor.update({k: server.pop(k) for k in list(server) if k in _SEED_SUPERVISOR_KEYS})
+    supervisor = {}
+    for section in (defaults, server):
+        for key in [k for k in section if k in _SEED_SUPERVISOR_KEYS]:
+            supervisor[_SEED_SUPERVISOR_KEYS[key]] = section.pop(key)
     models = {
         model_id: _split_seed_section(dict(opts), "models", str(path))
         for model_id, opts in raw.get("models", {}).items()
     }
+    if "timeout" in server:  # the seed's request timeout; per model here
+        defaults.setdefault("timeout", server.pop("timeout"))
+    for section in (defaults, *models.values()):
+        for old, new in _SEED_RENAMED.items():
+            if old in section:
+                section[new] = section.pop(old)
     return {"server": server, "supervisor": supervisor, "defaults": defaults, "models": models}
+
+
+def _absolute(value: str, base: Path) -> str:
+    """Paths in a config file are relative to that file (launchd runs us from /)."""
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
 
 
 def _state_home() -> Path:
@@ -271,11 +329,16 @@ def load_config(
     home = _state_home()
     sup = main.supervisor
     server = main.server
+    base = path.parent if path is not None else Path.cwd()
+    for model_id, opts in models.items():
+        if opts.path and not Path(opts.path).expanduser().is_absolute():
+            models[model_id] = msgspec.structs.replace(opts, path=_absolute(opts.path, base))
     overrides: dict[str, Any] = {}
     env_dir = os.environ.get("MLX_MODEL_DIR")
-    overrides["model_directory"] = model_dir or env_dir or sup.model_directory or "~/models"
-    overrides["run_dir"] = sup.run_dir or str(home / "run")
-    overrides["log_dir"] = sup.log_dir or str(home / "logs")
+    overrides["model_directory"] = (model_dir or env_dir
+                                    or _absolute(sup.model_directory or "~/models", base))
+    overrides["run_dir"] = _absolute(sup.run_dir, base) if sup.run_dir else str(home / "run")
+    overrides["log_dir"] = _absolute(sup.log_dir, base) if sup.log_dir else str(home / "logs")
     sup = msgspec.structs.replace(sup, **overrides)
     if host is not None or port is not None:
         server = msgspec.structs.replace(
@@ -299,7 +362,8 @@ def find_system_blas() -> str | None:
 
 
 # Never handed to a worker: a model's chat template or a crash dump has no business with them.
-_SECRET_ENV = ("MLXROUTER_API_KEY", "MLXROUTER_ADMIN_KEY", "OPENAI_API_KEY", "HF_TOKEN")
+_SECRET_ENV = ("MLXROUTER_API_KEY", "MLXROUTER_ADMIN_KEY", "OPENAI_API_KEY", "HF_TOKEN",
+               "HUGGING_FACE_HUB_TOKEN")
 
 
 def worker_environment(config: Config, spec: ModelSpec) -> dict[str, str]:

@@ -30,12 +30,11 @@ from hypercorn.config import Config as HypercornConfig
 from .broker import Broker
 from .config import EMBEDDED_MODEL_ID, Config
 from .discovery import Catalog
+from .errors import RouterError
 from .gateway import AppState, build_app
 from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
-
-DRAIN_TIMEOUT_S = 30.0
 
 
 class AlreadyRunning(RuntimeError):
@@ -185,9 +184,7 @@ class Daemon:
         log.info("listening on http://%s:%d (pid %d, boot %s, models in %s)",
                  config.server.host, port, os.getpid(), supervisor.boot_id,
                  config.model_directory)
-        if config.supervisor.preload_default_model and catalog.knows(
-                config.supervisor.default_model):
-            supervisor.preload(config.supervisor.default_model)
+        self._preload(config, supervisor, catalog)
         stopper = asyncio.create_task(self.stop_requested.wait())
         await asyncio.wait({server, stopper}, return_when=asyncio.FIRST_COMPLETED)
         state.shutting_down = True
@@ -199,8 +196,23 @@ class Daemon:
         log.info("stopped")
         return 0
 
+    @staticmethod
+    def _preload(config: Config, supervisor: Supervisor, catalog: Catalog) -> None:
+        """Models marked preload (and the default model) start once the server listens."""
+        default = config.supervisor.default_model
+        for model_id in dict.fromkeys([*config.models, default]):
+            if not catalog.knows(model_id):
+                continue
+            try:
+                spec = supervisor.spec(model_id)
+            except RouterError as exc:
+                log.warning("preload of model=%s skipped: %s", model_id, exc.message)
+                continue
+            if spec.preload or (model_id == default and config.supervisor.preload_default_model):
+                supervisor.request_start(spec)
+
     async def _drain(self, broker: Broker) -> None:
-        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        deadline = time.monotonic() + self.config.supervisor.drain_timeout_s
         while broker.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if broker.in_flight:

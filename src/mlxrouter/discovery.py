@@ -52,10 +52,12 @@ def _snapshot(repo_dir: Path) -> Path | None:
     """The snapshot `refs/main` points at, else the most recently modified one."""
     snapshots = repo_dir / "snapshots"
     ref = repo_dir / "refs" / "main"
-    if ref.is_file():
-        candidate = snapshots / ref.read_text().strip()
-        if candidate.is_dir():
-            return candidate
+    try:
+        rev = ref.read_text().strip() if ref.is_file() else ""
+    except (OSError, ValueError):  # unreadable or not UTF-8: fall back to the newest snapshot
+        rev = ""
+    if rev and (snapshots / rev).is_dir():
+        return snapshots / rev
     revs = [p for p in snapshots.glob("*") if p.is_dir()] if snapshots.is_dir() else []
     return max(revs, key=lambda p: p.stat().st_mtime) if revs else None
 
@@ -90,7 +92,7 @@ def scan(root: Path) -> dict[str, DiscoveredModel]:
                     if sub.is_dir() and (sub / "config.json").exists():
                         found[f"{child.name}/{sub.name}"] = _entry(
                             f"{child.name}/{sub.name}", sub)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             log.warning("discovery: skipped %s: %s", child, exc)
     return found
 
@@ -114,7 +116,9 @@ class Catalog:
             self._stamp = stamp
 
     def ids(self) -> list[str]:
-        self.refresh()
+        # A download finishing inside an existing dir changes no root mtime: always rescan
+        # here (a few stat calls per model); lookups by id use the cached scan first.
+        self.refresh(force=True)
         usable = {m.id for m in self._found.values() if m.usable}
         return sorted(usable | set(self._configured))
 

@@ -83,6 +83,7 @@ class FaultPlan:
         self.delay_per_token_s = float(fault.get("delay_per_token_s", 0))
         self.crash_after_tokens = int(fault.get("crash_after_tokens", 0))
         self.no_pdeathsig = bool(fault.get("no_pdeathsig", 0))
+        self.oom_after_tokens = int(fault.get("oom_after_tokens", 0))
 
 
 def _weights_bytes(path: Path) -> int:
@@ -96,8 +97,10 @@ def _max_context(spec: ModelSpec, config: dict[str, Any]) -> int:
 
 
 class TextEngine:
-    def __init__(self, spec: ModelSpec, emit: Emit, fault: FaultPlan) -> None:
+    def __init__(self, spec: ModelSpec, emit: Emit, fault: FaultPlan,
+                 memory_limit: int = 0) -> None:
         self.spec = spec
+        self.memory_limit = memory_limit
         self.emit = emit
         self.fault = fault
         self.steps = 0
@@ -120,13 +123,27 @@ class TextEngine:
         self.model, self.tokenizer, config = mlx_load(str(path), return_config=True)
         self.max_context = _max_context(self.spec, config)
         self.weights_bytes = _weights_bytes(path)
-        eos = sorted(self.tokenizer.eos_token_ids)
-        self.gen = BatchGenerator(
+        self.gen = self._new_batch()
+        self._limit_memory()
+
+    def _new_batch(self) -> BatchGenerator:
+        return BatchGenerator(
             self.model,
-            stop_tokens=[[t] for t in eos],
+            stop_tokens=[[t] for t in sorted(self.tokenizer.eos_token_ids)],
             completion_batch_size=self.spec.max_running,
             prefill_batch_size=min(8, self.spec.max_running),
         )
+
+    def _limit_memory(self) -> None:
+        """Hold MLX to what the supervisor budgeted (BatchGenerator would otherwise wire the
+        whole recommended working set on Metal, in every worker)."""
+        if not self.memory_limit:
+            return
+        spare = max(0, self.memory_limit - self.weights_bytes)
+        mx.set_cache_limit(max(64 * 2**20, spare // 2))
+        if mx.metal.is_available():
+            mx.set_wired_limit(min(self.memory_limit,
+                                   mx.metal.device_info()["max_recommended_working_set_size"]))
 
     # ---- per request
 
@@ -208,15 +225,32 @@ class TextEngine:
     def _inject_faults(self) -> None:
         if self.fault.delay_per_token_s:
             time.sleep(self.fault.delay_per_token_s)
+        if self.fault.oom_after_tokens and self.tokens_generated >= self.fault.oom_after_tokens:
+            self.fault.oom_after_tokens = 0  # once
+            raise RuntimeError("[malloc] fault injection: Attempting to allocate 1 TB")
         if self.fault.crash_after_tokens and self.tokens_generated >= self.fault.crash_after_tokens:
             log.error("fault injection: crashing after %d tokens", self.tokens_generated)
             os._exit(70)
+
+    def recover_from_oom(self, exc: Exception) -> None:
+        """An MLX allocation failure fails the batch, not the worker."""
+        log.error("allocation failure; failing %d sequences: %s", self.active, exc)
+        self.fail_all("out_of_memory", f"the model ran out of memory: {exc}")
+        self.gen = self._new_batch()
+        mx.clear_cache()
 
     def fail_all(self, code: str, message: str) -> None:
         for seq in list(self._seqs.values()):
             self.emit(protocol.Error(rid=seq.rid, code=code, message=message))
         self._seqs.clear()
         self._uid_of.clear()
+
+
+def is_allocation_failure(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, (RuntimeError, MemoryError)) and (
+        "malloc" in text or "allocat" in text or "out of memory" in text
+        or isinstance(exc, MemoryError))
 
 
 def describe_backend() -> str:

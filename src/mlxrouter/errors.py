@@ -19,10 +19,13 @@ class RouterError(Exception):
     retry_after_s: ClassVar[float | None] = None
     should_retry: ClassVar[bool | None] = None
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        if retry_after_s is not None:
+            self.retry_after_s = retry_after_s
 
 
 class InvalidRequest(RouterError):
@@ -63,6 +66,18 @@ class ModelLoadFailed(RouterError):
 
 class NoMemory(RouterError):
     status, code, retry_after_s = 503, "no_memory", 5
+
+
+class InsufficientMemory(RouterError):
+    """The model cannot fit even with nothing else loaded: retrying will not help."""
+
+    status, code, should_retry = 503, "insufficient_memory", False
+
+
+class ModelUnavailable(RouterError):
+    """The model is FATAL (failed to start too often, or crash-looped) until `ctl start`."""
+
+    status, code, should_retry = 503, "model_unavailable", False
 
 
 class ShuttingDown(RouterError):

@@ -26,7 +26,8 @@ from . import protocol
 from .broker import Broker, RequestStream
 from .config import Config, ModelSpec
 from .errors import (BodyTooLarge, InvalidRequest, ModelNotFound, NotFound, RouterError,
-                     ShuttingDown, error_body, error_headers)
+                     ShuttingDown, Timeout, error_body, error_headers)
+from .memory import LEVELS
 from .schemas import (AssistantMessage, ChatCompletion, ChatCompletionChunk,
                       ChatCompletionRequest, Choice, ChunkChoice, ChunkDelta, ModelList,
                       ModelObject, PromptTokensDetails, Usage, check_supported, decode_body,
@@ -97,10 +98,25 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def sampling_for(req: ChatCompletionRequest, spec: ModelSpec) -> protocol.SamplingParams:
-    """Request values, else the model's configured defaults."""
+def token_cap(spec: ModelSpec, pressure: str) -> int | None:
+    """The tightest `memory_pressure_max_tokens` cap of this level and the milder ones."""
+    caps = spec.memory_pressure_max_tokens
+    levels = LEVELS[1: LEVELS.index(pressure) + 1]
+    found = [caps[lvl] for lvl in levels if lvl in caps]
+    return min(found) if found else None
+
+
+def sampling_for(req: ChatCompletionRequest, spec: ModelSpec,
+                 pressure: str) -> protocol.SamplingParams:
+    """Request values, else the model's configured defaults; max_tokens capped by pressure."""
+    max_tokens = req.token_limit or spec.max_tokens
+    cap = token_cap(spec, pressure)
+    if cap is not None and cap < max_tokens:
+        log.info("memory pressure %s: max_tokens %d capped to %d for model=%s", pressure,
+                 max_tokens, cap, spec.id)
+        max_tokens = cap
     return protocol.SamplingParams(
-        max_tokens=req.token_limit or spec.max_tokens,
+        max_tokens=max_tokens,
         temperature=spec.temp if req.temperature is None else req.temperature,
         top_p=spec.top_p if req.top_p is None else req.top_p,
         top_k=spec.top_k if req.top_k is None else req.top_k,
@@ -118,18 +134,30 @@ class Call:
         self.spec = spec
         self.request = request
         self.stream: RequestStream | None = None
+        # The whole request (queue, load, generation) must end by then: 504 otherwise.
+        self.deadline = time.monotonic() + spec.timeout_s
 
     async def open(self) -> RequestStream:
-        sup = self.state.config.supervisor
-        deadline = time.monotonic() + sup.load_timeout_s + 30
-        lease = await self.state.supervisor.acquire(self.spec.id, deadline)
+        lease = await self.state.supervisor.acquire(self.spec, self.deadline)
         self.stream = self.state.broker.submit(lease, self.request)
         try:
-            await self.stream.started
-        except asyncio.CancelledError:
+            await self._within_deadline(asyncio.shield(self.stream.started))
+        except BaseException:
             self.close()
             raise
         return self.stream
+
+    async def next_chunk(self) -> tuple[str, int]:
+        assert self.stream is not None
+        return await self._within_deadline(self.stream.next_chunk())
+
+    async def _within_deadline(self, awaitable):
+        try:
+            return await asyncio.wait_for(awaitable, max(0.0, self.deadline - time.monotonic()))
+        except TimeoutError:
+            self.close()
+            raise Timeout(f"the request exceeded its time limit of {self.spec.timeout_s:g}s "
+                          f"(model '{self.spec.id}')") from None
 
     def close(self) -> None:
         """Cancel the request in its worker unless it already ended. Synchronous on purpose."""
@@ -148,7 +176,7 @@ async def _collect(call: Call) -> tuple[str, protocol.End]:
     try:
         parts = []
         while True:
-            text, _ = await stream.next_chunk()
+            text, _ = await call.next_chunk()
             parts.append(text)
             if stream.done:
                 break
@@ -207,7 +235,11 @@ async def _sse(call: Call, opening: asyncio.Future, model: str,
             return
         yield chunk(ChunkDelta(role="assistant", content=""))
         while True:
-            text, _ = await stream.next_chunk()
+            try:
+                text, _ = await call.next_chunk()
+            except RouterError as exc:
+                yield encode_sse_error(exc)
+                return
             if text:
                 yield chunk(ChunkDelta(content=text))
             if stream.done:
@@ -256,7 +288,7 @@ async def chat_completions(request: Request) -> Response:
                              param="stream_options")
     spec = state.supervisor.spec(req.model)
     call = Call(state, spec, protocol.Request(
-        rid=state.broker.next_rid(), sampling=sampling_for(req, spec),
+        rid=state.broker.next_rid(), sampling=sampling_for(req, spec, state.supervisor.pressure),
         messages=message_dicts(req.messages),
         request_id=request.headers.get("x-request-id", "")))
     if req.stream:

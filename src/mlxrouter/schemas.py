@@ -86,6 +86,7 @@ _HARMLESS: dict[str, tuple[Any, ...]] = {
     "tool_choice": ("none",),
     "parallel_tool_calls": (True, False),
     "modalities": (["text"],),
+    "response_format": ({"type": "text"},),
 }
 
 

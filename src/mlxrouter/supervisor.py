@@ -1,103 +1,44 @@
-"""The supervisor: spawns, watches, stops and respawns worker processes; owns all worker state.
+"""The supervisor: starts, watches, stops and respawns workers; owns all worker state.
 
 Runs on the daemon's event loop; imports no mlx. Only this module changes a worker's state.
 Request handlers never look at a worker and act on it: they take a lease
-(`await supervisor.acquire(model, deadline)`), which waits for RUNNING, counts the request in
-flight and is released exactly once (by the broker, on the request's terminal message or the
-worker's death).
+(`await supervisor.acquire(model, deadline)`), which waits for RUNNING and a free batch slot,
+counts the request in flight and is released exactly once (by the broker, on the request's
+terminal message or the worker's death).
 
-Workers are fresh interpreters (`python -m mlxrouter.worker`), never forks, in their own process
-group, with stdout/stderr appended to a log file (never a pipe: an undrained pipe blocks the
-worker mid-step).
+One planning loop (`_tick`, run on every change and every second) decides loads from one FIFO of
+intents, one load at a time, with the pure planner in `memory.plan_load`; it evicts only idle,
+unpinned workers, least recently used first, and never a busy one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import os
 import secrets
 import signal
 import sys
 import time
-from collections import deque
-from pathlib import Path
+from collections.abc import Callable
 
 import msgspec
-import psutil
 
-from . import __version__, protocol
+from . import __version__, memory, protocol
 from .broker import Broker, Lease
-from .config import Config, ModelSpec, worker_environment
+from .config import Config, ConfigError, ModelSpec, worker_environment
 from .discovery import Catalog
-from .errors import ModelLoadFailed, ModelNotFound, RouterError, ShuttingDown, Timeout, WorkerCrashed
+from .errors import (InsufficientMemory, ModelLoadFailed, ModelNotFound, ModelUnavailable,
+                     NoMemory, QueueFull, RouterError, ShuttingDown, Timeout, WorkerCrashed)
+from .process import PidFile, last_log_line, reap_stale, signal_group, spawn
+from .states import CRASH_LOOP_EXITS, Slot, State, Waiter, Worker, WorkerStatus, slug
+from .watchdog import check_workers
 
 log = logging.getLogger(__name__)
 
-
-class State(enum.StrEnum):
-    STOPPED = "STOPPED"
-    STARTING = "STARTING"
-    RUNNING = "RUNNING"
-    DRAINING = "DRAINING"
-    STOPPING = "STOPPING"
-    EXITED = "EXITED"
-    BACKOFF = "BACKOFF"
-    FATAL = "FATAL"
-
-
-def slug(model_id: str) -> str:
-    return model_id.replace("/", "--")
-
-
-def last_log_line(path: Path, limit: int = 4096) -> str:
-    """The last non-empty line of a worker log: the reason a failed start reports."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - limit))
-            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()]
-    except OSError:
-        return ""
-    lines = [ln for ln in lines if ln]
-    return lines[-1] if lines else ""
-
-
-class Worker:
-    """One incarnation of one model's worker process."""
-
-    def __init__(self, spec: ModelSpec, identity: str, log_path: Path) -> None:
-        self.spec = spec
-        self.identity = identity
-        self.log_path = log_path
-        self.state = State.STARTING
-        self.proc: asyncio.subprocess.Process | None = None
-        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.spawned_at = time.monotonic()
-        self.last_seen = time.monotonic()
-        self.in_flight = 0
-        self.hello: protocol.Hello | None = None
-        self.ready_msg: protocol.Ready | None = None
-        self.stats: protocol.Stats | None = None
-        self.stop_requested = False
-        self.exit_code: int | None = None
-        self.watcher: asyncio.Task | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-
-class WorkerStatus(msgspec.Struct):
-    model: str
-    state: str
-    pid: int | None
-    uptime_s: float
-    in_flight: int
-    memory_bytes: int | None
-    load_s: float | None
-    restarts: int
+CRASH_LOOP_WINDOW_S = 600.0
+# After a victim is reaped, a load waits up to this long for its memory to show as available.
+MEMORY_RECOVERY_S = 5.0
 
 
 class Supervisor:
@@ -106,150 +47,364 @@ class Supervisor:
         self.broker = broker
         self.catalog = catalog
         self.boot_id = secrets.token_hex(4)
-        self._workers: dict[str, Worker] = {}
-        self._incarnations: dict[str, int] = {}
+        sup = config.supervisor
+        self.budget_bytes = (int(sup.memory_budget_gb * memory.GB) if sup.memory_budget_gb
+                             else memory.default_budget_bytes())
+        self.pressure = "normal"
+        self.pressure_inputs = memory.read_pressure_inputs()
+        self._slots: dict[str, Slot] = {}
         self._by_identity: dict[str, Worker] = {}
-        self._exits: dict[str, deque[float]] = {}
+        self._incarnation = 0
+        self._loading: Slot | None = None
+        self._last_reap = 0.0
+        self._overhead_bytes = memory.DEFAULT_OVERHEAD_BYTES
         self._closing = False
-        self._watchdog: asyncio.Task | None = None
+        self._wakeup: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._loop_task: asyncio.Task | None = None
+        self.on_event: Callable[[str, str, str], None] = lambda kind, model, reason: None
 
     # ---- lifecycle of the supervisor itself
 
     def start(self) -> None:
-        self._watchdog = asyncio.create_task(self._watch(), name="supervisor-watchdog")
+        killed = reap_stale(self._pid_dir)
+        if killed:
+            log.warning("reaped %d stale worker(s) of a previous daemon: %s", len(killed), killed)
+        self._loop_task = asyncio.create_task(self._run(), name="supervisor")
 
     async def close(self) -> None:
         """Stop every worker and wait until each is reaped."""
         self._closing = True
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-        await asyncio.gather(*(self.stop(model) for model in list(self._workers)),
-                             return_exceptions=True)
+        for slot in self._slots.values():
+            self._fail_waiters(slot, ShuttingDown("the server is shutting down"))
+            if slot.worker is not None:
+                self._begin_stop(slot.worker, "shutdown", drain=False)
+        workers = [s.worker.exited for s in self._slots.values() if s.worker is not None]
+        await asyncio.gather(*workers, return_exceptions=True)
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+
+    @property
+    def _pid_dir(self):
+        return self.config.run_dir / "workers"
+
+    def _wake(self) -> None:
+        if not self._wakeup.done():
+            self._wakeup.set_result(None)
 
     # ---- requests
 
     def spec(self, model_id: str) -> ModelSpec:
         if not self.catalog.knows(model_id):
             raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
-        return self.config.spec_for(model_id, self.catalog.path_of(model_id))
+        try:
+            return self.config.spec_for(model_id, self.catalog.path_of(model_id))
+        except ConfigError as exc:
+            raise ModelUnavailable(str(exc)) from None
 
-    async def acquire(self, model_id: str, deadline: float) -> Lease:
-        """Wait until the model's worker is RUNNING and count one request in flight on it."""
-        while True:
-            if self._closing:
-                raise ShuttingDown("the server is shutting down")
-            worker = self._workers.get(model_id)
-            if worker is None:
-                worker = self._spawn(self.spec(model_id))
-            if worker.state is State.RUNNING:
-                worker.in_flight += 1
-                return Lease(worker.identity, lambda w=worker: self._release(w))
-            if worker.state is not State.STARTING:
-                # STOPPING: wait for it to be reaped, then spawn anew.
-                await asyncio.sleep(0.05)
-                continue
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise Timeout(f"model '{model_id}' did not become ready in time")
-            try:
-                await asyncio.wait_for(asyncio.shield(worker.ready), remaining)
-            except TimeoutError:
-                raise Timeout(f"model '{model_id}' did not become ready in time") from None
+    def _slot(self, spec: ModelSpec) -> Slot:
+        slot = self._slots.get(spec.id)
+        if slot is None:
+            slot = self._slots[spec.id] = Slot(spec)
+        elif slot.worker is None:
+            slot.spec = spec  # a new incarnation starts with the current settings
+        return slot
 
-    def _release(self, worker: Worker) -> None:
+    async def acquire(self, spec: ModelSpec, deadline: float) -> Lease:
+        """Wait until the model's worker is RUNNING with a free batch slot; take a lease."""
+        if self._closing:
+            raise ShuttingDown("the server is shutting down")
+        slot = self._slot(spec)
+        if slot.fatal_reason:
+            raise ModelUnavailable(f"model '{spec.id}' is unavailable: {slot.fatal_reason}")
+        left = slot.backoff_until - time.monotonic()
+        if slot.worker is None and left > 0:
+            raise ModelLoadFailed(f"model '{spec.id}' failed to start and is backing off: "
+                                  f"{slot.last_error}", retry_after_s=left)
+        worker = slot.worker
+        if (worker is not None and worker.state is State.RUNNING and not slot.waiters
+                and worker.in_flight < worker.spec.max_running):
+            return self._lease(slot, worker)
+        if len(slot.waiters) >= spec.max_queue:
+            raise QueueFull(f"model '{spec.id}' has {spec.max_running} requests running and "
+                            f"{len(slot.waiters)} waiting; try again shortly")
+        waiter = Waiter(deadline)
+        slot.waiters.append(waiter)
+        self._wake()
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter.future),
+                                          max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            self._drop_waiter(slot, waiter)
+            raise Timeout(f"timed out waiting for model '{spec.id}' "
+                          f"(state {slot.state.value})") from None
+        except BaseException:
+            self._drop_waiter(slot, waiter)
+            raise
+
+    def _drop_waiter(self, slot: Slot, waiter: Waiter) -> None:
+        """A waiter that leaves (timeout, client gone) gives back a lease it was just handed."""
+        try:
+            slot.waiters.remove(waiter)
+        except ValueError:
+            pass
+        fut = waiter.future
+        if not fut.done():
+            fut.cancel()
+        elif not fut.cancelled() and fut.exception() is None:
+            fut.result().release()  # granted just as the waiter gave up
+
+    def _lease(self, slot: Slot, worker: Worker) -> Lease:
+        worker.in_flight += 1
+        slot.last_used = time.monotonic()
+        return Lease(worker.identity, lambda: self._release(slot, worker))
+
+    def _release(self, slot: Slot, worker: Worker) -> None:
         worker.in_flight -= 1
+        slot.last_used = time.monotonic()
+        if worker.in_flight == 0 and worker.state is State.DRAINING:
+            self._begin_stop(worker, worker.stop_reason, drain=False)
+        self._grant(slot)
+        self._wake()
 
-    # ---- spawning and reaping
+    def _grant(self, slot: Slot) -> None:
+        worker = slot.worker
+        while (worker is not None and worker.state is State.RUNNING and slot.waiters
+               and worker.in_flight < worker.spec.max_running):
+            waiter = slot.waiters.popleft()
+            if not waiter.future.done():
+                waiter.future.set_result(self._lease(slot, worker))
 
-    def _spawn(self, spec: ModelSpec) -> Worker:
-        n = self._incarnations.get(spec.id, 0) + 1
-        self._incarnations[spec.id] = n
-        identity = f"{slug(spec.id)}/{self.boot_id}/{n}"
-        log_path = self.config.log_dir / f"worker-{slug(spec.id)}.log"
-        worker = Worker(spec, identity, log_path)
-        self._workers[spec.id] = worker
+    def _fail_waiters(self, slot: Slot, error: RouterError) -> None:
+        while slot.waiters:
+            waiter = slot.waiters.popleft()
+            if not waiter.future.done():
+                waiter.future.set_exception(error)
+
+    # ---- the planning loop
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            # A plain future, not wait_for(Event.wait()): cancelling this task must never
+            # race with a wake-up (3.11's wait_for can swallow the cancellation).
+            self._wakeup = loop.create_future()
+            timer = loop.call_later(0.25 if self._loading else 1.0, self._wake)
+            try:
+                await self._wakeup
+            finally:
+                timer.cancel()
+            try:
+                self._tick()
+            except Exception:  # the loop must outlive any one bad decision
+                log.exception("supervisor tick failed")
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        self._measure(now)
+        check_workers(self, now)
+        for slot in self._slots.values():
+            if slot.worker is None and slot.failures and 0 < slot.backoff_until <= now:
+                slot.backoff_until = 0.0
+                slot.want_start = True  # BACKOFF over: retry on our own, like supervisord
+            if slot.wait_since is not None and (
+                    now - slot.wait_since > self.config.supervisor.load_wait_timeout_s):
+                self._fail_waiters(slot, NoMemory(
+                    f"not enough memory to load model '{slot.spec.id}' in time: "
+                    f"{slot.last_error}"))
+                slot.wait_since, slot.want_start = None, False
+        if not self._closing:
+            self._plan(now)
+
+    def _needs_start(self, slot: Slot) -> bool:
+        return (slot.worker is None and not slot.fatal_reason and slot.backoff_until <= 0
+                and (bool(slot.waiters) or slot.want_start))
+
+    def _plan(self, now: float) -> None:
+        if self._loading is not None:
+            if self._loading.worker is not None or not self._needs_start(self._loading):
+                return  # one load at a time
+            candidates = [self._loading]
+        else:
+            candidates = [s for s in self._slots.values() if self._needs_start(s)]
+        for slot in candidates:
+            need = self._need_bytes(slot.spec)
+            residents = [memory.Resident(s.spec.id, s.worker.cost_bytes,
+                                         self._evictable(s), s.last_used)
+                         for s in self._slots.values() if s.worker is not None]
+            available = (self.pressure_inputs.available_bytes
+                         if self.pressure in ("high", "critical") else None)
+            plan = memory.plan_load(need, self.budget_bytes,
+                                    self.config.supervisor.max_loaded_models, residents,
+                                    available)
+            if plan.action == "impossible":
+                self._fail_waiters(slot, InsufficientMemory(
+                    f"model '{slot.spec.id}' {plan.reason}; lower its max_context or "
+                    f"max_running, or raise memory_budget_gb"))
+                slot.want_start = False
+                continue
+            if plan.action == "wait":
+                slot.last_error = plan.reason
+                slot.wait_since = slot.wait_since or now
+                if self._loading is slot:
+                    self._loading = None
+                continue
+            self._loading = slot
+            if plan.action == "evict":
+                for victim in plan.victims:
+                    self._begin_stop(self._slots[victim].worker, "evicted", drain=False)
+                    self.on_event("eviction", victim, "memory")
+                return
+            if (now - self._last_reap < MEMORY_RECOVERY_S
+                    and memory.read_pressure_inputs().available_bytes < need):
+                return  # the victim's memory is not back yet; look again in 250 ms
+            slot.wait_since = None
+            self._spawn(slot, need)
+            return
+
+    def _evictable(self, slot: Slot) -> bool:
+        w = slot.worker
+        return (w is not None and w.state is State.RUNNING and w.in_flight == 0
+                and not slot.waiters and not slot.spec.pinned)
+
+    def _need_bytes(self, spec: ModelSpec) -> int:
+        if spec.required_memory_gb is not None:
+            return int(spec.required_memory_gb * spec.safety_margin * memory.GB)
+        return memory.estimate_cost(spec.path, max_context=spec.max_context,
+                                    max_batch=spec.max_running,
+                                    overhead_bytes=self._overhead_bytes)
+
+    def _measure(self, now: float) -> None:
+        sup = self.config.supervisor
+        self.pressure_inputs = memory.read_pressure_inputs()
+        self.pressure = memory.pressure_level(
+            self.pressure_inputs, threshold_bytes=int(sup.memory_threshold_gb * memory.GB),
+            swap_high_percent=sup.swap_high_percent,
+            swap_critical_percent=sup.swap_critical_percent)
+        for slot in self._slots.values():
+            w = slot.worker
+            if w is None or w.state is not State.RUNNING or w.pid is None:
+                continue
+            measured = memory.process_memory_bytes(w.pid)
+            if measured is not None and w.ready_msg and w.ready_msg.backend != "cpu" and w.stats:
+                measured += w.stats.mlx_active_bytes + w.stats.mlx_cache_bytes
+            if measured is not None:
+                w.peak_bytes = max(w.peak_bytes, measured)
+
+    # ---- spawning, stopping, reaping
+
+    def _spawn(self, slot: Slot, need_bytes: int) -> None:
+        self._incarnation += 1
+        spec = slot.spec
+        identity = f"{slug(spec.id)}/{self.boot_id}/{self._incarnation}"
+        worker = Worker(spec, identity, need_bytes)
+        slot.worker = worker
+        slot.want_start = False
         self._by_identity[identity] = worker
-        # Registered before it exists, so its first message is never dropped.
-        self.broker.register(identity)
-        worker.watcher = asyncio.create_task(self._run(worker), name=f"worker:{spec.id}")
-        log.info("spawning worker model=%s identity=%s", spec.id, identity)
-        return worker
+        self.broker.register(identity)  # before it exists: its first message is never dropped
+        asyncio.create_task(self._run_process(slot, worker), name=f"worker:{spec.id}")
+        log.info("starting worker model=%s identity=%s cost_mb=%.0f", spec.id, identity,
+                 need_bytes / 2**20)
 
     def _argv(self, worker: Worker) -> list[str]:
-        return [
-            sys.executable, "-m", "mlxrouter.worker",
-            "--identity", worker.identity,
-            "--endpoint", self.broker.endpoint,
-            "--parent-pid", str(os.getpid()),
-            "--spec", msgspec.json.encode(worker.spec).decode(),
-        ]
+        return [sys.executable, "-m", "mlxrouter.worker", "--identity", worker.identity,
+                "--endpoint", self.broker.endpoint, "--parent-pid", str(os.getpid()),
+                "--memory-limit", str(worker.estimate_bytes),
+                "--spec", msgspec.json.encode(worker.spec).decode()]
 
-    async def _run(self, worker: Worker) -> None:
-        """Start the process and reap it; the one place a worker's exit is handled."""
-        self.config.log_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(worker.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    def _log_path(self, spec: ModelSpec):
+        return self.config.log_dir / f"worker-{slug(spec.id)}.log"
+
+    async def _run_process(self, slot: Slot, worker: Worker) -> None:
+        """Start the process and reap it: the one place a worker's exit is handled."""
+        pidfile = PidFile(self._pid_dir, slug(worker.spec.id))
         try:
-            worker.proc = await asyncio.create_subprocess_exec(
-                *self._argv(worker),
-                stdin=asyncio.subprocess.DEVNULL, stdout=fd, stderr=fd,
-                env=worker_environment(self.config, worker.spec), process_group=0,
-                cwd=str(self.config.run_dir))
+            worker.proc = await spawn(self._argv(worker), log_path=self._log_path(worker.spec),
+                                      env=worker_environment(self.config, worker.spec),
+                                      cwd=self.config.run_dir)
         except OSError as exc:
-            self._on_exit(worker, None, f"could not start worker: {exc}")
+            self._on_exit(slot, worker, None, f"could not start the worker: {exc}")
             return
-        finally:
-            os.close(fd)
+        pidfile.write(worker.proc.pid, self.boot_id)
         code = await worker.proc.wait()
-        self._on_exit(worker, code, last_log_line(worker.log_path))
+        pidfile.remove()
+        self._on_exit(slot, worker, code, last_log_line(self._log_path(worker.spec)))
 
-    def _on_exit(self, worker: Worker, code: int | None, last_line: str) -> None:
+    def _on_exit(self, slot: Slot, worker: Worker, code: int | None, last_line: str) -> None:
+        now = time.monotonic()
         model = worker.spec.id
-        worker.exit_code = code
-        expected = worker.stop_requested or self._closing
         how = f"signal {-code}" if code is not None and code < 0 else f"code {code}"
+        expected = worker.state is State.STOPPING or self._closing
         was_starting = worker.state is State.STARTING
         worker.state = State.STOPPED if expected else State.EXITED
-        if not expected:
-            self._exits.setdefault(model, deque(maxlen=20)).append(time.monotonic())
-            log.warning("worker exited model=%s pid=%s %s last_line=%r",
-                        model, worker.pid, how, last_line)
+        self._last_reap = now
+        if expected:
+            log.info("worker stopped model=%s pid=%s %s reason=%s", model, worker.pid, how,
+                     worker.stop_reason)
         else:
-            log.info("worker stopped model=%s pid=%s %s", model, worker.pid, how)
-        if was_starting and not worker.ready.done():
-            detail = f": {last_line}" if last_line else ""
-            worker.ready.set_exception(ModelLoadFailed(
-                f"model '{model}' failed to load (worker exited with {how}){detail}"))
-            worker.ready.exception()  # retrieved here; waiters re-raise it
+            log.warning("worker exited model=%s pid=%s %s last_line=%r", model, worker.pid,
+                        how, last_line)
+            self.on_event("start_failure" if was_starting else "crash", model, how)
+        detail = f": {last_line}" if last_line else ""
+        if was_starting and not expected:
+            self._start_failed(slot, f"worker exited with {how} while loading{detail}")
+        elif not expected:
+            slot.exits.append(now)
+            slot.restarts += 1
+            recent = [t for t in slot.exits if now - t < CRASH_LOOP_WINDOW_S]
+            if len(recent) > CRASH_LOOP_EXITS:
+                slot.fatal_reason = (f"crash loop: {len(recent)} unexpected exits in "
+                                     f"{CRASH_LOOP_WINDOW_S / 60:.0f} minutes (last: {how})")
+                self._fail_waiters(slot, ModelUnavailable(
+                    f"model '{model}' is unavailable: {slot.fatal_reason}"))
         self.broker.fail_worker(worker.identity, WorkerCrashed(
             f"the worker serving model '{model}' exited unexpectedly ({how})"))
         self.broker.unregister(worker.identity)
         self._by_identity.pop(worker.identity, None)
-        if self._workers.get(model) is worker:
-            del self._workers[model]
+        if slot.worker is worker:
+            slot.worker = None
+        if self._loading is slot:
+            self._loading = None
+        if not worker.exited.done():
+            worker.exited.set_result(code)
+        self._wake()
 
-    async def stop(self, model_id: str) -> bool:
-        """SIGTERM to the worker's process group, then SIGKILL after stop_timeout_s."""
-        worker = self._workers.get(model_id)
-        if worker is None:
-            return False
-        worker.stop_requested = True
+    def _start_failed(self, slot: Slot, reason: str) -> None:
+        model = slot.spec.id
+        slot.failures += 1
+        slot.last_error = reason
+        if slot.failures > self.config.supervisor.start_retries:
+            slot.fatal_reason = f"failed to start {slot.failures} times; last: {reason}"
+            log.error("model=%s is FATAL: %s", model, slot.fatal_reason)
+        else:
+            backoff = min(30.0, 2.0 ** (slot.failures - 1))
+            slot.backoff_until = time.monotonic() + backoff
+            log.warning("model=%s start failed (%d), BACKOFF %.0fs", model, slot.failures,
+                        backoff)
+        self._fail_waiters(slot, ModelLoadFailed(f"model '{model}' failed to load: {reason}"))
+
+    def _begin_stop(self, worker: Worker | None, reason: str, drain: bool) -> None:
+        """RUNNING -> DRAINING (in-flight requests finish) -> STOPPING (SIGTERM, then KILL)."""
+        if worker is None or worker.state in (State.STOPPING, State.STOPPED, State.EXITED):
+            return
+        worker.stop_reason = reason
+        if drain and worker.in_flight > 0:
+            worker.state = State.DRAINING
+            return
         worker.state = State.STOPPING
-        if worker.proc is not None and worker.proc.returncode is None:
-            self._signal(worker, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(asyncio.shield(worker.watcher),
-                                       self.config.supervisor.stop_timeout_s)
-            except TimeoutError:
-                self._signal(worker, signal.SIGKILL)
-        if worker.watcher is not None:
-            await asyncio.gather(worker.watcher, return_exceptions=True)
-        return True
+        signal_group(worker.pid, signal.SIGTERM)
+        asyncio.get_running_loop().call_later(
+            self.config.supervisor.stop_timeout_s,
+            lambda: None if worker.exited.done() else signal_group(worker.pid, signal.SIGKILL))
 
-    def _signal(self, worker: Worker, sig: signal.Signals) -> None:
-        try:
-            os.killpg(worker.pid, sig)
-        except (ProcessLookupError, PermissionError, TypeError):
-            pass
+    def stop_idle(self, worker: Worker, reason: str) -> None:
+        log.info("unloading idle worker model=%s reason=%s", worker.spec.id, reason)
+        self.on_event("eviction", worker.spec.id, reason)
+        self._begin_stop(worker, reason, drain=False)
+
+    def kill(self, worker: Worker, why: str) -> None:
+        log.warning("killing worker model=%s pid=%s: %s", worker.spec.id, worker.pid, why)
+        signal_group(worker.pid, signal.SIGKILL)
 
     # ---- messages from workers (via the broker)
 
@@ -259,84 +414,94 @@ class Supervisor:
             return
         worker.last_seen = time.monotonic()
         match msg:
-            case protocol.Hello():
-                worker.hello = msg
-                if msg.protocol_version != protocol.PROTOCOL_VERSION:
-                    log.error("worker model=%s speaks protocol %s, daemon %s (package upgraded "
-                              "under a running daemon?)", worker.spec.id, msg.protocol_version,
-                              protocol.PROTOCOL_VERSION)
-                    self._fail_start(worker, "protocol version mismatch: worker "
-                                     f"{msg.protocol_version} ({msg.package_version}), daemon "
-                                     f"{protocol.PROTOCOL_VERSION} ({__version__})")
-            case protocol.Ready():
-                if worker.state is State.STARTING:
-                    worker.ready_msg = msg
-                    worker.state = State.RUNNING  # STARTING -> RUNNING: the worker sent Ready
-                    log.info("worker ready model=%s pid=%s load_s=%.2f memory_mb=%.0f",
-                             worker.spec.id, worker.pid, msg.load_s, msg.memory_bytes / 2**20)
-                    if not worker.ready.done():
-                        worker.ready.set_result(None)
+            case protocol.Hello() if msg.protocol_version != protocol.PROTOCOL_VERSION:
+                slot = self._slots[worker.spec.id]
+                slot.fatal_reason = (
+                    f"protocol version mismatch: worker {msg.protocol_version} "
+                    f"({msg.package_version}), daemon {protocol.PROTOCOL_VERSION} "
+                    f"({__version__}); restart the daemon after upgrading")
+                self._fail_waiters(slot, ModelUnavailable(slot.fatal_reason))
+                self._begin_stop(worker, "protocol mismatch", drain=False)
+            case protocol.Ready() if worker.state is State.STARTING:
+                self._on_ready(worker, msg)
             case protocol.Stats():
+                if worker.stats is None or msg.engine_steps != worker.stats.engine_steps:
+                    worker.steps_moved_at = time.monotonic()
                 worker.stats = msg
             case protocol.Progress():
                 log.info("worker loading model=%s: %s", worker.spec.id, msg.message)
 
-    def _fail_start(self, worker: Worker, reason: str) -> None:
-        if not worker.ready.done():
-            worker.ready.set_exception(ModelLoadFailed(reason))
-            worker.ready.exception()
-        worker.stop_requested = True
-        self._signal(worker, signal.SIGKILL)
+    def _on_ready(self, worker: Worker, msg: protocol.Ready) -> None:
+        slot = self._slots[worker.spec.id]
+        worker.ready_msg = msg
+        worker.ready_at = time.monotonic()
+        worker.peak_bytes = msg.memory_bytes
+        worker.state = State.RUNNING  # STARTING -> RUNNING: the worker sent Ready
+        slot.failures, slot.last_error = 0, ""
+        if self._overhead_bytes == memory.DEFAULT_OVERHEAD_BYTES:
+            self._overhead_bytes = max(64 * 2**20, msg.memory_bytes - msg.weights_bytes)
+        if self._loading is slot:
+            self._loading = None
+        log.info("worker ready model=%s pid=%s load_s=%.2f memory_mb=%.0f", worker.spec.id,
+                 worker.pid, msg.load_s, msg.memory_bytes / 2**20)
+        self.on_event("ready", worker.spec.id, "")
+        self._grant(slot)
+        self._wake()
 
-    async def _watch(self) -> None:
-        """Kill workers that went silent (SIGSTOPped, wedged) or never finished loading."""
-        sup = self.config.supervisor
-        while True:
-            await asyncio.sleep(1.0)
-            now = time.monotonic()
-            for worker in list(self._workers.values()):
-                if worker.proc is None or worker.proc.returncode is not None:
-                    continue
-                if worker.state in (State.STARTING, State.RUNNING) and (
-                        now - worker.last_seen > sup.silence_timeout_s):
-                    log.warning("worker silent for %.1fs, killing model=%s pid=%s",
-                                now - worker.last_seen, worker.spec.id, worker.pid)
-                    self._signal(worker, signal.SIGKILL)
-                elif worker.state is State.STARTING and (
-                        now - worker.spawned_at > sup.load_timeout_s):
-                    log.warning("worker load timed out model=%s pid=%s", worker.spec.id,
-                                worker.pid)
-                    self._signal(worker, signal.SIGKILL)
+    # ---- control (admin API, preload)
+
+    def request_start(self, spec: ModelSpec) -> Slot:
+        """Start a model without a request (preload, ctl start); clears FATAL and BACKOFF."""
+        slot = self._slot(spec)
+        slot.fatal_reason, slot.failures, slot.backoff_until = "", 0, 0.0
+        slot.want_start = True
+        self._wake()
+        return slot
+
+    async def stop(self, model_id: str, reason: str = "requested") -> bool:
+        """Drain and stop a model's worker; True if there was one."""
+        slot = self._slots.get(model_id)
+        worker = slot.worker if slot is not None else None
+        if worker is None:
+            return False
+        slot.want_start = False
+        self._begin_stop(worker, reason, drain=True)
+        await asyncio.shield(worker.exited)
+        return True
 
     # ---- views
 
     def status(self) -> list[WorkerStatus]:
         now = time.monotonic()
-        return [
-            WorkerStatus(
-                model=w.spec.id, state=w.state.value, pid=w.pid,
-                uptime_s=round(now - w.spawned_at, 1), in_flight=w.in_flight,
-                memory_bytes=w.ready_msg.memory_bytes if w.ready_msg else None,
-                load_s=w.ready_msg.load_s if w.ready_msg else None,
-                restarts=len(self._exits.get(w.spec.id, ())))
-            for w in self._workers.values()
-        ]
-
-    def memory_figures(self) -> dict[str, int]:
-        vm = psutil.virtual_memory()
-        workers = sum(w.ready_msg.memory_bytes for w in self._workers.values() if w.ready_msg)
-        return {"total_bytes": vm.total, "available_bytes": vm.available,
-                "daemon_rss_bytes": psutil.Process().memory_info().rss,
-                "workers_bytes": workers}
+        out = []
+        for slot in self._slots.values():
+            w = slot.worker
+            out.append(WorkerStatus(
+                model=slot.spec.id, state=slot.state.value, pid=w.pid if w else None,
+                uptime_s=round(now - w.spawned_at, 1) if w else None,
+                in_flight=w.in_flight if w else 0, waiting=len(slot.waiters),
+                memory_bytes=w.peak_bytes or None if w else None,
+                cost_bytes=w.cost_bytes if w else None,
+                load_s=w.ready_msg.load_s if w and w.ready_msg else None,
+                restarts=slot.restarts,
+                reason=slot.fatal_reason or slot.last_error or (w.stop_reason if w else "")))
+        return out
 
     def state_of(self, model_id: str) -> State:
-        worker = self._workers.get(model_id)
-        return worker.state if worker is not None else State.STOPPED
+        slot = self._slots.get(model_id)
+        return slot.state if slot is not None else State.STOPPED
 
-    def preload(self, model_id: str) -> None:
-        """Start a model in the background (after the server listens); errors are logged."""
-        try:
-            if model_id not in self._workers:
-                self._spawn(self.spec(model_id))
-        except RouterError as exc:
-            log.warning("preload of model=%s skipped: %s", model_id, exc.message)
+    def memory_figures(self) -> dict[str, object]:
+        inputs = self.pressure_inputs
+        committed = sum(s.worker.cost_bytes for s in self._slots.values() if s.worker)
+        return {
+            "budget_bytes": self.budget_bytes, "committed_bytes": committed,
+            "pressure": self.pressure, "available_bytes": inputs.available_bytes,
+            "total_bytes": inputs.total_bytes, "swap_percent": inputs.swap_percent,
+            "psi_some_avg10": inputs.psi_some_avg10,
+            "threshold_bytes": int(self.config.supervisor.memory_threshold_gb * memory.GB),
+            "max_loaded_models": self.config.supervisor.max_loaded_models,
+        }
+
+    def slots(self) -> dict[str, Slot]:
+        return self._slots

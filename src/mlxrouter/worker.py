@@ -57,9 +57,10 @@ def measure_memory_bytes() -> int:
 class EngineThread(threading.Thread):
     """Loads the model, then admits, cancels and steps between batch steps. No locks."""
 
-    def __init__(self, spec: ModelSpec, ctx: zmq.Context) -> None:
+    def __init__(self, spec: ModelSpec, ctx: zmq.Context, memory_limit: int) -> None:
         super().__init__(name="engine", daemon=True)
         self.spec = spec
+        self.memory_limit = memory_limit
         self.ctx = ctx
         self.inbox: queue.Queue = queue.Queue()
         self.engine = None
@@ -88,7 +89,7 @@ class EngineThread(threading.Thread):
         from . import engine as engine_mod  # imports mlx: only ever in a worker
 
         fault = engine_mod.FaultPlan(self.spec.fault)
-        engine = engine_mod.TextEngine(self.spec, emit, fault)
+        engine = engine_mod.TextEngine(self.spec, emit, fault, self.memory_limit)
         started = time.monotonic()
         emit(protocol.Progress(message=f"loading {self.spec.path}"))
         engine.load()
@@ -115,7 +116,12 @@ class EngineThread(threading.Thread):
                 except queue.Empty:
                     item = None
             if engine.active:
-                engine.step()
+                try:
+                    engine.step()
+                except (RuntimeError, MemoryError) as exc:
+                    if not engine_mod.is_allocation_failure(exc):
+                        raise
+                    engine.recover_from_oom(exc)
 
 
 class Worker:
@@ -124,6 +130,7 @@ class Worker:
         self.endpoint: str = args.endpoint
         self.parent_pid: int = args.parent_pid
         self.spec = msgspec.json.decode(args.spec, type=ModelSpec)
+        self.memory_limit: int = args.memory_limit
         self.ctx = zmq.Context()
         self.stopping = False
 
@@ -148,7 +155,7 @@ class Worker:
         dealer.send(protocol.encode(protocol.Hello(
             identity=self.identity, pid=os.getpid(), protocol_version=protocol.PROTOCOL_VERSION,
             package_version=__version__, mlx_version=mx.__version__)))
-        engine = EngineThread(self.spec, self.ctx)
+        engine = EngineThread(self.spec, self.ctx, self.memory_limit)
         engine.start()
         code = self._loop(dealer, pipe, engine)
         # A step in progress finishes (they are short); a wedged one is not waited for. The
@@ -219,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--endpoint", required=True)
     parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("--spec", required=True, help="the ModelSpec as JSON")
+    parser.add_argument("--memory-limit", type=int, default=0,
+                        help="bytes the supervisor budgeted for this worker")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr,

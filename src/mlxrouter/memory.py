@@ -1,0 +1,179 @@
+"""Memory: the load planner (a pure function), cost estimates, and the platform's figures.
+
+Runs in the daemon; imports no mlx (MLX figures arrive from workers in Stats). The planner
+decides, from costs alone, whether a model can be loaded now, which idle workers to evict first,
+or that it must wait; the supervisor carries the decision out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import msgspec
+import psutil
+
+log = logging.getLogger(__name__)
+
+GB = 1024**3
+# Before any worker has been measured: interpreter + mlx + tokenizer, measured here at ~80 MB
+# Pss for a tiny model, so this errs on the safe side.
+DEFAULT_OVERHEAD_BYTES = 256 * 2**20
+
+LEVELS = ("normal", "moderate", "high", "critical")
+
+
+class Resident(msgspec.Struct, frozen=True):
+    """A live worker as the planner sees it."""
+
+    model: str
+    cost_bytes: int
+    evictable: bool  # RUNNING, idle (nothing in flight or queued) and not pinned
+    last_used: float
+
+
+class Plan(msgspec.Struct, frozen=True):
+    action: str  # "load" | "evict" | "wait" | "impossible"
+    victims: tuple[str, ...] = ()
+    reason: str = ""
+
+
+def plan_load(need_bytes: int, budget_bytes: int, max_loaded: int,
+              residents: list[Resident], available_bytes: int | None = None) -> Plan:
+    """Whether a model costing `need_bytes` can start now, and whom to evict first.
+
+    Only evictable residents are ever chosen, least recently used first. `available_bytes`
+    (given under high memory pressure) additionally requires the load to fit in free memory.
+    `max_loaded` 0 means no limit on the number of workers.
+    """
+    if need_bytes > budget_bytes:
+        return Plan("impossible", reason=(
+            f"needs {need_bytes / GB:.2f} GB but the memory budget is {budget_bytes / GB:.2f} GB"))
+
+    def fits(freed: int, gone: int) -> bool:
+        committed = sum(r.cost_bytes for r in residents) - freed
+        count_ok = max_loaded <= 0 or len(residents) - gone + 1 <= max_loaded
+        free_ok = available_bytes is None or need_bytes <= available_bytes + freed
+        return committed + need_bytes <= budget_bytes and count_ok and free_ok
+
+    if fits(0, 0):
+        return Plan("load")
+    victims: list[str] = []
+    freed = 0
+    for r in sorted((r for r in residents if r.evictable), key=lambda r: r.last_used):
+        victims.append(r.model)
+        freed += r.cost_bytes
+        if fits(freed, len(victims)):
+            return Plan("evict", tuple(victims))
+    committed = sum(r.cost_bytes for r in residents)
+    return Plan("wait", reason=(
+        f"needs {need_bytes / GB:.2f} GB; {committed / GB:.2f} GB of the "
+        f"{budget_bytes / GB:.2f} GB budget is held by busy or pinned workers"))
+
+
+# ---- cost estimates
+
+
+def _model_config(path: Path) -> dict:
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def weights_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def kv_bytes_per_token(config: dict) -> int:
+    text = config.get("text_config", config)
+    layers = int(text.get("num_hidden_layers", 0))
+    heads = int(text.get("num_attention_heads", 1))
+    kv_heads = int(text.get("num_key_value_heads", heads) or heads)
+    head_dim = int(text.get("head_dim") or (int(text.get("hidden_size", 0)) // max(heads, 1)))
+    dtype_bytes = 4 if str(text.get("torch_dtype", "")).endswith("32") else 2
+    return 2 * layers * kv_heads * head_dim * dtype_bytes
+
+
+def model_max_context(config: dict) -> int:
+    text = config.get("text_config", config)
+    return int(text.get("max_position_embeddings") or 4096)
+
+
+def estimate_cost(path: str, *, max_context: int, max_batch: int, overhead_bytes: int) -> int:
+    """Weights as stored + a full KV cache for every batch slot + the process itself."""
+    p = Path(path)
+    config = _model_config(p)
+    context = max_context or model_max_context(config)
+    return weights_bytes(p) + kv_bytes_per_token(config) * context * max_batch + overhead_bytes
+
+
+# ---- platform figures
+
+
+def cgroup_limit_bytes() -> int | None:
+    """cgroup v2 memory.max of this process (containers, systemd MemoryMax), if any."""
+    try:
+        rel = Path("/proc/self/cgroup").read_text().strip().split("::", 1)[1]
+        raw = (Path("/sys/fs/cgroup") / rel.lstrip("/") / "memory.max").read_text().strip()
+    except (OSError, IndexError):
+        return None
+    return None if raw == "max" else int(raw)
+
+
+def default_budget_bytes() -> int:
+    total = psutil.virtual_memory().total
+    limit = cgroup_limit_bytes()
+    if limit is not None:
+        total = min(total, limit)
+    return int(0.8 * total)
+
+
+def process_memory_bytes(pid: int) -> int | None:
+    """What a worker costs: Pss on Linux (shared pages split fairly), else RSS."""
+    try:
+        proc = psutil.Process(pid)
+        if sys.platform == "linux":
+            return int(proc.memory_full_info().pss)
+        return int(proc.memory_info().rss)
+    except (psutil.Error, OSError):
+        return None
+
+
+def _psi_some_avg10() -> float | None:
+    try:
+        first = Path("/proc/pressure/memory").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    fields = dict(kv.split("=") for kv in first.split()[1:])
+    return float(fields.get("avg10", 0))
+
+
+class PressureInputs(msgspec.Struct, frozen=True):
+    available_bytes: int
+    total_bytes: int
+    swap_percent: float
+    psi_some_avg10: float | None
+
+
+def read_pressure_inputs() -> PressureInputs:
+    vm = psutil.virtual_memory()
+    return PressureInputs(vm.available, vm.total, psutil.swap_memory().percent,
+                          _psi_some_avg10())
+
+
+def pressure_level(inputs: PressureInputs, *, threshold_bytes: int, swap_high_percent: float,
+                   swap_critical_percent: float) -> str:
+    """normal / moderate / high / critical from free memory, swap use and Linux PSI."""
+    avail = inputs.available_bytes
+    psi = inputs.psi_some_avg10 or 0.0
+    if avail < threshold_bytes / 2 or inputs.swap_percent >= swap_critical_percent:
+        return "critical"
+    if avail < threshold_bytes or inputs.swap_percent >= swap_high_percent or psi >= 25:
+        return "high"
+    if avail < 2 * threshold_bytes or psi >= 5:
+        return "moderate"
+    return "normal"

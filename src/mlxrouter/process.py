@@ -1,0 +1,97 @@
+"""Worker processes as OS objects: spawning, signalling, pidfiles and stale-worker reaping.
+
+Runs in the daemon; imports no mlx. Workers are fresh interpreters in their own process group,
+stdin from /dev/null and stdout/stderr appended to a log file (never a pipe: an undrained pipe
+blocks the worker mid-step). A pidfile records pid, process start time, boot id and command line,
+so a daemon restarted after a crash signals a leftover worker only if all of them still match.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+
+def signal_group(pid: int | None, sig: signal.Signals) -> None:
+    """Signal a worker's whole process group (it leads one: process_group=0)."""
+    if pid is None:
+        return
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+async def spawn(argv: list[str], *, env: dict[str, str], log_path: Path,
+                cwd: Path) -> asyncio.subprocess.Process:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        return await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=fd, stderr=fd, env=env,
+            process_group=0, cwd=str(cwd))
+    finally:
+        os.close(fd)
+
+
+def last_log_line(path: Path, limit: int = 4096) -> str:
+    """The last non-empty line of a worker log: the reason a failed start reports."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - limit))
+            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()]
+    except OSError:
+        return ""
+    lines = [ln for ln in lines if ln]
+    return lines[-1] if lines else ""
+
+
+class PidFile:
+    def __init__(self, directory: Path, name: str) -> None:
+        self.path = directory / f"{name}.pid"
+
+    def write(self, pid: int, boot_id: str) -> None:
+        try:
+            proc = psutil.Process(pid)
+            record = {"pid": pid, "create_time": proc.create_time(), "boot_id": boot_id,
+                      "cmdline": proc.cmdline()}
+        except psutil.Error:
+            return  # already gone; the reaper will notice
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path.write_text(json.dumps(record))
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def reap_stale(directory: Path) -> list[int]:
+    """Kill workers a crashed daemon left behind; returns the pids that were signalled."""
+    killed = []
+    for pidfile in sorted(directory.glob("*.pid")) if directory.is_dir() else []:
+        try:
+            record = json.loads(pidfile.read_text())
+            proc = psutil.Process(int(record["pid"]))
+            same = (abs(proc.create_time() - float(record["create_time"])) < 0.01
+                    and proc.cmdline() == record["cmdline"])
+        except (OSError, ValueError, KeyError, TypeError, psutil.Error):
+            same = False
+        if same:
+            log.warning("reaping stale worker pid=%d from %s (boot %s)", proc.pid,
+                        pidfile.name, record.get("boot_id"))
+            signal_group(proc.pid, signal.SIGKILL)
+            try:
+                proc.wait(5)
+            except psutil.Error:
+                pass
+            killed.append(proc.pid)
+        pidfile.unlink(missing_ok=True)
+    return killed

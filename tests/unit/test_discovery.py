@@ -1,0 +1,286 @@
+"""Model discovery in the model directory: layouts, ids, unusable dirs with reasons, Catalog."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from mlxrouter.discovery import Catalog, DiscoveredModel, scan
+
+
+def make_model(path: Path, *, config: dict | None = None, weights: bool = True,
+               tokenizer: str | None = "tokenizer.json") -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config or {"model_type": "llama"}))
+    if weights:
+        (path / "model.safetensors").write_bytes(b"\0" * 8)
+    if tokenizer:
+        (path / tokenizer).write_text("{}")
+    return path
+
+
+def make_hf_repo(root: Path, org: str, name: str, revs: list[str], main: str | None) -> Path:
+    repo = root / f"models--{org}--{name}"
+    for rev in revs:
+        make_model(repo / "snapshots" / rev)
+    if main is not None:
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(main + "\n")
+    return repo
+
+
+def age(path: Path, seconds_ago: float) -> None:
+    """Set a path's mtime to a fixed time in the past (so the next change is always newer)."""
+    t = 1_600_000_000 - seconds_ago
+    os.utime(path, (t, t))
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "models"
+    make_model(root / "plain-model")
+    make_model(root / "mlx-community--Qwen-0.5B-4bit")
+    make_model(root / "meta" / "Llama-3.2-1B")
+    make_model(root / "meta" / "Llama-3.2-3B", tokenizer="tokenizer.model")
+    (root / "meta" / "README.md").write_text("not a model")
+    (root / "meta" / "notes").mkdir()
+
+    # HF cache layout: refs/main picks the snapshot even when another one is newer.
+    hf = make_hf_repo(root, "org", "with-ref", ["aaa111", "bbb222"], main="aaa111")
+    age(hf / "snapshots" / "aaa111", 100)
+    age(hf / "snapshots" / "bbb222", 10)
+    # Without refs/main: the most recently modified snapshot.
+    hf2 = make_hf_repo(root, "org", "no-ref", ["old", "new"], main=None)
+    age(hf2 / "snapshots" / "old", 100)
+    age(hf2 / "snapshots" / "new", 10)
+    # refs/main naming a snapshot that is not there: fall back to the newest.
+    make_hf_repo(root, "org", "stale-ref", ["only"], main="gone")
+    # A repo dir with nothing downloaded yet.
+    (root / "models--org--empty" / "blobs").mkdir(parents=True)
+
+    make_model(root / "half-downloaded", weights=False)
+    make_model(root / "no-tokenizer", tokenizer=None)
+    make_model(root / "vision-model", config={"model_type": "qwen2_vl", "vision_config": {}})
+    make_model(root / "tok-config-only", tokenizer="tokenizer_config.json")
+    (root / "no-config").mkdir()
+    (root / "no-config" / "model.safetensors").write_bytes(b"")
+    (root / "stray-file.safetensors").write_bytes(b"")
+    (root / "notes.txt").write_text("hello")
+    make_model(root / ".hidden-model")
+    return root
+
+
+def test_scan_finds_every_layout(tree: Path) -> None:
+    found = scan(tree)
+    assert set(found) == {
+        "plain-model",
+        "mlx-community/Qwen-0.5B-4bit",
+        "meta/Llama-3.2-1B",
+        "meta/Llama-3.2-3B",
+        "org/with-ref",
+        "org/no-ref",
+        "org/stale-ref",
+        "org/empty",
+        "half-downloaded",
+        "no-tokenizer",
+        "vision-model",
+        "tok-config-only",
+    }
+    for model_id, model in found.items():
+        assert isinstance(model, DiscoveredModel)
+        assert model.id == model_id
+
+
+def test_scan_paths(tree: Path) -> None:
+    found = scan(tree)
+    assert found["plain-model"].path == str(tree / "plain-model")
+    assert found["mlx-community/Qwen-0.5B-4bit"].path == str(tree / "mlx-community--Qwen-0.5B-4bit")
+    assert found["meta/Llama-3.2-1B"].path == str(tree / "meta" / "Llama-3.2-1B")
+    assert found["org/with-ref"].path == str(tree / "models--org--with-ref" / "snapshots" / "aaa111")
+    assert found["org/no-ref"].path == str(tree / "models--org--no-ref" / "snapshots" / "new")
+    assert found["org/stale-ref"].path == str(
+        tree / "models--org--stale-ref" / "snapshots" / "only")
+
+
+def test_scan_usable_flags_and_reasons(tree: Path) -> None:
+    found = scan(tree)
+    usable = {m.id for m in found.values() if m.usable}
+    assert usable == {"plain-model", "mlx-community/Qwen-0.5B-4bit", "meta/Llama-3.2-1B",
+                      "meta/Llama-3.2-3B", "org/with-ref", "org/no-ref", "org/stale-ref",
+                      "vision-model", "tok-config-only"}
+    for model in found.values():
+        assert (model.reason == "") == model.usable
+    assert "weights" in found["half-downloaded"].reason
+    assert "tokenizer" in found["no-tokenizer"].reason
+    assert "snapshot" in found["org/empty"].reason
+
+
+def test_vision_comes_from_the_models_config(tree: Path) -> None:
+    found = scan(tree)
+    assert found["vision-model"].vision is True
+    assert found["plain-model"].vision is False
+
+
+def test_scan_of_missing_or_non_directory_root_is_empty(tmp_path: Path) -> None:
+    assert scan(tmp_path / "nope") == {}
+    (tmp_path / "file").write_text("x")
+    assert scan(tmp_path / "file") == {}
+    (tmp_path / "empty").mkdir()
+    assert scan(tmp_path / "empty") == {}
+
+
+def test_scan_survives_broken_entries(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "models"
+    make_model(root / "good")
+    (root / "dangling").symlink_to(tmp_path / "does-not-exist")
+    (root / "loop").symlink_to(root / "loop")
+    bad_cfg = make_model(root / "bad-config")
+    (bad_cfg / "config.json").write_text("{not json")
+    snap_file = root / "models--org--snapfile"
+    snap_file.mkdir()
+    (snap_file / "snapshots").write_text("not a dir")
+    with caplog.at_level(logging.WARNING):
+        found = scan(root)
+    assert found["good"].usable
+    assert found["bad-config"].usable  # a broken config.json is the loader's business
+    assert found["bad-config"].vision is False
+    assert not found["org/snapfile"].usable
+    assert "dangling" not in found and "loop" not in found
+
+
+def test_scan_skips_unreadable_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "models"
+    make_model(root / "good")
+    make_model(root / "locked-org" / "m")
+    real_iterdir = Path.iterdir
+
+    def iterdir(self: Path):  # chmod 0 does not stop root, so fake the permission error
+        if self.name == "locked-org":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    with caplog.at_level(logging.WARNING, logger="mlxrouter.discovery"):
+        found = scan(root)
+    assert found["good"].usable
+    assert "locked-org/m" not in found
+    assert "locked-org" in caplog.text
+
+
+def test_symlinked_model_dir_is_found(tmp_path: Path) -> None:
+    target = make_model(tmp_path / "elsewhere" / "real-model")
+    root = tmp_path / "models"
+    root.mkdir()
+    (root / "linked-model").symlink_to(target)
+    found = scan(root)
+    assert found["linked-model"].usable
+    assert found["linked-model"].path == str(root / "linked-model")
+
+
+def test_empty_refs_main_falls_back_to_a_snapshot(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    make_hf_repo(root, "org", "m", ["abc"], main="")
+    found = scan(root)
+    assert found["org/m"].usable
+    assert found["org/m"].path == str(root / "models--org--m" / "snapshots" / "abc")
+
+
+def test_scan_never_raises_on_undecodable_refs_main(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    repo = make_hf_repo(root, "org", "m", ["abc"], main=None)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_bytes(b"\xff\xfe\x00garbage")
+    try:
+        found = scan(root)
+    except Exception as exc:  # noqa: BLE001 - the point is that nothing escapes
+        pytest.fail(f"scan raised {exc!r}")
+    assert "org/m" in found
+
+
+# ---- Catalog
+
+def test_catalog_lists_configured_and_usable_discovered_ids(tree: Path) -> None:
+    catalog = Catalog(tree, {"my/configured": "/somewhere/else", "plain-model": None})
+    ids = catalog.ids()
+    assert ids == sorted(ids)
+    assert "my/configured" in ids
+    assert "plain-model" in ids
+    assert "mlx-community/Qwen-0.5B-4bit" in ids
+    assert "org/with-ref" in ids
+    # Unusable dirs are not offered as models.
+    assert "half-downloaded" not in ids
+    assert "org/empty" not in ids
+    assert "no-config" not in ids
+
+
+def test_catalog_knows_and_path_of(tree: Path) -> None:
+    catalog = Catalog(tree, {"my/configured": "/somewhere/else"})
+    assert catalog.knows("my/configured")
+    assert catalog.path_of("my/configured") is None  # config.spec_for supplies that path
+    assert catalog.knows("meta/Llama-3.2-1B")
+    assert catalog.path_of("meta/Llama-3.2-1B") == str(tree / "meta" / "Llama-3.2-1B")
+    assert catalog.path_of("org/no-ref") == str(tree / "models--org--no-ref" / "snapshots" / "new")
+    assert not catalog.knows("half-downloaded")
+    assert catalog.path_of("half-downloaded") is None
+    assert not catalog.knows("nobody/has-this")
+    assert catalog.path_of("nobody/has-this") is None
+
+
+def test_catalog_with_missing_root(tmp_path: Path) -> None:
+    catalog = Catalog(tmp_path / "nope", {"cfg": None})
+    assert catalog.ids() == ["cfg"]
+    assert catalog.knows("cfg")
+    assert not catalog.knows("other")
+
+
+def test_catalog_picks_up_model_added_at_the_root(tree: Path) -> None:
+    age(tree, 1000)
+    catalog = Catalog(tree, {})
+    assert "new-model" not in catalog.ids()
+    make_model(tree / "new-model")
+    assert "new-model" in catalog.ids()
+    assert catalog.knows("new-model")
+
+
+def test_catalog_picks_up_model_added_in_a_subdirectory(tree: Path) -> None:
+    age(tree, 1000)
+    catalog = Catalog(tree, {})
+    assert "meta/Llama-New" not in catalog.ids()
+    make_model(tree / "meta" / "Llama-New")
+    # Root mtime is unchanged, but asking for the model by name finds it.
+    assert catalog.path_of("meta/Llama-New") == str(tree / "meta" / "Llama-New")
+    assert catalog.knows("meta/Llama-New")
+    assert "meta/Llama-New" in catalog.ids()
+
+
+def test_catalog_forgets_a_removed_model(tree: Path) -> None:
+    age(tree, 1000)
+    catalog = Catalog(tree, {})
+    assert catalog.knows("plain-model")
+    for f in (tree / "plain-model").iterdir():
+        f.unlink()
+    (tree / "plain-model").rmdir()
+    assert "plain-model" not in catalog.ids()
+    assert not catalog.knows("plain-model")
+
+
+def test_catalog_finished_download_becomes_known(tree: Path) -> None:
+    age(tree, 1000)
+    catalog = Catalog(tree, {})
+    assert not catalog.knows("half-downloaded")
+    (tree / "half-downloaded" / "model.safetensors").write_bytes(b"\0")
+    assert catalog.knows("half-downloaded")
+    assert catalog.path_of("half-downloaded") == str(tree / "half-downloaded")
+
+
+def test_catalog_ids_list_a_finished_download(tree: Path) -> None:
+    age(tree, 1000)
+    catalog = Catalog(tree, {})
+    assert "half-downloaded" not in catalog.ids()
+    (tree / "half-downloaded" / "model.safetensors").write_bytes(b"\0")
+    assert "half-downloaded" in catalog.ids()
