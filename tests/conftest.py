@@ -92,7 +92,8 @@ class Daemon:
             info = json.loads((self.run_dir / "daemon.lock").read_text() or "{}")
         except (OSError, ValueError):
             return None
-        return info if info.get("port") else None
+        # A lock file left by a SIGKILLed daemon still holds that daemon's pid and port.
+        return info if info.get("port") and info.get("pid") == self.proc.pid else None
 
     def _healthy(self) -> bool:
         try:

@@ -82,7 +82,6 @@ class FaultPlan:
         self.fail_load = bool(fault.get("fail_load", 0))
         self.delay_per_token_s = float(fault.get("delay_per_token_s", 0))
         self.crash_after_tokens = int(fault.get("crash_after_tokens", 0))
-        self.no_pdeathsig = bool(fault.get("no_pdeathsig", 0))
         self.oom_after_tokens = int(fault.get("oom_after_tokens", 0))
 
 

@@ -50,8 +50,7 @@ class Supervisor:
         sup = config.supervisor
         self.budget_bytes = (int(sup.memory_budget_gb * memory.GB) if sup.memory_budget_gb
                              else memory.default_budget_bytes())
-        self.pressure = "normal"
-        self.pressure_inputs = memory.read_pressure_inputs()
+        self._read_pressure()
         self._slots: dict[str, Slot] = {}
         self._by_identity: dict[str, Worker] = {}
         self._incarnation = 0
@@ -274,13 +273,16 @@ class Supervisor:
                                     max_batch=spec.max_running,
                                     overhead_bytes=self._overhead_bytes)
 
-    def _measure(self, now: float) -> None:
+    def _read_pressure(self) -> None:
         sup = self.config.supervisor
         self.pressure_inputs = memory.read_pressure_inputs()
         self.pressure = memory.pressure_level(
             self.pressure_inputs, threshold_bytes=int(sup.memory_threshold_gb * memory.GB),
             swap_high_percent=sup.swap_high_percent,
             swap_critical_percent=sup.swap_critical_percent)
+
+    def _measure(self, now: float) -> None:
+        self._read_pressure()
         for slot in self._slots.values():
             w = slot.worker
             if w is None or w.state is not State.RUNNING or w.pid is None:

@@ -135,10 +135,13 @@ class Worker:
         self.stopping = False
 
     def run(self) -> int:
+        # Test aids: no_pdeathsig leaves only the getppid check (as on macOS); no_parent_watch
+        # leaves neither, to stand for a wedged worker that outlives its daemon.
         fault = self.spec.fault
-        if not fault.get("no_pdeathsig"):
+        self.watch_parent = not fault.get("no_parent_watch")
+        if self.watch_parent and not fault.get("no_pdeathsig"):
             _set_pdeathsig()
-        if os.getppid() != self.parent_pid:
+        if self.watch_parent and os.getppid() != self.parent_pid:
             return EXIT_PARENT_GONE  # the daemon died before PDEATHSIG was armed
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # ctl-C in the daemon's terminal
@@ -189,7 +192,7 @@ class Worker:
                     dealer.send(data)
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + 1.0
-                if os.getppid() != self.parent_pid:
+                if self.watch_parent and os.getppid() != self.parent_pid:
                     log.error("daemon (pid %d) is gone; exiting", self.parent_pid)
                     return EXIT_PARENT_GONE
                 dealer.send(protocol.encode(self._stats(engine)))

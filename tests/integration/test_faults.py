@@ -128,6 +128,9 @@ def test_workers_exit_by_themselves_when_the_daemon_is_sigkilled(start_daemon, t
     wait_for(lambda: not daemon.worker_processes(), 10, "workers to exit")
     assert time.monotonic() - killed_at < 10
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+    # Without PDEATHSIG it was the worker's own once-a-second parent check that ended it.
+    noticed = f"daemon (pid {daemon.proc.pid}) is gone; exiting" in daemon.worker_log("tiny")
+    assert noticed == (not pdeathsig)
 
 
 def test_a_second_daemon_on_the_same_run_dir_refuses_to_start(start_daemon):
