@@ -27,7 +27,11 @@ def _load(args: argparse.Namespace):
 def cmd_serve(args: argparse.Namespace) -> int:
     from . import daemon
 
-    return daemon.run(_load(args), args.log_level)
+    def load_again():
+        return load_config(args.config, host=args.host, port=args.port,
+                           model_dir=args.model_dir)
+
+    return daemon.run(_load(args), args.log_level, reload=load_again)
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:

@@ -22,13 +22,14 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
 
 from .broker import Broker
-from .config import EMBEDDED_MODEL_ID, Config
+from .config import EMBEDDED_MODEL_ID, Config, ConfigError
 from .discovery import Catalog
 from .errors import RouterError
 from .gateway import AppState, build_app
@@ -134,8 +135,10 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, reload: Callable[[], Config] | None = None) -> None:
         self.config = config
+        self._load_again = reload
+        self._reload_hooks: list[Callable[[Config], None]] = []
         self.stop_requested = asyncio.Event()
         self._http_stop = asyncio.Event()
         self._sigints = 0
@@ -149,6 +152,27 @@ class Daemon:
         log.info("received %s: shutting down", sig.name)
         self.stop_requested.set()
 
+    def reload(self) -> bool:
+        """Re-read the config (SIGHUP, ctl reload); on any error keep the current one."""
+        if self._load_again is None:
+            log.warning("reload: this daemon was not started from a config it can re-read")
+            return False
+        try:
+            new = self._load_again()
+        except ConfigError as exc:
+            log.error("reload failed, keeping the current configuration: %s", exc)
+            return False
+        old = self.config
+        if (new.server.host, new.server.port) != (old.server.host, old.server.port) or (
+                new.run_dir != old.run_dir):
+            log.warning("reload: host, port and run_dir changes take effect after a restart")
+        self.config = new
+        for hook in self._reload_hooks:
+            hook(new)
+        log.info("configuration reloaded from %s: %d configured model(s)", new.source,
+                 len(new.models))
+        return True
+
     async def run(self) -> int:
         config = self.config
         lock = RunLock(config.run_dir)
@@ -159,8 +183,7 @@ class Daemon:
 
     async def _run(self, lock: RunLock) -> int:
         config = self.config
-        catalog = Catalog(config.model_directory,
-                          {m: o.path for m, o in config.models.items()})
+        catalog = Catalog(config.model_directory, _configured_paths(config))
         await ensure_embedded_model(config, catalog)
         broker = Broker(config.run_dir)
         supervisor = Supervisor(config, broker, catalog)
@@ -179,6 +202,12 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self._reload_hooks += [
+            lambda new: setattr(state, "config", new),
+            lambda new: catalog.configure(new.model_directory, _configured_paths(new)),
+            supervisor.reload,
+        ]
         server = asyncio.create_task(
             serve(build_app(state), hconfig, shutdown_trigger=self._http_stop.wait))
         log.info("listening on http://%s:%d (pid %d, boot %s, models in %s)",
@@ -219,10 +248,15 @@ class Daemon:
             log.warning("drain timeout: %d requests still in flight", broker.in_flight)
 
 
-def run(config: Config, log_level: str = "info") -> int:
+def _configured_paths(config: Config) -> dict[str, str | None]:
+    return {m: o.path for m, o in config.models.items()}
+
+
+def run(config: Config, log_level: str = "info",
+        reload: Callable[[], Config] | None = None) -> int:
     setup_logging(config, log_level)
     try:
-        return asyncio.run(Daemon(config).run())
+        return asyncio.run(Daemon(config, reload).run())
     except AlreadyRunning as exc:
         log.error("%s", exc)
         return 1

@@ -106,6 +106,12 @@ class Catalog:
         self._found: dict[str, DiscoveredModel] = {}
         self._stamp: float | None = None
 
+    def configure(self, root: Path, configured: dict[str, str | None]) -> None:
+        """A reloaded config: new root and configured models; rescan on next use."""
+        self.root = root
+        self._configured = configured
+        self._stamp = None
+
     def refresh(self, force: bool = False) -> None:
         try:
             stamp = self.root.stat().st_mtime

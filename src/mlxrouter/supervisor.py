@@ -37,6 +37,8 @@ from .watchdog import check_workers
 log = logging.getLogger(__name__)
 
 CRASH_LOOP_WINDOW_S = 600.0
+# Settings a running worker was started with; changing one on reload restarts it.
+COLD_FIELDS = ("path", "engine", "max_running", "max_context", "env", "fault")
 # After a victim is reaped, a load waits up to this long for its memory to show as available.
 MEMORY_RECOVERY_S = 5.0
 
@@ -470,6 +472,33 @@ class Supervisor:
         self._begin_stop(worker, reason, drain=True)
         await asyncio.shield(worker.exited)
         return True
+
+    def reload(self, config: Config) -> None:
+        """Apply a new config: hot fields at once, cold fields by draining and respawning,
+        removed models drain and stop. Requests already admitted keep their spec."""
+        self.config = config
+        sup = config.supervisor
+        self.budget_bytes = (int(sup.memory_budget_gb * memory.GB) if sup.memory_budget_gb
+                             else memory.default_budget_bytes())
+        for model_id, slot in self._slots.items():
+            try:
+                spec = self.spec(model_id)
+            except RouterError as exc:  # removed from the config and not on disk
+                slot.want_start = False
+                self._fail_waiters(slot, ModelUnavailable(
+                    f"model '{model_id}' was removed by a configuration reload"))
+                self._begin_stop(slot.worker, "removed", drain=True)
+                log.info("reload: model=%s removed (%s)", model_id, exc.message)
+                continue
+            running = slot.worker.spec if slot.worker is not None else slot.spec
+            cold = [f for f in COLD_FIELDS if getattr(running, f) != getattr(spec, f)]
+            if spec != slot.spec:
+                slot.fatal_reason, slot.failures, slot.backoff_until = "", 0, 0.0
+            slot.spec = spec
+            if cold and slot.worker is not None:
+                log.info("reload: model=%s restarts for %s", model_id, ", ".join(cold))
+                self._begin_stop(slot.worker, "reload", drain=True)
+        self._wake()
 
     # ---- views
 

@@ -269,3 +269,34 @@ class socket_port:
 
     def __exit__(self, *exc) -> None:
         self.sock.close()
+
+
+def test_sighup_reloads_models_and_keeps_the_old_config_on_errors(start_daemon, tiny_model):
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "max_tokens": 3}})
+    assert _chat(daemon, "tiny", max_tokens=None).json()["usage"]["completion_tokens"] == 3
+    pid = daemon.worker_pid("tiny")
+    workers = daemon.root / "workers"
+    # A hot change (default max_tokens) and a new model, in one reload.
+    (workers / "model0.toml").write_text(f'id = "tiny"\npath = "{tiny_model}"\nmax_tokens = 5\n')
+    (workers / "extra.toml").write_text(f'path = "{tiny_model}"\n')
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "extra" in {m["id"] for m in daemon.http.get("/v1/models").json()["data"]},
+             10, "the added model")
+    assert _chat(daemon, "tiny", max_tokens=None).json()["usage"]["completion_tokens"] == 5
+    assert daemon.worker_pid("tiny") == pid  # hot: same worker
+    assert _chat(daemon, "extra").status_code == 200
+    # A broken file: the whole reload is refused and the current config stays.
+    (workers / "broken.toml").write_text('path = "/x"\nno_such_key = 1\n')
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "no_such_key" in daemon.output(), 10, "the reload error in the log")
+    assert _chat(daemon, "extra").status_code == 200
+    (workers / "broken.toml").unlink()
+    # A removed model 404s and its worker stops; a cold change restarts the worker.
+    (workers / "extra.toml").unlink()
+    (workers / "model0.toml").write_text(
+        f'id = "tiny"\npath = "{tiny_model}"\nmax_tokens = 5\nmax_context = 1024\n')
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: _chat(daemon, "extra").status_code == 404, 10, "extra to be removed")
+    wait_for(lambda: daemon.workers()["extra"]["state"] == "STOPPED", 10, "extra to stop")
+    assert _chat(daemon, "tiny").status_code == 200
+    assert daemon.worker_pid("tiny") not in (None, pid)
