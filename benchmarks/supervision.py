@@ -14,7 +14,7 @@ offline (`tests/tinymodel.py`), and measures:
    serving; the worker's for reference.
 
 Usage:
-    .venv/bin/python benchmarks/supervision.py [--kills 5] [--swaps 6]
+    .venv/bin/python benchmarks/supervision.py [--kills 5] [--swaps 6] [--serve 50]
                                                [--out results.md] [--json results.json]
 """
 
@@ -29,6 +29,7 @@ import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from importlib import metadata
 from pathlib import Path
@@ -39,7 +40,7 @@ sys.path.insert(0, str(TESTS))
 
 import openai  # noqa: E402
 import psutil  # noqa: E402
-from conftest import Daemon, spawn_daemon, wait_for, wait_for_gone, write_config  # noqa: E402
+from conftest import Daemon, spawn_daemon, wait_for_gone, write_config  # noqa: E402
 from tinymodel import build_tiny_llama  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "Write a long story about a lighthouse."}]
@@ -76,6 +77,44 @@ def mem_of(pid: int) -> dict[str, int | None]:
         except (psutil.AccessDenied, OSError):
             pass
     return out
+
+
+LINUX = sys.platform.startswith("linux")
+
+
+def clock() -> float:
+    """The clock `spawned_at` is on: seconds since boot on Linux (what /proc/PID/stat uses)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME) if LINUX else time.time()
+
+
+def spawned_at(pid: int) -> float:
+    """When the process was created, on `clock()` (Linux: clock-tick, i.e. 10 ms, resolution).
+
+    psutil's create_time() adds the boot time, which /proc/stat gives in whole seconds, so it
+    is not comparable with time.time() to better than a second; the raw start time is.
+    """
+    if LINUX:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime
+    return psutil.Process(pid).create_time()
+
+
+def watch_exit(pid: int) -> tuple[threading.Thread, list[float]]:
+    """A thread that records (on `clock()`) when `pid` exits (turns zombie or disappears)."""
+    when: list[float] = []
+
+    def poll() -> None:
+        try:
+            proc = psutil.Process(pid)
+            while proc.status() != psutil.STATUS_ZOMBIE:
+                time.sleep(0.005)
+        except psutil.NoSuchProcess:
+            pass
+        when.append(clock())
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    return thread, when
 
 
 def chat(client: openai.OpenAI, model: str, max_tokens: int) -> Any:
@@ -131,8 +170,10 @@ def bench_kill(h: Harness, model_path: Path, kills: int, results: dict[str, Any]
     error_s: list[float] = []
     recover_s: list[float] = []
     load_s: list[float] = []
-    tokens_before_kill: list[int] = []
+    chunks_received: list[int] = []
     warm_s: list[float] = []
+    to_spawn_s: list[float] = []
+    spawn_to_ok_s: list[float] = []
     memory: dict[str, Any] = {}
     done = 0
     while done < kills:
@@ -167,18 +208,24 @@ def bench_kill(h: Harness, model_path: Path, kills: int, results: dict[str, Any]
                         raise RuntimeError(f"unexpected stream error: {exc.message}") from exc
                 else:
                     raise RuntimeError("the stream ended without an error after SIGKILL")
+                wall_req = clock()
                 chat(client, "tiny", 1)
                 t_ok = now()
+                wall_ok = clock()
                 new = daemon.workers()["tiny"]
                 if new["pid"] in (None, pid):
                     raise RuntimeError(f"worker was not replaced: {new}")
+                born = spawned_at(new["pid"])
+                to_spawn_s.append(max(0.0, born - wall_req))
+                spawn_to_ok_s.append(wall_ok - born)
                 error_s.append(t_err - t_kill)
                 recover_s.append(t_ok - t_kill)
-                tokens_before_kill.append(seen)
+                chunks_received.append(seen)
                 if new.get("load_s") is not None:
                     load_s.append(float(new["load_s"]))
                 done += 1
-            if "daemon_after" not in memory:
+            if "daemon_after" not in memory:  # the first daemon: 4 + 2 per kill requests
+                memory["requests_served"] = 4 + 2 * min(KILLS_PER_DAEMON, kills)
                 memory["daemon_after"] = mem_of(daemon.proc.pid)
                 memory["worker"] = mem_of(daemon.worker_pid("tiny"))
         finally:
@@ -186,12 +233,13 @@ def bench_kill(h: Harness, model_path: Path, kills: int, results: dict[str, Any]
     results["kill"] = {
         "error_s": summary(error_s), "recover_s": summary(recover_s),
         "worker_load_s": summary(load_s), "warm_request_s": summary(warm_s),
-        "chunks_before_kill": tokens_before_kill,
+        "request_to_spawn_s": summary(to_spawn_s), "spawn_to_response_s": summary(spawn_to_ok_s),
+        "chunks_received": chunks_received,
     }
     results["memory_kill_daemon"] = memory
 
 
-def bench_swap(h: Harness, paths: tuple[Path, Path], swaps: int,
+def bench_swap(h: Harness, paths: tuple[Path, Path], swaps: int, serve: int,
                results: dict[str, Any]) -> None:
     base = {"required_memory_gb": 1.0, "safety_margin": 1.0}
     daemon = h.start({"a": {"path": str(paths[0]), **base}, "b": {"path": str(paths[1]), **base}},
@@ -207,13 +255,27 @@ def bench_swap(h: Harness, paths: tuple[Path, Path], swaps: int,
         swap_s: list[float] = []
         load_s: list[float] = []
         warm_s: list[float] = []
+        evict_s: list[float] = []
+        gap_s: list[float] = []
+        start_s: list[float] = []
         current = "a"
         for _ in range(swaps):
             target = "b" if current == "a" else "a"
+            old_pid = daemon.worker_pid(current)
+            assert old_pid, f"{current} is not running"
+            watcher, exited = watch_exit(old_pid)
+            wall0 = clock()
             t0 = now()
             chat(client, target, 1)
             swap_s.append(now() - t0)
+            wall_done = clock()
+            watcher.join(5)
             status = daemon.workers()
+            born = spawned_at(status[target]["pid"])
+            if exited:
+                evict_s.append(exited[0] - wall0)
+                gap_s.append(max(0.0, born - exited[0]))
+            start_s.append(wall_done - born)
             if live_models(daemon) != {target}:
                 raise RuntimeError(f"both models loaded, the budget was not enforced: {status}")
             if status[target].get("load_s") is not None:
@@ -222,15 +284,25 @@ def bench_swap(h: Harness, paths: tuple[Path, Path], swaps: int,
             chat(client, target, 1)
             warm_s.append(now() - t0)
             current = target
+        for i in range(serve):  # more traffic before "after serving": half of it streamed
+            if i % 2:
+                chunks = list(client.chat.completions.create(
+                    model=current, messages=MESSAGES, max_tokens=8, stream=True))
+                if not chunks:
+                    raise RuntimeError("empty stream")
+            else:
+                chat(client, current, 8)
         memory["daemon_after"] = mem_of(daemon.proc.pid)
         memory["worker"] = mem_of(daemon.worker_pid(current))
+        memory["requests_served"] = 1 + 2 * swaps + serve
         results["swap"] = {
             "cold_first_request_s": cold_s, "cold_worker_load_s": cold_load,
             "swap_request_s": summary(swap_s), "swap_worker_load_s": summary(load_s),
+            "evict_s": summary(evict_s), "exit_to_spawn_s": summary(gap_s),
+            "spawn_to_response_s": summary(start_s),
             "warm_request_s": summary(warm_s),
         }
         results["memory_swap_daemon"] = memory
-        results["swap_requests_served"] = 1 + 2 * swaps
     finally:
         h.stop(daemon)
 
@@ -276,7 +348,7 @@ def mb(x: int | None) -> str:
     return "n/a" if x is None else f"{x / MB:.1f}"
 
 
-def render(results: dict[str, Any], args: argparse.Namespace) -> str:
+def render(results: dict[str, Any]) -> str:
     m = results["machine"]
     out = [
         "# mlxrouter supervision benchmark",
@@ -302,17 +374,23 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
         out += [
             row("SIGKILL mid-stream → streaming client gets its error", k["error_s"]),
             row("SIGKILL → next request completes (respawn + load + 1 token)", k["recover_s"]),
-            row("  of which: replacement worker's model load (worker-reported load_s)",
-                k["worker_load_s"]),
-            row("  reference: same request to a warm worker", k["warm_request_s"]),
+            row("  request sent → replacement worker process created", k["request_to_spawn_s"]),
+            row("  worker process created → response (interpreter + imports + load + token)",
+                k["spawn_to_response_s"]),
+            row("  of which: model load (worker-reported load_s)", k["worker_load_s"]),
+            row("  reference: same request to a warm worker (with the fault delay)",
+                k["warm_request_s"]),
         ]
     s = results.get("swap")
     if s:
         out += [
             row("swap request (evict loaded model, load the other, 1 token)",
                 s["swap_request_s"]),
-            row("  of which: new worker's model load (worker-reported load_s)",
-                s["swap_worker_load_s"]),
+            row("  request sent → evicted worker has exited", s["evict_s"]),
+            row("  evicted worker exited → new worker process created", s["exit_to_spawn_s"]),
+            row("  new worker process created → response (interpreter + imports + load + "
+                "token)", s["spawn_to_response_s"]),
+            row("  of which: model load (worker-reported load_s)", s["swap_worker_load_s"]),
             row("request to the already-loaded model", s["warm_request_s"]),
             f"| first request after daemon start (cold load, nothing to evict) | 1 | "
             f"{ms(s['cold_first_request_s'])} | | |",
@@ -325,7 +403,8 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
         if not mem:
             continue
         labels = {"daemon_idle": ("daemon", "started, no model loaded"),
-                  "daemon_after": ("daemon", "after serving"),
+                  "daemon_after": ("daemon", f"after serving {mem['requests_served']} "
+                                             "requests"),
                   "worker": ("worker (tiny model)", "after serving")}
         for part, (proc, when) in labels.items():
             v = mem.get(part)
@@ -334,12 +413,11 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
                            f"{mb(v['uss'])} |")
     if k:
         out += ["", f"Kill runs: {k['error_s']['n']} (at most {KILLS_PER_DAEMON} per daemon, "
-                f"to stay under the crash-loop limit); stream chunks received before each "
-                f"kill: {k['chunks_before_kill']}."]
+                f"to stay under the crash-loop limit); SSE chunks each killed stream "
+                f"got in all (3 read before the kill): {k['chunks_received']}."]
     if s:
         out += [f"Swap runs: {s['swap_request_s']['n']} swaps (A→B→A…), budget 1.5 GB, each "
-                f"model declares 1.0 GB × 1.0 safety margin; "
-                f"{results['swap_requests_served']} requests served by the swap daemon."]
+                f"model declares 1.0 GB × 1.0 safety margin (two different random models)."]
     return "\n".join(out) + "\n"
 
 
@@ -347,13 +425,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=5, help="SIGKILL repetitions (default 5)")
     parser.add_argument("--swaps", type=int, default=6, help="model swaps (default 6)")
+    parser.add_argument("--serve", type=int, default=50,
+                        help="extra requests (8 tokens, half streamed) the hot-swap daemon "
+                             "serves before its 'after serving' memory reading (default 50)")
     parser.add_argument("--out", type=Path, help="also write the markdown report here")
     parser.add_argument("--json", type=Path, help="write raw results as JSON here")
     args = parser.parse_args(argv)
 
     started = now()
     results: dict[str, Any] = {"machine": machine(),
-                               "params": {"kills": args.kills, "swaps": args.swaps}}
+                               "params": {"kills": args.kills, "swaps": args.swaps,
+                                          "serve": args.serve}}
     with tempfile.TemporaryDirectory(prefix="mlxrouter-bench-") as tmp:
         root = Path(tmp)
         print("building tiny models...", file=sys.stderr)
@@ -366,12 +448,12 @@ def main(argv: list[str] | None = None) -> int:
                 bench_kill(h, model_a, args.kills, results)
             if args.swaps > 0:
                 print(f"hot-swap: {args.swaps} swaps...", file=sys.stderr)
-                bench_swap(h, (model_a, model_b), args.swaps, results)
+                bench_swap(h, (model_a, model_b), args.swaps, args.serve, results)
         finally:
             h.close()
     results["wall_s"] = now() - started
 
-    report = render(results, args)
+    report = render(results)
     print(report)
     if args.out:
         args.out.write_text(report)

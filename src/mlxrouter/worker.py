@@ -17,6 +17,7 @@ import logging
 import os
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
@@ -145,6 +146,11 @@ class Worker:
             return EXIT_PARENT_GONE  # the daemon died before PDEATHSIG was armed
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # ctl-C in the daemon's terminal
+        # SIGTERM must wake the poll at once (eviction waits for this exit), not at the next tick.
+        self._wake_r, wake_w = socket.socketpair()
+        wake_w.setblocking(False)
+        signal.set_wakeup_fd(wake_w.fileno())
+        self._wake_w = wake_w
 
         dealer = self.ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.ROUTING_ID, self.identity.encode())
@@ -172,6 +178,7 @@ class Worker:
         poller = zmq.Poller()
         poller.register(dealer, zmq.POLLIN)
         poller.register(pipe, zmq.POLLIN)
+        poller.register(self._wake_r.fileno(), zmq.POLLIN)
         next_tick = time.monotonic()
         while True:
             if self.stopping:
@@ -179,6 +186,8 @@ class Worker:
                 return 0
             timeout_ms = max(0, int((next_tick - time.monotonic()) * 1000))
             events = dict(poller.poll(timeout_ms))
+            if self._wake_r.fileno() in events:
+                self._wake_r.recv(64)  # a signal arrived; its handler has run by now
             if dealer in events:
                 self._from_daemon(dealer, engine)
             if pipe in events:
