@@ -83,6 +83,7 @@ class FaultPlan:
         self.delay_per_token_s = float(fault.get("delay_per_token_s", 0))
         self.crash_after_tokens = int(fault.get("crash_after_tokens", 0))
         self.oom_after_tokens = int(fault.get("oom_after_tokens", 0))
+        self.stall_after_tokens = int(fault.get("stall_after_tokens", 0))
 
 
 def _weights_bytes(path: Path) -> int:
@@ -224,6 +225,10 @@ class TextEngine:
     def _inject_faults(self) -> None:
         if self.fault.delay_per_token_s:
             time.sleep(self.fault.delay_per_token_s)
+        if self.fault.stall_after_tokens and (
+                self.tokens_generated >= self.fault.stall_after_tokens):
+            log.error("fault injection: engine stalls after %d tokens", self.tokens_generated)
+            time.sleep(3600)  # a wedged step: the main thread still sends Stats
         if self.fault.oom_after_tokens and self.tokens_generated >= self.fault.oom_after_tokens:
             self.fault.oom_after_tokens = 0  # once
             raise RuntimeError("[malloc] fault injection: Attempting to allocate 1 TB")

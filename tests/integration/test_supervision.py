@@ -300,3 +300,24 @@ def test_sighup_reloads_models_and_keeps_the_old_config_on_errors(start_daemon, 
     wait_for(lambda: daemon.workers()["extra"]["state"] == "STOPPED", 10, "extra to stop")
     assert _chat(daemon, "tiny").status_code == 200
     assert daemon.worker_pid("tiny") not in (None, pid)
+
+
+def test_wedged_engine_is_killed_and_its_request_fails_fast(start_daemon, tiny_model):
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "preload": True,
+                                    "fault": {"stall_after_tokens": 3}}},
+                          supervisor={"engine_stall_timeout_s": 2.0})
+    pid = daemon.wait_worker("tiny")
+    started = time.monotonic()
+    resp = _chat(daemon, "tiny", max_tokens=20)
+    assert resp.status_code == 502
+    assert 2.0 <= time.monotonic() - started < 8
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+    assert "engine made no progress" in daemon.output()
+
+
+def test_max_loaded_models_evicts_to_stay_under_the_count(start_daemon, tiny_model):
+    daemon = start_daemon({"a": {"path": str(tiny_model)}, "b": {"path": str(tiny_model)}},
+                          supervisor={"max_loaded_models": 1})
+    for model in ["a", "b", "a"]:
+        assert _chat(daemon, model).status_code == 200
+        assert _live_models(daemon) == {model}
