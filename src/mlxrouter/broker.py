@@ -166,6 +166,8 @@ class Broker:
         stream = RequestStream(request.rid, lease)
         self._streams[request.rid] = stream
         try:
+            if lease.identity not in self._registered:  # reaped since the lease was granted
+                raise WorkerCrashed(f"worker {lease.identity.split('/')[0]} exited")
             self.send(lease.identity, request)
         except RouterError as exc:
             self._finish(stream, None, exc)

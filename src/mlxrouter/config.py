@@ -17,7 +17,7 @@ import os
 import sys
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -29,6 +29,11 @@ EMBEDDED_MODEL_ID = "smollm2-135m-instruct"
 
 class ConfigError(ValueError):
     pass
+
+
+Pos = Annotated[int, msgspec.Meta(ge=1)]
+NonNeg = Annotated[int, msgspec.Meta(ge=0)]
+PosFloat = Annotated[float, msgspec.Meta(gt=0)]
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -80,21 +85,21 @@ class ModelOptions(_Section):
     """Per-model settings; in [defaults] or a worker file. None = inherit."""
 
     path: str | None = None
-    max_tokens: int | None = None
-    temp: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    max_context: int | None = None
-    max_running: int | None = None
-    max_queue: int | None = None
-    required_memory_gb: float | None = None
-    safety_margin: float | None = None
-    idle_ttl_s: float | None = None
+    max_tokens: Pos | None = None
+    temp: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
+    top_k: NonNeg | None = None
+    min_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    max_context: NonNeg | None = None
+    max_running: Pos | None = None
+    max_queue: NonNeg | None = None
+    required_memory_gb: PosFloat | None = None
+    safety_margin: Annotated[float, msgspec.Meta(ge=1)] | None = None
+    idle_ttl_s: Annotated[float, msgspec.Meta(ge=0)] | None = None
     pinned: bool | None = None
     preload: bool | None = None
-    timeout_s: float | None = None
-    memory_pressure_max_tokens: dict[Literal["moderate", "high", "critical"], int] | None = None
+    timeout_s: PosFloat | None = None
+    memory_pressure_max_tokens: dict[Literal["moderate", "high", "critical"], Pos] | None = None
     engine: Literal["mlx-lm"] | None = None
     # Test aid: faults injected into the real worker (see engine.FaultPlan).
     fault: dict[str, float] | None = None
@@ -124,8 +129,9 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
-    # 0 = the model's own max_position_embeddings.
-    max_context: int = 0
+    # Tokens per sequence (prompt + completion), at most the model's own; 0 = the model's own.
+    # The memory budget assumes a full KV cache of this many tokens for every batch slot.
+    max_context: int = 8192
     # Requests inside the worker at once (its batch) and waiting in the gateway beyond that.
     max_running: int = 8
     max_queue: int = 64

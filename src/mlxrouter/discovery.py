@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import msgspec
@@ -105,6 +106,7 @@ class Catalog:
         self._configured = configured
         self._found: dict[str, DiscoveredModel] = {}
         self._stamp: float | None = None
+        self._forced_at = 0.0
 
     def configure(self, root: Path, configured: dict[str, str | None]) -> None:
         """A reloaded config: new root and configured models; rescan on next use."""
@@ -132,9 +134,11 @@ class Catalog:
         """The discovered path for a model id, or None. Configured paths win in config.spec_for."""
         self.refresh()
         found = self._found.get(model_id)
-        if found is None or not found.usable:
-            found = None
-            self.refresh(force=True)  # a model dropped into a subdirectory changes no root mtime
+        if (found is None or not found.usable) and time.monotonic() - self._forced_at > 1.0:
+            # A model dropped into a subdirectory changes no root mtime; at most once a second,
+            # so a stream of requests for unknown models cannot keep the loop scanning.
+            self._forced_at = time.monotonic()
+            self.refresh(force=True)
             found = self._found.get(model_id)
         return found.path if found is not None and found.usable else None
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import msgspec
 from mlx_lm import load as mlx_load
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler
@@ -28,6 +29,7 @@ from . import protocol
 from .chat import StopText, render_chat, render_completion
 from .config import ModelSpec
 from .errors import ContextLengthExceeded, InvalidRequest, RouterError
+from .memory import effective_context, model_max_context
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ def make_sampler(params: protocol.SamplingParams) -> Callable[[mx.array], mx.arr
     if params.temperature == 0:
         return greedy_sampler
     seed = params.seed if params.seed is not None else secrets.randbits(63)
-    key = mx.random.key(seed)
+    key = mx.random.key(seed % 2**63)  # OpenAI seeds may be negative; MLX keys may not
     filters = []
     if 0 < params.top_p < 1.0:
         filters.append(lambda x: apply_top_p(x, params.top_p))
@@ -91,9 +93,7 @@ def _weights_bytes(path: Path) -> int:
 
 
 def _max_context(spec: ModelSpec, config: dict[str, Any]) -> int:
-    model_max = int(config.get("max_position_embeddings")
-                    or config.get("text_config", {}).get("max_position_embeddings") or 4096)
-    return min(spec.max_context, model_max) if spec.max_context else model_max
+    return effective_context(spec.max_context, model_max_context(config))
 
 
 class TextEngine:
@@ -123,6 +123,8 @@ class TextEngine:
         self.model, self.tokenizer, config = mlx_load(str(path), return_config=True)
         self.max_context = _max_context(self.spec, config)
         self.weights_bytes = _weights_bytes(path)
+        self.vocab_size = int(config.get("vocab_size")
+                              or config.get("text_config", {}).get("vocab_size") or 0) or 2**31
         self.gen = self._new_batch()
         self._limit_memory()
 
@@ -148,10 +150,15 @@ class TextEngine:
     # ---- per request
 
     def submit(self, req: protocol.Request) -> None:
+        """Per-request code: whatever goes wrong here fails this request, never the worker."""
         try:
             self._admit(req)
         except RouterError as exc:
             self.emit(protocol.Error(rid=req.rid, code=exc.code, message=exc.message))
+        except Exception as exc:  # template, tokenizer, sampler setup: the request's fault
+            log.warning("request rid=%d rejected: %r", req.rid, exc)
+            self.emit(protocol.Error(rid=req.rid, code="invalid_request",
+                                     message=f"the request could not be processed: {exc}"))
 
     def _admit(self, req: protocol.Request) -> None:
         if req.messages is not None:
@@ -167,8 +174,11 @@ class TextEngine:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {self.max_context} tokens; the "
                 f"request has {len(prompt)} prompt tokens and asks for {max_tokens} more")
+        sampling = req.sampling
+        if sampling.top_k >= self.vocab_size:  # keeps every token: the same as no top-k
+            sampling = msgspec.structs.replace(sampling, top_k=0)
         (uid,) = self.gen.insert([prompt], max_tokens=[max_tokens],
-                                 samplers=[make_sampler(req.sampling)])
+                                 samplers=[make_sampler(sampling)])
         self._seqs[uid] = Sequence(req, uid, self.tokenizer.detokenizer, len(prompt))
         self._uid_of[req.rid] = uid
         self.emit(protocol.Started(rid=req.rid, prompt_tokens=len(prompt)))
@@ -241,6 +251,7 @@ class TextEngine:
         log.error("allocation failure; failing %d sequences: %s", self.active, exc)
         self.fail_all("out_of_memory", f"the model ran out of memory: {exc}")
         self.gen = self._new_batch()
+        self._limit_memory()  # a new BatchGenerator sets the wired limit again
         mx.clear_cache()
 
     def fail_all(self, code: str, message: str) -> None:

@@ -153,7 +153,8 @@ class Call:
 
     async def _within_deadline(self, awaitable):
         try:
-            return await asyncio.wait_for(awaitable, max(0.0, self.deadline - time.monotonic()))
+            async with asyncio.timeout(max(0.0, self.deadline - time.monotonic())):
+                return await awaitable
         except TimeoutError:
             self.close()
             raise Timeout(f"the request exceeded its time limit of {self.spec.timeout_s:g}s "
@@ -263,12 +264,12 @@ async def _stream(call: Call, model: str, include_usage: bool) -> Response:
     opening = asyncio.ensure_future(call.open())
     commit_after = call.state.config.server.stream_commit_after_s
     try:
-        await asyncio.wait_for(asyncio.shield(opening), commit_after)
-    except TimeoutError:
-        pass  # still loading: commit 200 now and keep the client company
+        await asyncio.wait({opening}, timeout=commit_after)  # never raises, never cancels it
     except asyncio.CancelledError:
         opening.cancel()
         raise
+    if opening.done() and opening.exception() is not None:
+        raise opening.exception()  # failed before Started: a real HTTP status
     return StreamingResponse(_sse(call, opening, model, include_usage),
                              media_type="text/event-stream", headers=SSE_HEADERS)
 

@@ -103,11 +103,17 @@ def model_max_context(config: dict) -> int:
     return int(text.get("max_position_embeddings") or 4096)
 
 
+def effective_context(configured: int, model_max: int) -> int:
+    """The context a worker enforces: the configured one (0 = the model's own), never more
+    than the model's. The budget assumes exactly this, for every batch slot."""
+    return min(configured, model_max) if configured else model_max
+
+
 def estimate_cost(path: str, *, max_context: int, max_batch: int, overhead_bytes: int) -> int:
     """Weights as stored + a full KV cache for every batch slot + the process itself."""
     p = Path(path)
     config = _model_config(p)
-    context = max_context or model_max_context(config)
+    context = effective_context(max_context, model_max_context(config))
     return weights_bytes(p) + kv_bytes_per_token(config) * context * max_batch + overhead_bytes
 
 

@@ -100,7 +100,7 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     top_k: Annotated[int, msgspec.Meta(ge=0)] | None = None
     min_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
     stop: str | Annotated[list[str], msgspec.Meta(max_length=16)] | None = None
-    seed: int | None = None
+    seed: Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)] | None = None
     n: PosInt = 1
     stream: bool = False
     stream_options: StreamOptions | None = None

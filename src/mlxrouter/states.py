@@ -44,7 +44,7 @@ class Worker:
         self.identity = identity
         self.state = State.STARTING
         self.proc: asyncio.subprocess.Process | None = None
-        self.spawned_at = self.last_seen = time.monotonic()
+        self.spawned_at = self.last_seen = self.progress_at = time.monotonic()
         self.ready_at: float | None = None
         self.in_flight = 0
         self.estimate_bytes = cost_bytes

@@ -79,8 +79,15 @@ class Supervisor:
             self._fail_waiters(slot, ShuttingDown("the server is shutting down"))
             if slot.worker is not None:
                 self._begin_stop(slot.worker, "shutdown", drain=False)
-        workers = [s.worker.exited for s in self._slots.values() if s.worker is not None]
-        await asyncio.gather(*workers, return_exceptions=True)
+        workers = [s.worker for s in self._slots.values() if s.worker is not None]
+        if workers:
+            grace = self.config.supervisor.stop_timeout_s + 5
+            _, late = await asyncio.wait([w.exited for w in workers], timeout=grace)
+            for w in workers:
+                if not w.exited.done():
+                    self.kill(w, "still running at shutdown")
+            if late:
+                await asyncio.wait(late, timeout=5)
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
@@ -98,8 +105,11 @@ class Supervisor:
     def spec(self, model_id: str) -> ModelSpec:
         if not self.catalog.knows(model_id):
             raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
+        configured = self.config.models.get(model_id)
+        found = None if configured is not None and configured.path else (
+            self.catalog.path_of(model_id))
         try:
-            return self.config.spec_for(model_id, self.catalog.path_of(model_id))
+            return self.config.spec_for(model_id, found)
         except ConfigError as exc:
             raise ModelUnavailable(str(exc)) from None
 
@@ -133,8 +143,10 @@ class Supervisor:
         slot.waiters.append(waiter)
         self._wake()
         try:
-            return await asyncio.wait_for(asyncio.shield(waiter.future),
-                                          max(0.0, deadline - time.monotonic()))
+            # asyncio.timeout, not wait_for: 3.11's wait_for can return a lease to a task that
+            # was cancelled in the same iteration, and that lease would never be released.
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                return await asyncio.shield(waiter.future)
         except TimeoutError:
             self._drop_waiter(slot, waiter)
             raise Timeout(f"timed out waiting for model '{spec.id}' "
@@ -208,7 +220,9 @@ class Supervisor:
             if slot.worker is None and slot.failures and 0 < slot.backoff_until <= now:
                 slot.backoff_until = 0.0
                 slot.want_start = True  # BACKOFF over: retry on our own, like supervisord
-            if slot.wait_since is not None and (
+            if not self._needs_start(slot):
+                slot.wait_since = None  # a later waiter gets its own full wait
+            elif slot.wait_since is not None and (
                     now - slot.wait_since > self.config.supervisor.load_wait_timeout_s):
                 self._fail_waiters(slot, NoMemory(
                     f"not enough memory to load model '{slot.spec.id}' in time: "
@@ -222,9 +236,15 @@ class Supervisor:
                 and (bool(slot.waiters) or slot.want_start))
 
     def _plan(self, now: float) -> None:
+        if any(s.worker is not None and s.worker.state is State.STOPPING
+               for s in self._slots.values()):
+            return  # a victim is still exiting: its memory is not free yet
         if self._loading is not None:
-            if self._loading.worker is not None or not self._needs_start(self._loading):
+            if self._loading.worker is not None:
                 return  # one load at a time
+            if not self._needs_start(self._loading):
+                self._loading = None  # its waiters left; the slot is free again
+        if self._loading is not None:
             candidates = [self._loading]
         else:
             candidates = [s for s in self._slots.values() if self._needs_start(s)]
@@ -243,6 +263,8 @@ class Supervisor:
                     f"model '{slot.spec.id}' {plan.reason}; lower its max_context or "
                     f"max_running, or raise memory_budget_gb"))
                 slot.want_start = False
+                if self._loading is slot:
+                    self._loading = None
                 continue
             if plan.action == "wait":
                 slot.last_error = plan.reason
@@ -326,10 +348,12 @@ class Supervisor:
             worker.proc = await spawn(self._argv(worker), log_path=self._log_path(worker.spec),
                                       env=worker_environment(self.config, worker.spec),
                                       cwd=self.config.run_dir)
-        except OSError as exc:
+        except Exception as exc:  # bad env, missing interpreter: a failed start, not a hang
             self._on_exit(slot, worker, None, f"could not start the worker: {exc}")
             return
         pidfile.write(worker.proc.pid, self.boot_id)
+        if worker.state is State.STOPPING:  # stopped while it was being spawned
+            signal_group(worker.pid, signal.SIGTERM)
         code = await worker.proc.wait()
         pidfile.remove()
         self._on_exit(slot, worker, code, last_log_line(self._log_path(worker.spec)))
@@ -429,10 +453,14 @@ class Supervisor:
             case protocol.Ready() if worker.state is State.STARTING:
                 self._on_ready(worker, msg)
             case protocol.Stats():
-                if worker.stats is None or msg.engine_steps != worker.stats.engine_steps:
+                # Idle time is not a stall: the clock runs only while sequences are active.
+                prev = worker.stats
+                if (prev is None or prev.active_sequences == 0 or msg.active_sequences == 0
+                        or msg.engine_steps != prev.engine_steps):
                     worker.steps_moved_at = time.monotonic()
                 worker.stats = msg
             case protocol.Progress():
+                worker.progress_at = time.monotonic()  # a loading worker extends its timeout
                 log.info("worker loading model=%s: %s", worker.spec.id, msg.message)
 
     def _on_ready(self, worker: Worker, msg: protocol.Ready) -> None:
@@ -441,6 +469,7 @@ class Supervisor:
         worker.ready_at = time.monotonic()
         worker.peak_bytes = msg.memory_bytes
         worker.state = State.RUNNING  # STARTING -> RUNNING: the worker sent Ready
+        slot.last_used = worker.ready_at  # idle TTL counts from here, not from the epoch
         slot.failures, slot.last_error = 0, ""
         if self._overhead_bytes == memory.DEFAULT_OVERHEAD_BYTES:
             self._overhead_bytes = max(64 * 2**20, msg.memory_bytes - msg.weights_bytes)

@@ -28,7 +28,7 @@ def check_workers(sup: Supervisor, now: float) -> None:
             if now - w.last_seen > cfg.silence_timeout_s:
                 sup.kill(w, f"silent for {now - w.last_seen:.1f}s")
                 continue
-        if w.state is State.STARTING and now - w.spawned_at > cfg.load_timeout_s:
+        if w.state is State.STARTING and now - w.progress_at > cfg.load_timeout_s:
             sup.kill(w, f"not ready after {cfg.load_timeout_s:.0f}s")
             continue
         active = w.stats.active_sequences if w.stats else 0

@@ -321,3 +321,45 @@ def test_max_loaded_models_evicts_to_stay_under_the_count(start_daemon, tiny_mod
     for model in ["a", "b", "a"]:
         assert _chat(daemon, model).status_code == 200
         assert _live_models(daemon) == {model}
+
+
+def test_odd_sampling_values_fail_nothing_and_crash_nothing(start_daemon, tiny_model):
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "preload": True}})
+    pid = daemon.wait_worker("tiny")
+    for extra in ({"seed": -5, "temperature": 1.0}, {"top_k": 100000, "temperature": 1.0},
+                  {"seed": 2**63 - 1, "temperature": 0.5}):
+        resp = _chat(daemon, "tiny", **extra)
+        assert resp.status_code == 200, (extra, resp.text)
+    too_big = _chat(daemon, "tiny", seed=2**64 + 3)
+    assert too_big.status_code == 400 and too_big.json()["error"]["param"] == "seed"
+    assert daemon.worker_pid("tiny") == pid
+
+
+def test_a_waiter_leaving_mid_eviction_does_not_block_later_loads(start_daemon, tiny_model):
+    base = {"path": str(tiny_model), "required_memory_gb": 1.0, "safety_margin": 1.0}
+    daemon = start_daemon({"a": base, "b": {**base, "timeout_s": 1.0}, "c": base},
+                          supervisor={"memory_budget_gb": 1.5, "stop_timeout_s": 2.0})
+    assert _chat(daemon, "a").status_code == 200
+    os.kill(daemon.worker_pid("a"), signal.SIGSTOP)  # a victim slow to exit: SIGKILL in 2 s
+    assert _chat(daemon, "b").status_code == 504  # gave up while a was still stopping
+    resp = _chat(daemon, "c")
+    assert resp.status_code == 200, resp.text
+    assert _live_models(daemon) == {"c"}
+
+
+def test_idle_time_is_not_an_engine_stall(start_daemon, tiny_model):
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "preload": True,
+                                    "fault": {"delay_per_token_s": 1.2}}},
+                          supervisor={"engine_stall_timeout_s": 2.0})
+    pid = daemon.wait_worker("tiny")
+    time.sleep(3)  # idle for longer than the stall timeout
+    assert _chat(daemon, "tiny", max_tokens=2).status_code == 200
+    assert daemon.worker_pid("tiny") == pid
+
+
+def test_preloaded_model_is_not_unloaded_by_its_ttl_at_once(start_daemon, tiny_model):
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "preload": True,
+                                    "idle_ttl_s": 60.0}})
+    pid = daemon.wait_worker("tiny")
+    time.sleep(2.5)  # two supervisor ticks
+    assert daemon.worker_pid("tiny") == pid

@@ -39,6 +39,32 @@ def age(path: Path, seconds_ago: float) -> None:
     os.utime(path, (t, t))
 
 
+@pytest.fixture(autouse=True)
+def seconds_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forced rescans are rate-limited to one a second; let two seconds pass between calls."""
+    import itertools
+    import types
+
+    import mlxrouter.discovery as discovery
+
+    clock = itertools.count(1000, 2)
+    monkeypatch.setattr(discovery, "time", types.SimpleNamespace(monotonic=lambda: next(clock)))
+
+
+def test_forced_rescans_are_rate_limited(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    import mlxrouter.discovery as discovery
+
+    monkeypatch.setattr(discovery, "time", types.SimpleNamespace(monotonic=lambda: 5.0))
+    scans = []
+    monkeypatch.setattr(discovery, "scan", lambda root: scans.append(root) or {})
+    catalog = Catalog(tmp_path, {})
+    for _ in range(50):
+        assert not catalog.knows("no/such-model")
+    assert len(scans) <= 2  # the first refresh plus at most one forced rescan
+
+
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
     root = tmp_path / "models"
