@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--model-dir")
-    serve.add_argument("--log-level", default="info",
-                       choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                       help="default: info, or debug when [server] debug = true")
     serve.set_defaults(func=cmd_serve)
 
     models = sub.add_parser("models", help="model library")
@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--config")
     imp.add_argument("--model-dir")
     imp.set_defaults(func=cmd_import_gguf)
+    from .ctl import add_parser as add_ctl_parser
+    from .service import add_parser as add_service_parser
+
+    add_ctl_parser(sub)
+    add_service_parser(sub)
     return parser
 
 

@@ -1,8 +1,8 @@
 """Configuration: `supervisor.toml` + `workers/*.toml`, or the seed project's `config.json`.
 
 Read once into frozen msgspec Structs and passed explicitly. This is the only module that reads
-`os.environ` (MLX_MODEL_DIR, MLXROUTER_CONFIG, MLXROUTER_HOME, MLXROUTER_API_KEY) and the only
-one that builds a worker's environment. Runs in the daemon and the CLI; imports no mlx.
+`os.environ` (MLX_MODEL_DIR, MLXROUTER_CONFIG, MLXROUTER_HOME, MLXROUTER_API_KEY,
+MLXROUTER_ADMIN_KEY) and the only one that builds a worker's environment. Runs in the daemon and the CLI; imports no mlx.
 
 Precedence: command-line flag > environment > file > default. Unknown keys in TOML files are an
 error naming the key and the file; seed keys that mean nothing here yet are accepted with a
@@ -48,6 +48,12 @@ class ServerConfig(_Section):
     # started the request after this long (a model still loading).
     stream_commit_after_s: float = 2.0
     keepalive_interval_s: float = 5.0
+    # Bearer keys for /v1/* and /metrics (MLXROUTER_API_KEY adds one); empty = no auth.
+    api_keys: list[str] = []
+    # Guards /admin/*; without it /admin answers loopback clients only (MLXROUTER_ADMIN_KEY).
+    admin_key: str | None = None
+    # Log at DEBUG level (--log-level overrides).
+    debug: bool = False
 
 
 class SupervisorConfig(_Section):
@@ -64,6 +70,9 @@ class SupervisorConfig(_Section):
     load_timeout_s: float = 300.0
     stop_timeout_s: float = 10.0
     silence_timeout_s: float = 5.0
+    # Size-based rotation of daemon.log and worker-<model>.log.
+    log_max_bytes: int = 10 * 1024 * 1024
+    log_backups: int = 3
     engine_stall_timeout_s: float = 120.0
     drain_timeout_s: float = 30.0
     # Start failures back off 1, 2, 4, 8 ... s (cap 30); after this many retries: FATAL.
@@ -194,7 +203,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
 # because they have no effect yet. Anything else unknown is an error.
 _SEED_NOOP_KEYS = {
     "server": {"log_level", "workers", "reload", "cors_origins", "streaming_format",
-               "stream_chunk_size", "api_key"},
+               "stream_chunk_size"},
     "defaults": {"streaming_format", "stream_chunk_size", "enable_function_calling",
                  "supports_tools", "supports_vision", "reasoning_response", "chat_template",
                  "repetition_penalty", "trust_remote_code"},
@@ -279,6 +288,8 @@ def _main_from_seed_json(path: Path) -> dict[str, Any]:
         model_id: _split_seed_section(dict(opts), "models", str(path))
         for model_id, opts in raw.get("models", {}).items()
     }
+    if "api_key" in server:
+        server["api_keys"] = [server.pop("api_key")]
     if "timeout" in server:  # the seed's request timeout; per model here
         defaults.setdefault("timeout", server.pop("timeout"))
     for section in (defaults, *models.values()):
@@ -294,7 +305,7 @@ def _absolute(value: str, base: Path) -> str:
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
-def _state_home() -> Path:
+def state_home() -> Path:
     return Path(os.environ.get("MLXROUTER_HOME", "~/.mlxrouter")).expanduser()
 
 
@@ -302,7 +313,7 @@ def default_config_path() -> Path | None:
     env = os.environ.get("MLXROUTER_CONFIG")
     if env:
         return Path(env).expanduser()
-    candidate = _state_home() / "supervisor.toml"
+    candidate = state_home() / "supervisor.toml"
     return candidate if candidate.exists() else None
 
 
@@ -332,7 +343,7 @@ def load_config(
             raise ConfigError(f"model {model_id!r} is defined in {path} and in workers/")
         models[model_id] = opts
 
-    home = _state_home()
+    home = state_home()
     sup = main.supervisor
     server = main.server
     base = path.parent if path is not None else Path.cwd()
@@ -346,6 +357,12 @@ def load_config(
     overrides["run_dir"] = _absolute(sup.run_dir, base) if sup.run_dir else str(home / "run")
     overrides["log_dir"] = _absolute(sup.log_dir, base) if sup.log_dir else str(home / "logs")
     sup = msgspec.structs.replace(sup, **overrides)
+    env_key = os.environ.get("MLXROUTER_API_KEY")
+    if env_key and env_key not in server.api_keys:
+        server = msgspec.structs.replace(server, api_keys=[*server.api_keys, env_key])
+    env_admin = os.environ.get("MLXROUTER_ADMIN_KEY")
+    if env_admin:
+        server = msgspec.structs.replace(server, admin_key=env_admin)
     if host is not None or port is not None:
         server = msgspec.structs.replace(
             server, host=host if host is not None else server.host,

@@ -28,11 +28,14 @@ from pathlib import Path
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
 
+from .access import RequestIdFilter
 from .broker import Broker
 from .config import EMBEDDED_MODEL_ID, Config, ConfigError
 from .discovery import Catalog
 from .errors import RouterError
-from .gateway import AppState, build_app
+from .gateway import build_app
+from .metrics import Metrics
+from .runtime import AppState
 from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -74,15 +77,19 @@ def read_lock_info(run_dir: Path) -> dict:
         return {}
 
 
-def setup_logging(config: Config, level: str) -> None:
+def setup_logging(config: Config, level: str | None) -> None:
+    """daemon.log (rotated by size) and stderr; every line carries the request id, if any."""
     config.log_dir.mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
     root = logging.getLogger()
-    root.setLevel(level.upper())
+    root.setLevel((level or ("debug" if config.server.debug else "info")).upper())
+    sup = config.supervisor
     for handler in (logging.StreamHandler(sys.stderr),
                     logging.handlers.RotatingFileHandler(
-                        config.log_dir / "daemon.log", maxBytes=10 * 2**20, backupCount=3)):
+                        config.log_dir / "daemon.log", maxBytes=sup.log_max_bytes,
+                        backupCount=sup.log_backups)):
         handler.setFormatter(fmt)
+        handler.addFilter(RequestIdFilter())
         root.addHandler(handler)
 
 
@@ -152,16 +159,15 @@ class Daemon:
         log.info("received %s: shutting down", sig.name)
         self.stop_requested.set()
 
-    def reload(self) -> bool:
+    def reload(self) -> tuple[bool, str]:
         """Re-read the config (SIGHUP, ctl reload); on any error keep the current one."""
         if self._load_again is None:
-            log.warning("reload: this daemon was not started from a config it can re-read")
-            return False
+            return False, "this daemon was not started from a config it can re-read"
         try:
             new = self._load_again()
         except ConfigError as exc:
             log.error("reload failed, keeping the current configuration: %s", exc)
-            return False
+            return False, f"reload failed, the current configuration stays: {exc}"
         old = self.config
         if (new.server.host, new.server.port) != (old.server.host, old.server.port) or (
                 new.run_dir != old.run_dir):
@@ -169,9 +175,9 @@ class Daemon:
         self.config = new
         for hook in self._reload_hooks:
             hook(new)
-        log.info("configuration reloaded from %s: %d configured model(s)", new.source,
-                 len(new.models))
-        return True
+        message = f"configuration reloaded from {new.source}: {len(new.models)} configured model(s)"
+        log.info("%s", message)
+        return True, message
 
     async def run(self) -> int:
         config = self.config
@@ -189,7 +195,11 @@ class Daemon:
         supervisor = Supervisor(config, broker, catalog)
         broker.start(supervisor.on_worker_message)
         supervisor.start()
-        state = AppState(config=config, broker=broker, supervisor=supervisor)
+        metrics = Metrics(supervisor)
+        supervisor.on_event = metrics.supervisor_event
+        supervisor.on_loaded = metrics.load_finished
+        state = AppState(config=config, broker=broker, supervisor=supervisor, metrics=metrics,
+                         reload=self.reload, shutdown=self.stop_requested.set)
         sock = _listen(config.server.host, config.server.port)
         port = sock.getsockname()[1]
         lock.write(boot_id=supervisor.boot_id, host=config.server.host, port=port)
@@ -252,7 +262,7 @@ def _configured_paths(config: Config) -> dict[str, str | None]:
     return {m: o.path for m, o in config.models.items()}
 
 
-def run(config: Config, log_level: str = "info",
+def run(config: Config, log_level: str | None = None,
         reload: Callable[[], Config] | None = None) -> int:
     setup_logging(config, log_level)
     try:

@@ -69,6 +69,7 @@ def make_sampler(params: protocol.SamplingParams) -> Callable[[mx.array], mx.arr
 class Sequence:
     def __init__(self, req: protocol.Request, uid: int, detok: Any, prompt_tokens: int) -> None:
         self.rid = req.rid
+        self.request_id = req.request_id or "-"
         self.uid = uid
         self.detok = detok
         self.stop = StopText(req.sampling.stop)
@@ -156,7 +157,8 @@ class TextEngine:
         except RouterError as exc:
             self.emit(protocol.Error(rid=req.rid, code=exc.code, message=exc.message))
         except Exception as exc:  # template, tokenizer, sampler setup: the request's fault
-            log.warning("request rid=%d rejected: %r", req.rid, exc)
+            log.warning("request rejected request_id=%s rid=%d: %r", req.request_id or "-",
+                        req.rid, exc)
             self.emit(protocol.Error(rid=req.rid, code="invalid_request",
                                      message=f"the request could not be processed: {exc}"))
 
@@ -181,6 +183,8 @@ class TextEngine:
                                  samplers=[make_sampler(sampling)])
         self._seqs[uid] = Sequence(req, uid, self.tokenizer.detokenizer, len(prompt))
         self._uid_of[req.rid] = uid
+        log.info("request started request_id=%s rid=%d prompt_tokens=%d max_tokens=%d",
+                 req.request_id or "-", req.rid, len(prompt), max_tokens)
         self.emit(protocol.Started(rid=req.rid, prompt_tokens=len(prompt)))
 
     def cancel(self, rid: int) -> None:
@@ -194,6 +198,8 @@ class TextEngine:
     def _end(self, seq: Sequence, finish_reason: str) -> None:
         del self._seqs[seq.uid]
         del self._uid_of[seq.rid]
+        log.info("request ended request_id=%s rid=%d finish=%s completion_tokens=%d",
+                 seq.request_id, seq.rid, finish_reason, seq.completion_tokens)
         self.emit(protocol.End(rid=seq.rid, finish_reason=finish_reason,
                                prompt_tokens=seq.prompt_tokens,
                                completion_tokens=seq.completion_tokens))

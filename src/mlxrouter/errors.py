@@ -40,6 +40,10 @@ class Unauthorized(RouterError):
     status, error_type, code = 401, "authentication_error", "invalid_api_key"
 
 
+class Forbidden(RouterError):
+    status, error_type, code = 403, "permission_error", "forbidden"
+
+
 class ModelNotFound(RouterError):
     status, error_type, code = 404, "invalid_request_error", "model_not_found"
 

@@ -13,18 +13,19 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from . import protocol
-from .broker import Broker, RequestStream
-from .config import Config, ModelSpec
+from .access import AccessMiddleware, request_id
+from .broker import RequestStream
+from .config import ModelSpec
 from .errors import (BodyTooLarge, InvalidRequest, ModelNotFound, NotFound, RouterError,
                      ShuttingDown, Timeout, error_body, error_headers)
 from .memory import LEVELS
@@ -32,30 +33,11 @@ from .schemas import (AssistantMessage, ChatCompletion, ChatCompletionChunk,
                       ChatCompletionRequest, Choice, ChunkChoice, ChunkDelta, ModelList,
                       ModelObject, PromptTokensDetails, Usage, check_supported, decode_body,
                       message_dicts)
+from .admin import admin_routes
+from .runtime import AppState, app_state, json_response
 from .streaming import SSE_DONE, SSE_HEADERS, SSE_KEEPALIVE, encode_sse, encode_sse_error
-from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
-_json = msgspec.json.Encoder()
-
-
-@dataclass
-class AppState:
-    config: Config
-    broker: Broker
-    supervisor: Supervisor
-    started_at: float = field(default_factory=time.time)
-    shutting_down: bool = False
-
-
-def json_response(payload: object, status: int = 200,
-                  headers: dict[str, str] | None = None) -> Response:
-    return Response(_json.encode(payload), status_code=status, headers=headers,
-                    media_type="application/json")
-
-
-def _state(request: Request) -> AppState:
-    return request.app.state.router
 
 
 # ---- errors: the one place exceptions become OpenAI error JSON
@@ -134,11 +116,17 @@ class Call:
         self.spec = spec
         self.request = request
         self.stream: RequestStream | None = None
+        self.t0 = time.monotonic()
         # The whole request (queue, load, generation) must end by then: 504 otherwise.
-        self.deadline = time.monotonic() + spec.timeout_s
+        self.deadline = self.t0 + spec.timeout_s
+        self.queue_s: float | None = None
+        self.ttft_s: float | None = None
+        self._last_chunk_at = 0.0
+        self._recorded = False
 
     async def open(self) -> RequestStream:
         lease = await self.state.supervisor.acquire(self.spec, self.deadline)
+        self.queue_s = time.monotonic() - self.t0
         self.stream = self.state.broker.submit(lease, self.request)
         try:
             await self._within_deadline(asyncio.shield(self.stream.started))
@@ -149,7 +137,39 @@ class Call:
 
     async def next_chunk(self) -> tuple[str, int]:
         assert self.stream is not None
-        return await self._within_deadline(self.stream.next_chunk())
+        text, tokens = await self._within_deadline(self.stream.next_chunk())
+        now = time.monotonic()
+        metrics = self.state.metrics
+        if tokens and self.ttft_s is None:
+            self.ttft_s = now - self.t0
+        elif tokens and metrics is not None:
+            metrics.inter_token(self.spec.id, (now - self._last_chunk_at) / tokens)
+        if tokens:
+            self._last_chunk_at = now
+        return text, tokens
+
+    def record(self, status: int, end: protocol.End | None = None,
+               error: RouterError | None = None) -> None:
+        """Metrics for this request, once, whichever way it ended."""
+        metrics = self.state.metrics
+        if self._recorded:
+            return
+        self._recorded = True
+        log.info("chat.completions model=%s status=%d duration_ms=%.0f prompt_tokens=%d "
+                 "completion_tokens=%d%s", self.spec.id, status,
+                 (time.monotonic() - self.t0) * 1000, end.prompt_tokens if end else 0,
+                 end.completion_tokens if end else 0, f" error={error.code}" if error else "")
+        if metrics is None:
+            return
+        if error is not None:
+            error.recorded = True  # the route's catch-all must not count it again
+            metrics.rejected(self.spec.id, error.code)
+        metrics.request_done(
+            self.spec.id, "chat.completions", status, duration_s=time.monotonic() - self.t0,
+            queue_s=self.queue_s, ttft_s=self.ttft_s,
+            prompt_tokens=end.prompt_tokens if end else 0,
+            completion_tokens=end.completion_tokens if end else 0,
+            cached_tokens=end.cached_tokens if end else 0)
 
     async def _within_deadline(self, awaitable):
         try:
@@ -206,7 +226,12 @@ async def _complete(call: Call, request: Request, model: str) -> Response:
             await asyncio.gather(work, return_exceptions=True)
     if work.cancelled():
         return Response(status_code=499)
-    text, end = work.result()
+    try:
+        text, end = work.result()
+    except RouterError as exc:
+        call.record(exc.status, error=exc)
+        raise
+    call.record(200, end)
     body = ChatCompletion(
         id=f"chatcmpl-{call.request.rid:x}{secrets.token_hex(4)}", created=int(time.time()),
         model=model, choices=[Choice(0, AssistantMessage("assistant", text), end.finish_reason)],
@@ -232,6 +257,7 @@ async def _sse(call: Call, opening: asyncio.Future, model: str,
         try:
             stream: RequestStream = opening.result()
         except RouterError as exc:
+            call.record(exc.status, error=exc)
             yield encode_sse_error(exc)
             return
         yield chunk(ChunkDelta(role="assistant", content=""))
@@ -239,6 +265,7 @@ async def _sse(call: Call, opening: asyncio.Future, model: str,
             try:
                 text, _ = await call.next_chunk()
             except RouterError as exc:
+                call.record(exc.status, error=exc)
                 yield encode_sse_error(exc)
                 return
             if text:
@@ -246,9 +273,11 @@ async def _sse(call: Call, opening: asyncio.Future, model: str,
             if stream.done:
                 break
         if stream.error is not None:
+            call.record(stream.error.status, error=stream.error)
             yield encode_sse_error(stream.error)
             return
         assert stream.end is not None
+        call.record(200, stream.end)
         yield chunk(ChunkDelta(), stream.end.finish_reason)
         if include_usage:
             yield encode_sse(ChatCompletionChunk(cid, created, model, [],
@@ -269,7 +298,10 @@ async def _stream(call: Call, model: str, include_usage: bool) -> Response:
         opening.cancel()
         raise
     if opening.done() and opening.exception() is not None:
-        raise opening.exception()  # failed before Started: a real HTTP status
+        exc = opening.exception()
+        if isinstance(exc, RouterError):
+            call.record(exc.status, error=exc)
+        raise exc  # failed before Started: a real HTTP status
     return StreamingResponse(_sse(call, opening, model, include_usage),
                              media_type="text/event-stream", headers=SSE_HEADERS)
 
@@ -278,7 +310,18 @@ async def _stream(call: Call, model: str, include_usage: bool) -> Response:
 
 
 async def chat_completions(request: Request) -> Response:
-    state = _state(request)
+    try:
+        return await _chat_completions(request)
+    except RouterError as exc:
+        metrics = app_state(request).metrics
+        if metrics is not None and not getattr(exc, "recorded", False):
+            metrics.rejected("", exc.code)  # no model label: it may be any string a client sent
+            metrics.request_done("", "chat.completions", exc.status, duration_s=0.0)
+        raise
+
+
+async def _chat_completions(request: Request) -> Response:
+    state = app_state(request)
     if state.shutting_down:
         raise ShuttingDown("the server is shutting down")
     body = await read_body(request, state.config.server.max_body_bytes)
@@ -291,7 +334,7 @@ async def chat_completions(request: Request) -> Response:
     call = Call(state, spec, protocol.Request(
         rid=state.broker.next_rid(), sampling=sampling_for(req, spec, state.supervisor.pressure),
         messages=message_dicts(req.messages),
-        request_id=request.headers.get("x-request-id", "")))
+        request_id=request_id.get()))
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return await _stream(call, req.model, include_usage)
@@ -307,27 +350,35 @@ def _model_object(state: AppState, model_id: str) -> ModelObject:
 
 
 async def list_models(request: Request) -> Response:
-    state = _state(request)
+    state = app_state(request)
     ids = state.supervisor.catalog.ids()
     return json_response(ModelList([_model_object(state, m) for m in ids]))
 
 
 async def get_model(request: Request) -> Response:
-    state = _state(request)
+    state = app_state(request)
     model_id = request.path_params["model_id"]
     if not state.supervisor.catalog.knows(model_id):
         raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
     return json_response(_model_object(state, model_id))
 
 
+async def metrics_text(request: Request) -> Response:
+    metrics = app_state(request).metrics
+    if metrics is None:
+        raise NotFound("metrics are not enabled")
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)
+
+
 async def health(request: Request) -> Response:
-    state = _state(request)
+    state = app_state(request)
     status = "shutting_down" if state.shutting_down else "ok"
     return json_response({"status": status}, 503 if state.shutting_down else 200)
 
 
 async def health_detail(request: Request) -> Response:
-    state = _state(request)
+    state = app_state(request)
     return json_response({
         "status": "shutting_down" if state.shutting_down else "ok",
         "uptime_s": round(time.time() - state.started_at, 1),
@@ -344,11 +395,12 @@ def build_app(state: AppState) -> Starlette:
         Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/v1/health", health_detail, methods=["GET"]),
+        Route("/metrics", metrics_text, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, exception_handlers={
+    app = Starlette(routes=routes + admin_routes(), exception_handlers={
         RouterError: on_router_error,
         HTTPException: on_http_error,
         Exception: on_unexpected,
-    })
+    }, middleware=[Middleware(AccessMiddleware, state=state)])
     app.state.router = state
     return app

@@ -42,8 +42,30 @@ async def spawn(argv: list[str], *, env: dict[str, str], log_path: Path,
         os.close(fd)
 
 
-def last_log_line(path: Path, limit: int = 4096) -> str:
-    """The last non-empty line of a worker log: the reason a failed start reports."""
+def rotate(path: Path, max_bytes: int, backups: int) -> None:
+    """Size-based rotation of a file a worker appends to (done before it is opened)."""
+    try:
+        if path.stat().st_size < max_bytes:
+            return
+    except OSError:
+        return
+    for i in range(backups - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{i}")
+        if older.exists():
+            older.replace(path.with_name(f"{path.name}.{i + 1}"))
+    if backups > 0:
+        path.replace(path.with_name(f"{path.name}.1"))
+    else:
+        path.unlink()
+
+
+def last_log_line(*paths: Path, limit: int = 4096) -> str:
+    """The last non-empty line of the most recently written of a worker's logs: the reason a
+    failed start reports (a logged exception, or a traceback on stderr)."""
+    existing = [p for p in paths if p.exists()]
+    if not existing:
+        return ""
+    path = max(existing, key=lambda p: p.stat().st_mtime_ns)
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)

@@ -31,7 +31,7 @@ from .config import (
     Config,
     ConfigError,
     SupervisorConfig,
-    _state_home,
+    state_home,
     default_config_path,
     load_config,
 )
@@ -373,7 +373,7 @@ def _locate_config(config_path: Path | None, state_dir: Path) -> _Source:
 def install(*, config_path: Path | None, program: list[str] | None, platform: str,
             dry_run: bool) -> int:
     """Copy the config to the state dir, write the service file, load and start it."""
-    state_dir = _state_home()
+    state_dir = state_home()
     try:
         source = _locate_config(config_path, state_dir)
     except ConfigError as exc:
@@ -459,7 +459,7 @@ def uninstall(*, platform: str, dry_run: bool) -> int:
     print(f"{'would remove' if dry_run else 'removed'} {unit}")
     if platform == "linux":
         rc = _step(_systemctl("daemon-reload"), dry_run)
-    print(f"kept: the config and logs in {_state_home()}")
+    print(f"kept: the config and logs in {state_home()}")
     return 1 if rc else 0
 
 

@@ -110,5 +110,8 @@ class WorkerStatus(msgspec.Struct):
     load_s: float | None
     restarts: int
     reason: str
+    mlx_active_bytes: int | None = None
+    mlx_cache_bytes: int | None = None
+    mlx_peak_bytes: int | None = None
 
 

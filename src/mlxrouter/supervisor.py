@@ -21,6 +21,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import msgspec
 
@@ -30,7 +31,7 @@ from .config import Config, ConfigError, ModelSpec, worker_environment
 from .discovery import Catalog
 from .errors import (InsufficientMemory, ModelLoadFailed, ModelNotFound, ModelUnavailable,
                      NoMemory, QueueFull, RouterError, ShuttingDown, Timeout, WorkerCrashed)
-from .process import PidFile, last_log_line, reap_stale, signal_group, spawn
+from .process import PidFile, last_log_line, reap_stale, rotate, signal_group, spawn
 from .states import CRASH_LOOP_EXITS, Slot, State, Waiter, Worker, WorkerStatus, slug
 from .watchdog import check_workers
 
@@ -62,7 +63,9 @@ class Supervisor:
         self._closing = False
         self._wakeup: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._loop_task: asyncio.Task | None = None
+        # Observers (metrics): (kind, model, reason) and (model, load seconds).
         self.on_event: Callable[[str, str, str], None] = lambda kind, model, reason: None
+        self.on_loaded: Callable[[str, float], None] = lambda model, seconds: None
 
     # ---- lifecycle of the supervisor itself
 
@@ -259,6 +262,7 @@ class Supervisor:
                                     self.config.supervisor.max_loaded_models, residents,
                                     available)
             if plan.action == "impossible":
+                slot.last_error = plan.reason
                 self._fail_waiters(slot, InsufficientMemory(
                     f"model '{slot.spec.id}' {plan.reason}; lower its max_context or "
                     f"max_running, or raise memory_budget_gb"))
@@ -333,19 +337,30 @@ class Supervisor:
                  need_bytes / 2**20)
 
     def _argv(self, worker: Worker) -> list[str]:
+        sup = self.config.supervisor
+        log_file, _ = self.log_paths(worker.spec.id)
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
         return [sys.executable, "-m", "mlxrouter.worker", "--identity", worker.identity,
                 "--endpoint", self.broker.endpoint, "--parent-pid", str(os.getpid()),
-                "--memory-limit", str(worker.estimate_bytes),
+                "--memory-limit", str(worker.estimate_bytes), "--log-file", str(log_file),
+                "--log-max-bytes", str(sup.log_max_bytes), "--log-backups",
+                str(sup.log_backups), "--log-level", level,
                 "--spec", msgspec.json.encode(worker.spec).decode()]
 
-    def _log_path(self, spec: ModelSpec):
-        return self.config.log_dir / f"worker-{slug(spec.id)}.log"
+    def log_paths(self, model_id: str) -> tuple[Path, Path]:
+        """The worker's own log (rotated by size) and its raw stdout/stderr (tracebacks,
+        C-level output), like supervisord's stdout and stderr logs."""
+        base = self.config.log_dir / f"worker-{slug(model_id)}"
+        return base.with_suffix(".log"), Path(f"{base}.stderr.log")
 
     async def _run_process(self, slot: Slot, worker: Worker) -> None:
         """Start the process and reap it: the one place a worker's exit is handled."""
         pidfile = PidFile(self._pid_dir, slug(worker.spec.id))
         try:
-            worker.proc = await spawn(self._argv(worker), log_path=self._log_path(worker.spec),
+            log_file, stderr_file = self.log_paths(worker.spec.id)
+            rotate(stderr_file, self.config.supervisor.log_max_bytes,
+                   self.config.supervisor.log_backups)
+            worker.proc = await spawn(self._argv(worker), log_path=stderr_file,
                                       env=worker_environment(self.config, worker.spec),
                                       cwd=self.config.run_dir)
         except Exception as exc:  # bad env, missing interpreter: a failed start, not a hang
@@ -356,7 +371,7 @@ class Supervisor:
             signal_group(worker.pid, signal.SIGTERM)
         code = await worker.proc.wait()
         pidfile.remove()
-        self._on_exit(slot, worker, code, last_log_line(self._log_path(worker.spec)))
+        self._on_exit(slot, worker, code, last_log_line(*self.log_paths(worker.spec.id)))
 
     def _on_exit(self, slot: Slot, worker: Worker, code: int | None, last_line: str) -> None:
         now = time.monotonic()
@@ -478,6 +493,7 @@ class Supervisor:
         log.info("worker ready model=%s pid=%s load_s=%.2f memory_mb=%.0f", worker.spec.id,
                  worker.pid, msg.load_s, msg.memory_bytes / 2**20)
         self.on_event("ready", worker.spec.id, "")
+        self.on_loaded(worker.spec.id, msg.load_s)
         self._grant(slot)
         self._wake()
 
@@ -490,6 +506,20 @@ class Supervisor:
         slot.want_start = True
         self._wake()
         return slot
+
+    async def start_and_wait(self, spec: ModelSpec, timeout: float) -> State:
+        """ctl start: load now (clearing FATAL / BACKOFF); raise if the load fails."""
+        slot = self.request_start(spec)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if slot.state is State.RUNNING:
+                return State.RUNNING
+            if slot.fatal_reason or (slot.worker is None and slot.failures):
+                raise ModelLoadFailed(f"model '{spec.id}' failed to start: {slot.last_error}")
+            if slot.worker is None and not slot.want_start and not slot.waiters:
+                raise NoMemory(f"model '{spec.id}' could not be started: {slot.last_error}")
+            await asyncio.sleep(0.05)
+        raise Timeout(f"model '{spec.id}' did not become ready in {timeout:.0f}s")
 
     async def stop(self, model_id: str, reason: str = "requested") -> bool:
         """Drain and stop a model's worker; True if there was one."""
@@ -544,7 +574,10 @@ class Supervisor:
                 cost_bytes=w.cost_bytes if w else None,
                 load_s=w.ready_msg.load_s if w and w.ready_msg else None,
                 restarts=slot.restarts,
-                reason=slot.fatal_reason or slot.last_error or (w.stop_reason if w else "")))
+                reason=slot.fatal_reason or slot.last_error or (w.stop_reason if w else ""),
+                mlx_active_bytes=w.stats.mlx_active_bytes if w and w.stats else None,
+                mlx_cache_bytes=w.stats.mlx_cache_bytes if w and w.stats else None,
+                mlx_peak_bytes=w.stats.mlx_peak_bytes if w and w.stats else None))
         return out
 
     def state_of(self, model_id: str) -> State:

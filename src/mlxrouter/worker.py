@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import logging
+import logging.handlers
 import os
 import queue
 import signal
@@ -240,10 +241,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", required=True, help="the ModelSpec as JSON")
     parser.add_argument("--memory-limit", type=int, default=0,
                         help="bytes the supervisor budgeted for this worker")
+    parser.add_argument("--log-file", help="the worker's log (stderr when not given)")
+    parser.add_argument("--log-max-bytes", type=int, default=10 * 2**20)
+    parser.add_argument("--log-backups", type=int, default=3)
+    parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr,
-        format=f"%(asctime)s %(levelname)s worker:{args.identity.split('/')[0]} %(message)s")
+    handler: logging.Handler = (
+        logging.handlers.RotatingFileHandler(args.log_file, maxBytes=args.log_max_bytes,
+                                             backupCount=args.log_backups)
+        if args.log_file else logging.StreamHandler(sys.stderr))
+    handler.setFormatter(logging.Formatter(
+        f"%(asctime)s %(levelname)s worker:{args.identity.split('/')[0]} %(message)s"))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     code = Worker(args).run()
     logging.shutdown()
     os._exit(code)

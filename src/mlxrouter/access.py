@@ -1,0 +1,130 @@
+"""Who may call what, and which request a log line is about: ASGI middleware of the gateway.
+
+Runs in the daemon; imports no mlx. API keys (`Authorization: Bearer`, constant-time compare)
+guard /v1/* and /metrics when configured; /health stays open. /admin/* needs the admin key when
+one is set, else answers loopback clients only. Every request gets an id (the client's
+`X-Request-ID` if sane, else a new one) that is echoed back and stamped on every log line
+written while handling it. Keys never reach a log.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hmac
+import ipaddress
+import logging
+import re
+import secrets
+from typing import Any
+
+import msgspec
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import Forbidden, RouterError, Unauthorized, error_body, error_headers
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+_SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_OPEN_PATHS = ("/health",)
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds `request_id` to every record (for the `%(request_id)s` format field)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id.get()
+        return True
+
+
+def _is_loopback(host: str | None) -> bool:
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _bearer(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else None
+    return None
+
+
+def _matches(token: str | None, keys: list[str]) -> bool:
+    if token is None:
+        return False
+    found = False
+    for key in keys:  # compare against every key: timing says nothing about which matched
+        found |= hmac.compare_digest(token.encode(), key.encode())
+    return found
+
+
+def check_access(scope: Scope, api_keys: list[str], admin_key: str | None) -> None:
+    path: str = scope["path"]
+    if path in _OPEN_PATHS:
+        return
+    token = _bearer(scope)
+    if path.startswith("/admin"):
+        if admin_key:
+            if not _matches(token, [admin_key]):
+                raise Unauthorized("a valid admin key is required for /admin")
+        elif not _is_loopback((scope.get("client") or (None,))[0]):
+            raise Forbidden("/admin is only reachable from this machine unless an admin key "
+                            "is configured")
+        return
+    if api_keys and not _matches(token, api_keys):
+        raise Unauthorized("Incorrect API key provided" if token else
+                           "Missing API key: send 'Authorization: Bearer <key>'")
+
+
+class AccessMiddleware:
+    """Keys are read from the live config on every request, so a reload applies at once."""
+
+    def __init__(self, app: ASGIApp, state: Any) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = _client_request_id(scope) or f"req-{secrets.token_hex(8)}"
+        token = request_id.set(rid)
+        try:
+            try:
+                server = self.state.config.server
+                check_access(scope, server.api_keys, server.admin_key)
+            except RouterError as exc:
+                return await _send_error(send, exc, rid)
+            await self.app(scope, receive, _with_request_id(send, rid))
+        finally:
+            request_id.reset(token)
+
+
+def _client_request_id(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            text = value.decode("latin-1").strip()
+            return text if _SANE_ID.match(text) else None
+    return None
+
+
+def _with_request_id(send: Send, rid: str) -> Send:
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()),
+                                              (b"x-request-id", rid.encode())]}
+        await send(message)
+
+    return wrapped
+
+
+async def _send_error(send: Send, exc: RouterError, rid: str) -> None:
+    body = msgspec.json.encode(error_body(exc))
+    headers = [(b"content-type", b"application/json"), (b"x-request-id", rid.encode()),
+               (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error_headers(exc).items()]
+    if exc.status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

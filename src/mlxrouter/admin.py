@@ -1,0 +1,163 @@
+"""The admin API behind `mlxrouter ctl`: status, start / stop / restart, logs, reload, shutdown.
+
+Daemon side; imports no mlx. Reachable from loopback only unless an admin key is configured
+(see `access`). Like everything else it asks the supervisor to act and never changes worker
+state itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from . import __version__
+from .errors import InvalidRequest, ModelNotFound
+from .runtime import app_state, json_response
+from .states import State, WorkerStatus
+
+LOG_CHUNK_BYTES = 64 * 1024
+
+
+class DaemonInfo(msgspec.Struct):
+    pid: int
+    version: str
+    boot_id: str
+    uptime_s: float
+    in_flight: int
+    shutting_down: bool
+
+
+class StatusBody(msgspec.Struct):
+    daemon: DaemonInfo
+    workers: list[WorkerStatus]
+
+
+class LogChunk(msgspec.Struct):
+    model: str
+    path: str
+    offset: int
+    text: str
+
+
+class ActionResult(msgspec.Struct):
+    model: str
+    state: str
+    message: str = ""
+
+
+def _statuses(request: Request) -> list[WorkerStatus]:
+    """Every model the daemon knows, loaded or not (not loaded = STOPPED)."""
+    state = app_state(request)
+    sup = state.supervisor
+    known = {s.model: s for s in sup.status()}
+    for model_id in sup.catalog.ids():
+        known.setdefault(model_id, WorkerStatus(
+            model=model_id, state=State.STOPPED.value, pid=None, uptime_s=None, in_flight=0,
+            waiting=0, memory_bytes=None, cost_bytes=None, load_s=None, restarts=0, reason=""))
+    return sorted(known.values(), key=lambda s: s.model)
+
+
+async def status(request: Request) -> Response:
+    state = app_state(request)
+    info = DaemonInfo(pid=os.getpid(), version=__version__, boot_id=state.supervisor.boot_id,
+                      uptime_s=round(time.time() - state.started_at, 1),
+                      in_flight=state.broker.in_flight, shutting_down=state.shutting_down)
+    return json_response(StatusBody(info, _statuses(request)))
+
+
+def _model(request: Request) -> str:
+    model_id = request.path_params["model_id"]
+    if not app_state(request).supervisor.catalog.knows(model_id):
+        raise ModelNotFound(f"no such model: '{model_id}'", param="model")
+    return model_id
+
+
+async def start(request: Request) -> Response:
+    state = app_state(request)
+    model_id = _model(request)
+    timeout = state.config.supervisor.load_timeout_s + 5
+    final = await state.supervisor.start_and_wait(state.supervisor.spec(model_id), timeout)
+    return json_response(ActionResult(model_id, final.value))
+
+
+async def stop(request: Request) -> Response:
+    state = app_state(request)
+    model_id = _model(request)
+    was_running = await state.supervisor.stop(model_id, reason="ctl stop")
+    return json_response(ActionResult(model_id, state.supervisor.state_of(model_id).value,
+                                      "stopped" if was_running else "not running"))
+
+
+async def restart(request: Request) -> Response:
+    state = app_state(request)
+    model_id = _model(request)
+    await state.supervisor.stop(model_id, reason="ctl restart")
+    timeout = state.config.supervisor.load_timeout_s + 5
+    final = await state.supervisor.start_and_wait(state.supervisor.spec(model_id), timeout)
+    return json_response(ActionResult(model_id, final.value, "restarted"))
+
+
+async def logs(request: Request) -> Response:
+    """A chunk of a worker's log from `offset` (or its last `tail` bytes): what `ctl tail`
+    prints, and polls with the returned offset for `-f`."""
+    state = app_state(request)
+    model_id = _model(request)
+    main_log, stderr_log = state.supervisor.log_paths(model_id)
+    path = stderr_log if request.query_params.get("stream") == "stderr" else main_log
+    try:
+        offset = int(request.query_params.get("offset", "-1"))
+        tail = int(request.query_params.get("tail", "1600"))
+    except ValueError:
+        raise InvalidRequest("offset and tail must be integers", param="offset") from None
+    text, end = await asyncio.to_thread(_read_log, path, offset, tail)
+    return json_response(LogChunk(model_id, str(path), end, text))
+
+
+def _read_log(path, offset: int, tail: int) -> tuple[str, int]:
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return "", 0
+    if offset < 0 or offset > size:  # first call, or the log was rotated under us
+        offset = max(0, size - tail) if offset < 0 else 0
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(LOG_CHUNK_BYTES)
+    return data.decode(errors="replace"), offset + len(data)
+
+
+async def reload(request: Request) -> Response:
+    state = app_state(request)
+    if state.reload is None:
+        raise InvalidRequest("this daemon cannot reload its configuration")
+    ok, message = state.reload()
+    if not ok:
+        raise InvalidRequest(message)
+    return json_response({"status": "ok", "message": message})
+
+
+async def shutdown(request: Request) -> Response:
+    state = app_state(request)
+    if state.shutdown is not None:
+        asyncio.get_running_loop().call_soon(state.shutdown)
+    return json_response({"status": "shutting down", "pid": os.getpid()}, 202)
+
+
+def admin_routes() -> list[Route]:
+    model = "/admin/models/{model_id:path}"
+    return [
+        Route("/admin/status", status, methods=["GET"]),
+        Route(f"{model}/start", start, methods=["POST"]),
+        Route(f"{model}/stop", stop, methods=["POST"]),
+        Route(f"{model}/restart", restart, methods=["POST"]),
+        Route(f"{model}/log", logs, methods=["GET"]),
+        Route("/admin/reload", reload, methods=["POST"]),
+        Route("/admin/shutdown", shutdown, methods=["POST"]),
+    ]
+

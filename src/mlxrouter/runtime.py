@@ -1,0 +1,44 @@
+"""What the daemon's route handlers share: the live config and the components they talk to.
+
+Daemon side; imports no mlx. One instance per daemon, kept in `app.state.router` (lifespan state,
+not a global).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .broker import Broker
+from .config import Config
+from .metrics import Metrics
+from .supervisor import Supervisor
+
+_json = msgspec.json.Encoder()
+
+
+@dataclass
+class AppState:
+    config: Config
+    broker: Broker
+    supervisor: Supervisor
+    metrics: Metrics | None = None
+    reload: Callable[[], tuple[bool, str]] | None = None
+    shutdown: Callable[[], None] | None = None
+    started_at: float = field(default_factory=time.time)
+    shutting_down: bool = False
+
+
+def json_response(payload: object, status: int = 200,
+                  headers: dict[str, str] | None = None) -> Response:
+    return Response(_json.encode(payload), status_code=status, headers=headers,
+                    media_type="application/json")
+
+
+def app_state(request: Request) -> AppState:
+    return request.app.state.router

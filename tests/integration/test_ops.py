@@ -1,0 +1,220 @@
+"""Operations against a real daemon: `mlxrouter ctl`, the admin API, API keys, request ids in
+logs, log rotation and Prometheus metrics."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import wait_for
+
+MESSAGES = [{"role": "user", "content": "Say something."}]
+
+
+def ctl(daemon, *args: str, key: str | None = None) -> subprocess.CompletedProcess:
+    extra = ["--admin-key", key] if key else []
+    return subprocess.run(
+        [sys.executable, "-m", "mlxrouter", "ctl", "--config",
+         str(daemon.root / "supervisor.toml"), *extra, *args],
+        capture_output=True, text=True, timeout=60)
+
+
+def chat(daemon, model: str = "tiny", **headers) -> int:
+    return daemon.http.post("/v1/chat/completions", headers=headers, json={
+        "model": model, "messages": MESSAGES, "max_tokens": 2}).status_code
+
+
+def test_ctl_status_start_stop_restart_pid_and_exit_codes(start_daemon, tiny_model):
+    daemon = start_daemon({"tiny": {"path": str(tiny_model)}, "other": {"path": str(tiny_model)}})
+    out = ctl(daemon, "status")
+    assert out.returncode == 0
+    lines = {ln.split()[0]: ln for ln in out.stdout.splitlines()}
+    assert lines["tiny"].split()[1] == "STOPPED" and lines["other"].split()[1] == "STOPPED"
+    assert ctl(daemon, "status", "tiny").returncode == 3  # not running
+
+    started = ctl(daemon, "start", "tiny")
+    assert started.returncode == 0, started.stderr
+    pid = daemon.worker_pid("tiny")
+    assert psutil.pid_exists(pid)
+    line = ctl(daemon, "status", "tiny")
+    assert line.returncode == 0
+    assert f"RUNNING   pid {pid}, uptime 0:00:0" in line.stdout
+    assert "in-flight 0, restarts 0" in line.stdout
+    as_json = json.loads(ctl(daemon, "status", "--json").stdout)
+    assert {w["model"]: w["state"] for w in as_json} == {"other": "STOPPED", "tiny": "RUNNING"}
+    assert ctl(daemon, "pid", "tiny").stdout.strip() == str(pid)
+    assert ctl(daemon, "pid").stdout.strip() == str(daemon.proc.pid)
+
+    assert ctl(daemon, "restart", "tiny").returncode == 0
+    new_pid = daemon.worker_pid("tiny")
+    assert new_pid != pid
+    wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie",
+             10, "the old worker to exit")
+    assert ctl(daemon, "stop", "all").returncode == 0
+    wait_for(lambda: not daemon.worker_processes(), 10, "workers to stop")
+    assert daemon.workers()["tiny"]["state"] == "STOPPED"
+
+    unknown = ctl(daemon, "status", "nope")
+    assert unknown.returncode == 4 and "no such model" in unknown.stdout
+    assert ctl(daemon, "start", "nope").returncode == 4
+
+
+def test_ctl_stop_drains_the_request_in_flight(start_daemon, tiny_model):
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "preload": True,
+                                    "fault": {"delay_per_token_s": 0.03}}})
+    daemon.wait_worker("tiny")
+    stream = iter(daemon.openai().chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=40, stream=True))
+    next(stream)
+    stopper = subprocess.Popen([sys.executable, "-m", "mlxrouter", "ctl", "--config",
+                                str(daemon.root / "supervisor.toml"), "stop", "tiny"],
+                               stdout=subprocess.PIPE, text=True)
+    wait_for(lambda: daemon.workers()["tiny"]["state"] == "DRAINING", 10, "DRAINING")
+    rest = list(stream)
+    assert [c.choices[0].finish_reason for c in rest if c.choices][-1] == "length"
+    assert stopper.wait(30) == 0
+
+
+def test_ctl_tail_follow_shows_new_lines(start_daemon):
+    daemon = start_daemon()
+    assert chat(daemon) == 200
+    tail = subprocess.Popen([sys.executable, "-m", "mlxrouter", "ctl", "--config",
+                             str(daemon.root / "supervisor.toml"), "tail", "-f", "tiny"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        first = tail.stdout.readline()
+        assert "worker:tiny" in first
+        assert chat(daemon, **{"X-Request-ID": "tail-me-123"}) == 200
+        deadline = time.monotonic() + 20
+        seen = ""
+        while "tail-me-123" not in seen and time.monotonic() < deadline:
+            seen += tail.stdout.readline()
+        assert "request started request_id=tail-me-123" in seen
+    finally:
+        tail.send_signal(signal.SIGINT)
+        tail.wait(10)
+    stderr = ctl(daemon, "tail", "--stderr", "tiny")
+    assert stderr.returncode == 0
+
+
+def test_ctl_reload_adds_and_removes_a_model(start_daemon, tiny_model):
+    daemon = start_daemon()
+    workers = daemon.root / "workers"
+    (workers / "second.toml").write_text(f'path = "{tiny_model}"\n')
+    out = ctl(daemon, "reload")
+    assert out.returncode == 0 and "reloaded" in out.stdout
+    assert chat(daemon, "second") == 200
+    (workers / "second.toml").unlink()
+    assert ctl(daemon, "reload").returncode == 0
+    assert chat(daemon, "second") == 404
+    (workers / "bad.toml").write_text("max_tokens = 'many'\n")
+    failed = ctl(daemon, "reload")
+    assert failed.returncode == 1 and "bad.toml" in failed.stderr
+    assert chat(daemon) == 200
+
+
+def test_ctl_shutdown_and_unreachable_daemon(start_daemon):
+    daemon = start_daemon()
+    assert ctl(daemon, "shutdown").returncode == 0
+    assert daemon.proc.wait(30) == 0
+    gone = ctl(daemon, "status")
+    assert gone.returncode == 7
+    assert "not running" in gone.stderr
+
+
+def test_api_keys_guard_the_api_but_not_health(start_daemon):
+    daemon = start_daemon(server={"api_keys": ["sk-local-1", "sk-local-2"]})
+    assert daemon.http.get("/health").status_code == 200
+    denied = daemon.http.post("/v1/chat/completions", json={"model": "tiny",
+                                                           "messages": MESSAGES})
+    assert denied.status_code == 401
+    assert denied.json()["error"]["type"] == "authentication_error"
+    assert daemon.http.get("/v1/models",
+                           headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert daemon.http.get("/metrics").status_code == 401
+    assert chat(daemon, Authorization="Bearer sk-local-2") == 200
+    import openai
+
+    ok = openai.OpenAI(base_url=f"{daemon.base_url}/v1", api_key="sk-local-1", max_retries=0)
+    assert ok.models.list().data
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{daemon.base_url}/v1", api_key="nope",
+                      max_retries=0).models.list()
+    assert "sk-local" not in daemon.output()
+
+
+def test_admin_key_guards_the_admin_api(start_daemon):
+    daemon = start_daemon(server={"admin_key": "adm-secret"})
+    assert daemon.http.get("/admin/status").status_code == 401
+    assert ctl(daemon, "status", key="wrong").returncode == 1
+    assert ctl(daemon, "status", key="adm-secret").returncode == 0
+    assert ctl(daemon, "status").returncode == 0  # read from the config file
+    assert daemon.http.get("/admin/status", headers={
+        "Authorization": "Bearer adm-secret"}).json()["daemon"]["pid"] == daemon.proc.pid
+
+
+def test_request_ids_are_echoed_and_logged_by_daemon_and_worker(start_daemon, tiny_model):
+    daemon = start_daemon({"tiny": {"path": str(tiny_model)}, "broken": {"path": "/nonexistent"}})
+    resp = daemon.http.post("/v1/chat/completions", headers={"X-Request-ID": "abc-42"},
+                            json={"model": "broken", "messages": MESSAGES})
+    assert resp.headers["x-request-id"] == "abc-42"
+    assert resp.status_code == 503
+    assert "[abc-42]" in daemon.output()
+    generated = daemon.http.post("/v1/chat/completions", json={
+        "model": "tiny", "messages": MESSAGES, "max_tokens": 1})
+    rid = generated.headers["x-request-id"]
+    assert rid.startswith("req-")
+    assert f"request_id={rid}" in daemon.worker_log("tiny")
+
+
+def test_logs_rotate_at_the_configured_size(start_daemon, tiny_model):
+    daemon = start_daemon(supervisor={"log_max_bytes": 1500, "log_backups": 2})
+    for _ in range(12):
+        assert chat(daemon) == 200
+    logs = daemon.log_dir
+    assert (logs / "worker-tiny.log.1").exists()
+    assert not (logs / "worker-tiny.log.3").exists()
+    assert (logs / "worker-tiny.log").stat().st_size <= 1500
+    assert (logs / "daemon.log.1").exists()
+
+
+def _samples(daemon) -> dict[tuple[str, tuple], float]:
+    text = daemon.http.get("/metrics").text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_metrics_move_with_real_requests_and_count_restarts(start_daemon):
+    daemon = start_daemon()
+    for stream in (False, True):
+        resp = daemon.openai().chat.completions.create(model="tiny", messages=MESSAGES,
+                                                       max_tokens=4, stream=stream)
+        if stream:
+            list(resp)
+    assert chat(daemon, "no-such-model") == 404
+    m = _samples(daemon)
+    assert m[("mlxrouter_requests_total",
+              (("endpoint", "chat.completions"), ("model", "tiny"), ("status", "200")))] == 2
+    assert m[("mlxrouter_requests_total",
+              (("endpoint", "chat.completions"), ("model", ""), ("status", "404")))] == 1
+    assert m[("mlxrouter_generated_tokens_total", (("model", "tiny"),))] == 8
+    assert m[("mlxrouter_time_to_first_token_seconds_count", (("model", "tiny"),))] == 2
+    assert m[("mlxrouter_inter_token_latency_seconds_count", (("model", "tiny"),))] >= 1
+    assert m[("mlxrouter_queue_time_seconds_count", (("model", "tiny"),))] == 2
+    assert m[("mlxrouter_model_load_duration_seconds_count", (("model", "tiny"),))] == 1
+    assert m[("mlxrouter_worker_state", (("model", "tiny"), ("state", "RUNNING")))] == 1
+    assert m[("mlxrouter_memory_budget_bytes", ())] > 0
+    assert m[("mlxrouter_worker_memory_bytes", (("model", "tiny"),))] > 0
+    assert all(name.startswith("mlxrouter_") for name, _ in m)
+
+    psutil.Process(daemon.worker_pid("tiny")).kill()
+    wait_for(lambda: _samples(daemon).get(
+        ("mlxrouter_worker_restarts_total", (("model", "tiny"), ("reason", "signal 9")))) == 1,
+        10, "the restart to be counted")
