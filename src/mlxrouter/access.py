@@ -25,7 +25,7 @@ from .errors import Forbidden, RouterError, Unauthorized, error_body, error_head
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-_OPEN_PATHS = ("/health",)
+_OPEN_PATHS = ("/health", "/openapi.json")
 
 
 class RequestIdFilter(logging.Filter):

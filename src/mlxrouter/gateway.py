@@ -34,6 +34,7 @@ from .schemas import (AssistantMessage, ChatCompletion, ChatCompletionChunk,
                       ModelObject, PromptTokensDetails, Usage, check_supported, decode_body,
                       message_dicts)
 from .admin import admin_routes
+from .openapi import openapi_document
 from .runtime import AppState, app_state, json_response
 from .streaming import SSE_DONE, SSE_HEADERS, SSE_KEEPALIVE, encode_sse, encode_sse_error
 
@@ -371,6 +372,10 @@ async def metrics_text(request: Request) -> Response:
     return Response(body, media_type=content_type)
 
 
+async def openapi_json(request: Request) -> Response:
+    return json_response(openapi_document())
+
+
 async def health(request: Request) -> Response:
     state = app_state(request)
     status = "shutting_down" if state.shutting_down else "ok"
@@ -396,6 +401,7 @@ def build_app(state: AppState) -> Starlette:
         Route("/health", health, methods=["GET"]),
         Route("/v1/health", health_detail, methods=["GET"]),
         Route("/metrics", metrics_text, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
     ]
     app = Starlette(routes=routes + admin_routes(), exception_handlers={
         RouterError: on_router_error,

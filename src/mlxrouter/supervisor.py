@@ -382,8 +382,9 @@ class Supervisor:
         worker.state = State.STOPPED if expected else State.EXITED
         self._last_reap = now
         if expected:
-            log.info("worker stopped model=%s pid=%s %s reason=%s", model, worker.pid, how,
-                     worker.stop_reason)
+            log.info("worker stopped model=%s pid=%s %s reason=%s uptime_s=%.1f "
+                     "peak_memory_mb=%.0f", model, worker.pid, how, worker.stop_reason,
+                     now - worker.spawned_at, worker.peak_bytes / 2**20)
         else:
             log.warning("worker exited model=%s pid=%s %s last_line=%r", model, worker.pid,
                         how, last_line)

@@ -218,3 +218,31 @@ def test_metrics_move_with_real_requests_and_count_restarts(start_daemon):
     wait_for(lambda: _samples(daemon).get(
         ("mlxrouter_worker_restarts_total", (("model", "tiny"), ("reason", "signal 9")))) == 1,
         10, "the restart to be counted")
+
+
+def test_openapi_documents_every_route_including_admin(start_daemon):
+    from openapi_spec_validator import validate
+
+    daemon = start_daemon(server={"api_keys": ["k"]})
+    resp = daemon.http.get("/openapi.json")  # open, like /health
+    assert resp.status_code == 200
+    doc = resp.json()
+    validate(doc)
+    documented = set(doc["paths"])
+    served = {r.path for r in daemon_app_routes()}
+    for path in served:
+        assert path.replace("{model_id:path}", "{model_id}") in documented, path
+    admin = doc["paths"]["/admin/models/{model_id}/stop"]["post"]
+    assert admin["tags"] == ["admin"]
+    assert "$ref" in doc["paths"]["/v1/chat/completions"]["post"]["requestBody"][
+        "content"]["application/json"]["schema"]
+
+
+def daemon_app_routes():
+    """The routes the real app serves (built without starting anything)."""
+    from mlxrouter.gateway import build_app
+
+    class _State:
+        config = None
+
+    return build_app(_State()).routes
