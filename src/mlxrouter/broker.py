@@ -238,7 +238,7 @@ class Broker:
                     self._finish(stream, msg, None)
             case protocol.Error():
                 if (stream := self._stream_of(identity, msg.rid)) is not None:
-                    self._finish(stream, None, from_code(msg.code, msg.message))
+                    self._finish(stream, None, from_code(msg.code, msg.message, msg.param))
             case _:
                 self._on_worker(identity, msg)
 

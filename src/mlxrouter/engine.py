@@ -23,7 +23,8 @@ import mlx.core as mx
 import msgspec
 from mlx_lm import load as mlx_load
 from mlx_lm.generate import BatchGenerator
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler
+from mlx_lm.sample_utils import (apply_min_p, apply_top_k, apply_top_p, greedy_sampler,
+                                 make_logits_processors)
 
 from . import protocol
 from .chat import StopText, render_chat, render_completion
@@ -155,7 +156,8 @@ class TextEngine:
         try:
             self._admit(req)
         except RouterError as exc:
-            self.emit(protocol.Error(rid=req.rid, code=exc.code, message=exc.message))
+            self.emit(protocol.Error(rid=req.rid, code=exc.code, message=exc.message,
+                                     param=exc.param))
         except Exception as exc:  # template, tokenizer, sampler setup: the request's fault
             log.warning("request rejected request_id=%s rid=%d: %r", req.request_id or "-",
                         req.rid, exc)
@@ -180,12 +182,25 @@ class TextEngine:
         if sampling.top_k >= self.vocab_size:  # keeps every token: the same as no top-k
             sampling = msgspec.structs.replace(sampling, top_k=0)
         (uid,) = self.gen.insert([prompt], max_tokens=[max_tokens],
-                                 samplers=[make_sampler(sampling)])
+                                 samplers=[make_sampler(sampling)],
+                                 logits_processors=[self._processors(sampling, max_tokens)])
         self._seqs[uid] = Sequence(req, uid, self.tokenizer.detokenizer, len(prompt))
         self._uid_of[req.rid] = uid
         log.info("request started request_id=%s rid=%d prompt_tokens=%d max_tokens=%d",
                  req.request_id or "-", req.rid, len(prompt), max_tokens)
         self.emit(protocol.Started(rid=req.rid, prompt_tokens=len(prompt)))
+
+    def _processors(self, p: protocol.SamplingParams, max_tokens: int) -> list:
+        """mlx-lm's logits processors; OpenAI's penalties look at everything generated."""
+        bad = [t for t in p.logit_bias if t >= self.vocab_size]
+        if bad:
+            raise InvalidRequest(f"logit_bias token ids {bad} are outside the vocabulary "
+                                 f"({self.vocab_size} tokens)", param="logit_bias")
+        return make_logits_processors(
+            logit_bias=p.logit_bias or None,
+            repetition_penalty=p.repetition_penalty if p.repetition_penalty != 1.0 else None,
+            presence_penalty=p.presence_penalty or None, presence_context_size=max_tokens,
+            frequency_penalty=p.frequency_penalty or None, frequency_context_size=max_tokens)
 
     def cancel(self, rid: int) -> None:
         uid = self._uid_of.get(rid)

@@ -111,9 +111,9 @@ _BY_CODE: dict[str, type[RouterError]] = {
 }
 
 
-def from_code(code: str, message: str) -> RouterError:
+def from_code(code: str, message: str, param: str | None = None) -> RouterError:
     """The gateway-side exception for an Error a worker sent."""
-    return _BY_CODE.get(code, RouterError)(message)
+    return _BY_CODE.get(code, RouterError)(message, param=param)
 
 
 class ErrorDetail(msgspec.Struct):

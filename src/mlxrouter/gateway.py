@@ -106,6 +106,10 @@ def sampling_for(req: ChatCompletionRequest, spec: ModelSpec,
         min_p=spec.min_p if req.min_p is None else req.min_p,
         seed=req.seed,
         stop=req.stop_list,
+        repetition_penalty=req.repetition_penalty or 1.0,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
     )
 
 

@@ -63,6 +63,11 @@ class SamplingParams(msgspec.Struct, omit_defaults=True):
     min_p: float = 0.0
     seed: int | None = None
     stop: list[str] = []
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # token id -> additive bias, as OpenAI's logit_bias (keys already checked to be ints)
+    logit_bias: dict[int, float] = {}
 
 
 class Request(_Msg, tag="request"):
@@ -109,6 +114,7 @@ class Error(_Msg, tag="error"):
     rid: int
     code: str
     message: str
+    param: str | None = None
 
 
 Message = Hello | Progress | Ready | Stats | Request | Cancel | Started | Step | End | Error

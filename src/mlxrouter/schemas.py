@@ -64,10 +64,6 @@ _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "response_format": None,
     "logprobs": None,
     "top_logprobs": None,
-    "logit_bias": None,
-    "presence_penalty": None,
-    "frequency_penalty": None,
-    "repetition_penalty": None,
     "reasoning_effort": None,
     "chat_template_kwargs": None,
     "audio": None,
@@ -78,10 +74,6 @@ _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
 # Values of those parameters that are equivalent to leaving them out.
 _HARMLESS: dict[str, tuple[Any, ...]] = {
     "logprobs": (False,),
-    "presence_penalty": (0, 0.0),
-    "frequency_penalty": (0, 0.0),
-    "repetition_penalty": (1, 1.0),
-    "logit_bias": ({},),
     "tools": ([],),
     "tool_choice": ("none",),
     "parallel_tool_calls": (True, False),
@@ -102,6 +94,11 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     stop: str | Annotated[list[str], msgspec.Meta(max_length=16)] | None = None
     seed: Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)] | None = None
     n: PosInt = 1
+    presence_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] = 0.0
+    frequency_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] = 0.0
+    # Not OpenAI's; mlx-lm's multiplicative penalty over the last 20 tokens (1 = off).
+    repetition_penalty: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    logit_bias: dict[str, Annotated[float, msgspec.Meta(ge=-100, le=100)]] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -114,10 +111,6 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     response_format: Any = None
     logprobs: Any = None
     top_logprobs: Any = None
-    logit_bias: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-    repetition_penalty: Any = None
     reasoning_effort: Any = None
     chat_template_kwargs: Any = None
     audio: Any = None
@@ -145,6 +138,10 @@ def check_supported(req: ChatCompletionRequest) -> None:
                              param=name)
     if req.n != 1:
         raise InvalidRequest("only n=1 is supported by this server yet", param="n")
+    for key in req.logit_bias or {}:
+        if not key.lstrip("-").isdigit() or int(key) < 0:
+            raise InvalidRequest(f"logit_bias keys must be token ids, got {key!r}",
+                                 param="logit_bias")
     if any(s == "" for s in req.stop_list):
         raise InvalidRequest("stop strings must not be empty", param="stop")
     for i, msg in enumerate(req.messages):

@@ -151,8 +151,8 @@ def test_unknown_model_is_a_404_in_openai_shape(daemon):
     ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": 3},
      "temperature"),
     ({"messages": [{"role": "user", "content": "x"}]}, "model"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"1": 5}},
-     "logit_bias"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": [
+        {"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
 ])
 def test_invalid_fields_are_400s_that_name_the_field(daemon, body, param):
@@ -237,3 +237,28 @@ def test_health_endpoints(daemon):
     assert worker["model"] == "tiny" and worker["state"] == "RUNNING"
     assert worker["pid"] > 0 and worker["memory_bytes"] > 0
     assert detail["memory"]["total_bytes"] > 0
+
+
+def test_logit_bias_forces_a_token(daemon, tokenizer):
+    token = tokenizer.encode("Paris", add_special_tokens=False)[0]
+    resp = daemon.openai().chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=5, temperature=0,
+        logit_bias={str(token): 100})
+    assert resp.choices[0].message.content == tokenizer.decode([token]) * 5
+    bad = daemon.http.post("/v1/chat/completions", json={
+        "model": "tiny", "messages": MESSAGES, "logit_bias": {"999999": 5}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "logit_bias"
+
+
+def test_penalties_change_what_is_generated(daemon, tokenizer):
+    client = daemon.openai()
+
+    def distinct(**kw) -> int:
+        text = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=24,
+                                              temperature=0, **kw).choices[0].message.content
+        return len(set(tokenizer.encode(text, add_special_tokens=False)))
+
+    plain = distinct()
+    assert distinct(frequency_penalty=2.0) > plain
+    assert distinct(presence_penalty=2.0) > plain
+    assert distinct(extra_body={"repetition_penalty": 5.0}) > plain

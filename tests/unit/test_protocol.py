@@ -97,7 +97,7 @@ def test_unknown_fields_in_nested_structs_are_ignored() -> None:
     assert decode(raw) == Step(deltas=[Delta(rid=1, content="a", tokens=1)])
     raw = msgspec.msgpack.encode({
         "t": "request", "rid": 1, "prompt": "x",
-        "sampling": {"max_tokens": 3, "repetition_penalty": 1.1},
+        "sampling": {"max_tokens": 3, "dry_multiplier": 1.1},
     })
     assert decode(raw) == Request(rid=1, sampling=SamplingParams(max_tokens=3), prompt="x")
 

@@ -154,12 +154,8 @@ def test_every_openai_role_is_accepted(role: str) -> None:
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
      "response_format"),
-    ({"logit_bias": {"50256": -100}}, "logit_bias"),
     ({"logprobs": True}, "logprobs"),
     ({"top_logprobs": 3}, "top_logprobs"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
-    ({"frequency_penalty": -1.0}, "frequency_penalty"),
-    ({"repetition_penalty": 1.2}, "repetition_penalty"),
     ({"reasoning_effort": "high"}, "reasoning_effort"),
     ({"chat_template_kwargs": {"enable_thinking": False}}, "chat_template_kwargs"),
     ({"audio": {"voice": "alloy"}}, "audio"),
@@ -356,3 +352,27 @@ def test_context_length_exceeded_is_an_invalid_request() -> None:
     payload = json.loads(msgspec.json.encode(error_body(exc)))
     assert payload["error"]["code"] == "context_length_exceeded"
     assert payload["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("fields", [
+    {"logit_bias": {"50256": -100}}, {"presence_penalty": 0.5}, {"frequency_penalty": -1.0},
+    {"repetition_penalty": 1.2},
+])
+def test_penalties_and_logit_bias_are_honoured_parameters(fields):
+    req = decode_body(json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                  **fields}).encode(), ChatCompletionRequest)
+    check_supported(req)
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 500}}, "logit_bias[...]"),
+    ({"presence_penalty": 3}, "presence_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+])
+def test_bad_penalties_and_logit_bias_name_the_field(fields, param):
+    with pytest.raises(InvalidRequest) as info:
+        req = decode_body(json.dumps({"model": "m", "messages": [
+            {"role": "user", "content": "x"}], **fields}).encode(), ChatCompletionRequest)
+        check_supported(req)
+    assert info.value.param == param
