@@ -54,6 +54,9 @@ class ServerConfig(_Section):
     admin_key: str | None = None
     # Log at DEBUG level (--log-level overrides).
     debug: bool = False
+    # Browser origins allowed to call the API (CORS), e.g. ["http://localhost:3000"] or ["*"];
+    # empty = no CORS headers. Takes effect at start (not on reload).
+    cors_origins: list[str] = []
 
 
 class SupervisorConfig(_Section):
@@ -202,7 +205,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
 # Keys of the seed project's config.json, by section, that this version accepts with a warning
 # because they have no effect yet. Anything else unknown is an error.
 _SEED_NOOP_KEYS = {
-    "server": {"log_level", "workers", "reload", "cors_origins", "streaming_format",
+    "server": {"log_level", "workers", "reload", "streaming_format",
                "stream_chunk_size"},
     "defaults": {"streaming_format", "stream_chunk_size", "enable_function_calling",
                  "supports_tools", "supports_vision", "reasoning_response", "chat_template",

@@ -18,6 +18,7 @@ import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
@@ -411,6 +412,13 @@ def build_app(state: AppState) -> Starlette:
         RouterError: on_router_error,
         HTTPException: on_http_error,
         Exception: on_unexpected,
-    }, middleware=[Middleware(AccessMiddleware, state=state)])
+    }, middleware=[
+        # Outermost first: a CORS preflight carries no key and must not meet the key check.
+        *([Middleware(CORSMiddleware, allow_origins=state.config.server.cors_origins,
+                      allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"],
+                      expose_headers=["x-request-id"])]
+          if state.config is not None and state.config.server.cors_origins else []),
+        Middleware(AccessMiddleware, state=state),
+    ])
     app.state.router = state
     return app

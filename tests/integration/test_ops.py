@@ -246,3 +246,22 @@ def daemon_app_routes():
         config = None
 
     return build_app(_State()).routes
+
+
+def test_cors_preflight_is_answered_for_allowed_origins(start_daemon):
+    daemon = start_daemon(server={"cors_origins": ["http://localhost:3000"],
+                                  "api_keys": ["k"]})
+    preflight = daemon.http.options("/v1/chat/completions", headers={
+        "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    other = daemon.http.options("/v1/chat/completions", headers={
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in other.headers
+    real = daemon.http.get("/v1/models", headers={"Origin": "http://localhost:3000",
+                                                   "Authorization": "Bearer k"})
+    assert real.status_code == 200
+    assert real.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert "x-request-id" in real.headers["access-control-expose-headers"].lower()
