@@ -21,7 +21,9 @@ from typing import Any
 
 import mlx.core as mx
 import msgspec
+from mlx.utils import tree_flatten
 from mlx_lm import load as mlx_load
+from mlx_lm.utils import dequantize_model
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import (apply_min_p, apply_top_k, apply_top_p, greedy_sampler,
                                  make_logits_processors)
@@ -90,10 +92,6 @@ class FaultPlan:
         self.stall_after_tokens = int(fault.get("stall_after_tokens", 0))
 
 
-def _weights_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
-
-
 def _max_context(spec: ModelSpec, config: dict[str, Any]) -> int:
     return effective_context(spec.max_context, model_max_context(config))
 
@@ -123,12 +121,25 @@ class TextEngine:
         if self.fault.fail_load:
             raise RuntimeError("fault injection: load failed")
         self.model, self.tokenizer, config = mlx_load(str(path), return_config=True)
+        self.load_dtype = self._convert_weights()
         self.max_context = _max_context(self.spec, config)
-        self.weights_bytes = _weights_bytes(path)
+        self.weights_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
         self.vocab_size = int(config.get("vocab_size")
                               or config.get("text_config", {}).get("vocab_size") or 0) or 2**31
         self.gen = self._new_batch()
         self._limit_memory()
+
+    def _convert_weights(self) -> str:
+        """Apply load_dtype; returns the dtype the weights are in now."""
+        want = self.spec.load_dtype
+        if want == "auto":
+            want = "float32" if describe_backend() == "cpu" else "native"
+        if want == "native":
+            return "native"
+        self.model = dequantize_model(self.model)
+        self.model.set_dtype(getattr(mx, want))
+        mx.eval(self.model.parameters())
+        return want
 
     def _new_batch(self) -> BatchGenerator:
         return BatchGenerator(

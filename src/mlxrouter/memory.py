@@ -109,12 +109,28 @@ def effective_context(configured: int, model_max: int) -> int:
     return min(configured, model_max) if configured else model_max
 
 
-def estimate_cost(path: str, *, max_context: int, max_batch: int, overhead_bytes: int) -> int:
-    """Weights as stored + a full KV cache for every batch slot + the process itself."""
+def loaded_weights_bytes(path: Path, config: dict, load_dtype: str) -> int:
+    """Weights as they will sit in memory. "auto" means float32 on the CPU backend, which the
+    daemon (no mlx here) assumes everywhere but macOS; quantized weights grow by 32/bits."""
+    stored = weights_bytes(path)
+    to_f32 = load_dtype == "float32" or (load_dtype == "auto" and sys.platform != "darwin")
+    to_16 = load_dtype in ("float16", "bfloat16")
+    if not (to_f32 or to_16):
+        return stored
+    bits = (config.get("quantization") or {}).get("bits")
+    stored_bits = bits if bits else (32 if str(config.get("torch_dtype")).endswith("32")
+                                     else 16)
+    return int(stored * (32 if to_f32 else 16) / stored_bits)
+
+
+def estimate_cost(path: str, *, max_context: int, max_batch: int, overhead_bytes: int,
+                  load_dtype: str = "native") -> int:
+    """Weights as loaded + a full KV cache for every batch slot + the process itself."""
     p = Path(path)
     config = _model_config(p)
     context = effective_context(max_context, model_max_context(config))
-    return weights_bytes(p) + kv_bytes_per_token(config) * context * max_batch + overhead_bytes
+    return (loaded_weights_bytes(p, config, load_dtype)
+            + kv_bytes_per_token(config) * context * max_batch + overhead_bytes)
 
 
 # ---- platform figures

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 CRASH_LOOP_WINDOW_S = 600.0
 # Settings a running worker was started with; changing one on reload restarts it.
-COLD_FIELDS = ("path", "engine", "max_running", "max_context", "env", "fault")
+COLD_FIELDS = ("path", "engine", "load_dtype", "max_running", "max_context", "env", "fault")
 # After a victim is reaped, a load waits up to this long for its memory to show as available.
 MEMORY_RECOVERY_S = 5.0
 
@@ -299,7 +299,8 @@ class Supervisor:
             return int(spec.required_memory_gb * spec.safety_margin * memory.GB)
         return memory.estimate_cost(spec.path, max_context=spec.max_context,
                                     max_batch=spec.max_running,
-                                    overhead_bytes=self._overhead_bytes)
+                                    overhead_bytes=self._overhead_bytes,
+                                    load_dtype=spec.load_dtype)
 
     def _read_pressure(self) -> None:
         sup = self.config.supervisor

@@ -100,7 +100,8 @@ class EngineThread(threading.Thread):
             load_s=round(time.monotonic() - started, 3), weights_bytes=engine.weights_bytes,
             memory_bytes=measure_memory_bytes(), max_context=engine.max_context,
             backend=engine_mod.describe_backend()))
-        log.info("ready model=%s load_s=%.2f", self.spec.id, time.monotonic() - started)
+        log.info("ready model=%s load_s=%.2f weights_mb=%.0f load_dtype=%s", self.spec.id,
+                 time.monotonic() - started, engine.weights_bytes / 2**20, engine.load_dtype)
         while True:
             try:
                 item = self.inbox.get(timeout=None if engine.active == 0 else 0)

@@ -52,3 +52,15 @@ def test_capital_of_france_streaming(daemon):
         stream=True)
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert "Paris" in text
+
+
+def test_cpu_worker_runs_the_4bit_model_dequantized_to_float32(daemon):
+    import sys
+
+    if sys.platform != "linux":
+        pytest.skip("load_dtype auto keeps weights as stored on Metal")
+    log = daemon.worker_log("smollm2-135m-instruct")
+    assert "load_dtype=float32" in log
+    # 98 MB of Q4_1/Q8_0 on disk become ~0.5 GB of float32 in memory, as the budget assumed.
+    mb = float(log.split("weights_mb=")[-1].split()[0])
+    assert 400 < mb < 700

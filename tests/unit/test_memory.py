@@ -93,3 +93,21 @@ def test_estimate_is_weights_plus_kv_for_every_batch_slot_plus_overhead(tmp_path
     assert cost == 1000 + per_token * 2048 * 8 + 500
     assert estimate_cost(str(tmp_path), max_context=100, max_batch=1, overhead_bytes=0) == (
         1000 + per_token * 100)
+
+
+@pytest.mark.parametrize("load_dtype, platform, config, expected", [
+    ("native", "linux", {"quantization": {"bits": 4}}, 1000),
+    ("float32", "darwin", {"quantization": {"bits": 4}}, 8000),
+    ("auto", "linux", {"quantization": {"bits": 4}}, 8000),
+    ("auto", "darwin", {"quantization": {"bits": 4}}, 1000),
+    ("auto", "linux", {"torch_dtype": "bfloat16"}, 2000),
+    ("auto", "linux", {"torch_dtype": "float32"}, 1000),
+    ("float16", "linux", {"torch_dtype": "float32"}, 500),
+])
+def test_weights_are_budgeted_as_loaded(tmp_path, monkeypatch, load_dtype, platform, config,
+                                        expected):
+    import mlxrouter.memory as memory
+
+    monkeypatch.setattr(memory.sys, "platform", platform)
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 1000)
+    assert memory.loaded_weights_bytes(tmp_path, config, load_dtype) == expected
