@@ -13,7 +13,8 @@ import msgspec
 from . import __version__
 from .admin import ActionResult, LogChunk, StatusBody
 from .errors import ErrorBody
-from .schemas import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ModelList, ModelObject
+from .schemas import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
+                      CompletionRequest, ModelList, ModelObject, TextCompletion)
 
 _REF = "#/components/schemas/{name}"
 
@@ -21,6 +22,8 @@ _REF = "#/components/schemas/{name}"
 _ROUTES: list[tuple[str, str, str, type | None, type | None, str, tuple[str, ...]]] = [
     ("post", "/v1/chat/completions", "Create a chat completion (SSE when stream is true)",
      ChatCompletionRequest, ChatCompletion, "openai", ()),
+    ("post", "/v1/completions", "Create a text completion (SSE when stream is true)",
+     CompletionRequest, TextCompletion, "openai", ()),
     ("get", "/v1/models", "List the models this server can serve", None, ModelList,
      "openai", ()),
     ("get", "/v1/models/{model_id}", "One model (ids may contain '/')", None, ModelObject,
@@ -66,6 +69,8 @@ def _operation(summary: str, body: type | None, response: type | None, tag: str,
     if body is ChatCompletionRequest:
         ok.setdefault("content", {})["text/event-stream"] = {
             "schema": refs[ChatCompletionChunk]}
+    elif body is CompletionRequest:
+        ok.setdefault("content", {})["text/event-stream"] = {"schema": refs[TextCompletion]}
     op["responses"]["200"] = ok
     for status, text in _ERRORS.items():
         op["responses"][status] = {"description": text, "content": {
@@ -74,7 +79,8 @@ def _operation(summary: str, body: type | None, response: type | None, tag: str,
 
 
 def openapi_document() -> dict[str, Any]:
-    types = [ChatCompletionRequest, ChatCompletion, ChatCompletionChunk, ModelList,
+    types = [ChatCompletionRequest, ChatCompletion, ChatCompletionChunk, CompletionRequest,
+             TextCompletion, ModelList,
              ModelObject, StatusBody, ActionResult, LogChunk, ErrorBody]
     schemas, components = msgspec.json.schema_components(types, ref_template=_REF)
     refs = dict(zip(types, schemas))

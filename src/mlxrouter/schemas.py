@@ -82,26 +82,41 @@ _HARMLESS: dict[str, tuple[Any, ...]] = {
 }
 
 
-class ChatCompletionRequest(msgspec.Struct, kw_only=True):
+class GenerationParams(msgspec.Struct, kw_only=True):
+    """What chat and text completions share: the model, sampling, stopping, streaming."""
+
     model: str
-    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
     max_tokens: PosInt | None = None
-    max_completion_tokens: PosInt | None = None
     temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
     top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
     top_k: Annotated[int, msgspec.Meta(ge=0)] | None = None
     min_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
     stop: str | Annotated[list[str], msgspec.Meta(max_length=16)] | None = None
     seed: Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)] | None = None
-    n: PosInt = 1
-    presence_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] = 0.0
-    frequency_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] = 0.0
+    n: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
+    presence_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] | None = None
     # Not OpenAI's; mlx-lm's multiplicative penalty over the last 20 tokens (1 = off).
     repetition_penalty: Annotated[float, msgspec.Meta(gt=0)] | None = None
     logit_bias: dict[str, Annotated[float, msgspec.Meta(ge=-100, le=100)]] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+    @property
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
+
+class ChatCompletionRequest(GenerationParams, kw_only=True):
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
+    max_completion_tokens: PosInt | None = None
     # Declared only to be refused; see check_supported.
     tools: Any = None
     tool_choice: Any = None
@@ -119,14 +134,63 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     web_search_options: Any = None
 
     @property
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
-
-    @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(GenerationParams, kw_only=True):
+    # A string, a list of strings, a list of token ids or a list of such lists.
+    prompt: str | Annotated[list[Any], msgspec.Meta(min_length=1, max_length=32)]
+    echo: bool = False
+    # Declared only to be refused; see check_completion.
+    suffix: str | None = None
+    best_of: int | None = None
+    logprobs: int | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt as a list of prompts (strings or token id lists); 400 when malformed."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, str) for x in p):
+            return list(p)
+        if all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in p):
+            return [list(p)]
+        if all(isinstance(x, list) and x and all(isinstance(t, int) and t >= 0 for t in x)
+               for x in p):
+            return [list(x) for x in p]
+        raise InvalidRequest("prompt must be a string, a list of strings, a list of token ids "
+                             "or a list of token id lists", param="prompt")
+
+
+def check_completion(req: CompletionRequest) -> list[str | list[int]]:
+    if req.suffix:
+        raise InvalidRequest("parameter 'suffix' (insertion) is not supported by this server",
+                             param="suffix")
+    if req.best_of is not None and req.best_of != req.n:
+        raise InvalidRequest("parameter 'best_of' is not supported by this server yet",
+                             param="best_of")
+    if req.logprobs is not None:
+        raise InvalidRequest("parameter 'logprobs' is not supported by this server yet",
+                             param="logprobs")
+    _check_common(req)
+    prompts = req.prompts()
+    if req.echo and not all(isinstance(p, str) for p in prompts):
+        raise InvalidRequest("echo needs text prompts (token id prompts cannot be echoed "
+                             "without the model's tokenizer)", param="echo")
+    return prompts
+
+
+def _check_common(req: GenerationParams) -> None:
+    for key in req.logit_bias or {}:
+        if not key.lstrip("-").isdigit() or int(key) < 0:
+            raise InvalidRequest(f"logit_bias keys must be token ids, got {key!r}",
+                                 param="logit_bias")
+    if any(s == "" for s in req.stop_list):
+        raise InvalidRequest("stop strings must not be empty", param="stop")
+    if req.stream_options is not None and not req.stream:
+        raise InvalidRequest("stream_options is only allowed when stream is true",
+                             param="stream_options")
 
 
 def check_supported(req: ChatCompletionRequest) -> None:
@@ -136,14 +200,7 @@ def check_supported(req: ChatCompletionRequest) -> None:
             continue
         raise InvalidRequest(f"parameter '{name}' is not supported by this server yet",
                              param=name)
-    if req.n != 1:
-        raise InvalidRequest("only n=1 is supported by this server yet", param="n")
-    for key in req.logit_bias or {}:
-        if not key.lstrip("-").isdigit() or int(key) < 0:
-            raise InvalidRequest(f"logit_bias keys must be token ids, got {key!r}",
-                                 param="logit_bias")
-    if any(s == "" for s in req.stop_list):
-        raise InvalidRequest("stop strings must not be empty", param="stop")
+    _check_common(req)
     for i, msg in enumerate(req.messages):
         if msg.content is None and msg.role != "assistant":
             raise InvalidRequest(f"messages[{i}].content is required for role '{msg.role}'",
@@ -257,6 +314,73 @@ class ModelObject(msgspec.Struct):
     loaded: bool = False
     state: str = "STOPPED"
     path: str = ""
+
+
+class TextChoice(msgspec.Struct):
+    index: int
+    text: str
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class TextCompletion(msgspec.Struct):
+    """Both the answer and each streamed event of /v1/completions (OpenAI uses one object)."""
+
+    id: str
+    created: int
+    model: str
+    choices: list[TextChoice]
+    object: str = "text_completion"
+    system_fingerprint: str | None = None
+    usage: Usage | None = None
+
+
+class ChatShape:
+    """chat.completion answers and chat.completion.chunk events."""
+
+    endpoint, id_prefix = "chat.completions", "chatcmpl"
+
+    def body(self, cid, created, model, choices, usage):
+        return ChatCompletion(cid, created, model, [
+            Choice(i, AssistantMessage("assistant", text), reason)
+            for i, (text, reason) in enumerate(choices)], usage)
+
+    def opening(self, cid, created, model, index):
+        # The role comes in each choice's first delta only.
+        return ChatCompletionChunk(cid, created, model,
+                                   [ChunkChoice(index, ChunkDelta(role="assistant", content=""))])
+
+    def delta(self, cid, created, model, index, text):
+        return ChatCompletionChunk(cid, created, model,
+                                   [ChunkChoice(index, ChunkDelta(content=text))])
+
+    def finish(self, cid, created, model, index, reason):
+        return ChatCompletionChunk(cid, created, model, [ChunkChoice(index, ChunkDelta(), reason)])
+
+    def usage_chunk(self, cid, created, model, usage):
+        return ChatCompletionChunk(cid, created, model, [], usage=usage)
+
+
+class TextShape:
+    """text_completion answers and events."""
+
+    endpoint, id_prefix = "completions", "cmpl"
+
+    def body(self, cid, created, model, choices, usage):
+        return TextCompletion(cid, created, model, [
+            TextChoice(i, text, reason) for i, (text, reason) in enumerate(choices)], usage=usage)
+
+    def opening(self, cid, created, model, index):
+        return None
+
+    def delta(self, cid, created, model, index, text):
+        return TextCompletion(cid, created, model, [TextChoice(index, text)])
+
+    def finish(self, cid, created, model, index, reason):
+        return TextCompletion(cid, created, model, [TextChoice(index, "", reason)])
+
+    def usage_chunk(self, cid, created, model, usage):
+        return TextCompletion(cid, created, model, [], usage=usage)
 
 
 class ModelList(msgspec.Struct):

@@ -13,6 +13,7 @@ from collections import deque
 import msgspec
 
 from . import protocol
+from .broker import Lease
 from .config import ModelSpec
 
 CRASH_LOOP_EXITS = 5

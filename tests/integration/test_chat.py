@@ -153,7 +153,7 @@ def test_unknown_model_is_a_404_in_openai_shape(daemon):
     ({"messages": [{"role": "user", "content": "x"}]}, "model"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": [
         {"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 17}, "n"),
 ])
 def test_invalid_fields_are_400s_that_name_the_field(daemon, body, param):
     resp = daemon.http.post("/v1/chat/completions", json=body)

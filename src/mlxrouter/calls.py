@@ -1,0 +1,317 @@
+"""Getting answers out of workers for one HTTP request: leases, fan-out, collecting, streaming.
+
+Runs on the daemon's event loop; imports no mlx. A request for several choices (`n`, or a list
+of prompts) becomes one worker sequence per choice, each with its own lease, generated side by
+side in the worker's batch and merged here by choice index. The response status is committed
+only once every sequence has Started; after that errors are SSE error events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from . import protocol
+from .broker import RequestStream
+from .config import ModelSpec
+from .errors import RouterError, Timeout
+from .memory import LEVELS
+from .runtime import AppState, json_response
+from .schemas import PromptTokensDetails, Usage
+from .streaming import SSE_DONE, SSE_HEADERS, SSE_KEEPALIVE, encode_sse, encode_sse_error
+
+log = logging.getLogger(__name__)
+
+
+def token_cap(spec: ModelSpec, pressure: str) -> int | None:
+    """The tightest `memory_pressure_max_tokens` cap of this level and the milder ones."""
+    caps = spec.memory_pressure_max_tokens
+    levels = LEVELS[1: LEVELS.index(pressure) + 1]
+    found = [caps[lvl] for lvl in levels if lvl in caps]
+    return min(found) if found else None
+
+
+class Call:
+    """One sequence's way into a worker: lease, submit, wait for Started, read deltas."""
+
+    def __init__(self, state: AppState, spec: ModelSpec, request: protocol.Request,
+                 deadline: float) -> None:
+        self.state = state
+        self.spec = spec
+        self.request = request
+        self.deadline = deadline
+        self.stream: RequestStream | None = None
+        self.t0 = time.monotonic()
+        self.queue_s: float | None = None
+        self.ttft_s: float | None = None
+        self._last_chunk_at = 0.0
+
+    async def open(self) -> RequestStream:
+        lease = await self.state.supervisor.acquire(self.spec, self.deadline)
+        self.queue_s = time.monotonic() - self.t0
+        self.stream = self.state.broker.submit(lease, self.request)
+        try:
+            await self._within_deadline(asyncio.shield(self.stream.started))
+        except BaseException:
+            self.close()
+            raise
+        return self.stream
+
+    async def next_chunk(self) -> tuple[str, int]:
+        assert self.stream is not None
+        text, tokens = await self._within_deadline(self.stream.next_chunk())
+        now = time.monotonic()
+        if tokens and self.ttft_s is None:
+            self.ttft_s = now - self.t0
+        elif tokens and self.state.metrics is not None:
+            self.state.metrics.inter_token(self.spec.id, (now - self._last_chunk_at) / tokens)
+        if tokens:
+            self._last_chunk_at = now
+        return text, tokens
+
+    async def collect(self) -> tuple[str, protocol.End]:
+        stream = self.stream or await self.open()
+        parts = []
+        try:
+            while True:
+                text, _ = await self.next_chunk()
+                parts.append(text)
+                if stream.done:
+                    break
+        finally:
+            self.close()
+        if stream.error is not None:
+            raise stream.error
+        assert stream.end is not None
+        return "".join(parts), stream.end
+
+    async def _within_deadline(self, awaitable):
+        try:
+            async with asyncio.timeout(max(0.0, self.deadline - time.monotonic())):
+                return await awaitable
+        except TimeoutError:
+            self.close()
+            raise Timeout(f"the request exceeded its time limit of {self.spec.timeout_s:g}s "
+                          f"(model '{self.spec.id}')") from None
+
+    def close(self) -> None:
+        """Cancel the sequence in its worker unless it already ended. Synchronous on purpose."""
+        if self.stream is not None and not self.stream.done:
+            self.state.broker.cancel(self.stream.rid)
+
+
+class Shape(Protocol):
+    """How one endpoint spells its answers (chat.completion vs text_completion)."""
+
+    endpoint: str
+    id_prefix: str
+
+    def body(self, cid: str, created: int, model: str, choices: list[tuple[str, str]],
+             usage: Usage) -> msgspec.Struct: ...
+
+    def opening(self, cid: str, created: int, model: str, index: int) -> msgspec.Struct | None:
+        ...
+
+    def delta(self, cid: str, created: int, model: str, index: int, text: str
+              ) -> msgspec.Struct: ...
+
+    def finish(self, cid: str, created: int, model: str, index: int, reason: str
+               ) -> msgspec.Struct: ...
+
+    def usage_chunk(self, cid: str, created: int, model: str, usage: Usage
+                    ) -> msgspec.Struct: ...
+
+
+class Group:
+    """All the sequences of one HTTP request. `prefix[i]` is text shown before choice i's
+    output (completions' echo); `prompt_of[i]` says which prompt choice i answers."""
+
+    def __init__(self, state: AppState, spec: ModelSpec, requests: list[protocol.Request],
+                 shape: Shape, model: str, prompt_of: list[int], prefix: list[str]) -> None:
+        self.t0 = time.monotonic()
+        deadline = self.t0 + spec.timeout_s  # the whole request: queue, load, generation
+        self.calls = [Call(state, spec, r, deadline) for r in requests]
+        self.state, self.spec, self.shape, self.model = state, spec, shape, model
+        self.prompt_of, self.prefix = prompt_of, prefix
+        self.cid = f"{shape.id_prefix}-{requests[0].rid:x}{secrets.token_hex(4)}"
+        self.created = int(time.time())
+        self._recorded = False
+
+    async def open(self) -> None:
+        try:
+            await asyncio.gather(*(c.open() for c in self.calls))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for call in self.calls:
+            call.close()
+
+    def usage(self, ends: list[protocol.End]) -> Usage:
+        """Each prompt counts once, however many choices answer it."""
+        prompts = {self.prompt_of[i]: e.prompt_tokens for i, e in enumerate(ends)}
+        cached = {self.prompt_of[i]: e.cached_tokens for i, e in enumerate(ends)}
+        completion = sum(e.completion_tokens for e in ends)
+        prompt = sum(prompts.values())
+        return Usage(prompt, completion, prompt + completion,
+                     PromptTokensDetails(cached_tokens=sum(cached.values())))
+
+    def record(self, status: int, usage: Usage | None = None,
+               error: RouterError | None = None) -> None:
+        """Log and count this request once, whichever way it ended."""
+        if self._recorded:
+            return
+        self._recorded = True
+        duration = time.monotonic() - self.t0
+        log.info("%s model=%s status=%d choices=%d duration_ms=%.0f prompt_tokens=%d "
+                 "completion_tokens=%d%s", self.shape.endpoint, self.spec.id, status,
+                 len(self.calls), duration * 1000, usage.prompt_tokens if usage else 0,
+                 usage.completion_tokens if usage else 0,
+                 f" error={error.code}" if error else "")
+        metrics = self.state.metrics
+        if metrics is None:
+            return
+        if error is not None:
+            error.recorded = True  # the route's catch-all must not count it again
+            metrics.rejected(self.spec.id, error.code)
+        first = self.calls[0]
+        metrics.request_done(
+            self.spec.id, self.shape.endpoint, status, duration_s=duration,
+            queue_s=first.queue_s, ttft_s=first.ttft_s,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            cached_tokens=usage.prompt_tokens_details.cached_tokens if usage else 0)
+
+    # ---- non-streaming
+
+    async def complete(self, request: Request) -> Response:
+        work = asyncio.ensure_future(self._collect_all())
+        watcher = asyncio.ensure_future(_until_disconnect(request))
+        try:
+            await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not work.done():  # the client left: stop generating for nobody
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+        if work.cancelled():
+            self.record(499)
+            return Response(status_code=499)
+        try:
+            results = work.result()
+        except RouterError as exc:
+            self.record(exc.status, error=exc)
+            raise
+        usage = self.usage([end for _, end in results])
+        self.record(200, usage)
+        choices = [(self.prefix[i] + text, end.finish_reason)
+                   for i, (text, end) in enumerate(results)]
+        return json_response(self.shape.body(self.cid, self.created, self.model, choices,
+                                             usage))
+
+    async def _collect_all(self) -> list[tuple[str, protocol.End]]:
+        try:
+            return list(await asyncio.gather(*(c.collect() for c in self.calls)))
+        finally:
+            self.close()
+
+    # ---- streaming
+
+    async def stream(self, include_usage: bool) -> Response:
+        opening = asyncio.ensure_future(self.open())
+        commit_after = self.state.config.server.stream_commit_after_s
+        try:
+            await asyncio.wait({opening}, timeout=commit_after)  # never cancels it
+        except asyncio.CancelledError:
+            opening.cancel()
+            raise
+        if opening.done() and opening.exception() is not None:
+            exc = opening.exception()
+            if isinstance(exc, RouterError):
+                self.record(exc.status, error=exc)
+            raise exc  # failed before Started: a real HTTP status
+        return StreamingResponse(self._sse(opening, include_usage),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
+
+    async def _sse(self, opening: asyncio.Future, include_usage: bool) -> AsyncIterator[bytes]:
+        interval = self.state.config.server.keepalive_interval_s
+        args = (self.cid, self.created, self.model)
+        try:
+            while not opening.done():
+                done, _ = await asyncio.wait({opening}, timeout=interval)
+                if not done:
+                    yield SSE_KEEPALIVE
+            if (exc := opening.exception()) is not None:
+                self.record(getattr(exc, "status", 500), error=exc)
+                yield encode_sse_error(exc)
+                return
+            for i in range(len(self.calls)):
+                first = self.shape.opening(*args, i)
+                if first is not None:
+                    yield encode_sse(first)
+                if self.prefix[i]:
+                    yield encode_sse(self.shape.delta(*args, i, self.prefix[i]))
+            ends: dict[int, protocol.End] = {}
+            async for index, text, end in self._merged():
+                if text:
+                    yield encode_sse(self.shape.delta(*args, index, text))
+                if end is not None:
+                    ends[index] = end
+                    yield encode_sse(self.shape.finish(*args, index, end.finish_reason))
+            usage = self.usage([ends[i] for i in range(len(self.calls))])
+            self.record(200, usage)
+            if include_usage:
+                yield encode_sse(self.shape.usage_chunk(*args, usage))
+            yield SSE_DONE
+        except RouterError as exc:
+            self.record(exc.status, error=exc)
+            yield encode_sse_error(exc)
+        finally:
+            if not opening.done():
+                opening.cancel()
+            self.close()
+
+    async def _merged(self) -> AsyncIterator[tuple[int, str, protocol.End | None]]:
+        """Deltas of every sequence as they come; raises the first sequence's error."""
+        queue: asyncio.Queue[tuple[int, str, Any]] = asyncio.Queue()
+
+        async def pump(index: int, call: Call) -> None:
+            try:
+                while True:
+                    text, _ = await call.next_chunk()
+                    stream = call.stream
+                    assert stream is not None
+                    if stream.done:
+                        queue.put_nowait((index, text, stream.error or stream.end))
+                        return
+                    queue.put_nowait((index, text, None))
+            except RouterError as exc:
+                queue.put_nowait((index, "", exc))
+
+        tasks = [asyncio.create_task(pump(i, c)) for i, c in enumerate(self.calls)]
+        try:
+            for _ in range(len(self.calls)):
+                while True:
+                    index, text, last = await queue.get()
+                    if isinstance(last, RouterError):
+                        raise last
+                    yield index, text, last
+                    if last is not None:
+                        break
+        finally:
+            for task in tasks:
+                task.cancel()
+
+
+async def _until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,102 @@
+"""Several choices per request (n, prompt lists) and the text completions endpoint, with the
+openai client against a real daemon and the tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import openai
+import pytest
+
+MESSAGES = [{"role": "user", "content": "Name three colours."}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model: Path):
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    return load_tokenizer(tiny_model)
+
+
+@pytest.fixture
+def client(start_daemon):
+    return start_daemon().openai()
+
+
+def test_chat_n_returns_n_seeded_reproducible_choices(client):
+    def ask():
+        return client.chat.completions.create(model="tiny", messages=MESSAGES, n=3,
+                                              max_tokens=6, temperature=1.0, seed=7)
+
+    first, again = ask(), ask()
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    texts = [c.message.content for c in first.choices]
+    assert texts == [c.message.content for c in again.choices]
+    assert len(set(texts)) > 1
+    assert all(c.finish_reason == "length" for c in first.choices)
+    assert first.usage.completion_tokens == 18
+    single = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6)
+    assert first.usage.prompt_tokens == single.usage.prompt_tokens  # the prompt counts once
+
+
+def test_streamed_choices_reassemble_to_the_non_streamed_ones(client):
+    kwargs = dict(model="tiny", messages=MESSAGES, n=2, max_tokens=8, temperature=1.0, seed=3)
+    whole = client.chat.completions.create(**kwargs)
+    parts = {0: "", 1: ""}
+    finishes = {}
+    roles = []
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        for choice in chunk.choices:
+            parts[choice.index] += choice.delta.content or ""
+            if choice.delta.role:
+                roles.append(choice.index)
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    assert parts == {c.index: c.message.content for c in whole.choices}
+    assert sorted(roles) == [0, 1] and finishes == {0: "length", 1: "length"}
+
+
+def test_text_completion_counts_the_prompt_like_the_tokenizer(client, tokenizer):
+    prompt = "Once upon a time"
+    resp = client.completions.create(model="tiny", prompt=prompt, max_tokens=5,
+                                      temperature=0)
+    assert resp.object == "text_completion"
+    assert resp.choices[0].text and resp.choices[0].finish_reason == "length"
+    assert resp.usage.prompt_tokens == len(tokenizer.encode(prompt))
+    assert resp.usage.completion_tokens == 5
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=5, temperature=0, stream=True) if c.choices)
+    assert streamed == resp.choices[0].text
+    by_ids = client.completions.create(model="tiny", prompt=tokenizer.encode(prompt),
+                                       max_tokens=5, temperature=0)
+    assert by_ids.choices[0].text == resp.choices[0].text
+
+
+def test_prompt_lists_times_n_give_every_choice_in_order(client):
+    resp = client.completions.create(model="tiny", prompt=["Hello", "Goodbye"], n=2,
+                                     max_tokens=3, temperature=0)
+    assert [c.index for c in resp.choices] == [0, 1, 2, 3]
+    texts = [c.text for c in resp.choices]
+    assert texts[0] == texts[1] and texts[2] == texts[3]  # greedy: same prompt, same text
+    assert resp.usage.completion_tokens == 12
+
+
+def test_echo_prepends_the_prompt(client):
+    resp = client.completions.create(model="tiny", prompt="The sea", echo=True, max_tokens=3,
+                                     temperature=0)
+    plain = client.completions.create(model="tiny", prompt="The sea", max_tokens=3,
+                                      temperature=0)
+    assert resp.choices[0].text == "The sea" + plain.choices[0].text
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"prompt": "x", "suffix": "end"}, "suffix"),
+    ({"prompt": "x", "logprobs": 2}, "logprobs"),
+    ({"prompt": [1, "a"]}, "prompt"),
+    ({"prompt": [[1, 2], [3]], "echo": True}, "echo"),
+    ({"prompt": "x", "best_of": 3}, "best_of"),
+])
+def test_unsupported_or_malformed_completion_requests_are_400s(client, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="tiny", max_tokens=2, **kwargs)
+    assert info.value.body["param"] == param
