@@ -16,6 +16,7 @@ import logging
 import re
 import secrets
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -60,18 +61,57 @@ def _matches(token: str | None, keys: list[str]) -> bool:
     return found
 
 
-def check_access(scope: Scope, api_keys: list[str], admin_key: str | None) -> None:
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _loopback_origin(origin: str) -> bool:
+    host = urlsplit(origin).hostname or ""
+    return host == "localhost" or _is_loopback(host)
+
+
+def _check_browser(scope: Scope, cors_origins: list[str], admin: bool) -> None:
+    """A web page the user visits can make the browser call us (CSRF, DNS rebinding): a
+    request carrying an Origin must come from an allowed origin; /admin from none at all."""
+    origin = _header(scope, b"origin")
+    if origin is None:
+        return
+    if admin:
+        raise Forbidden("/admin does not accept requests from web pages")
+    if "*" in cors_origins or origin in cors_origins or _loopback_origin(origin):
+        return
+    raise Forbidden(f"origin {origin} is not allowed (add it to cors_origins)")
+
+
+def _check_host(scope: Scope) -> None:
+    """DNS rebinding: loopback trust needs a loopback Host header too."""
+    host = _header(scope, b"host") or ""
+    name = urlsplit(f"//{host}").hostname or ""
+    if name != "localhost" and not _is_loopback(name):
+        raise Forbidden(f"/admin is only reachable as localhost, not as {host!r}, unless "
+                        f"an admin key is configured")
+
+
+def check_access(scope: Scope, api_keys: list[str], admin_key: str | None,
+                 cors_origins: list[str] = ()) -> None:
     path: str = scope["path"]
     if path in _OPEN_PATHS:
         return
     token = _bearer(scope)
-    if path.startswith("/admin"):
+    admin = path.startswith("/admin")
+    _check_browser(scope, list(cors_origins), admin)
+    if admin:
         if admin_key:
             if not _matches(token, [admin_key]):
                 raise Unauthorized("a valid admin key is required for /admin")
         elif not _is_loopback((scope.get("client") or (None,))[0]):
             raise Forbidden("/admin is only reachable from this machine unless an admin key "
                             "is configured")
+        else:
+            _check_host(scope)
         return
     if api_keys and not _matches(token, api_keys):
         raise Unauthorized("Incorrect API key provided" if token else
@@ -93,7 +133,7 @@ class AccessMiddleware:
         try:
             try:
                 server = self.state.config.server
-                check_access(scope, server.api_keys, server.admin_key)
+                check_access(scope, server.api_keys, server.admin_key, server.cors_origins)
             except RouterError as exc:
                 return await _send_error(send, exc, rid)
             await self.app(scope, receive, _with_request_id(send, rid))

@@ -22,7 +22,7 @@ import zmq
 import zmq.asyncio
 
 from . import protocol
-from .errors import RouterError, WorkerCrashed, from_code
+from .errors import InvalidRequest, RouterError, WorkerCrashed, from_code
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +172,10 @@ class Broker:
         except RouterError as exc:
             self._finish(stream, None, exc)
             raise
+        except (OverflowError, TypeError, ValueError) as exc:  # not encodable: the lease goes back
+            error = InvalidRequest(f"the request could not be encoded: {exc}")
+            self._finish(stream, None, error)
+            raise error from None
         return stream
 
     def cancel(self, rid: int) -> None:

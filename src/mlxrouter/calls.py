@@ -145,12 +145,21 @@ class Group:
         self.created = int(time.time())
         self._recorded = False
 
-    async def open(self) -> None:
+    async def _all(self, coros) -> list:
+        """Run one coroutine per sequence; the first failure cancels the siblings (no choice
+        keeps generating for a request that already failed)."""
+        tasks = [asyncio.ensure_future(c) for c in coros]
         try:
-            await asyncio.gather(*(c.open() for c in self.calls))
+            return list(await asyncio.gather(*tasks))
         except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             self.close()
             raise
+
+    async def open(self) -> None:
+        await self._all(c.open() for c in self.calls)
 
     def close(self) -> None:
         for call in self.calls:
@@ -220,7 +229,7 @@ class Group:
 
     async def _collect_all(self) -> list[tuple[str, protocol.End]]:
         try:
-            return list(await asyncio.gather(*(c.collect() for c in self.calls)))
+            return await self._all(c.collect() for c in self.calls)
         finally:
             self.close()
 
@@ -279,6 +288,7 @@ class Group:
             if not opening.done():
                 opening.cancel()
             self.close()
+            self.record(499)  # no-op unless the client left mid-stream
 
     async def _merged(self) -> AsyncIterator[tuple[int, str, protocol.End | None]]:
         """Deltas of every sequence as they come; raises the first sequence's error."""

@@ -114,6 +114,8 @@ class ModelOptions(_Section):
     memory_pressure_max_tokens: dict[Literal["moderate", "high", "critical"], Pos] | None = None
     engine: Literal["mlx-lm"] | None = None
     load_dtype: Literal["auto", "native", "float32", "float16", "bfloat16"] | None = None
+    prompt_cache_bytes: NonNeg | None = None
+    prompt_cache_size: Pos | None = None
     # Test aid: faults injected into the real worker (see engine.FaultPlan).
     fault: dict[str, float] | None = None
     env: dict[str, str] | None = None
@@ -166,6 +168,10 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     # 4-bit decodes 1.6x and prefills 16x slower than f32 there), as stored elsewhere;
     # "native" = as stored; or a float dtype.
     load_dtype: str = "auto"
+    # KV caches of finished sequences kept for the next turn of a conversation (mlx-lm's
+    # LRUPromptCache), bounded by bytes (counted in the memory budget) and entries; 0 = off.
+    prompt_cache_bytes: int = 256 * 1024 * 1024
+    prompt_cache_size: int = 16
     fault: dict[str, float] = {}
     env: dict[str, str] = {}
 

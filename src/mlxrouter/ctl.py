@@ -15,6 +15,8 @@ import time
 
 import httpx
 
+from .config import ConfigError
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_UNKNOWN, EXIT_UNREACHABLE = (
     0, 1, 2, 3, 4, 7)
 
@@ -232,5 +234,8 @@ def run(args: argparse.Namespace) -> int:
     except CtlError as exc:
         print(f"mlxrouter ctl: {exc}", file=sys.stderr)
         return exc.code
+    except ConfigError as exc:
+        print(f"mlxrouter ctl: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_OK

@@ -84,10 +84,11 @@ def setup_logging(config: Config, level: str | None) -> None:
     root = logging.getLogger()
     root.setLevel((level or ("debug" if config.server.debug else "info")).upper())
     sup = config.supervisor
-    for handler in (logging.StreamHandler(sys.stderr),
-                    logging.handlers.RotatingFileHandler(
-                        config.log_dir / "daemon.log", maxBytes=sup.log_max_bytes,
-                        backupCount=sup.log_backups)):
+    handlers: list[logging.Handler] = [logging.handlers.RotatingFileHandler(
+        config.log_dir / "daemon.log", maxBytes=sup.log_max_bytes, backupCount=sup.log_backups)]
+    if sys.stderr.isatty():  # under launchd / systemd stderr is an unrotated file or journald
+        handlers.append(logging.StreamHandler(sys.stderr))
+    for handler in handlers:
         handler.setFormatter(fmt)
         handler.addFilter(RequestIdFilter())
         root.addHandler(handler)
@@ -227,7 +228,7 @@ class Daemon:
         stopper = asyncio.create_task(self.stop_requested.wait())
         await asyncio.wait({server, stopper}, return_when=asyncio.FIRST_COMPLETED)
         state.shutting_down = True
-        await self._drain(broker)
+        await self._drain(broker, supervisor)
         self._http_stop.set()
         await asyncio.gather(server, return_exceptions=True)
         await supervisor.close()
@@ -250,12 +251,17 @@ class Daemon:
             if spec.preload or (model_id == default and config.supervisor.preload_default_model):
                 supervisor.request_start(spec)
 
-    async def _drain(self, broker: Broker) -> None:
+    async def _drain(self, broker: Broker, supervisor: Supervisor) -> None:
+        """Requests generating and requests still queued (e.g. for a load) may finish."""
         deadline = time.monotonic() + self.config.supervisor.drain_timeout_s
-        while broker.in_flight and time.monotonic() < deadline:
+
+        def busy() -> int:
+            return broker.in_flight + supervisor.waiting()
+
+        while busy() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if broker.in_flight:
-            log.warning("drain timeout: %d requests still in flight", broker.in_flight)
+        if busy():
+            log.warning("drain timeout: %d requests still in flight or queued", busy())
 
 
 def _configured_paths(config: Config) -> dict[str, str | None]:
@@ -269,4 +275,5 @@ def run(config: Config, log_level: str | None = None,
         return asyncio.run(Daemon(config, reload).run())
     except AlreadyRunning as exc:
         log.error("%s", exc)
+        print(f"mlxrouter: {exc}", file=sys.stderr)
         return 1

@@ -25,6 +25,7 @@ from mlx.utils import tree_flatten
 from mlx_lm import load as mlx_load
 from mlx_lm.utils import dequantize_model
 from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import (apply_min_p, apply_top_k, apply_top_p, greedy_sampler,
                                  make_logits_processors)
 
@@ -74,6 +75,7 @@ class Sequence:
         self.rid = req.rid
         self.request_id = req.request_id or "-"
         self.uid = uid
+        self.cached_tokens = 0
         self.detok = detok
         self.stop = StopText(req.sampling.stop)
         self.prompt_tokens = prompt_tokens
@@ -127,6 +129,9 @@ class TextEngine:
         self.vocab_size = int(config.get("vocab_size")
                               or config.get("text_config", {}).get("vocab_size") or 0) or 2**31
         self.gen = self._new_batch()
+        self.prompt_cache = (LRUPromptCache(max_size=self.spec.prompt_cache_size,
+                                            max_bytes=self.spec.prompt_cache_bytes)
+                             if self.spec.prompt_cache_bytes > 0 else None)
         self._limit_memory()
 
     def _convert_weights(self) -> str:
@@ -184,6 +189,11 @@ class TextEngine:
             raise InvalidRequest("request has neither messages nor prompt")
         if not prompt:
             raise InvalidRequest("the prompt is empty")
+        if req.prompt is not None and not isinstance(req.prompt, str):
+            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+            if bad:  # an id past the embedding table reads (or crashes on) foreign memory
+                raise InvalidRequest(f"prompt token ids {bad[:5]} are outside the vocabulary "
+                                     f"({self.vocab_size} tokens)", param="prompt")
         max_tokens = req.sampling.max_tokens
         if len(prompt) + max_tokens > self.max_context:
             raise ContextLengthExceeded(
@@ -192,14 +202,43 @@ class TextEngine:
         sampling = req.sampling
         if sampling.top_k >= self.vocab_size:  # keeps every token: the same as no top-k
             sampling = msgspec.structs.replace(sampling, top_k=0)
-        (uid,) = self.gen.insert([prompt], max_tokens=[max_tokens],
+        processors = self._processors(sampling, max_tokens)
+        cache, rest = self._cached_prefix(prompt)
+        cached = len(prompt) - len(rest)
+        (uid,) = self.gen.insert([rest], max_tokens=[max_tokens], caches=[cache],
+                                 all_tokens=[prompt[:cached]],
                                  samplers=[make_sampler(sampling)],
-                                 logits_processors=[self._processors(sampling, max_tokens)])
-        self._seqs[uid] = Sequence(req, uid, self.tokenizer.detokenizer, len(prompt))
+                                 logits_processors=[processors])
+        seq = Sequence(req, uid, self.tokenizer.detokenizer, len(prompt))
+        seq.cached_tokens = cached
+        self._seqs[uid] = seq
         self._uid_of[req.rid] = uid
-        log.info("request started request_id=%s rid=%d prompt_tokens=%d max_tokens=%d",
-                 req.request_id or "-", req.rid, len(prompt), max_tokens)
-        self.emit(protocol.Started(rid=req.rid, prompt_tokens=len(prompt)))
+        log.info("request started request_id=%s rid=%d prompt_tokens=%d cached_tokens=%d "
+                 "max_tokens=%d", req.request_id or "-", req.rid, len(prompt), cached,
+                 max_tokens)
+        self.emit(protocol.Started(rid=req.rid, prompt_tokens=len(prompt),
+                                   cached_tokens=cached))
+
+    def _cached_prefix(self, prompt: list[int]) -> tuple[list | None, list[int]]:
+        """The KV cache of the longest known prefix of `prompt`, and the tokens still to run.
+
+        An exact hit leaves nothing to run, which BatchGenerator cannot take (mlx_lm.server
+        0.32.2 loses its generation thread to it): trim one token and run that one again.
+        """
+        if self.prompt_cache is None:
+            return None, prompt
+        cache, rest = self.prompt_cache.fetch_nearest_cache(self.spec.id, prompt)
+        if cache is not None and not rest:
+            if not can_trim_prompt_cache(cache):
+                return None, prompt
+            trim_prompt_cache(cache, 1)
+            rest = prompt[-1:]
+        return cache, rest
+
+    def _remember(self, tokens: list[int], cache: list | None) -> None:
+        """Keep a finished sequence's KV cache for the next turn (bounded by bytes)."""
+        if self.prompt_cache is not None and cache:
+            self.prompt_cache.insert_cache(self.spec.id, list(tokens), cache)
 
     def _processors(self, p: protocol.SamplingParams, max_tokens: int) -> list:
         """mlx-lm's logits processors; OpenAI's penalties look at everything generated."""
@@ -217,7 +256,7 @@ class TextEngine:
         uid = self._uid_of.get(rid)
         if uid is None:
             return  # unknown or already finished: ignored by the protocol
-        self.gen.remove([uid])
+        self.gen.remove([uid])  # a cancelled sequence's cache is not worth keeping
         seq = self._seqs[uid]
         self._end(seq, "cancelled")
 
@@ -228,7 +267,8 @@ class TextEngine:
                  seq.request_id, seq.rid, finish_reason, seq.completion_tokens)
         self.emit(protocol.End(rid=seq.rid, finish_reason=finish_reason,
                                prompt_tokens=seq.prompt_tokens,
-                               completion_tokens=seq.completion_tokens))
+                               completion_tokens=seq.completion_tokens,
+                               cached_tokens=seq.cached_tokens))
 
     # ---- the batch step
 
@@ -249,9 +289,13 @@ class TextEngine:
             if finish is not None:
                 seq.detok.finalize()
             text, hit = seq.stop.feed(seq.detok.last_segment)
+            if finish is not None:
+                self._remember(r.all_tokens, r.prompt_cache)
             if hit:
                 if finish is None:
-                    self.gen.remove([r.uid])
+                    kept = self.gen.remove([r.uid], return_prompt_caches=True)
+                    for cache, tokens in kept.values():
+                        self._remember(tokens, cache)
                 finish = "stop"
             elif finish is not None:
                 text += seq.stop.flush()
@@ -283,6 +327,8 @@ class TextEngine:
         log.error("allocation failure; failing %d sequences: %s", self.active, exc)
         self.fail_all("out_of_memory", f"the model ran out of memory: {exc}")
         self.gen = self._new_batch()
+        if self.prompt_cache is not None:
+            self.prompt_cache.trim_to(n_sequences=0)  # free what we can
         self._limit_memory()  # a new BatchGenerator sets the wired limit again
         mx.clear_cache()
 

@@ -15,7 +15,7 @@ import msgspec
 from .errors import InvalidRequest
 
 NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
-PosInt = Annotated[int, msgspec.Meta(ge=1)]
+PosInt = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
 
 
 class TextPart(msgspec.Struct, tag_field="type", tag="text"):
@@ -89,7 +89,7 @@ class GenerationParams(msgspec.Struct, kw_only=True):
     max_tokens: PosInt | None = None
     temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
     top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
-    top_k: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    top_k: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] | None = None
     min_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
     stop: str | Annotated[list[str], msgspec.Meta(max_length=16)] | None = None
     seed: Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)] | None = None
@@ -154,13 +154,16 @@ class CompletionRequest(GenerationParams, kw_only=True):
             return [p]
         if all(isinstance(x, str) for x in p):
             return list(p)
-        if all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in p):
+        if all(_token_id(x) for x in p):
             return [list(p)]
-        if all(isinstance(x, list) and x and all(isinstance(t, int) and t >= 0 for t in x)
-               for x in p):
+        if all(isinstance(x, list) and x and all(_token_id(t) for t in x) for x in p):
             return [list(x) for x in p]
         raise InvalidRequest("prompt must be a string, a list of strings, a list of token ids "
                              "or a list of token id lists", param="prompt")
+
+
+def _token_id(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**31
 
 
 def check_completion(req: CompletionRequest) -> list[str | list[int]]:
@@ -183,7 +186,7 @@ def check_completion(req: CompletionRequest) -> list[str | list[int]]:
 
 def _check_common(req: GenerationParams) -> None:
     for key in req.logit_bias or {}:
-        if not key.lstrip("-").isdigit() or int(key) < 0:
+        if not (key.isascii() and key.isdigit()) or int(key) >= 2**31:
             raise InvalidRequest(f"logit_bias keys must be token ids, got {key!r}",
                                  param="logit_bias")
     if any(s == "" for s in req.stop_list):
@@ -233,6 +236,8 @@ def decode_body(body: bytes, type_: type[msgspec.Struct]) -> Any:
         raise InvalidRequest(f"invalid request: {text}", param=param or None) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest("request body is nested too deeply") from None
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:

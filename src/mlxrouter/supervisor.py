@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 
 CRASH_LOOP_WINDOW_S = 600.0
 # Settings a running worker was started with; changing one on reload restarts it.
-COLD_FIELDS = ("path", "engine", "load_dtype", "max_running", "max_context", "env", "fault")
+COLD_FIELDS = ("path", "engine", "load_dtype", "max_running", "max_context", "env", "fault",
+               "prompt_cache_bytes", "prompt_cache_size")
 # After a victim is reaped, a load waits up to this long for its memory to show as available.
 MEMORY_RECOVERY_S = 5.0
 
@@ -300,7 +301,7 @@ class Supervisor:
         return memory.estimate_cost(spec.path, max_context=spec.max_context,
                                     max_batch=spec.max_running,
                                     overhead_bytes=self._overhead_bytes,
-                                    load_dtype=spec.load_dtype)
+                                    load_dtype=spec.load_dtype) + spec.prompt_cache_bytes
 
     def _read_pressure(self) -> None:
         sup = self.config.supervisor
@@ -505,7 +506,7 @@ class Supervisor:
         """Start a model without a request (preload, ctl start); clears FATAL and BACKOFF."""
         slot = self._slot(spec)
         slot.fatal_reason, slot.failures, slot.backoff_until = "", 0, 0.0
-        slot.want_start = True
+        slot.want_start = slot.worker is None  # already there: nothing to start later
         self._wake()
         return slot
 
@@ -600,3 +601,7 @@ class Supervisor:
 
     def slots(self) -> dict[str, Slot]:
         return self._slots
+
+    def waiting(self) -> int:
+        """Requests queued for a lease (loading, memory, a full batch): drain counts them."""
+        return sum(len(s.waiters) for s in self._slots.values())

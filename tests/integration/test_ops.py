@@ -265,3 +265,16 @@ def test_cors_preflight_is_answered_for_allowed_origins(start_daemon):
     assert real.status_code == 200
     assert real.headers["access-control-allow-origin"] == "http://localhost:3000"
     assert "x-request-id" in real.headers["access-control-expose-headers"].lower()
+
+
+def test_web_pages_cannot_drive_admin_or_the_api(start_daemon):
+    daemon = start_daemon()
+    evil = {"Origin": "https://evil.example"}
+    assert daemon.http.post("/admin/shutdown", headers=evil).status_code == 403
+    assert daemon.http.post("/admin/reload", headers={"Host": "evil.example"}).status_code == 403
+    assert daemon.http.post("/v1/chat/completions", headers=evil, json={
+        "model": "tiny", "messages": MESSAGES}).status_code == 403
+    local_ui = {"Origin": "http://localhost:3000"}
+    assert chat(daemon, **local_ui) == 200
+    assert daemon.http.get("/admin/status").status_code == 200
+    assert daemon.proc.poll() is None

@@ -363,3 +363,32 @@ def test_preloaded_model_is_not_unloaded_by_its_ttl_at_once(start_daemon, tiny_m
     pid = daemon.wait_worker("tiny")
     time.sleep(2.5)  # two supervisor ticks
     assert daemon.worker_pid("tiny") == pid
+
+
+def test_out_of_range_token_ids_and_huge_ints_are_400s_that_leak_nothing(start_daemon,
+                                                                         tiny_model):
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "max_running": 1,
+                                    "preload": True}})
+    pid = daemon.wait_worker("tiny")
+    for prompt in ([5, 100000], [5, 583], [[1], [2**40]]):
+        resp = daemon.http.post("/v1/completions", json={"model": "tiny", "prompt": prompt,
+                                                         "max_tokens": 2})
+        assert resp.status_code == 400, resp.text
+        assert resp.json()["error"]["param"] == "prompt"
+    for body in ({"max_tokens": 10**23}, {"top_k": 2**64}, {"logit_bias": {"²": 1}}):
+        resp = _chat(daemon, "tiny", **body)
+        assert resp.status_code == 400, (body, resp.text)
+    deep = b'{"model": "tiny", "messages": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+    assert daemon.http.post("/v1/chat/completions", content=deep).status_code == 400
+    assert _chat(daemon, "tiny").status_code == 200  # the one batch slot was given back
+    assert daemon.worker_pid("tiny") == pid
+
+
+def test_a_failed_choice_stops_its_siblings(start_daemon, tiny_model):
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "max_running": 1, "max_queue": 1,
+                                    "preload": True, "fault": {"delay_per_token_s": 0.05}}})
+    daemon.wait_worker("tiny")
+    resp = _chat(daemon, "tiny", n=4, max_tokens=100)
+    assert resp.status_code == 429
+    wait_for(lambda: daemon.workers()["tiny"]["in_flight"] == 0
+             and daemon.workers()["tiny"]["waiting"] == 0, 3, "siblings to be cancelled")
