@@ -385,6 +385,31 @@ def load_config(
                   source=str(path or ""))
 
 
+def control_settings(path: Path | str | None) -> tuple[Path, str | None]:
+    """What `ctl` needs to find and talk to a daemon: its run dir and admin key. Read leniently
+    from the main file alone, so a broken worker file (the one a reload should report) does not
+    stop `ctl` from reaching the daemon."""
+    try:
+        config = load_config(path)
+        return config.run_dir, config.server.admin_key
+    except ConfigError:
+        pass
+    path = Path(path).expanduser() if path else default_config_path()
+    raw: dict[str, Any] = {}
+    if path is not None and path.suffix != ".json":
+        try:
+            raw = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError):
+            raw = {}
+    sup = raw.get("supervisor", {}) if isinstance(raw.get("supervisor"), dict) else {}
+    server = raw.get("server", {}) if isinstance(raw.get("server"), dict) else {}
+    base = path.parent if path is not None else Path.cwd()
+    run_dir = sup.get("run_dir")
+    run = Path(_absolute(run_dir, base)) if isinstance(run_dir, str) else state_home() / "run"
+    key = os.environ.get("MLXROUTER_ADMIN_KEY") or server.get("admin_key")
+    return run, key if isinstance(key, str) else None
+
+
 def find_system_blas() -> str | None:
     """The system OpenBLAS, if installed (Debian: libopenblas0-pthread)."""
     for candidate in (

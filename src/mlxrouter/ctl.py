@@ -15,7 +15,7 @@ import time
 
 import httpx
 
-from .config import ConfigError
+from .config import ConfigError, control_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_UNKNOWN, EXIT_UNREACHABLE = (
     0, 1, 2, 3, 4, 7)
@@ -52,13 +52,12 @@ class Client:
 def daemon_url(args: argparse.Namespace) -> str:
     if args.url:
         return args.url
-    from .config import load_config
     from .daemon import read_lock_info
 
-    config = load_config(args.config)
-    info = read_lock_info(config.run_dir)
+    run_dir, _ = control_settings(args.config)
+    info = read_lock_info(run_dir)
     if not info.get("port"):
-        raise CtlError(f"the daemon is not running (no lock info in {config.run_dir})",
+        raise CtlError(f"the daemon is not running (no lock info in {run_dir})",
                        EXIT_UNREACHABLE)
     host = info.get("host") or "127.0.0.1"
     host = "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
@@ -68,12 +67,7 @@ def daemon_url(args: argparse.Namespace) -> str:
 def admin_key(args: argparse.Namespace) -> str | None:
     if args.admin_key:
         return args.admin_key
-    from .config import load_config
-
-    try:
-        return load_config(args.config).server.admin_key
-    except ValueError:
-        return None
+    return control_settings(args.config)[1]
 
 
 def _hms(seconds: float | None) -> str:
