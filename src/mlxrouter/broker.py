@@ -15,6 +15,7 @@ import itertools
 import logging
 import os
 from collections.abc import Callable
+from typing import NamedTuple
 from pathlib import Path
 
 import msgspec
@@ -56,6 +57,14 @@ class Lease:
             callback()
 
 
+class Chunk(NamedTuple):
+    """Everything a sequence produced since the last read."""
+
+    text: str
+    reasoning: str
+    tokens: int
+
+
 class RequestStream:
     """The daemon's view of one request in a worker: a start signal and a delta buffer."""
 
@@ -67,6 +76,7 @@ class RequestStream:
         self.end: protocol.End | None = None
         self.error: RouterError | None = None
         self._text: list[str] = []
+        self._reasoning: list[str] = []
         self._tokens = 0
         self._wake = asyncio.Event()
 
@@ -83,6 +93,8 @@ class RequestStream:
             return
         if delta.content:
             self._text.append(delta.content)
+        if delta.reasoning:
+            self._reasoning.append(delta.reasoning)
         self._tokens += delta.tokens
         self._wake.set()
 
@@ -101,15 +113,16 @@ class RequestStream:
         self._wake.set()
         self.lease.release()
 
-    async def next_chunk(self) -> tuple[str, int]:
+    async def next_chunk(self) -> Chunk:
         """Wait until something is buffered or the request ended; return all buffered text."""
-        if not self._text and not self._tokens and not self.done:
+        if not self._text and not self._reasoning and not self._tokens and not self.done:
             await self._wake.wait()
         self._wake.clear()
-        text, tokens = "".join(self._text), self._tokens
+        chunk = Chunk("".join(self._text), "".join(self._reasoning), self._tokens)
         self._text.clear()
+        self._reasoning.clear()
         self._tokens = 0
-        return text, tokens
+        return chunk
 
 
 WorkerCallback = Callable[[str, protocol.Message], None]

@@ -13,14 +13,14 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from . import protocol
-from .broker import RequestStream
+from .broker import Chunk, RequestStream
 from .config import ModelSpec
 from .errors import RouterError, Timeout
 from .memory import LEVELS
@@ -65,9 +65,10 @@ class Call:
             raise
         return self.stream
 
-    async def next_chunk(self) -> tuple[str, int]:
+    async def next_chunk(self) -> Chunk:
         assert self.stream is not None
-        text, tokens = await self._within_deadline(self.stream.next_chunk())
+        chunk = await self._within_deadline(self.stream.next_chunk())
+        tokens = chunk.tokens
         now = time.monotonic()
         if tokens and self.ttft_s is None:
             self.ttft_s = now - self.t0
@@ -75,15 +76,16 @@ class Call:
             self.state.metrics.inter_token(self.spec.id, (now - self._last_chunk_at) / tokens)
         if tokens:
             self._last_chunk_at = now
-        return text, tokens
+        return chunk
 
-    async def collect(self) -> tuple[str, protocol.End]:
+    async def collect(self) -> Answer:
         stream = self.stream or await self.open()
-        parts = []
+        parts, thoughts = [], []
         try:
             while True:
-                text, _ = await self.next_chunk()
-                parts.append(text)
+                chunk = await self.next_chunk()
+                parts.append(chunk.text)
+                thoughts.append(chunk.reasoning)
                 if stream.done:
                     break
         finally:
@@ -91,7 +93,7 @@ class Call:
         if stream.error is not None:
             raise stream.error
         assert stream.end is not None
-        return "".join(parts), stream.end
+        return Answer("".join(parts), "".join(thoughts), stream.end)
 
     async def _within_deadline(self, awaitable):
         try:
@@ -108,20 +110,26 @@ class Call:
             self.state.broker.cancel(self.stream.rid)
 
 
+class Answer(NamedTuple):
+    text: str
+    reasoning: str
+    end: protocol.End
+
+
 class Shape(Protocol):
     """How one endpoint spells its answers (chat.completion vs text_completion)."""
 
     endpoint: str
     id_prefix: str
 
-    def body(self, cid: str, created: int, model: str, choices: list[tuple[str, str]],
+    def body(self, cid: str, created: int, model: str, choices: list[Answer],
              usage: Usage) -> msgspec.Struct: ...
 
     def opening(self, cid: str, created: int, model: str, index: int) -> msgspec.Struct | None:
         ...
 
-    def delta(self, cid: str, created: int, model: str, index: int, text: str
-              ) -> msgspec.Struct: ...
+    def delta(self, cid: str, created: int, model: str, index: int, text: str,
+              reasoning: str = "") -> msgspec.Struct: ...
 
     def finish(self, cid: str, created: int, model: str, index: int, reason: str
                ) -> msgspec.Struct: ...
@@ -220,14 +228,13 @@ class Group:
         except RouterError as exc:
             self.record(exc.status, error=exc)
             raise
-        usage = self.usage([end for _, end in results])
+        usage = self.usage([a.end for a in results])
         self.record(200, usage)
-        choices = [(self.prefix[i] + text, end.finish_reason)
-                   for i, (text, end) in enumerate(results)]
+        choices = [a._replace(text=self.prefix[i] + a.text) for i, a in enumerate(results)]
         return json_response(self.shape.body(self.cid, self.created, self.model, choices,
                                              usage))
 
-    async def _collect_all(self) -> list[tuple[str, protocol.End]]:
+    async def _collect_all(self) -> list[Answer]:
         try:
             return await self._all(c.collect() for c in self.calls)
         finally:
@@ -270,9 +277,9 @@ class Group:
                 if self.prefix[i]:
                     yield encode_sse(self.shape.delta(*args, i, self.prefix[i]))
             ends: dict[int, protocol.End] = {}
-            async for index, text, end in self._merged():
-                if text:
-                    yield encode_sse(self.shape.delta(*args, index, text))
+            async for index, chunk, end in self._merged():
+                if chunk.text or chunk.reasoning:
+                    yield encode_sse(self.shape.delta(*args, index, chunk.text, chunk.reasoning))
                 if end is not None:
                     ends[index] = end
                     yield encode_sse(self.shape.finish(*args, index, end.finish_reason))
@@ -290,22 +297,22 @@ class Group:
             self.close()
             self.record(499)  # no-op unless the client left mid-stream
 
-    async def _merged(self) -> AsyncIterator[tuple[int, str, protocol.End | None]]:
+    async def _merged(self) -> AsyncIterator[tuple[int, Chunk, protocol.End | None]]:
         """Deltas of every sequence as they come; raises the first sequence's error."""
-        queue: asyncio.Queue[tuple[int, str, Any]] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[int, Chunk, Any]] = asyncio.Queue()
 
         async def pump(index: int, call: Call) -> None:
             try:
                 while True:
-                    text, _ = await call.next_chunk()
+                    chunk = await call.next_chunk()
                     stream = call.stream
                     assert stream is not None
                     if stream.done:
-                        queue.put_nowait((index, text, stream.error or stream.end))
+                        queue.put_nowait((index, chunk, stream.error or stream.end))
                         return
-                    queue.put_nowait((index, text, None))
+                    queue.put_nowait((index, chunk, None))
             except RouterError as exc:
-                queue.put_nowait((index, "", exc))
+                queue.put_nowait((index, Chunk("", "", 0), exc))
 
         tasks = [asyncio.create_task(pump(i, c)) for i, c in enumerate(self.calls)]
         try:

@@ -116,6 +116,7 @@ class ModelOptions(_Section):
     load_dtype: Literal["auto", "native", "float32", "float16", "bfloat16"] | None = None
     prompt_cache_bytes: NonNeg | None = None
     prompt_cache_size: Pos | None = None
+    reasoning_response: Literal["enable", "disable"] | None = None
     # Test aid: faults injected into the real worker (see engine.FaultPlan).
     fault: dict[str, float] | None = None
     env: dict[str, str] | None = None
@@ -172,6 +173,9 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     # LRUPromptCache), bounded by bytes (counted in the memory budget) and entries; 0 = off.
     prompt_cache_bytes: int = 256 * 1024 * 1024
     prompt_cache_size: int = 16
+    # Text inside the model's reasoning markers goes to reasoning_content ("enable") or is
+    # dropped ("disable"); it is never part of content.
+    reasoning_response: str = "enable"
     fault: dict[str, float] = {}
     env: dict[str, str] = {}
 
@@ -219,7 +223,7 @@ _SEED_NOOP_KEYS = {
     "server": {"log_level", "workers", "reload", "streaming_format",
                "stream_chunk_size"},
     "defaults": {"streaming_format", "stream_chunk_size", "enable_function_calling",
-                 "supports_tools", "supports_vision", "reasoning_response", "chat_template",
+                 "supports_tools", "supports_vision", "chat_template",
                  "repetition_penalty", "trust_remote_code"},
 }
 _SEED_NOOP_KEYS["models"] = _SEED_NOOP_KEYS["defaults"] | {"cache_size"}

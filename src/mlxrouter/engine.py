@@ -24,7 +24,7 @@ import msgspec
 from mlx.utils import tree_flatten
 from mlx_lm import load as mlx_load
 from mlx_lm.utils import dequantize_model
-from mlx_lm.generate import BatchGenerator
+from mlx_lm.generate import BatchGenerator, TextStateMachine
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import (apply_min_p, apply_top_k, apply_top_p, greedy_sampler,
                                  make_logits_processors)
@@ -76,10 +76,24 @@ class Sequence:
         self.request_id = req.request_id or "-"
         self.uid = uid
         self.cached_tokens = 0
+        self.split: Any = None  # a TextStateMachine state while the model may reason
         self.detok = detok
         self.stop = StopText(req.sampling.stop)
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
+
+    def route(self, text: str, final: bool) -> tuple[str, str]:
+        """(content, reasoning) of newly decoded text; markers never reach either."""
+        if self.split is None:
+            return text, ""
+        out = {"normal": "", "reasoning": ""}
+        self.split, segments = TextStateMachine.split(self.split, text)
+        if final:
+            self.split, rest, state = TextStateMachine.flush(self.split)
+            segments.append((state, rest))
+        for state, piece in segments:
+            out["reasoning" if state == "reasoning" else "normal"] += piece
+        return out["normal"], out["reasoning"]
 
 
 class FaultPlan:
@@ -211,6 +225,8 @@ class TextEngine:
                                  logits_processors=[processors])
         seq = Sequence(req, uid, self.tokenizer.detokenizer, len(prompt))
         seq.cached_tokens = cached
+        if req.messages is not None:
+            seq.split = self._reasoning_split(prompt)
         self._seqs[uid] = seq
         self._uid_of[req.rid] = uid
         log.info("request started request_id=%s rid=%d prompt_tokens=%d cached_tokens=%d "
@@ -218,6 +234,18 @@ class TextEngine:
                  max_tokens)
         self.emit(protocol.Started(rid=req.rid, prompt_tokens=len(prompt),
                                    cached_tokens=cached))
+
+    def _reasoning_split(self, prompt: list[int]) -> Any:
+        """mlx-lm's text state machine over the reasoning markers, or None for models without
+        them. Templates that open the reasoning block themselves start inside it."""
+        tok = self.tokenizer
+        if not tok.has_thinking:
+            return None
+        machine = TextStateMachine({"normal": [(tok.think_start, "reasoning")],
+                                    "reasoning": [(tok.think_end, "normal")]})
+        tail = tok.decode(prompt[-8:]).rstrip()
+        opened = tail.endswith(tok.think_start)
+        return machine.make_state(initial="reasoning" if opened else "normal")
 
     def _cached_prefix(self, prompt: list[int]) -> tuple[list | None, list[int]]:
         """The KV cache of the longest known prefix of `prompt`, and the tokens still to run.
@@ -299,7 +327,11 @@ class TextEngine:
                 finish = "stop"
             elif finish is not None:
                 text += seq.stop.flush()
-            deltas.append(protocol.Delta(rid=seq.rid, content=text, tokens=1))
+            content, reasoning = seq.route(text, final=finish is not None)
+            if self.spec.reasoning_response == "disable":
+                reasoning = ""
+            deltas.append(protocol.Delta(rid=seq.rid, content=content, reasoning=reasoning,
+                                         tokens=1))
             if finish is not None:
                 ended.append((seq, finish))
         if deltas:

@@ -95,6 +95,8 @@ class Started(_Msg, tag="started"):
 class Delta(msgspec.Struct, omit_defaults=True):
     rid: int
     content: str = ""
+    # Text inside the model's reasoning markers (<think>...</think>), never part of content.
+    reasoning: str = ""
     tokens: int = 0
 
 

@@ -267,9 +267,10 @@ class Usage(msgspec.Struct):
     prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
 
 
-class AssistantMessage(msgspec.Struct):
+class AssistantMessage(msgspec.Struct, omit_defaults=True):
     role: str
     content: str | None
+    reasoning_content: str | None = None
 
 
 class Choice(msgspec.Struct):
@@ -292,6 +293,7 @@ class ChatCompletion(msgspec.Struct):
 class ChunkDelta(msgspec.Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
 
 
 class ChunkChoice(msgspec.Struct):
@@ -347,17 +349,18 @@ class ChatShape:
 
     def body(self, cid, created, model, choices, usage):
         return ChatCompletion(cid, created, model, [
-            Choice(i, AssistantMessage("assistant", text), reason)
-            for i, (text, reason) in enumerate(choices)], usage)
+            Choice(i, AssistantMessage("assistant", a.text, a.reasoning or None),
+                   a.end.finish_reason)
+            for i, a in enumerate(choices)], usage)
 
     def opening(self, cid, created, model, index):
         # The role comes in each choice's first delta only.
         return ChatCompletionChunk(cid, created, model,
                                    [ChunkChoice(index, ChunkDelta(role="assistant", content=""))])
 
-    def delta(self, cid, created, model, index, text):
-        return ChatCompletionChunk(cid, created, model,
-                                   [ChunkChoice(index, ChunkDelta(content=text))])
+    def delta(self, cid, created, model, index, text, reasoning=""):
+        delta = ChunkDelta(content=text or None, reasoning_content=reasoning or None)
+        return ChatCompletionChunk(cid, created, model, [ChunkChoice(index, delta)])
 
     def finish(self, cid, created, model, index, reason):
         return ChatCompletionChunk(cid, created, model, [ChunkChoice(index, ChunkDelta(), reason)])
@@ -373,12 +376,13 @@ class TextShape:
 
     def body(self, cid, created, model, choices, usage):
         return TextCompletion(cid, created, model, [
-            TextChoice(i, text, reason) for i, (text, reason) in enumerate(choices)], usage=usage)
+            TextChoice(i, a.text, a.end.finish_reason) for i, a in enumerate(choices)],
+            usage=usage)
 
     def opening(self, cid, created, model, index):
         return None
 
-    def delta(self, cid, created, model, index, text):
+    def delta(self, cid, created, model, index, text, reasoning=""):
         return TextCompletion(cid, created, model, [TextChoice(index, text)])
 
     def finish(self, cid, created, model, index, reason):

@@ -1,0 +1,71 @@
+"""Reasoning models: text inside <think>...</think> goes to reasoning_content, never content;
+reasoning_response = "disable" drops it."""
+
+from __future__ import annotations
+
+import pytest
+
+from tinymodel import CHATML_TEMPLATE, build_tiny_llama
+
+def reasoning(msg) -> str | None:
+    """The openai client keeps unknown fields as extra attributes, absent when not sent."""
+    return getattr(msg, "reasoning_content", None)
+
+
+MESSAGES = [{"role": "user", "content": "Think, then answer: what is 2 + 2?"}]
+# Like DeepSeek-R1 / Qwen3 thinking templates: the generation prompt opens the reasoning block.
+THINKING_TEMPLATE = CHATML_TEMPLATE.replace("'<|im_start|>assistant\\n'",
+                                            "'<|im_start|>assistant\\n<think>\\n'")
+
+
+@pytest.fixture(scope="module")
+def thinking_model(tmp_path_factory):
+    assert THINKING_TEMPLATE != CHATML_TEMPLATE
+    return build_tiny_llama(tmp_path_factory.mktemp("think") / "thinker",
+                            chat_template=THINKING_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def think_ids(thinking_model):
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    tok = load_tokenizer(thinking_model)
+    return tok, tok.convert_tokens_to_ids("</think>")
+
+
+def test_reasoning_goes_to_reasoning_content_until_the_block_closes(start_daemon,
+                                                                    thinking_model, think_ids):
+    tok, end_think = think_ids
+    client = start_daemon({"thinker": {"path": str(thinking_model)}}).openai()
+    thinking = client.chat.completions.create(model="thinker", messages=MESSAGES,
+                                              max_tokens=6, temperature=0)
+    msg = thinking.choices[0].message
+    assert reasoning(msg) and msg.content == ""
+    assert "<think>" not in reasoning(msg)
+    # Force the closing marker first: everything after it is the answer.
+    closed = client.chat.completions.create(
+        model="thinker", messages=MESSAGES, max_tokens=3, temperature=0,
+        logit_bias={str(end_think): 100})
+    assert reasoning(closed.choices[0].message) is None
+    assert closed.choices[0].message.content == "</think></think>"  # only the first closes
+    streamed = list(client.chat.completions.create(model="thinker", messages=MESSAGES,
+                                                   max_tokens=6, temperature=0, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    thought = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or ""
+                      for c in streamed if c.choices)
+    assert (thought, text) == (reasoning(msg), msg.content)
+
+
+def test_reasoning_can_be_dropped(start_daemon, thinking_model):
+    client = start_daemon({"thinker": {"path": str(thinking_model),
+                                       "reasoning_response": "disable"}}).openai()
+    msg = client.chat.completions.create(model="thinker", messages=MESSAGES, max_tokens=6,
+                                         temperature=0).choices[0].message
+    assert reasoning(msg) is None and msg.content == ""
+
+
+def test_models_without_an_opened_block_answer_in_content(start_daemon, tiny_model):
+    client = start_daemon({"tiny": {"path": str(tiny_model)}}).openai()
+    msg = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6,
+                                         temperature=0).choices[0].message
+    assert msg.content and reasoning(msg) is None
