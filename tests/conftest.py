@@ -33,6 +33,21 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str = "conditio
         time.sleep(0.02)
 
 
+def gone(proc: psutil.Process) -> bool:
+    """The process has exited (a zombie counts). Checks this very process: a pid alone can be
+    reused, and an exiting process briefly shows no command line yet is still running."""
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_gone(pid_or_proc: int | psutil.Process, timeout: float = 10) -> None:
+    proc = pid_or_proc if isinstance(pid_or_proc, psutil.Process) else psutil.Process(
+        pid_or_proc)
+    wait_for(lambda: gone(proc), timeout, f"process {proc.pid} to exit")
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"

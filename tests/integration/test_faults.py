@@ -11,7 +11,7 @@ import openai
 import psutil
 import pytest
 
-from conftest import wait_for
+from conftest import wait_for, wait_gone
 
 MESSAGES = [{"role": "user", "content": "Write a long story about a lighthouse."}]
 # 40 ms per engine step: a 200-token stream lasts ~8 s, long enough to kill it midway.
@@ -64,13 +64,14 @@ def test_sigstopped_worker_is_detected_killed_and_replaced(start_daemon, tiny_mo
                                                  max_tokens=200, stream=True))
     next(stream)
     pid = daemon.worker_pid("tiny")
+    proc = psutil.Process(pid)
     stopped_at = time.monotonic()
     os.kill(pid, signal.SIGSTOP)
     with pytest.raises(openai.APIError):
         for _ in stream:
             pass
     assert time.monotonic() - stopped_at < 8
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    wait_gone(proc, 5)
     resp = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2)
     assert resp.usage.completion_tokens == 2
 
@@ -104,14 +105,14 @@ def test_sigterm_lets_the_stream_in_flight_finish_then_exits_cleanly(start_daemo
         model="tiny", messages=MESSAGES, max_tokens=60, stream=True,
         stream_options={"include_usage": True}))
     next(stream)
-    worker = daemon.worker_pid("tiny")
+    worker = psutil.Process(daemon.worker_pid("tiny"))
     daemon.proc.send_signal(signal.SIGTERM)
     # New requests are refused while it drains.
     wait_for(lambda: daemon.http.get("/health").status_code == 503, 5, "draining health")
     rest = list(stream)
     assert rest[-1].usage.completion_tokens == 60
     assert daemon.proc.wait(30) == 0
-    assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == "zombie"
+    wait_gone(worker, 5)
     assert not (daemon.run_dir / "gw.sock").exists()
 
 
@@ -121,13 +122,13 @@ def test_workers_exit_by_themselves_when_the_daemon_is_sigkilled(start_daemon, t
     fault = {} if pdeathsig else {"no_pdeathsig": 1}
     daemon = start_daemon({"tiny": {"path": str(tiny_model), "fault": fault}})
     daemon.openai().chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=1)
-    pid = daemon.worker_pid("tiny")
+    worker = psutil.Process(daemon.worker_pid("tiny"))
     killed_at = time.monotonic()
     daemon.proc.kill()
     daemon.proc.wait()
-    wait_for(lambda: not daemon.worker_processes(), 10, "workers to exit")
+    wait_gone(worker, 10)
     assert time.monotonic() - killed_at < 10
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+    assert not daemon.worker_processes()
     # Without PDEATHSIG it was the worker's own once-a-second parent check that ended it.
     noticed = f"daemon (pid {daemon.proc.pid}) is gone; exiting" in daemon.worker_log("tiny")
     assert noticed == (not pdeathsig)

@@ -13,7 +13,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import wait_for
+from conftest import wait_for, wait_gone
 
 MESSAGES = [{"role": "user", "content": "Say something."}]
 
@@ -42,7 +42,7 @@ def test_ctl_status_start_stop_restart_pid_and_exit_codes(start_daemon, tiny_mod
     started = ctl(daemon, "start", "tiny")
     assert started.returncode == 0, started.stderr
     pid = daemon.worker_pid("tiny")
-    assert psutil.pid_exists(pid)
+    old = psutil.Process(pid)
     line = ctl(daemon, "status", "tiny")
     assert line.returncode == 0
     assert f"RUNNING   pid {pid}, uptime 0:00:0" in line.stdout
@@ -55,8 +55,7 @@ def test_ctl_status_start_stop_restart_pid_and_exit_codes(start_daemon, tiny_mod
     assert ctl(daemon, "restart", "tiny").returncode == 0
     new_pid = daemon.worker_pid("tiny")
     assert new_pid != pid
-    wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie",
-             10, "the old worker to exit")
+    wait_gone(old, 10)
     assert ctl(daemon, "stop", "all").returncode == 0
     wait_for(lambda: not daemon.worker_processes(), 10, "workers to stop")
     assert daemon.workers()["tiny"]["state"] == "STOPPED"

@@ -13,7 +13,7 @@ import openai
 import psutil
 import pytest
 
-from conftest import spawn_daemon, wait_for, wait_for_gone
+from conftest import gone, spawn_daemon, wait_for, wait_for_gone, wait_gone
 
 MESSAGES = [{"role": "user", "content": "Tell me a story about two lighthouses."}]
 
@@ -153,9 +153,9 @@ def test_request_timeout_is_504_and_the_worker_keeps_serving(start_daemon, tiny_
 def test_idle_ttl_unloads_and_the_next_request_reloads(start_daemon, tiny_model):
     daemon = start_daemon({"tiny": {"path": str(tiny_model), "idle_ttl_s": 1.0}})
     assert _chat(daemon, "tiny").status_code == 200
-    pid = daemon.worker_pid("tiny")
+    worker = psutil.Process(daemon.worker_pid("tiny"))
     wait_for(lambda: daemon.workers()["tiny"]["state"] == "STOPPED", 10, "idle unload")
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+    wait_gone(worker, 5)
     assert _chat(daemon, "tiny").status_code == 200
 
 
@@ -203,15 +203,14 @@ def test_restarted_daemon_reaps_a_stale_worker(start_daemon, tiny_model):
     # no_parent_watch: the worker cannot notice its daemon's death (a wedged worker would not).
     daemon = start_daemon({"tiny": {"path": str(tiny_model), "fault": {"no_parent_watch": 1}}})
     assert _chat(daemon, "tiny").status_code == 200
-    pid = daemon.worker_pid("tiny")
+    stale = psutil.Process(daemon.worker_pid("tiny"))
     daemon.proc.kill()
     daemon.proc.wait()
     time.sleep(1.5)  # longer than a watching worker's getppid period: it would be gone by now
-    assert psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    assert not gone(stale)
     second = spawn_daemon(daemon.root, daemon.root / "supervisor.toml")
     try:
-        wait_for(lambda: not psutil.pid_exists(pid)
-                 or psutil.Process(pid).status() == "zombie", 10, "stale worker reaped")
+        wait_gone(stale, 10)
         assert not list((daemon.run_dir / "workers").glob("*.pid"))
         assert _chat(second, "tiny").status_code == 200
     finally:
@@ -306,12 +305,12 @@ def test_wedged_engine_is_killed_and_its_request_fails_fast(start_daemon, tiny_m
     daemon = start_daemon({"tiny": {"path": str(tiny_model), "preload": True,
                                     "fault": {"stall_after_tokens": 3}}},
                           supervisor={"engine_stall_timeout_s": 2.0})
-    pid = daemon.wait_worker("tiny")
+    worker = psutil.Process(daemon.wait_worker("tiny"))
     started = time.monotonic()
     resp = _chat(daemon, "tiny", max_tokens=20)
     assert resp.status_code == 502
     assert 2.0 <= time.monotonic() - started < 8
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+    wait_gone(worker, 5)
     assert "engine made no progress" in daemon.output()
 
 

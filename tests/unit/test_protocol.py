@@ -92,7 +92,7 @@ def test_unknown_fields_from_a_newer_peer_are_ignored() -> None:
 def test_unknown_fields_in_nested_structs_are_ignored() -> None:
     raw = msgspec.msgpack.encode({
         "t": "step",
-        "deltas": [{"rid": 1, "content": "a", "tokens": 1, "reasoning": "hmm"}],
+        "deltas": [{"rid": 1, "content": "a", "tokens": 1, "audio": "hmm"}],
     })
     assert decode(raw) == Step(deltas=[Delta(rid=1, content="a", tokens=1)])
     raw = msgspec.msgpack.encode({
