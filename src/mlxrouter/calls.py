@@ -26,7 +26,7 @@ from .errors import RouterError, Timeout
 from .memory import LEVELS
 from .runtime import AppState, json_response
 from .schemas import PromptTokensDetails, Usage
-from .streaming import SSE_DONE, SSE_HEADERS, SSE_KEEPALIVE, encode_sse, encode_sse_error
+from .streaming import SSE_HEADERS, StreamFormat
 
 log = logging.getLogger(__name__)
 
@@ -255,47 +255,69 @@ class Group:
             if isinstance(exc, RouterError):
                 self.record(exc.status, error=exc)
             raise exc  # failed before Started: a real HTTP status
-        return StreamingResponse(self._sse(opening, include_usage),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
+        fmt = StreamFormat(self.spec.streaming_format)
+        return StreamingResponse(self._sse(opening, include_usage, fmt),
+                                 media_type=fmt.media_type, headers=SSE_HEADERS)
 
-    async def _sse(self, opening: asyncio.Future, include_usage: bool) -> AsyncIterator[bytes]:
+    async def _sse(self, opening: asyncio.Future, include_usage: bool,
+                   fmt: StreamFormat) -> AsyncIterator[bytes]:
         interval = self.state.config.server.keepalive_interval_s
         args = (self.cid, self.created, self.model)
+        yield fmt.start()
         try:
             while not opening.done():
                 done, _ = await asyncio.wait({opening}, timeout=interval)
                 if not done:
-                    yield SSE_KEEPALIVE
+                    yield fmt.keepalive()
             if (exc := opening.exception()) is not None:
                 self.record(getattr(exc, "status", 500), error=exc)
-                yield encode_sse_error(exc)
+                yield fmt.error(exc)
+                yield fmt.end()
                 return
             for i in range(len(self.calls)):
                 first = self.shape.opening(*args, i)
                 if first is not None:
-                    yield encode_sse(first)
+                    yield fmt.chunk(first)
                 if self.prefix[i]:
-                    yield encode_sse(self.shape.delta(*args, i, self.prefix[i]))
+                    yield fmt.chunk(self.shape.delta(*args, i, self.prefix[i]))
             ends: dict[int, protocol.End] = {}
-            async for index, chunk, end in self._merged():
+            async for index, chunk, end in self._batched(self._merged()):
                 if chunk.text or chunk.reasoning:
-                    yield encode_sse(self.shape.delta(*args, index, chunk.text, chunk.reasoning))
+                    yield fmt.chunk(self.shape.delta(*args, index, chunk.text, chunk.reasoning))
                 if end is not None:
                     ends[index] = end
-                    yield encode_sse(self.shape.finish(*args, index, end.finish_reason))
+                    yield fmt.chunk(self.shape.finish(*args, index, end.finish_reason))
             usage = self.usage([ends[i] for i in range(len(self.calls))])
             self.record(200, usage)
             if include_usage:
-                yield encode_sse(self.shape.usage_chunk(*args, usage))
-            yield SSE_DONE
+                yield fmt.chunk(self.shape.usage_chunk(*args, usage))
+            yield fmt.end()
         except RouterError as exc:
             self.record(exc.status, error=exc)
-            yield encode_sse_error(exc)
+            yield fmt.error(exc)
+            yield fmt.end()
         finally:
             if not opening.done():
                 opening.cancel()
             self.close()
             self.record(499)  # no-op unless the client left mid-stream
+
+    async def _batched(self, events):
+        """stream_chunk_size: hold each choice's text until it has that many tokens (or ends)."""
+        size = self.spec.stream_chunk_size
+        if size <= 1:
+            async for event in events:
+                yield event
+            return
+        held: dict[int, Chunk] = {}
+        async for index, chunk, end in events:
+            have = held.pop(index, Chunk("", "", 0))
+            merged = Chunk(have.text + chunk.text, have.reasoning + chunk.reasoning,
+                           have.tokens + chunk.tokens)
+            if end is None and merged.tokens < size:
+                held[index] = merged
+                continue
+            yield index, merged, end
 
     async def _merged(self) -> AsyncIterator[tuple[int, Chunk, protocol.End | None]]:
         """Deltas of every sequence as they come; raises the first sequence's error."""

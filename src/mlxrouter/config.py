@@ -117,6 +117,8 @@ class ModelOptions(_Section):
     prompt_cache_bytes: NonNeg | None = None
     prompt_cache_size: Pos | None = None
     reasoning_response: Literal["enable", "disable"] | None = None
+    streaming_format: Literal["sse", "json_lines", "json_array"] | None = None
+    stream_chunk_size: Pos | None = None
     # Test aid: faults injected into the real worker (see engine.FaultPlan).
     fault: dict[str, float] | None = None
     env: dict[str, str] | None = None
@@ -176,6 +178,10 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     # Text inside the model's reasoning markers goes to reasoning_content ("enable") or is
     # dropped ("disable"); it is never part of content.
     reasoning_response: str = "enable"
+    # The seed's streaming options: "sse" (OpenAI's, default), "json_lines" (one chunk per
+    # line) or "json_array"; and tokens per streamed chunk.
+    streaming_format: str = "sse"
+    stream_chunk_size: int = 1
     fault: dict[str, float] = {}
     env: dict[str, str] = {}
 
@@ -220,9 +226,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
 # Keys of the seed project's config.json, by section, that this version accepts with a warning
 # because they have no effect yet. Anything else unknown is an error.
 _SEED_NOOP_KEYS = {
-    "server": {"log_level", "workers", "reload", "streaming_format",
-               "stream_chunk_size"},
-    "defaults": {"streaming_format", "stream_chunk_size", "enable_function_calling",
+    "server": {"log_level", "workers", "reload"},
+    "defaults": {"enable_function_calling",
                  "supports_tools", "supports_vision", "chat_template",
                  "repetition_penalty", "trust_remote_code"},
 }
@@ -308,6 +313,9 @@ def _main_from_seed_json(path: Path) -> dict[str, Any]:
     }
     if "api_key" in server:
         server["api_keys"] = [server.pop("api_key")]
+    for key in ("streaming_format", "stream_chunk_size"):  # per model here
+        if key in server:
+            defaults.setdefault(key, server.pop(key))
     if "timeout" in server:  # the seed's request timeout; per model here
         defaults.setdefault("timeout", server.pop("timeout"))
     for section in (defaults, *models.values()):

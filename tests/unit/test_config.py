@@ -305,7 +305,7 @@ SEED = {
     },
 }
 # Seed keys accepted with a warning because they do nothing here (yet).
-SEED_ONLY = ("streaming_format", "stream_chunk_size", "log_level", "chat_template")
+SEED_ONLY = ("log_level", "chat_template")
 
 
 def write_json(path: Path, data: object) -> Path:
@@ -349,7 +349,8 @@ def test_seed_only_keys_are_warned_about_by_name(
     for key in SEED_ONLY:
         assert key in warnings
     # Keys that mean something here are not warned about.
-    for key in ("max_tokens", "top_p", "required_memory_gb", "model_directory", "cache_size"):
+    for key in ("max_tokens", "top_p", "required_memory_gb", "model_directory", "cache_size",
+                "streaming_format", "stream_chunk_size"):
         assert key not in warnings
 
 
@@ -618,3 +619,13 @@ def test_memory_pressure_unknown_level_is_a_config_error(tmp_path: Path) -> None
         load_config(main)
     assert "extreme" in str(info.value) or "memory_pressure_max_tokens" in str(info.value)
     assert str(worker) in str(info.value)
+
+
+def test_seed_streaming_options_apply_per_model(tmp_path: Path) -> None:
+    path = write_json(tmp_path / "config.json", {
+        "server": {"streaming_format": "json_lines"}, "defaults": {"stream_chunk_size": 4},
+        "models": {"m": {"path": "/m", "streaming_format": "json_array"}, "n": {"path": "/n"}}})
+    config = load_config(path)
+    assert config.spec_for("m").streaming_format == "json_array"
+    assert config.spec_for("n").streaming_format == "json_lines"
+    assert config.spec_for("n").stream_chunk_size == 4
