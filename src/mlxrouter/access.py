@@ -26,7 +26,10 @@ from .errors import Forbidden, RouterError, Unauthorized, error_body, error_head
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-_OPEN_PATHS = ("/health", "/openapi.json")
+# The API's description is not secret, and a browser cannot send a bearer key when it loads a
+# page: the docs pages, their assets and /openapi.json are open like /health.
+_OPEN_PATHS = ("/health", "/openapi.json", "/docs", "/redoc")
+_OPEN_PREFIXES = ("/docs/",)
 
 
 class RequestIdFilter(logging.Filter):
@@ -98,7 +101,7 @@ def _check_host(scope: Scope) -> None:
 def check_access(scope: Scope, api_keys: list[str], admin_key: str | None,
                  cors_origins: list[str] = ()) -> None:
     path: str = scope["path"]
-    if path in _OPEN_PATHS:
+    if path in _OPEN_PATHS or path.startswith(_OPEN_PREFIXES):
         return
     token = _bearer(scope)
     admin = path.startswith("/admin")
