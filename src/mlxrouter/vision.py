@@ -1,0 +1,299 @@
+"""Images and PDFs in chat requests, daemon side: cheap checks, then raw bytes to the worker.
+
+Runs on the daemon's event loop; imports no mlx. The gateway never decodes pixels or renders a
+page: it decodes base64 (in a thread), enforces byte limits, sniffs the format and reads image
+dimensions from the header alone (PIL's lazy open), so a decompression bomb is refused before
+anything is decoded. The vision worker decodes and renders (vlm_engine), so a malicious file
+can fail its request, never the daemon. http(s) URLs are fetched only when
+`allow_remote_images` is set; local files are never read.
+
+In the messages a worker receives, each image or file part becomes
+`{"type": "image", "media": i}`, i indexing `Request.media` (schemas.message_dicts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from . import protocol
+from .config import ModelSpec, ServerConfig
+from .discovery import vision_capable
+from .errors import InvalidRequest
+
+log = logging.getLogger(__name__)
+
+# PIL format name -> how users know it. GIF: the first frame is used.
+IMAGE_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP", "BMP": "BMP", "GIF": "GIF"}
+_SUPPORTED = ", ".join(IMAGE_FORMATS.values()) + " or PDF"
+# Declared media types worth sniffing; the bytes decide what the file really is.
+_DECLARED = ("image/", "application/pdf", "application/octet-stream")
+_THREAD_ABOVE_BYTES = 64 * 1024
+
+
+# ---- which models see images
+
+
+_capable: dict[str, tuple[float, bool]] = {}  # config.json path -> (mtime, vision?)
+
+
+def is_vision_model(spec: ModelSpec) -> bool:
+    """Per-model `supports_vision` when set, else the model's own config.json (cached by
+    mtime). Used by the gateway and, for engine selection, by the worker."""
+    if spec.supports_vision is not None:
+        return spec.supports_vision
+    path = Path(spec.path) / "config.json"
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        return False
+    cached = _capable.get(str(path))
+    if cached is not None and cached[0] == mtime:
+        return cached[1]
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        config = {}
+    capable = isinstance(config, dict) and vision_capable(config)
+    _capable[str(path)] = (mtime, capable)
+    return capable
+
+
+# ---- request validation (moved out of schemas.check_supported)
+
+
+def _kind(part: Any) -> str:
+    return type(part).__struct_config__.tag
+
+
+def check_messages(messages: list[Any]) -> None:
+    """Content and content parts of chat messages, before any model is involved: text, images
+    (image_url) and files (PDFs) are accepted; images and files only from the user."""
+    for i, msg in enumerate(messages):
+        if msg.content is None and msg.role != "assistant":
+            raise InvalidRequest(f"messages[{i}].content is required for role '{msg.role}'",
+                                 param=f"messages[{i}].content")
+        if not isinstance(msg.content, list):
+            continue
+        for j, part in enumerate(msg.content):
+            kind = _kind(part)
+            where = f"messages[{i}].content[{j}]"
+            if kind not in ("text", "image_url", "file"):
+                raise InvalidRequest(f"{where}: content of type '{kind}' is not supported by "
+                                     "this server", param=f"{where}.type")
+            if kind != "text" and msg.role != "user":
+                raise InvalidRequest(f"{where}: content of type '{kind}' is only allowed in "
+                                     f"messages with role 'user', not '{msg.role}'",
+                                     param=f"{where}.type")
+            detail = part.image_url.detail if kind == "image_url" else None
+            if detail not in (None, "auto", "low", "high"):
+                raise InvalidRequest(f"{where}: image_url.detail must be 'auto', 'low' or "
+                                     f"'high', not {detail!r}", param=f"{where}.image_url.detail")
+
+
+def media_parts(messages: list[Any]) -> Iterator[tuple[str, Any]]:
+    """(param path, part) of every image and file part, in the order of Request.media."""
+    for i, msg in enumerate(messages):
+        if isinstance(msg.content, list):
+            for j, part in enumerate(msg.content):
+                if _kind(part) in ("image_url", "file"):
+                    yield f"messages[{i}].content[{j}]", part
+
+
+# ---- the gateway's one call
+
+
+async def collect_media(server: ServerConfig, spec: ModelSpec,
+                        messages: list[Any]) -> list[protocol.Media]:
+    """The checked bytes of every image and PDF of a chat request, for Request.media.
+
+    400 for an image sent to a text model, a local path, a remote URL when not allowed, bad
+    base64, an unsupported or corrupt format, or any size or pixel limit exceeded.
+    """
+    parts = list(media_parts(messages))
+    if not parts:
+        return []
+    if not is_vision_model(spec):
+        why = ("supports_vision = false is set for it" if spec.supports_vision is False else
+               "its config.json has no vision_config; set supports_vision = true for it if it "
+               "is one")
+        raise InvalidRequest(f"model '{spec.id}' does not accept images or files: it is not "
+                             f"a vision model ({why})", param=f"{parts[0][0]}.type")
+    out: list[protocol.Media] = []
+    total = 0
+    for where, part in parts:
+        try:
+            data = await _part_bytes(server, part, where)
+        except InvalidRequest as exc:  # say which part, as every other 400 here does
+            if exc.message.startswith(where):
+                raise
+            raise InvalidRequest(f"{where}: {exc.message}", param=exc.param) from None
+        total += len(data)
+        if total > server.max_request_media_bytes:
+            raise InvalidRequest(
+                f"{where}: the request's images and files add up to more than "
+                f"max_request_media_bytes ({server.max_request_media_bytes} bytes)", param=where)
+        if len(data) > _THREAD_ABOVE_BYTES:
+            media = await asyncio.to_thread(inspect_media, data, server, where)
+        else:
+            media = inspect_media(data, server, where)
+        out.append(media)
+    return out
+
+
+async def _part_bytes(server: ServerConfig, part: Any, where: str) -> bytes:
+    if _kind(part) == "file":
+        file = part.file
+        if not isinstance(file.get("file_data"), str):
+            name = "file_id" if "file_id" in file else "file_data"
+            raise InvalidRequest(f"{where}: files must be sent inline as file.file_data (a "
+                                 f"data: URI or base64); '{name}' is not supported here",
+                                 param=f"{where}.file.{name}")
+        value = file["file_data"]
+        if not value.startswith("data:"):
+            return await _b64decode(value, server.max_image_bytes, f"{where}.file.file_data")
+        return await decode_data_uri(value, server.max_image_bytes, f"{where}.file.file_data")
+    url = part.image_url.url
+    param = f"{where}.image_url.url"
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme == "data":
+        return await decode_data_uri(url, server.max_image_bytes, param)
+    if scheme in ("http", "https"):
+        if not server.allow_remote_images:
+            raise InvalidRequest(f"{where}: remote image URLs are not allowed on this server "
+                                 "(allow_remote_images is off); send the image as a data: URI",
+                                 param=param)
+        return await fetch_remote(url, server.max_image_bytes, server.remote_image_timeout_s,
+                                  param)
+    raise InvalidRequest(f"{where}: image_url must be a data: URI"
+                         f"{' or an http(s) URL' if server.allow_remote_images else ''}; "
+                         "local files are never read", param=param)
+
+
+async def decode_data_uri(uri: str, limit: int, param: str) -> bytes:
+    """The bytes of a base64 `data:` URI of an image or PDF, within `limit` bytes."""
+    header, sep, payload = uri.partition(",")
+    if not sep:
+        raise InvalidRequest("malformed data: URI (no ',' before the data)", param=param)
+    fields = header[5:].split(";")
+    media_type = fields[0].strip().lower()
+    if "base64" not in (f.strip().lower() for f in fields[1:]):
+        raise InvalidRequest("data: URIs of images and files must be base64-encoded "
+                             "(data:<type>;base64,...)", param=param)
+    if media_type and not media_type.startswith(_DECLARED):
+        raise InvalidRequest(f"unsupported media type '{media_type}'; expected an image "
+                             f"({_SUPPORTED})", param=param)
+    return await _b64decode(payload, limit, param)
+
+
+async def _b64decode(payload: str, limit: int, param: str) -> bytes:
+    # Refused before decoding: base64 carries 3 bytes per 4 characters.
+    if (len(payload) - payload.count("\n") - payload.count("\r")) * 3 // 4 > limit + 2:
+        raise InvalidRequest(f"the image or file is larger than max_image_bytes ({limit} "
+                             "bytes)", param=param)
+    if len(payload) > _THREAD_ABOVE_BYTES:
+        data = await asyncio.to_thread(_b64, payload, param)
+    else:
+        data = _b64(payload, param)
+    if len(data) > limit:
+        raise InvalidRequest(f"the image or file is {len(data)} bytes, more than "
+                             f"max_image_bytes ({limit} bytes)", param=param)
+    if not data:
+        raise InvalidRequest("the image or file is empty", param=param)
+    return data
+
+
+def _b64(payload: str, param: str) -> bytes:
+    try:
+        return base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest("the image or file data is not valid base64", param=param) from None
+
+
+async def fetch_remote(url: str, limit: int, timeout_s: float, param: str) -> bytes:
+    """GET an image within `limit` bytes and `timeout_s` seconds in all (redirects included)."""
+    import httpx
+
+    chunks, size = [], 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            async with httpx.AsyncClient(follow_redirects=True, max_redirects=3,
+                                         timeout=timeout_s) as client:
+                async with client.stream("GET", url) as resp:
+                    if resp.status_code != 200:
+                        raise InvalidRequest(f"fetching the image failed: HTTP "
+                                             f"{resp.status_code} from {url}", param=param)
+                    declared = resp.headers.get("content-length", "")
+                    if declared.isdigit() and int(declared) > limit:
+                        raise InvalidRequest(f"the image at {url} is {declared} bytes, more "
+                                             f"than max_image_bytes ({limit} bytes)",
+                                             param=param)
+                    async for chunk in resp.aiter_bytes():
+                        size += len(chunk)
+                        if size > limit:
+                            raise InvalidRequest(f"the image at {url} is larger than "
+                                                 f"max_image_bytes ({limit} bytes)", param=param)
+                        chunks.append(chunk)
+    except TimeoutError:
+        raise InvalidRequest(f"fetching the image at {url} took longer than {timeout_s:g}s",
+                             param=param) from None
+    except httpx.HTTPError as exc:
+        raise InvalidRequest(f"fetching the image at {url} failed: {exc}", param=param) from None
+    return b"".join(chunks)
+
+
+# ---- format and size, from headers only
+
+
+def inspect_media(data: bytes, server: ServerConfig, where: str) -> protocol.Media:
+    """Sniff an image or PDF and check its pixels from the header alone (no decoding)."""
+    if data[:1024].lstrip().startswith(b"%PDF-"):
+        return protocol.Media(kind="pdf", data=data, max_pixels=server.max_image_pixels,
+                              max_pages=server.max_pdf_pages, dpi=server.pdf_dpi)
+    width, height, fmt = image_header(data, where)
+    if width * height > server.max_image_pixels:
+        raise InvalidRequest(
+            f"{where}: the image is {width}x{height} pixels ({width * height}), more than "
+            f"max_image_pixels ({server.max_image_pixels})", param=where)
+    log.debug("image %s %dx%d %d bytes", fmt, width, height, len(data))
+    return protocol.Media(kind="image", data=data, max_pixels=server.max_image_pixels)
+
+
+# Formats users send that are not supported, by their magic bytes (for a clearer 400).
+_UNSUPPORTED_MAGIC = ((b"II*\0", "TIFF"), (b"MM\0*", "TIFF"), (b"<svg", "SVG"),
+                      (b"<?xml", "SVG"), (b"\0\0\0\x0cjP", "JPEG 2000"), (b"8BPS", "PSD"),
+                      (b"\0\0\1\0", "ICO"))
+
+
+def sniff_unsupported(data: bytes) -> str:
+    """The name of a known but unsupported image format, else ''."""
+    head = data[:64].lstrip()
+    if head[4:8] == b"ftyp":  # ISO media: HEIC / AVIF photos
+        return "AVIF" if head[8:12] in (b"avif", b"avis") else "HEIC"
+    return next((name for magic, name in _UNSUPPORTED_MAGIC if head.startswith(magic)), "")
+
+
+def image_header(data: bytes, where: str) -> tuple[int, int, str]:
+    """(width, height, format) read by PIL's lazy open: the header only, never the pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data), formats=list(IMAGE_FORMATS)) as im:
+            return im.width, im.height, str(im.format)
+    except Image.DecompressionBombError as exc:  # PIL's own limit, far above ours
+        raise InvalidRequest(f"{where}: the image has more pixels than max_image_pixels "
+                             f"allows ({exc})", param=where) from None
+    except UnidentifiedImageError:
+        known = sniff_unsupported(data)
+        what = f"{known} images are not supported" if known else (
+            "the data is not an image in a supported format, or it is corrupt")
+        raise InvalidRequest(f"{where}: {what}; send {_SUPPORTED}", param=where) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # PIL's ways of saying corrupt
+        raise InvalidRequest(f"{where}: the image is corrupt: {exc}", param=where) from None

@@ -1,0 +1,405 @@
+"""Generation on mlx-vlm: images and PDFs in, the same protocol messages out as TextEngine.
+
+Runs in a vision worker, on its engine thread only (MLX streams are thread-bound). The worker
+calls load / submit / cancel / step exactly as it calls engine.TextEngine. mlx-vlm's batch
+generator takes one sampler for a whole batch, so this engine runs one sequence at a time and
+queues the rest; each request is prepared (images decoded, PDF pages rendered, chat template,
+processor) when it is submitted, so a bad file or a too-long prompt is an Error before
+Started, i.e. a real HTTP 400, even while another request is generating.
+
+Decoding untrusted files happens here, in a separate process, never in the daemon: a malicious
+file fails its request (or at worst this worker), never the gateway.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm.sample_utils import make_logits_processors
+from mlx_lm.utils import dequantize_model
+from mlx_vlm import load as vlm_load
+from mlx_vlm import stream_generate
+from mlx_vlm.prompt_utils import apply_chat_template
+from mlx_vlm.utils import prepare_inputs, should_add_special_tokens
+
+from . import protocol
+from .chat import StopText
+from .config import ModelSpec
+from .engine import (Emit, FaultPlan, _max_context, describe_backend, is_allocation_failure,
+                     make_sampler)
+from .errors import ContextLengthExceeded, InvalidRequest, RouterError
+
+log = logging.getLogger(__name__)
+
+IMAGE_FORMATS = ["PNG", "JPEG", "WEBP", "BMP", "GIF"]
+
+
+# ---- media: decoding and rendering (per request: errors fail only that request)
+
+
+def decode_image(media: protocol.Media, label: str) -> Any:
+    """An RGB PIL image; refuses too many pixels before decoding (header only first)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(media.data), formats=IMAGE_FORMATS) as im:
+            pixels = im.width * im.height
+            if media.max_pixels and pixels > media.max_pixels:
+                raise InvalidRequest(f"{label} is {im.width}x{im.height} pixels, more than "
+                                     f"max_image_pixels ({media.max_pixels})")
+            im.seek(0)  # GIF: the first frame
+            return im.convert("RGB")  # the full decode happens here
+    except RouterError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise InvalidRequest(f"{label} is too large to decode: {exc}") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # PIL's ways of saying corrupt
+        raise InvalidRequest(f"{label} is corrupt or not a supported image: {exc}") from None
+
+
+def render_pdf(media: protocol.Media, label: str) -> list[Any]:
+    """Every page of a PDF as an RGB PIL image, in order, at media.dpi."""
+    import pypdfium2 as pdfium
+
+    try:
+        pdf = pdfium.PdfDocument(media.data)
+    except pdfium.PdfiumError as exc:
+        if "password" in str(exc).lower():
+            raise InvalidRequest(f"{label} is encrypted (password-protected); send an "
+                                 "unencrypted PDF") from None
+        raise InvalidRequest(f"{label} could not be read as a PDF: {exc}") from None
+    try:
+        pages = len(pdf)
+        if media.max_pages and pages > media.max_pages:
+            raise InvalidRequest(f"{label} has {pages} pages; this server accepts at most "
+                                 f"{media.max_pages} pages per PDF (max_pdf_pages)")
+        if pages == 0:
+            raise InvalidRequest(f"{label} has no pages")
+        scale = media.dpi / 72  # PDF sizes are in points, 72 to the inch
+        images = []
+        for i in range(pages):
+            page = pdf[i]
+            try:
+                width, height = (round(v * scale) for v in page.get_size())
+                if media.max_pixels and width * height > media.max_pixels:
+                    raise InvalidRequest(
+                        f"page {i + 1} of {label} would be {width}x{height} pixels at "
+                        f"{media.dpi} dpi, more than max_image_pixels ({media.max_pixels})")
+                images.append(page.render(scale=scale).to_pil().convert("RGB"))
+            finally:
+                page.close()
+        return images
+    except pdfium.PdfiumError as exc:
+        raise InvalidRequest(f"{label} could not be rendered: {exc}") from None
+    finally:
+        pdf.close()
+
+
+def expand_media(messages: list[dict[str, Any]], media: list[protocol.Media]
+                 ) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Messages with each {"type": "image", "media": i} part replaced by one image part per
+    image (a PDF gives one per page), and the PIL images in prompt order."""
+    images: list[Any] = []
+    out = []
+    for msg in messages:
+        content = msg.get("content")
+        if not isinstance(content, list):
+            out.append(msg)
+            continue
+        parts = []
+        for part in content:
+            if part.get("type") != "image" or "media" not in part:
+                parts.append(part)
+                continue
+            index = part["media"]
+            if not 0 <= index < len(media):
+                raise InvalidRequest(f"image part refers to media {index}, but the request "
+                                     f"carries {len(media)}")
+            item = media[index]
+            label = (f"{'the PDF' if item.kind == 'pdf' else 'the image'} (file {index + 1} "
+                     "of the request)")
+            decoded = render_pdf(item, label) if item.kind == "pdf" else [
+                decode_image(item, label)]
+            images += decoded
+            parts += [{"type": "image"} for _ in decoded]
+        out.append({**msg, "content": parts})
+    return out, images
+
+
+# ---- the engine
+
+
+class _Job:
+    """One request: its prepared inputs until it runs, then its generator."""
+
+    def __init__(self, req: protocol.Request, inputs: dict[str, Any], prompt_tokens: int,
+                 sampler: Any, processors: list) -> None:
+        self.req = req
+        self.rid = req.rid
+        self.request_id = req.request_id or "-"
+        self.inputs = inputs
+        self.prompt_tokens = prompt_tokens
+        self.sampler = sampler
+        self.processors = processors
+        self.stop = StopText(req.sampling.stop)
+        self.completion_tokens = 0
+        self.gen: Iterator[Any] | None = None
+
+
+class VisionEngine:
+    """TextEngine's interface (load, submit, cancel, step, active, steps) on mlx-vlm."""
+
+    def __init__(self, spec: ModelSpec, emit: Emit, fault: FaultPlan,
+                 memory_limit: int = 0) -> None:
+        self.spec = spec
+        self.emit = emit
+        self.fault = fault
+        self.memory_limit = memory_limit
+        self.steps = 0
+        self.tokens_generated = 0
+        self.max_context = 0
+        self.weights_bytes = 0
+        self.load_dtype = "native"
+        self._queue: deque[_Job] = deque()
+        self._current: _Job | None = None
+
+    @property
+    def active(self) -> int:
+        return len(self._queue) + (self._current is not None)
+
+    def load(self) -> None:
+        if self.fault.load_delay_s:
+            time.sleep(self.fault.load_delay_s)
+        if self.fault.fail_load:
+            raise RuntimeError("fault injection: load failed")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the processor would probe the Hub
+        self.model, self.processor = vlm_load(self.spec.path)
+        config = json.loads((Path(self.spec.path) / "config.json").read_text())
+        self.config = config
+        self.load_dtype = self._convert_weights()
+        self.max_context = _max_context(self.spec, config)
+        self.weights_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+        self.vocab_size = int(config.get("vocab_size")
+                              or config.get("text_config", {}).get("vocab_size") or 0) or 2**31
+        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self._limit_memory()
+
+    def _convert_weights(self) -> str:
+        """load_dtype as TextEngine applies it: float32 on the CPU backend for "auto"."""
+        want = self.spec.load_dtype
+        if want == "auto":
+            want = "float32" if describe_backend() == "cpu" else "native"
+        if want == "native":
+            return "native"
+        self.model = dequantize_model(self.model)
+        self.model.set_dtype(getattr(mx, want))
+        mx.eval(self.model.parameters())
+        return want
+
+    def _limit_memory(self) -> None:
+        if not self.memory_limit:
+            return
+        spare = max(0, self.memory_limit - self.weights_bytes)
+        mx.set_cache_limit(max(64 * 2**20, spare // 2))
+
+    # ---- per request
+
+    def submit(self, req: protocol.Request) -> None:
+        """Per-request code: whatever goes wrong here fails this request, never the worker."""
+        try:
+            self._admit(req)
+        except RouterError as exc:
+            self.emit(protocol.Error(rid=req.rid, code=exc.code, message=exc.message,
+                                     param=exc.param))
+        except Exception as exc:  # processor, template, tokenizer: the request's fault
+            log.warning("request rejected request_id=%s rid=%d: %r", req.request_id or "-",
+                        req.rid, exc)
+            self.emit(protocol.Error(rid=req.rid, code="invalid_request",
+                                     message=f"the request could not be processed: {exc}"))
+
+    def _admit(self, req: protocol.Request) -> None:
+        self._refuse_unsupported(req)
+        started = time.monotonic()
+        inputs, images = self._inputs(req)
+        prompt_tokens = int(inputs["input_ids"].shape[-1])
+        max_tokens = req.sampling.max_tokens
+        if prompt_tokens + max_tokens > self.max_context:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.max_context} tokens; the "
+                f"request has {prompt_tokens} prompt tokens (images included) and asks for "
+                f"{max_tokens} more")
+        job = _Job(req, inputs, prompt_tokens, make_sampler(req.sampling),
+                   self._processors(req.sampling, max_tokens))
+        self._queue.append(job)
+        log.info("request started request_id=%s rid=%d prompt_tokens=%d images=%d "
+                 "prepare_ms=%.0f max_tokens=%d queued=%d", job.request_id, req.rid,
+                 prompt_tokens, images, (time.monotonic() - started) * 1000, max_tokens,
+                 len(self._queue) - 1 + (self._current is not None))
+        self.emit(protocol.Started(rid=req.rid, prompt_tokens=prompt_tokens))
+
+    @staticmethod
+    def _refuse_unsupported(req: protocol.Request) -> None:
+        """What this engine cannot honour is a 400 naming it, never silently ignored."""
+        refused = [
+            ("logprobs", getattr(req.sampling, "logprobs", False)),
+            ("tools", getattr(req, "tools", None)),
+            ("response_format", getattr(req, "grammar", None)),
+            ("chat_template_kwargs", getattr(req, "template_kwargs", None)),
+        ]
+        for name, value in refused:
+            if value:
+                raise InvalidRequest(f"parameter '{name}' is not supported for vision models "
+                                     "on this server yet", param=name)
+
+    def _inputs(self, req: protocol.Request) -> tuple[dict[str, Any], int]:
+        """Token ids, pixels and the model's extra inputs (e.g. image_grid_thw)."""
+        images: list[Any] = []
+        if req.messages is not None:
+            messages, images = expand_media(req.messages, req.media)
+            prompt = apply_chat_template(self.processor, self.model.config, messages,
+                                         num_images=len(images))
+        elif isinstance(req.prompt, str):
+            prompt = req.prompt
+        elif req.prompt:
+            bad = [t for t in req.prompt if not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidRequest(f"prompt token ids {bad[:5]} are outside the vocabulary "
+                                     f"({self.vocab_size} tokens)", param="prompt")
+            ids = mx.array([list(req.prompt)])
+            return {"input_ids": ids, "mask": mx.ones_like(ids)}, 0
+        else:
+            raise InvalidRequest("request has neither messages nor prompt")
+        raw = prepare_inputs(
+            self.processor, images=images or None, prompts=prompt,
+            image_token_index=getattr(self.model.config, "image_token_index", None),
+            add_special_tokens=should_add_special_tokens(self.model.config.model_type,
+                                                         self.processor))
+        inputs = {k: v for k, v in raw.items() if k != "attention_mask"}
+        inputs["mask"] = raw.get("attention_mask")
+        if inputs["input_ids"].size == 0:
+            raise InvalidRequest("the prompt is empty")
+        return inputs, len(images)
+
+    def _processors(self, p: protocol.SamplingParams, max_tokens: int) -> list:
+        bad = [t for t in p.logit_bias if t >= self.vocab_size]
+        if bad:
+            raise InvalidRequest(f"logit_bias token ids {bad} are outside the vocabulary "
+                                 f"({self.vocab_size} tokens)", param="logit_bias")
+        return make_logits_processors(
+            logit_bias=p.logit_bias or None,
+            repetition_penalty=p.repetition_penalty if p.repetition_penalty != 1.0 else None,
+            presence_penalty=p.presence_penalty or None, presence_context_size=max_tokens,
+            frequency_penalty=p.frequency_penalty or None, frequency_context_size=max_tokens)
+
+    def cancel(self, rid: int) -> None:
+        job = self._current if self._current is not None and self._current.rid == rid else None
+        if job is None:
+            job = next((j for j in self._queue if j.rid == rid), None)
+            if job is None:
+                return  # unknown or already finished: ignored by the protocol
+            self._queue.remove(job)
+        self._end(job, "cancelled")
+
+    def _end(self, job: _Job, finish_reason: str) -> None:
+        if job is self._current:
+            self._current = None
+            if job.gen is not None:
+                job.gen.close()  # runs mlx-vlm's cleanup (wired limit, cache)
+        log.info("request ended request_id=%s rid=%d finish=%s completion_tokens=%d",
+                 job.request_id, job.rid, finish_reason, job.completion_tokens)
+        self.emit(protocol.End(rid=job.rid, finish_reason=finish_reason,
+                               prompt_tokens=job.prompt_tokens,
+                               completion_tokens=job.completion_tokens))
+
+    # ---- one token of the current sequence
+
+    def step(self) -> None:
+        if self._current is None:
+            if not self._queue:
+                return
+            self._current = self._queue.popleft()
+        job = self._current
+        if job.gen is None:
+            job.gen = self._generate(job)
+            job.inputs = {}  # the generator holds them now
+            result = self._prefill(job)
+            if job is not self._current:
+                return  # the prefill failed this request alone
+        else:
+            result = next(job.gen, None)
+        self.steps += 1
+        if result is None:  # mlx-vlm ended without a final result: count it as length
+            self._end(job, "length")
+            return
+        new_tokens = result.generation_tokens - job.completion_tokens
+        job.completion_tokens = result.generation_tokens
+        self.tokens_generated += new_tokens
+        finish = result.finish_reason
+        text, hit = job.stop.feed(result.text)
+        if hit:
+            finish = "stop"
+        elif finish is not None:
+            text += job.stop.flush()
+        self.emit(protocol.Step(deltas=[protocol.Delta(rid=job.rid, content=text,
+                                                       tokens=new_tokens)]))
+        if result.finish_reason is not None:
+            next(job.gen, None)  # lets mlx-vlm run its own clean-up after the last token
+        if finish is not None:
+            self._end(job, finish)
+        self._inject_faults()
+
+    def _prefill(self, job: _Job) -> Any:
+        """The first step runs the vision tower over this request's images: what fails there
+        is this request's input, so it fails this request only (an allocation failure still
+        goes to the worker's out-of-memory handling)."""
+        try:
+            return next(job.gen, None)
+        except Exception as exc:
+            if is_allocation_failure(exc):
+                raise
+            log.warning("prefill failed request_id=%s rid=%d: %r", job.request_id, job.rid, exc)
+            self._current = None
+            self.emit(protocol.Error(rid=job.rid, code="invalid_request",
+                                     message=f"the model could not process this input: {exc}"))
+            return None
+
+    def _generate(self, job: _Job) -> Iterator[Any]:
+        inputs = dict(job.inputs)
+        return stream_generate(
+            self.model, self.processor, "", max_tokens=job.req.sampling.max_tokens,
+            sampler=job.sampler, logits_processors=job.processors, **inputs)
+
+    def _inject_faults(self) -> None:
+        if self.fault.delay_per_token_s:
+            time.sleep(self.fault.delay_per_token_s)
+        if self.fault.crash_after_tokens and self.tokens_generated >= self.fault.crash_after_tokens:
+            log.error("fault injection: crashing after %d tokens", self.tokens_generated)
+            os._exit(70)
+
+    def recover_from_oom(self, exc: Exception) -> None:
+        """An MLX allocation failure fails the running and queued requests, not the worker."""
+        log.error("allocation failure; failing %d requests: %s", self.active, exc)
+        self.fail_all("out_of_memory", f"the model ran out of memory: {exc}")
+        mx.clear_cache()
+
+    def fail_all(self, code: str, message: str) -> None:
+        jobs = ([self._current] if self._current is not None else []) + list(self._queue)
+        if self._current is not None and self._current.gen is not None:
+            try:
+                self._current.gen.close()
+            except Exception:  # a generator that failed mid-step may fail to close too
+                log.debug("closing a failed generation raised", exc_info=True)
+        self._current = None
+        self._queue.clear()
+        for job in jobs:
+            self.emit(protocol.Error(rid=job.rid, code=code, message=message))

@@ -1,0 +1,302 @@
+"""Images and PDFs through a real vision worker (a tiny random qwen2_vl on mlx-vlm).
+
+One daemon serves the vision model and a text model for the whole module (starting workers is
+the slow part on two shared cores); every rejection test also checks that the daemon answers
+and that the vision worker is the same process as before.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import io
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from conftest import Daemon, spawn_daemon, wait_for_gone, write_config
+from tinyvlm import build_tiny_qwen2_vl, make_pdf
+
+pytestmark = pytest.mark.timeout(300)
+
+VLM, TEXT, SLOW = "tiny-vlm", "tiny-text", "tiny-vlm-slow"
+LIMITS = {"max_image_bytes": 300_000, "max_request_media_bytes": 600_000,
+          "max_image_pixels": 2_000_000, "max_pdf_pages": 3, "pdf_dpi": 36}
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("tinyvlm") / "tiny-qwen2-vl")
+
+
+def _daemon(root: Path, models: dict, server: dict) -> Iterator[Daemon]:
+    (root / "models").mkdir(parents=True)
+    daemon = spawn_daemon(root, write_config(root, models=models, server=server))
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+        leftovers = wait_for_gone(daemon)
+        assert not leftovers, f"worker processes left behind: {[p.pid for p in leftovers]}"
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory, tiny_vlm: Path, tiny_model: Path) -> Iterator[Daemon]:
+    root = tmp_path_factory.mktemp("vision-daemon")
+    yield from _daemon(root, {VLM: {"path": str(tiny_vlm), "max_tokens": 4},
+                              TEXT: {"path": str(tiny_model), "max_tokens": 4},
+                              SLOW: {"path": str(tiny_vlm),
+                                     "fault": {"delay_per_token_s": 0.05}}}, LIMITS)
+
+
+def image_bytes(fmt: str, size: tuple[int, int] = (64, 48)) -> bytes:
+    buf = io.BytesIO()
+    img = Image.new("RGB", size, (200, 40, 40))
+    img.paste((20, 20, 220), (0, 0, size[0] // 2, size[1] // 2))
+    if fmt == "GIF":  # two frames: the first one is used
+        img.save(buf, "GIF", save_all=True, append_images=[Image.new("RGB", size)])
+    else:
+        img.save(buf, fmt)
+    return buf.getvalue()
+
+
+def data_uri(data: bytes, media_type: str) -> str:
+    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
+
+
+def image_part(data: bytes, media_type: str = "image/png") -> dict:
+    return {"type": "image_url", "image_url": {"url": data_uri(data, media_type)}}
+
+
+def pdf_part(data: bytes) -> dict:
+    return {"type": "file", "file": {"filename": "doc.pdf",
+                                     "file_data": data_uri(data, "application/pdf")}}
+
+
+def ask(parts: list[dict], text: str = "Describe this.") -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": text}, *parts]}]
+
+
+def chat(daemon: Daemon, messages: list[dict], model: str = VLM, **extra) -> httpx.Response:
+    return daemon.http.post("/v1/chat/completions", json={
+        "model": model, "messages": messages, "max_tokens": 3, "temperature": 0, **extra})
+
+
+def prompt_tokens(daemon: Daemon, messages: list[dict]) -> int:
+    r = chat(daemon, messages)
+    assert r.status_code == 200, r.text
+    return r.json()["usage"]["prompt_tokens"]
+
+
+def assert_rejected(daemon: Daemon, resp: httpx.Response, *needles: str) -> dict:
+    """A 400 in OpenAI's shape that says what is wrong; daemon and vision worker unharmed."""
+    assert resp.status_code == 400, resp.text
+    err = resp.json()["error"]
+    assert err["type"] == "invalid_request_error"
+    for needle in needles:
+        assert needle in err["message"], err["message"]
+    assert daemon.http.get("/health").status_code == 200
+    return err
+
+
+@pytest.fixture(scope="module")
+def vlm_pid(daemon: Daemon) -> int:
+    r = chat(daemon, ask([image_part(image_bytes("PNG"))]))
+    assert r.status_code == 200, r.text
+    return daemon.wait_worker(VLM)
+
+
+def test_png_and_jpeg_requests_succeed_with_image_tokens_counted(daemon, vlm_pid) -> None:
+    client = daemon.openai()
+    text_only = client.chat.completions.create(
+        model=VLM, messages=ask([]), max_tokens=3, temperature=0)
+    for fmt, media_type in (("PNG", "image/png"), ("JPEG", "image/jpeg")):
+        r = client.chat.completions.create(
+            model=VLM, messages=ask([image_part(image_bytes(fmt), media_type)]),
+            max_tokens=3, temperature=0)
+        assert r.choices[0].finish_reason == "length"
+        assert r.usage.completion_tokens == 3
+        # the image's tokens plus its two vision markers are in the prompt
+        assert r.usage.prompt_tokens >= text_only.usage.prompt_tokens + 3
+    assert daemon.worker_pid(VLM) == vlm_pid
+
+
+def test_streaming_image_request_reports_the_same_usage(daemon, vlm_pid) -> None:
+    messages = ask([image_part(image_bytes("PNG"))])
+    expected = prompt_tokens(daemon, messages)
+    stream = daemon.openai().chat.completions.create(
+        model=VLM, messages=messages, max_tokens=3, temperature=0, stream=True,
+        stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "length"
+    assert chunks[-1].usage.prompt_tokens == expected
+    assert chunks[-1].usage.completion_tokens == 3
+
+
+def test_every_pdf_page_becomes_an_image_in_the_prompt(daemon, vlm_pid) -> None:
+    base = prompt_tokens(daemon, ask([]))
+    one = prompt_tokens(daemon, ask([pdf_part(make_pdf(1))]))
+    two = prompt_tokens(daemon, ask([pdf_part(make_pdf(2))]))
+    per_page = one - base
+    assert per_page >= 3  # image tokens + vision start/end markers
+    assert two - one == per_page
+    # the same PDF as an image_url data URI is the same prompt
+    as_url = [{"type": "image_url",
+               "image_url": {"url": data_uri(make_pdf(2), "application/pdf")}}]
+    assert prompt_tokens(daemon, ask(as_url)) == two
+
+
+def test_several_images_per_message_and_per_conversation(daemon, vlm_pid) -> None:
+    png = image_part(image_bytes("PNG"))
+    base = prompt_tokens(daemon, ask([]))
+    one = prompt_tokens(daemon, ask([png]))
+    formats = [image_part(image_bytes("WEBP"), "image/webp"),
+               image_part(image_bytes("BMP"), "image/bmp"),
+               image_part(image_bytes("GIF"), "image/gif")]
+    three = prompt_tokens(daemon, ask(formats))
+    assert three - base == 3 * (one - base)  # same size: same tokens per image
+    conversation = [*ask([png], "First picture."),
+                    {"role": "assistant", "content": "A red square."},
+                    *ask([png, {**png, "image_url": {**png["image_url"], "detail": "low"}}],
+                         "Two more.")]
+    r = chat(daemon, conversation)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] > three
+
+
+def test_text_only_request_to_a_vision_model(daemon, vlm_pid) -> None:
+    r = chat(daemon, [{"role": "user", "content": "Hello there"}], stop=["zzz"])
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_completions_and_several_choices_on_a_vision_model(daemon, vlm_pid) -> None:
+    r = daemon.http.post("/v1/completions", json={"model": VLM, "prompt": "Once upon a",
+                                                  "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 2
+    messages = ask([image_part(image_bytes("PNG"))])
+    r = chat(daemon, messages, n=2, temperature=1.0, seed=3)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [c["finish_reason"] for c in body["choices"]] == ["length", "length"]
+    assert body["usage"]["prompt_tokens"] == prompt_tokens(daemon, messages)  # counted once
+
+
+def test_a_cancelled_stream_frees_the_engine_for_the_next_request(daemon, vlm_pid) -> None:
+    body = {"model": SLOW, "messages": ask([pdf_part(make_pdf(1))]), "max_tokens": 400,
+            "stream": True}
+    with daemon.http.stream("POST", "/v1/chat/completions", json=body) as resp:
+        assert resp.status_code == 200
+        first = next(resp.iter_lines())
+        assert first.startswith("data: ") and '"role":"assistant"' in first
+    # 400 tokens at 50 ms would take 20 s; the next request runs only once that one is gone
+    r = daemon.http.post("/v1/chat/completions", timeout=15, json={
+        "model": SLOW, "messages": ask([image_part(image_bytes("PNG"))]), "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert "finish=cancelled" in daemon.worker_log(SLOW)
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels, with a tiny zlib stream of zeros."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("parts, needles", [
+    pytest.param([image_part(b"this is not an image at all")],
+                 ["not an image in a supported format"], id="garbage"),
+    pytest.param([image_part(image_bytes("PNG")[:60])], ["corrupt"], id="truncated-png"),
+    pytest.param([image_part(image_bytes("TIFF"), "image/tiff")],
+                 ["TIFF images are not supported"], id="tiff"),
+    pytest.param([image_part(_png_claiming(10000, 10000))],
+                 ["10000x10000", "max_image_pixels"], id="pixel-bomb"),
+    pytest.param([image_part(_png_claiming(40000, 40000))], ["max_image_pixels"],
+                 id="pixel-bomb-past-pil-limit"),
+    pytest.param([image_part(image_bytes("BMP", (400, 300)))], ["max_image_bytes"],
+                 id="too-many-bytes"),
+    pytest.param([pdf_part(make_pdf(4))], ["has 4 pages", "at most 3"], id="too-many-pages"),
+    pytest.param([pdf_part(make_pdf(1, user_password=True))], ["encrypted"], id="encrypted"),
+    pytest.param([pdf_part(make_pdf(1, width=60000, height=60000))], ["max_image_pixels"],
+                 id="huge-page"),
+    pytest.param([{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}],
+                 ["local files are never read"], id="file-url"),
+    pytest.param([{"type": "image_url", "image_url": {"url": "/etc/hosts"}}],
+                 ["local files are never read"], id="bare-path"),
+    pytest.param([{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}],
+                 ["allow_remote_images"], id="remote-off"),
+    pytest.param([{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}],
+                 ["base64"], id="bad-base64"),
+])
+def test_bad_media_is_a_clear_400(daemon, vlm_pid, parts, needles) -> None:
+    for stream in (False, True):
+        assert_rejected(daemon, chat(daemon, ask(parts), stream=stream), *needles)
+    assert daemon.worker_pid(VLM) == vlm_pid
+
+
+def test_request_media_total_is_limited(daemon, vlm_pid) -> None:
+    big = image_part(image_bytes("BMP", (280, 250)))  # ~210 KB each, under the per-image limit
+    err = assert_rejected(daemon, chat(daemon, ask([big, big, big])),
+                          "max_request_media_bytes")
+    assert err["param"] == "messages[0].content[3]"
+
+
+def test_image_sent_to_a_text_model_names_the_model(daemon, vlm_pid) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        daemon.openai().chat.completions.create(
+            model=TEXT, messages=ask([image_part(image_bytes("PNG"))]), max_tokens=2)
+    assert f"model '{TEXT}'" in caught.value.body["message"]
+    assert "not a vision model" in caught.value.body["message"]
+    r = chat(daemon, [{"role": "user", "content": "still fine?"}], model=TEXT)
+    assert r.status_code == 200, r.text
+
+
+def test_images_only_from_the_user(daemon, vlm_pid) -> None:
+    messages = [{"role": "system", "content": [image_part(image_bytes("PNG"))]},
+                {"role": "user", "content": "hi"}]
+    assert_rejected(daemon, chat(daemon, messages), "only allowed in messages with role 'user'")
+
+
+class _ImageHandler(http.server.BaseHTTPRequestHandler):
+    png = image_bytes("PNG")
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        body = self.png if self.path == "/small.png" else b"x" * 400_000
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_remote_images_when_allowed(tmp_path, tiny_vlm: Path) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for d in _daemon(tmp_path / "remote", {VLM: {"path": str(tiny_vlm)}},
+                         {**LIMITS, "allow_remote_images": True,
+                          "remote_image_timeout_s": 5}):
+            remote = {"type": "image_url", "image_url": {"url": f"{base}/small.png"}}
+            inline = image_part(_ImageHandler.png)
+            assert prompt_tokens(d, ask([remote])) == prompt_tokens(d, ask([inline]))
+            big = {"type": "image_url", "image_url": {"url": f"{base}/big.png"}}
+            assert_rejected(d, chat(d, ask([big])), "max_image_bytes")
+    finally:
+        server.shutdown()

@@ -1,0 +1,268 @@
+"""The daemon side of images and PDFs (vision.py): what is accepted, what is a 400 and why,
+from bytes built here. No processes, sockets or MLX."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import msgspec
+import pytest
+from PIL import Image
+
+from mlxrouter import protocol, vision
+from mlxrouter.config import ModelSpec, ServerConfig, load_config
+from mlxrouter.errors import InvalidRequest
+from mlxrouter.memory import estimate_cost
+from mlxrouter.schemas import ChatCompletionRequest, check_supported, decode_body, message_dicts
+
+SERVER = ServerConfig(max_image_bytes=100_000, max_request_media_bytes=150_000,
+                      max_image_pixels=1_000_000, max_pdf_pages=5, pdf_dpi=100)
+PDF = b"%PDF-1.4\n1 0 obj << >> endobj\ntrailer << >>\n%%EOF\n"
+
+
+def image(fmt: str, size: tuple[int, int] = (32, 24)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (1, 2, 3)).save(buf, fmt)
+    return buf.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG header claiming width x height, followed by pixel data that is not valid: only
+    a header-only check can answer about its size."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height,
+                                                                8, 2, 0, 0, 0))
+            + chunk(b"IDAT", b"not zlib") + chunk(b"IEND", b""))
+
+
+def uri(data: bytes, media_type: str = "image/png") -> str:
+    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
+
+
+def chat_request(*contents, role: str = "user") -> ChatCompletionRequest:
+    body = {"model": "m", "messages": [{"role": role, "content": list(c)} for c in contents]}
+    return decode_body(json.dumps(body).encode(), ChatCompletionRequest)
+
+
+def img_part(url: str, **extra) -> dict:
+    return {"type": "image_url", "image_url": {"url": url, **extra}}
+
+
+def model_dir(tmp_path: Path, config: dict) -> Path:
+    path = tmp_path / "model"
+    path.mkdir(exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture
+def vlm_spec(tmp_path: Path) -> ModelSpec:
+    return ModelSpec(id="vlm", path=str(model_dir(tmp_path, {"model_type": "qwen2_vl",
+                                                             "vision_config": {}})))
+
+
+def collect(spec: ModelSpec, req: ChatCompletionRequest,
+            server: ServerConfig = SERVER) -> list[protocol.Media]:
+    return asyncio.run(vision.collect_media(server, spec, req.messages))
+
+
+# ---- data: URIs
+
+
+def test_data_uri_decodes_base64_with_line_breaks() -> None:
+    data = image("PNG")
+    wrapped = base64.encodebytes(data).decode()  # 76-character lines
+    assert asyncio.run(vision.decode_data_uri(f"data:image/png;base64,{wrapped}", 10**6,
+                                              "p")) == data
+
+
+@pytest.mark.parametrize("bad, says", [
+    ("data:image/png,rawbytes", "base64"),
+    ("data:text/plain;base64,aGVsbG8=", "unsupported media type 'text/plain'"),
+    ("data:image/png;base64", "malformed"),
+    ("data:image/png;base64,!!!!", "not valid base64"),
+    ("data:image/png;base64,", "empty"),
+])
+def test_bad_data_uris(bad: str, says: str) -> None:
+    with pytest.raises(InvalidRequest, match=says) as caught:
+        asyncio.run(vision.decode_data_uri(bad, 10**6, "messages[0].content[0]"))
+    assert caught.value.param == "messages[0].content[0]"
+
+
+def test_size_limit_is_checked_before_decoding() -> None:
+    payload = "A" * 4000  # would decode to 3000 bytes
+    with pytest.raises(InvalidRequest, match=r"max_image_bytes \(2000 bytes\)"):
+        asyncio.run(vision.decode_data_uri(f"data:image/png;base64,{payload}", 2000, "p"))
+
+
+# ---- sniffing and pixel limits
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "BMP", "GIF"])
+def test_supported_formats_become_image_media(fmt: str) -> None:
+    media = vision.inspect_media(image(fmt), SERVER, "p")
+    assert media.kind == "image"
+    assert media.max_pixels == SERVER.max_image_pixels
+
+
+def test_pdf_media_carries_the_rendering_limits() -> None:
+    media = vision.inspect_media(PDF, SERVER, "p")
+    assert (media.kind, media.max_pages, media.dpi, media.max_pixels) == (
+        "pdf", 5, 100, 1_000_000)
+
+
+def test_pixel_bomb_is_refused_from_its_header() -> None:
+    with pytest.raises(InvalidRequest, match=r"10000x8000 pixels .* max_image_pixels"):
+        vision.inspect_media(png_claiming(10000, 8000), SERVER, "messages[0].content[1]")
+
+
+def test_image_at_the_pixel_limit_passes() -> None:
+    assert vision.inspect_media(png_claiming(1000, 1000), SERVER, "p").kind == "image"
+
+
+@pytest.mark.parametrize("data, says", [
+    (image("TIFF"), "TIFF images are not supported"),
+    (b"\0\0\0\x18ftypheic" + b"\0" * 40, "HEIC images are not supported"),
+    (b"<svg xmlns='http://www.w3.org/2000/svg'/>", "SVG images are not supported"),
+    (b"just some text", "not an image in a supported format"),
+])
+def test_unsupported_or_unknown_formats(data: bytes, says: str) -> None:
+    with pytest.raises(InvalidRequest, match=says):
+        vision.inspect_media(data, SERVER, "p")
+
+
+# ---- message checks (schemas.check_supported delegates to vision.check_messages)
+
+
+@pytest.mark.parametrize("contents, role, says", [
+    ([{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}], "user",
+     "content of type 'input_audio' is not supported"),
+    ([img_part(uri(image("PNG")))], "assistant", "only allowed in messages with role 'user'"),
+    ([img_part(uri(image("PNG")), detail="ultra")], "user", "detail must be"),
+])
+def test_content_parts_checked(contents: list, role: str, says: str) -> None:
+    with pytest.raises(InvalidRequest, match=says):
+        check_supported(chat_request(contents, role=role))
+
+
+def test_images_keep_their_place_in_message_dicts() -> None:
+    req = chat_request([{"type": "text", "text": "a"}, img_part("data:x"), img_part("data:y")],
+                       [{"type": "text", "text": "b"}, {"type": "text", "text": "c"}],
+                       [{"type": "file", "file": {"file_data": "data:z"}}])
+    check_supported(req)
+    first, second, third = message_dicts(req.messages)
+    assert first["content"] == [{"type": "text", "text": "a"}, {"type": "image", "media": 0},
+                                {"type": "image", "media": 1}]
+    assert second["content"] == "bc"  # text-only lists stay one string (text models)
+    assert third["content"] == [{"type": "image", "media": 2}]
+
+
+# ---- collect_media: the gateway's one call
+
+
+def test_no_media_no_work(tmp_path: Path) -> None:
+    text = ModelSpec(id="t", path=str(model_dir(tmp_path, {"model_type": "llama"})))
+    assert collect(text, chat_request([{"type": "text", "text": "hi"}])) == []
+
+
+def test_image_to_a_text_model_names_it(tmp_path: Path) -> None:
+    text = ModelSpec(id="my-llama", path=str(model_dir(tmp_path, {"model_type": "llama"})))
+    with pytest.raises(InvalidRequest, match="model 'my-llama' does not accept images"):
+        collect(text, chat_request([img_part(uri(image("PNG")))]))
+
+
+def test_supports_vision_overrides_the_models_config(tmp_path: Path, vlm_spec) -> None:
+    text = ModelSpec(id="t", path=str(model_dir(tmp_path, {"model_type": "llama"})),
+                     supports_vision=True)
+    req = chat_request([img_part(uri(image("PNG")))])
+    assert [m.kind for m in collect(text, req)] == ["image"]
+    off = msgspec.structs.replace(vlm_spec, supports_vision=False)
+    with pytest.raises(InvalidRequest, match="not a vision model"):
+        collect(off, req)
+
+
+def test_media_in_order_with_pdf_as_file_or_image_url(vlm_spec) -> None:
+    req = chat_request([img_part(uri(image("JPEG"), "image/jpeg")),
+                        {"type": "file", "file": {"filename": "a.pdf",
+                                                  "file_data": uri(PDF, "application/pdf")}}],
+                       [img_part(uri(PDF, "application/pdf"))])
+    media = collect(vlm_spec, req)
+    assert [m.kind for m in media] == ["image", "pdf", "pdf"]
+    assert media[1].data == PDF
+
+
+@pytest.mark.parametrize("url, says", [
+    ("file:///etc/passwd", "local files are never read"),
+    ("/etc/passwd", "local files are never read"),
+    ("C:\\photo.png", "local files are never read"),
+    ("https://example.com/cat.png", "allow_remote_images is off"),
+])
+def test_only_data_uris_unless_remote_is_allowed(vlm_spec, url: str, says: str) -> None:
+    with pytest.raises(InvalidRequest, match=says) as caught:
+        collect(vlm_spec, chat_request([img_part(url)]))
+    assert caught.value.param == "messages[0].content[0].image_url.url"
+
+
+def test_file_parts_must_be_inline(vlm_spec) -> None:
+    req = chat_request([{"type": "file", "file": {"file_id": "file-123"}}])
+    with pytest.raises(InvalidRequest, match="'file_id' is not supported"):
+        collect(vlm_spec, req)
+
+
+def test_request_total_limit_names_the_part_that_crossed_it(vlm_spec) -> None:
+    big = img_part(uri(image("BMP", (150, 150))))  # 67.6 KB, under the per-image limit
+    with pytest.raises(InvalidRequest, match="max_request_media_bytes") as caught:
+        collect(vlm_spec, chat_request([big, big, big]))
+    assert caught.value.param == "messages[0].content[2]"
+
+
+def test_vision_capability_follows_config_changes(tmp_path: Path) -> None:
+    path = model_dir(tmp_path, {"model_type": "llama"})
+    spec = ModelSpec(id="m", path=str(path))
+    assert vision.is_vision_model(spec) is False
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "vision_config": {}}))
+    stat = (path / "config.json").stat()
+    os.utime(path / "config.json", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert vision.is_vision_model(spec) is True
+
+
+# ---- the wire, the config, the memory estimate
+
+
+def test_media_survive_the_wire() -> None:
+    req = protocol.Request(rid=7, sampling=protocol.SamplingParams(max_tokens=1),
+                           messages=[{"role": "user", "content": [{"type": "image",
+                                                                   "media": 0}]}],
+                           media=[protocol.Media(kind="pdf", data=PDF, max_pages=3, dpi=72)])
+    assert protocol.decode(protocol.encode(req)) == req
+
+
+def test_vision_settings_from_toml(tmp_path: Path) -> None:
+    (tmp_path / "workers").mkdir()
+    (tmp_path / "supervisor.toml").write_text(
+        "[server]\nallow_remote_images = true\nmax_pdf_pages = 7\npdf_dpi = 200\n")
+    (tmp_path / "workers" / "v.toml").write_text('path = "/m"\nsupports_vision = true\n')
+    config = load_config(tmp_path / "supervisor.toml")
+    assert config.server.allow_remote_images and config.server.max_pdf_pages == 7
+    assert config.spec_for("v").supports_vision is True
+    assert config.spec_for("other", "/x").supports_vision is None
+
+
+def test_memory_estimate_counts_the_vision_tower(tmp_path: Path) -> None:
+    path = model_dir(tmp_path, {"model_type": "qwen2_vl", "vision_config": {},
+                                "num_hidden_layers": 1, "num_attention_heads": 1,
+                                "hidden_size": 8, "max_position_embeddings": 16})
+    (path / "model-00001-of-00002.safetensors").write_bytes(b"\0" * 1000)
+    without_tower = estimate_cost(str(path), max_context=16, max_batch=1, overhead_bytes=0)
+    (path / "model-00002-of-00002.safetensors").write_bytes(b"\0" * 5000)  # vision weights
+    with_tower = estimate_cost(str(path), max_context=16, max_batch=1, overhead_bytes=0)
+    assert with_tower - without_tower >= 5000
