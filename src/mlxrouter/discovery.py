@@ -1,24 +1,34 @@
-"""Model discovery: which model directories exist under the model directory, and their ids.
+"""Model discovery: which model directories exist under the configured roots, their ids and
+what each one is (architecture, size, context, capabilities), or why it cannot be used.
 
-Runs in the daemon and the CLI; reads only the file system (no mlx). Layouts:
+Runs in the daemon and the CLI; reads only the file system (no mlx, no mlx_vlm import: the
+mlx-vlm architecture list is read from its package directory). Roots are scanned in order
+(`Source`s, first id wins): the model directory, the Hugging Face cache, LM Studio's models.
+Layouts under a root:
   <root>/<name>/config.json                               id "<name>"
   <root>/<org>--<name>/config.json                        id "<org>/<name>"
   <root>/<org>/<name>/config.json                         id "<org>/<name>"
   <root>/models--<org>--<name>/snapshots/<rev>/config.json id "<org>/<name>" (HF cache layout)
-A model dir has config.json, weights (*.safetensors) and a tokenizer; anything else is skipped
-with a reason, never a crash.
+A model dir has config.json, safetensors weights (every shard its index names) and a tokenizer;
+anything else is listed as unusable with a reason, never a crash. Symlinks are followed, but a
+model whose directory or files resolve outside every configured root is unusable.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+import struct
 import time
 from pathlib import Path
 
 import msgspec
 
 log = logging.getLogger(__name__)
+
+SOURCES = ("model_directory", "hf_cache", "lmstudio")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 class DiscoveredModel(msgspec.Struct, frozen=True):
@@ -27,26 +37,253 @@ class DiscoveredModel(msgspec.Struct, frozen=True):
     usable: bool = True
     reason: str = ""
     vision: bool = False
+    source: str = "model_directory"
+    architecture: str = ""
+    model_type: str = ""
+    quantization: str = ""
+    parameters: int | None = None
+    weights_bytes: int = 0
+    context_length: int | None = None
+    capabilities: tuple[str, ...] = ()
 
 
-def _check_model_dir(path: Path) -> str:
-    """Empty string when `path` looks like a loadable MLX model dir, else why not."""
+class Source(msgspec.Struct, frozen=True):
+    """One root to scan. `hf_cache` roots hold only `models--org--name` repos."""
+
+    name: str
+    root: Path
+
+
+# ---- what a model dir is
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _inside(path: Path, roots: tuple[Path, ...]) -> bool:
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError):
+        return False
+    return any(real.is_relative_to(r) for r in roots)
+
+
+def _weight_files(path: Path) -> tuple[list[Path], str]:
+    """The safetensors files of a model dir, or why there are none usable."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set((_read_json(index).get("weight_map") or {}).values()))
+        missing = [n for n in names if not (path / n).is_file()]
+        if not names:
+            return [], "model.safetensors.index.json names no weight files"
+        if missing:
+            return [], (f"incomplete download: {len(missing)} of {len(names)} weight shards "
+                        f"missing ({missing[0]})")
+        return [path / n for n in names], ""
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files, ""
+    if any(path.glob("*.gguf")):
+        return [], "GGUF checkpoint, not MLX (import it with `mlxrouter models import-gguf`)"
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
+        return [], "PyTorch checkpoint (.bin/.pt), not MLX safetensors"
+    return [], "no .safetensors weights (incomplete download or not an MLX model)"
+
+
+def check_model_dir(path: Path, roots: tuple[Path, ...] = ()) -> str:
+    """Empty string when `path` looks like a loadable MLX model dir, else why not.
+    With `roots`, the dir and its files must resolve inside one of them."""
+    if roots and not _inside(path, roots):
+        return "symlink points outside the configured model roots"
     if not (path / "config.json").is_file():
+        if any(path.glob("*.gguf")):
+            return "GGUF checkpoint, not MLX (import it with `mlxrouter models import-gguf`)"
         return "no config.json"
-    if not any(path.glob("*.safetensors")):
-        return "no .safetensors weights (incomplete download or not an MLX model)"
-    if not ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()
-            or (path / "tokenizer_config.json").is_file()):
+    files, reason = _weight_files(path)
+    if reason:
+        return reason
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
         return "no tokenizer"
+    if roots and not all(_inside(f, roots) for f in [path / "config.json", *files]):
+        return "a model file links outside the configured model roots"
     return ""
 
 
-def _is_vision(path: Path) -> bool:
+_check_model_dir = check_model_dir  # the name earlier callers used
+
+
+def _vlm_architectures() -> frozenset[str]:
+    """mlx-vlm model types that have a vision tower (a `vision.py`), read from its package
+    directory without importing it (the daemon must not import mlx_vlm)."""
     try:
-        cfg = json.loads((path / "config.json").read_text())
+        spec = importlib.util.find_spec("mlx_vlm")
+    except (ImportError, ValueError):
+        return frozenset()
+    if spec is None or not spec.submodule_search_locations:
+        return frozenset()
+    found = set()
+    for location in spec.submodule_search_locations:
+        found |= {p.parent.name for p in Path(location).glob("models/*/vision.py")}
+    return frozenset(found)
+
+
+_VLM: frozenset[str] | None = None
+
+
+def _is_vision(config: dict) -> bool:
+    global _VLM
+    if "vision_config" in config:
+        return True
+    if _VLM is None:
+        _VLM = _vlm_architectures()
+    return str(config.get("model_type", "")) in _VLM
+
+
+def vision_capable(config: dict) -> bool:
+    """Whether a model's config.json makes it a vision model (a vision_config, or a model_type
+    that mlx-vlm serves with a vision tower); never guessed from its name."""
+    return isinstance(config, dict) and _is_vision(config)
+
+
+def _chat_template(path: Path) -> str:
+    parts = []
+    tok_cfg = _read_json(path / "tokenizer_config.json")
+    for source in (tok_cfg.get("chat_template"), _read_json(path / "chat_template.json")
+                   .get("chat_template")):
+        if isinstance(source, str):
+            parts.append(source)
+        elif isinstance(source, list):  # named templates: [{"name": ..., "template": ...}]
+            parts += [t.get("template", "") for t in source if isinstance(t, dict)]
+    try:
+        parts.append((path / "chat_template.jinja").read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(cfg, dict) and "vision_config" in cfg
+        pass
+    return "\n".join(p for p in parts if isinstance(p, str))
+
+
+def _has_think_tokens(path: Path) -> bool:
+    for name in ("tokenizer_config.json", "tokenizer.json", "added_tokens.json"):
+        try:
+            if b'"</think>"' in (path / name).read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def capabilities(path: Path, config: dict) -> tuple[str, ...]:
+    """From the model's own files, never its name: vision from its config (vision_config or an
+    mlx-vlm architecture with a vision tower), tools and reasoning from its chat template and
+    tokenizer."""
+    template = _chat_template(path)
+    caps = ["text"]
+    if vision_capable(config):
+        caps.append("vision")
+    if "tools" in template:
+        caps.append("tools")
+    if "<think>" in template or "enable_thinking" in template or _has_think_tokens(path):
+        caps.append("reasoning")
+    return tuple(caps)
+
+
+def _safetensors_parameters(files: list[Path], bits: int | None) -> int | None:
+    """Parameter count from the safetensors headers (a few KB read per file). Quantized
+    weights (those with a `.scales` sibling) hold 32/bits values per uint32."""
+    total = 0
+    for file in files:
+        try:
+            with file.open("rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                if size > 100 * 2**20:
+                    return None
+                header = json.loads(f.read(size))
+        except (OSError, ValueError, struct.error):
+            return None
+        for name, info in header.items():
+            if name == "__metadata__" or not isinstance(info, dict):
+                continue
+            if name.endswith((".scales", ".biases")):
+                continue
+            count = 1
+            for dim in info.get("shape", []):
+                count *= int(dim)
+            base = name.rsplit(".", 1)[0]
+            if bits and info.get("dtype") == "U32" and f"{base}.scales" in header:
+                count = count * 32 // bits
+            total += count
+    return total or None
+
+
+def _quantization(config: dict) -> str:
+    q = config.get("quantization") or config.get("quantization_config") or {}
+    if isinstance(q, dict) and q.get("bits"):
+        group = f", group {q['group_size']}" if q.get("group_size") else ""
+        return f"{q['bits']}-bit{group}"
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    return str(config.get("torch_dtype") or config.get("dtype") or text.get("torch_dtype")
+               or "")
+
+
+def _context_length(config: dict) -> int | None:
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    for key in ("max_position_embeddings", "max_sequence_length", "seq_length", "n_ctx"):
+        value = text.get(key) or config.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+# Description of a usable dir, by (path, config mtime, weight files and sizes): a rescan of an
+# unchanged library reads no headers or templates again.
+_described: dict[tuple, dict] = {}
+
+
+def describe(path: Path) -> dict:
+    """Metadata fields of DiscoveredModel for a usable model dir (cached)."""
+    config_file = path / "config.json"
+    files, _ = _weight_files(path)
+    try:
+        sizes = tuple((f.name, f.stat().st_size) for f in files)
+        key = (str(path), config_file.stat().st_mtime_ns, sizes)
+    except OSError:
+        return {}
+    cached = _described.get(key)
+    if cached is not None:
+        return cached
+    config = _read_json(config_file)
+    bits = (config.get("quantization") or {}).get("bits") if isinstance(
+        config.get("quantization"), dict) else None
+    archs = config.get("architectures")
+    info = {
+        "architecture": str(archs[0]) if isinstance(archs, list) and archs else str(
+            config.get("model_type", "")),
+        "model_type": str(config.get("model_type", "")),
+        "quantization": _quantization(config),
+        "parameters": _safetensors_parameters(files, bits),
+        "weights_bytes": sum(s for _, s in sizes),
+        "context_length": _context_length(config),
+        "capabilities": capabilities(path, config),
+    }
+    info["vision"] = "vision" in info["capabilities"]
+    _described[key] = info
+    return info
+
+
+def _entry(model_id: str, path: Path, source: str = "model_directory",
+           roots: tuple[Path, ...] = ()) -> DiscoveredModel:
+    reason = check_model_dir(path, roots)
+    if reason:
+        return DiscoveredModel(id=model_id, path=str(path), usable=False, reason=reason,
+                               source=source)
+    return DiscoveredModel(id=model_id, path=str(path), source=source, **describe(path))
+
+
+# ---- scanning roots
 
 
 def _snapshot(repo_dir: Path) -> Path | None:
@@ -63,49 +300,88 @@ def _snapshot(repo_dir: Path) -> Path | None:
     return max(revs, key=lambda p: p.stat().st_mtime) if revs else None
 
 
-def _entry(model_id: str, path: Path) -> DiscoveredModel:
-    reason = _check_model_dir(path)
-    return DiscoveredModel(id=model_id, path=str(path), usable=not reason, reason=reason,
-                           vision=not reason and _is_vision(path))
+def _scan_child(child: Path, source: str, roots: tuple[Path, ...],
+                found: dict[str, DiscoveredModel]) -> None:
+    if child.name.startswith("models--"):
+        model_id = "/".join(child.name.split("--")[1:])
+        snap = _snapshot(child)
+        if snap is None:
+            found[model_id] = DiscoveredModel(model_id, str(child), False, "no snapshot",
+                                              source=source)
+        else:
+            found[model_id] = _entry(model_id, snap, source, roots)
+    elif source == "hf_cache":
+        return  # datasets--*, .locks, xet: not models
+    elif (child / "config.json").exists():
+        model_id = child.name.replace("--", "/", 1)
+        found[model_id] = _entry(model_id, child, source, roots)
+    else:
+        for sub in sorted(child.iterdir()):
+            if sub.is_dir() and not sub.name.startswith(".") and (
+                    (sub / "config.json").exists() or any(sub.glob("*.gguf"))):
+                found[f"{child.name}/{sub.name}"] = _entry(
+                    f"{child.name}/{sub.name}", sub, source, roots)
 
 
-def scan(root: Path) -> dict[str, DiscoveredModel]:
+def scan(root: Path, source: str = "model_directory",
+         roots: tuple[Path, ...] | None = None) -> dict[str, DiscoveredModel]:
+    """Every model dir under one root. `roots`: where symlinks may lead (default: `root`)."""
     found: dict[str, DiscoveredModel] = {}
     if not root.is_dir():
         return found
-    for child in sorted(root.iterdir()):
+    allowed = roots if roots is not None else (root.resolve(),)
+    try:
+        children = sorted(root.iterdir())
+    except OSError as exc:
+        log.warning("discovery: cannot read %s: %s", root, exc)
+        return found
+    for child in children:
         try:
             if not child.is_dir() or child.name.startswith("."):
                 continue
-            if child.name.startswith("models--"):
-                parts = child.name.split("--")[1:]
-                snap = _snapshot(child)
-                model_id = "/".join(parts)
-                if snap is None:
-                    found[model_id] = DiscoveredModel(model_id, str(child), False, "no snapshot")
-                else:
-                    found[model_id] = _entry(model_id, snap)
-            elif (child / "config.json").exists():
-                found[child.name.replace("--", "/", 1)] = _entry(
-                    child.name.replace("--", "/", 1), child)
-            else:
-                for sub in sorted(child.iterdir()):
-                    if sub.is_dir() and (sub / "config.json").exists():
-                        found[f"{child.name}/{sub.name}"] = _entry(
-                            f"{child.name}/{sub.name}", sub)
-        except (OSError, ValueError) as exc:
+            _scan_child(child, source, allowed, found)
+        except (OSError, ValueError, RuntimeError) as exc:
             log.warning("discovery: skipped %s: %s", child, exc)
     return found
+
+
+def scan_sources(sources: list[Source]) -> dict[str, DiscoveredModel]:
+    """All sources in order; an id found in an earlier source hides the same id later."""
+    roots = tuple(r for r in (_real(s.root) for s in sources) if r is not None)
+    found: dict[str, DiscoveredModel] = {}
+    for source in sources:
+        for model_id, model in scan(source.root, source.name, roots).items():
+            found.setdefault(model_id, model)
+    return found
+
+
+def _real(path: Path) -> Path | None:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return None
+
+
+def sources_for(config) -> list[Source]:
+    """The configured discovery sources of a `config.Config`, in order."""
+    sup = config.supervisor
+    roots = {"model_directory": config.model_directory,
+             "hf_cache": Path(sup.hf_cache_dir).expanduser() if sup.hf_cache_dir else None,
+             "lmstudio": Path(sup.lmstudio_dir).expanduser() if sup.lmstudio_dir else None}
+    return [Source(name, roots[name]) for name in sup.discovery_sources
+            if roots.get(name) is not None]
 
 
 class Catalog:
     """Configured models plus what is on disk; rescans when the directory changes."""
 
-    def __init__(self, root: Path, configured: dict[str, str | None]) -> None:
+    def __init__(self, root: Path, configured: dict[str, str | None],
+                 sources: list[Source] | None = None) -> None:
         self.root = root
         self._configured = configured
+        self._sources = sources
         self._found: dict[str, DiscoveredModel] = {}
-        self._stamp: float | None = None
+        self._stamp: tuple | None = None
         self._forced_at = 0.0
 
     def configure(self, root: Path, configured: dict[str, str | None]) -> None:
@@ -114,21 +390,55 @@ class Catalog:
         self._configured = configured
         self._stamp = None
 
+    def use_sources(self, sources: list[Source]) -> None:
+        """Scan these roots (in order) instead of the model directory alone."""
+        self._sources = sources
+        self._stamp = None
+
+    def sources(self) -> list[Source]:
+        if self._sources is None:
+            return [Source("model_directory", self.root)]
+        return [s if s.name != "model_directory" else Source(s.name, self.root)
+                for s in self._sources]
+
+    def _mtimes(self) -> tuple:
+        out = []
+        for source in self.sources():
+            try:
+                out.append(source.root.stat().st_mtime_ns)
+            except OSError:
+                out.append(None)
+        return tuple(out)
+
     def refresh(self, force: bool = False) -> None:
-        try:
-            stamp = self.root.stat().st_mtime
-        except OSError:
-            stamp = None
+        stamp = self._mtimes()
         if force or stamp != self._stamp or self._stamp is None:
-            self._found = scan(self.root)
+            self._found = scan_sources(self.sources())
             self._stamp = stamp
 
     def ids(self) -> list[str]:
         # A download finishing inside an existing dir changes no root mtime: always rescan
-        # here (a few stat calls per model); lookups by id use the cached scan first.
+        # here (a few stat calls per model; metadata is cached); lookups by id use the
+        # cached scan first.
         self.refresh(force=True)
         usable = {m.id for m in self._found.values() if m.usable}
         return sorted(usable | set(self._configured))
+
+    def models(self) -> dict[str, DiscoveredModel]:
+        """Everything the last scan found, unusable dirs included."""
+        self.refresh()
+        return dict(self._found)
+
+    def info(self, model_id: str) -> DiscoveredModel | None:
+        """What discovery knows of a model: the scanned entry, or a configured path described."""
+        configured = self._configured.get(model_id)
+        if configured:
+            path = Path(configured).expanduser()
+            reason = check_model_dir(path)
+            return DiscoveredModel(model_id, str(path), not reason, reason, source="config",
+                                   **(describe(path) if not reason else {}))
+        self.refresh()
+        return self._found.get(model_id)
 
     def path_of(self, model_id: str) -> str | None:
         """The discovered path for a model id, or None. Configured paths win in config.spec_for."""

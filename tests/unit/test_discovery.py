@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxrouter.discovery import Catalog, DiscoveredModel, scan
+from mlxrouter.discovery import Catalog, DiscoveredModel, Source, scan, scan_sources
 
 
 def make_model(path: Path, *, config: dict | None = None, weights: bool = True,
@@ -58,7 +58,7 @@ def test_forced_rescans_are_rate_limited(tmp_path: Path, monkeypatch: pytest.Mon
 
     monkeypatch.setattr(discovery, "time", types.SimpleNamespace(monotonic=lambda: 5.0))
     scans = []
-    monkeypatch.setattr(discovery, "scan", lambda root: scans.append(root) or {})
+    monkeypatch.setattr(discovery, "scan", lambda root, *a: scans.append(root) or {})
     catalog = Catalog(tmp_path, {})
     for _ in range(50):
         assert not catalog.knows("no/such-model")
@@ -198,14 +198,32 @@ def test_scan_skips_unreadable_directory(tmp_path: Path, monkeypatch: pytest.Mon
     assert "locked-org" in caplog.text
 
 
-def test_symlinked_model_dir_is_found(tmp_path: Path) -> None:
-    target = make_model(tmp_path / "elsewhere" / "real-model")
+def test_symlinked_model_dir_inside_the_roots_is_found(tmp_path: Path) -> None:
     root = tmp_path / "models"
-    root.mkdir()
+    hf = tmp_path / "hf"
+    target = make_model(hf / "real-model")
+    make_model(root / "store" / "kept")
     (root / "linked-model").symlink_to(target)
-    found = scan(root)
+    (root / "alias").symlink_to(root / "store" / "kept")
+    found = scan_sources([Source("model_directory", root), Source("lmstudio", hf)])
     assert found["linked-model"].usable
     assert found["linked-model"].path == str(root / "linked-model")
+    assert found["alias"].usable
+
+
+def test_symlink_escaping_the_roots_is_unusable(tmp_path: Path) -> None:
+    outside = make_model(tmp_path / "elsewhere" / "real-model")
+    root = tmp_path / "models"
+    root.mkdir()
+    (root / "escaping").symlink_to(outside)
+    inner = make_model(root / "file-escapes")
+    (inner / "model.safetensors").unlink()
+    (inner / "model.safetensors").symlink_to(outside / "model.safetensors")
+    found = scan(root)
+    assert not found["escaping"].usable
+    assert "outside" in found["escaping"].reason
+    assert not found["file-escapes"].usable
+    assert "outside" in found["file-escapes"].reason
 
 
 def test_empty_refs_main_falls_back_to_a_snapshot(tmp_path: Path) -> None:
@@ -310,3 +328,160 @@ def test_catalog_ids_list_a_finished_download(tree: Path) -> None:
     assert "half-downloaded" not in catalog.ids()
     (tree / "half-downloaded" / "model.safetensors").write_bytes(b"\0")
     assert "half-downloaded" in catalog.ids()
+
+
+# ---- completeness, non-MLX checkpoints, metadata, sources
+
+
+def safetensors(path: Path, tensors: dict[str, tuple[str, list[int]]]) -> None:
+    """A real safetensors file (header + zero data) with these (dtype, shape) tensors."""
+    import struct
+
+    sizes = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4}
+    header, offset = {}, 0
+    for name, (dtype, shape) in tensors.items():
+        n = sizes[dtype]
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * offset)
+
+
+def test_sharded_weights_need_every_shard_in_the_index(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    for name, present in (("complete", 2), ("partial", 1)):
+        m = make_model(root / name, weights=False)
+        index = {"weight_map": {"a": "model-00001-of-00002.safetensors",
+                                "b": "model-00002-of-00002.safetensors"}}
+        (m / "model.safetensors.index.json").write_text(json.dumps(index))
+        for i in range(1, present + 1):
+            safetensors(m / f"model-0000{i}-of-00002.safetensors", {f"w{i}": ("F32", [2, 2])})
+    found = scan(root)
+    assert found["complete"].usable
+    assert found["complete"].parameters == 8
+    assert not found["partial"].usable
+    assert "incomplete download" in found["partial"].reason
+    assert "1 of 2" in found["partial"].reason
+
+
+def test_non_mlx_checkpoints_are_unusable_with_the_reason(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    make_model(root / "torch", weights=False)
+    (root / "torch" / "pytorch_model.bin").write_bytes(b"\0")
+    (root / "lms" / "TheBloke").mkdir(parents=True)
+    (root / "lms" / "TheBloke" / "model.Q4_K_M.gguf").write_bytes(b"GGUF")
+    found = scan(root)
+    assert not found["torch"].usable and "PyTorch" in found["torch"].reason
+    assert not found["lms/TheBloke"].usable and "GGUF" in found["lms/TheBloke"].reason
+
+
+def test_metadata_comes_from_the_models_own_files(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    q = make_model(root / "quantized", config={
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+        "quantization": {"bits": 4, "group_size": 64}, "max_position_embeddings": 4096})
+    safetensors(q / "model.safetensors", {
+        "layers.0.w.weight": ("U32", [8, 2]), "layers.0.w.scales": ("F16", [8, 1]),
+        "layers.0.w.biases": ("F16", [8, 1]), "norm.weight": ("F16", [16])})
+    (q / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": "{% if tools %}{{ tools }}{% endif %}{{ messages }}"}))
+    r = make_model(root / "thinker", config={"model_type": "qwen3", "torch_dtype": "bfloat16",
+                                             "text_config": {"max_position_embeddings": 512}})
+    (r / "tokenizer.json").write_text(json.dumps({"added_tokens": [
+        {"content": "<think>"}, {"content": "</think>"}]}))
+    make_model(root / "vlm-by-arch", config={"model_type": "qwen2_vl"})
+    make_model(root / "named-vision-but-text", config={"model_type": "llama"})
+    found = scan(root)
+    m = found["quantized"]
+    assert (m.architecture, m.model_type, m.quantization) == (
+        "LlamaForCausalLM", "llama", "4-bit, group 64")
+    assert m.parameters == 8 * 2 * 8 + 16  # packed uint32 hold 8 four-bit values
+    assert m.weights_bytes == (q / "model.safetensors").stat().st_size
+    assert m.context_length == 4096
+    assert m.capabilities == ("text", "tools")
+    t = found["thinker"]
+    assert t.quantization == "bfloat16" and t.context_length == 512
+    assert t.capabilities == ("text", "reasoning")
+    assert found["vlm-by-arch"].vision and "vision" in found["vlm-by-arch"].capabilities
+    assert not found["named-vision-but-text"].vision
+
+
+def test_sources_in_order_first_id_wins_and_hf_cache_holds_only_repos(tmp_path: Path) -> None:
+    mine = tmp_path / "models"
+    hf = tmp_path / "hf" / "hub"
+    lms = tmp_path / "lmstudio"
+    make_model(mine / "org--shared")
+    make_hf_repo(hf, "org", "shared", ["r1"], main="r1")
+    make_hf_repo(hf, "org", "cached", ["r1"], main="r1")
+    make_model(hf / "not-a-repo")
+    (hf / "datasets--org--data" / "snapshots" / "x").mkdir(parents=True)
+    make_model(lms / "lmstudio-community" / "Llama-3.2-1B-MLX")
+    found = scan_sources([Source("model_directory", mine), Source("hf_cache", hf),
+                          Source("lmstudio", lms)])
+    assert set(found) == {"org/shared", "org/cached", "lmstudio-community/Llama-3.2-1B-MLX"}
+    assert found["org/shared"].source == "model_directory"
+    assert found["org/cached"].source == "hf_cache"
+    assert found["lmstudio-community/Llama-3.2-1B-MLX"].source == "lmstudio"
+    assert all(m.usable for m in found.values())
+
+
+def test_hf_cache_symlinks_to_blobs_stay_inside_the_root(tmp_path: Path) -> None:
+    hf = tmp_path / "hub"
+    repo = hf / "models--org--m"
+    snap = repo / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for name, body in (("config.json", b'{"model_type": "llama"}'),
+                       ("model.safetensors", b"\0" * 8), ("tokenizer.json", b"{}")):
+        (repo / "blobs" / name).write_bytes(body)
+        (snap / name).symlink_to(Path("../../blobs") / name)
+    found = scan(hf, "hf_cache")
+    assert found["org/m"].usable, found["org/m"].reason
+
+
+def test_catalog_with_sources_sees_a_new_model_without_restart(tmp_path: Path) -> None:
+    mine, hf = tmp_path / "models", tmp_path / "hub"
+    mine.mkdir()
+    hf.mkdir()
+    catalog = Catalog(mine, {}, [Source("model_directory", mine), Source("hf_cache", hf)])
+    assert catalog.ids() == []
+    make_hf_repo(hf, "org", "new", ["r"], main="r")
+    assert catalog.ids() == ["org/new"]
+    assert catalog.info("org/new").source == "hf_cache"
+    assert catalog.models()["org/new"].usable
+
+
+def test_scan_of_a_model_without_readable_headers_does_not_crash(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    m = make_model(root / "m")
+    (m / "model.safetensors").write_bytes(b"\xff" * 8 + b"garbage")
+    found = scan(root)
+    assert found["m"].usable and found["m"].parameters is None
+
+
+def test_sources_follow_the_config_and_the_hf_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlxrouter.config import load_config
+    from mlxrouter.discovery import sources_for
+
+    monkeypatch.delenv("MLX_MODEL_DIR", raising=False)
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / ".cache" / "lm-studio" / "models").mkdir(parents=True)
+    cfg = tmp_path / "supervisor.toml"
+    cfg.write_text('[supervisor]\nmodel_directory = "models"\n')
+    sources = sources_for(load_config(cfg))
+    assert [(s.name, s.root) for s in sources] == [
+        ("model_directory", tmp_path / "models"),
+        ("hf_cache", tmp_path / "hf-home" / "hub"),
+        ("lmstudio", tmp_path / "home" / ".cache" / "lm-studio" / "models")]
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    cfg.write_text('[supervisor]\nmodel_directory = "models"\n'
+                   'discovery_sources = ["hf_cache", "model_directory"]\n')
+    sources = sources_for(load_config(cfg))
+    assert [(s.name, s.root) for s in sources] == [
+        ("hf_cache", tmp_path / "hub-cache"), ("model_directory", tmp_path / "models")]

@@ -1,0 +1,257 @@
+"""The model library on disk: pull from the Hugging Face Hub, link from the HF cache or LM
+Studio (and back), remove.
+
+Runs in the CLI, and `pull` also in a thread of the daemon (on-demand downloads); imports no
+mlx. huggingface_hub is imported only inside `pull` (it reads HF_ENDPOINT / HF_TOKEN itself).
+Nothing here copies weights: links are symlinks, and `remove` never deletes outside the model
+directory (a link is unlinked, its target left alone).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from pathlib import Path
+
+from . import discovery
+from .discovery import DiscoveredModel, Source
+
+log = logging.getLogger(__name__)
+
+# What a model needs and nothing else: weights (+ index), configs, tokenizer, chat template,
+# processor files. Top-level only (ignore "*/*"): no onnx/, original/ or other variants.
+ALLOW_PATTERNS = [
+    "*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "*.tiktoken", "chat_template.json",
+    "chat_template.jinja", "preprocessor_config.json", "processor_config.json",
+    "video_preprocessor_config.json",
+]
+IGNORE_PATTERNS = ["*/*"]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class LibraryError(Exception):
+    """A library operation failed; the message says why, for the user."""
+
+
+class RepoNotFound(LibraryError):
+    """The hub has no such repository (or it is private / gated without a token)."""
+
+
+def is_repo_id(name: str) -> bool:
+    return bool(_REPO_ID.match(name)) and ".." not in name
+
+
+def pull_target(model_directory: Path, repo_id: str) -> Path:
+    return model_directory / repo_id.replace("/", "--")
+
+
+def pull(repo_id: str, model_directory: Path, *, revision: str | None = None,
+         progress: bool = True) -> Path:
+    """Download the files a model needs into `<model_directory>/<org>--<name>`, resuming what
+    an earlier pull left, then check that discovery finds a usable model there."""
+    if not is_repo_id(repo_id):
+        raise LibraryError(f"'{repo_id}' is not a Hugging Face repo id (org/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from tqdm.auto import tqdm
+
+    class Quiet(tqdm):  # the daemon logs instead of drawing bars
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    target = pull_target(model_directory, repo_id)
+    target.mkdir(parents=True, exist_ok=True)
+    log.info("pull repo=%s revision=%s into %s", repo_id, revision or "main", target)
+    try:
+        snapshot_download(repo_id, revision=revision, local_dir=target,
+                          allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS,
+                          tqdm_class=None if progress else Quiet, max_workers=4)
+    except RepositoryNotFoundError:
+        _remove_if_empty(target)
+        raise RepoNotFound(f"the Hugging Face Hub has no model '{repo_id}' (or it is private "
+                           f"or gated; set HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        _remove_if_empty(target)
+        raise RepoNotFound(f"'{repo_id}' has no revision '{revision}'") from None
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as exc:
+        raise LibraryError(f"download of '{repo_id}' failed (run pull again to resume): "
+                           f"{_first_line(exc)}") from None
+    reason = discovery.check_model_dir(target)
+    if reason:
+        raise LibraryError(f"downloaded '{repo_id}' to {target}, but it is not a usable MLX "
+                           f"model: {reason}")
+    return target
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _remove_if_empty(path: Path) -> None:
+    """A pull that found nothing leaves no directory behind (a .cache/ of its own at most)."""
+    try:
+        if all(p.name == ".cache" for p in path.iterdir()):
+            shutil.rmtree(path)
+    except OSError:
+        pass
+
+
+# ---- link
+
+
+def _link(link: Path, target: Path) -> str:
+    if link.is_symlink() or link.exists():
+        return f"skipped {link} (already exists)"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target, target_is_directory=True)
+    return f"linked {link} -> {target}"
+
+
+def link_into_model_directory(model_directory: Path, sources: list[Source],
+                              names: list[str] | None = None) -> list[str]:
+    """Symlink usable models of the HF cache / LM Studio into the model directory: an HF repo
+    as `models--org--name` (its refs keep choosing the snapshot), an LM Studio model as
+    `org--name`. Returns one line per model for the user."""
+    have = discovery.scan(model_directory) if model_directory.is_dir() else {}
+    lines = []
+    model_directory.mkdir(parents=True, exist_ok=True)
+    for source in sources:
+        if source.name == "model_directory":
+            continue
+        for model in discovery.scan(source.root, source.name).values():
+            if names and model.id not in names:
+                continue
+            if not model.usable:
+                lines.append(f"skipped {model.id} ({model.reason})")
+            elif model.id in have:
+                lines.append(f"skipped {model.id} (already in {model_directory})")
+            elif source.name == "hf_cache":
+                repo = Path(model.path).parent.parent  # snapshots/<rev> -> models--org--name
+                lines.append(_link(model_directory / repo.name, repo))
+            else:
+                lines.append(_link(model_directory / model.id.replace("/", "--"),
+                                   Path(model.path)))
+            have[model.id] = model
+    return lines
+
+
+def link_into_lmstudio(model_directory: Path, lmstudio_dir: Path,
+                       names: list[str] | None = None) -> list[str]:
+    """Symlink usable models of the model directory into LM Studio's org/name layout (ids
+    without an org go under `mlxrouter/`)."""
+    lines = []
+    present = discovery.scan(lmstudio_dir, "lmstudio") if lmstudio_dir.is_dir() else {}
+    for model in discovery.scan(model_directory).values():
+        if names and model.id not in names:
+            continue
+        if not model.usable:
+            lines.append(f"skipped {model.id} ({model.reason})")
+            continue
+        model_id = model.id if "/" in model.id else f"mlxrouter/{model.id}"
+        if model_id in present:
+            lines.append(f"skipped {model.id} (already in {lmstudio_dir})")
+            continue
+        lines.append(_link(lmstudio_dir / model_id, Path(model.path).resolve()))
+    return lines
+
+
+# ---- remove
+
+
+def removal_target(model_directory: Path, model: DiscoveredModel) -> Path:
+    """The entry under the model directory that holds `model`: its top-level dir or link,
+    or `<org>/<name>` for the nested layout."""
+    root = model_directory.absolute()
+    path = Path(model.path).absolute()
+    rel = path.relative_to(root)
+    top = root / rel.parts[0]
+    if len(rel.parts) == 1 or top.name.startswith("models--"):
+        return top
+    return top / rel.parts[1]
+
+
+def remove(model_directory: Path, model_id: str) -> tuple[Path, str]:
+    """Remove a model from the model directory: unlink a link, delete a real directory that
+    lies inside the model directory. Returns (path, what was done)."""
+    model = discovery.scan(model_directory).get(model_id)
+    if model is None:
+        raise LibraryError(f"no model '{model_id}' in {model_directory}")
+    target = removal_target(model_directory, model)
+    if target.is_symlink():
+        target.unlink()
+        _prune_empty_org(model_directory, target)
+        return target, "unlinked"
+    if not target.resolve().is_relative_to(model_directory.resolve()):
+        raise LibraryError(f"{target} resolves outside {model_directory}; not deleting it")
+    shutil.rmtree(target)  # never follows links inside: they are unlinked, targets kept
+    _prune_empty_org(model_directory, target)
+    return target, "deleted"
+
+
+def _prune_empty_org(model_directory: Path, removed: Path) -> None:
+    parent = removed.parent
+    if parent.absolute() != model_directory.absolute():
+        try:
+            parent.rmdir()
+        except OSError:
+            pass
+
+
+def dir_bytes(path: Path) -> int:
+    """Bytes a removal frees: files under a real dir (links not followed), 0 for a link."""
+    if path.is_symlink():
+        return 0
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+# ---- listing
+
+
+def budgeted_bytes(config, model_id: str, path: str) -> int | None:
+    """What the supervisor budgets a load of this model at, before any worker was measured
+    (the supervisor's own figure: memory.estimate_cost or required_memory_gb)."""
+    from . import memory
+    from .config import ConfigError
+
+    try:
+        spec = config.spec_for(model_id, path)
+    except ConfigError:
+        return None
+    if spec.required_memory_gb is not None:
+        return int(spec.required_memory_gb * spec.safety_margin * memory.GB)
+    return memory.estimate_cost(spec.path, max_context=spec.max_context,
+                                max_batch=spec.max_running,
+                                overhead_bytes=memory.DEFAULT_OVERHEAD_BYTES,
+                                load_dtype=spec.load_dtype) + spec.prompt_cache_bytes
+
+
+def list_rows(config, states: dict[str, str] | None = None) -> list[dict]:
+    """Every model discovery finds (unusable ones with their reason) plus configured ones,
+    as plain dicts: what `models list --json` prints."""
+    found = discovery.scan_sources(discovery.sources_for(config))
+    catalog = discovery.Catalog(config.model_directory,
+                                {m: o.path for m, o in config.models.items()})
+    for model_id in config.models:
+        info = catalog.info(model_id) if config.models[model_id].path else None
+        if info is not None:
+            found[model_id] = info
+    rows = []
+    for model in sorted(found.values(), key=lambda m: m.id):
+        rows.append({
+            "id": model.id, "path": model.path, "source": model.source,
+            "usable": model.usable, "reason": model.reason,
+            "architecture": model.architecture, "quantization": model.quantization,
+            "parameters": model.parameters, "weights_bytes": model.weights_bytes,
+            "estimated_memory_bytes": (budgeted_bytes(config, model.id, model.path)
+                                       if model.usable else None),
+            "context_length": model.context_length,
+            "capabilities": list(model.capabilities), "vision": model.vision,
+            "state": (states or {}).get(model.id, "STOPPED" if states is not None else None),
+        })
+    return rows

@@ -1,0 +1,349 @@
+"""The model library from the user's side: `mlxrouter models list/pull/link/rm` as subprocesses,
+pulls through the real huggingface_hub download path against a local fake hub (HF_ENDPOINT),
+and on-demand downloads through a chat request to a real daemon with the openai client."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from conftest import spawn_daemon, wait_for_gone, write_config
+from hubserver import FakeHub
+
+pytestmark = pytest.mark.timeout(180)
+
+CHUNK = 10 * 1024 * 1024  # huggingface_hub writes downloads in chunks of this size
+
+
+@pytest.fixture
+def hub() -> Iterator[FakeHub]:
+    with FakeHub() as fake:
+        yield fake
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    (tmp_path / "models").mkdir()
+    (tmp_path / "hf" / "hub").mkdir(parents=True)
+    (tmp_path / "lmstudio").mkdir()
+    write_config(tmp_path, supervisor={"hf_cache_dir": str(tmp_path / "hf" / "hub"),
+                                       "lmstudio_dir": str(tmp_path / "lmstudio")})
+    return tmp_path
+
+
+def cli(root: Path, *args: str, hub: FakeHub | None = None, stdin: str = "",
+        timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HOME": str(root / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env.pop("MLX_MODEL_DIR", None)
+    if hub is not None:
+        env["HF_ENDPOINT"] = hub.url
+    return subprocess.run(
+        [sys.executable, "-m", "mlxrouter", *args, "--config", str(root / "supervisor.toml")],
+        input=stdin, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def listed(root: Path) -> dict[str, dict]:
+    out = cli(root, "models", "list", "--json")
+    assert out.returncode == 0, out.stderr
+    return {m["id"]: m for m in json.loads(out.stdout)}
+
+
+def big_safetensors(size: int) -> bytes:
+    """A valid safetensors file with one F32 tensor of about `size` bytes."""
+    n = size // 4
+    header = json.dumps({"pad": {"dtype": "F32", "shape": [n], "data_offsets": [0, 4 * n]}})
+    raw = header.encode()
+    return struct.pack("<Q", len(raw)) + raw + bytes(range(256)) * (4 * n // 256) + b"\0" * (
+        4 * n % 256)
+
+
+def tiny_files(tiny_model: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in tiny_model.iterdir() if p.is_file()}
+
+
+# ---- pull
+
+
+def test_pull_fetches_only_model_files_and_resumes_a_cut_download(
+        root: Path, hub: FakeHub, tiny_model: Path) -> None:
+    big = big_safetensors(CHUNK + 2 * 2**20)
+    hub.add_repo("org/tiny", {**tiny_files(tiny_model), "big.safetensors": big,
+                              "README.md": b"# tiny", "pytorch_model.bin": b"\0" * 64,
+                              "onnx/model.safetensors": b"\0" * 64, "train.py": b"pass"})
+    hub.cut_once["big.safetensors"] = CHUNK + 12345  # the connection drops mid-file
+
+    out = cli(root, "models", "pull", "org/tiny", hub=hub)
+
+    assert out.returncode == 0, out.stderr
+    target = root / "models" / "org--tiny"
+    on_disk = {p.name for p in target.iterdir() if not p.name.startswith(".")}
+    assert on_disk == set(tiny_files(tiny_model)) | {"big.safetensors"}
+    assert (target / "big.safetensors").read_bytes() == big
+    assert hub.downloads("big.safetensors") == [None, f"bytes={CHUNK}-"]
+    for skipped in ("README.md", "pytorch_model.bin", "onnx/model.safetensors", "train.py"):
+        assert not hub.downloads(skipped)
+    model = listed(root)["org/tiny"]
+    assert model["usable"] and model["source"] == "model_directory"
+    assert model["architecture"] == "LlamaForCausalLM"
+    assert model["weights_bytes"] == sum(
+        (target / n).stat().st_size for n in ("model.safetensors", "big.safetensors"))
+
+
+def test_pull_interrupted_run_resumes_with_only_the_missing_files(
+        root: Path, hub: FakeHub, tiny_model: Path) -> None:
+    hub.add_repo("org/tiny", tiny_files(tiny_model))
+    hub.unavailable.add("model.safetensors")
+
+    first = cli(root, "models", "pull", "org/tiny", hub=hub)
+
+    assert first.returncode != 0
+    assert "pull again to resume" in first.stderr
+    assert not listed(root)["org/tiny"]["usable"]
+    hub.unavailable.clear()
+    second = cli(root, "models", "pull", "org/tiny", hub=hub)
+    assert second.returncode == 0, second.stderr
+    assert listed(root)["org/tiny"]["usable"]
+    assert hub.downloads("config.json") == [None]  # kept from the first run
+    assert hub.downloads("model.safetensors") == [None]
+
+
+def test_pull_of_a_repo_that_does_not_exist_fails_clearly(root: Path, hub: FakeHub) -> None:
+    out = cli(root, "models", "pull", "nobody/nothing", hub=hub)
+    assert out.returncode == 1
+    assert "has no model 'nobody/nothing'" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert list((root / "models").iterdir()) == []
+
+
+def test_pull_of_a_pytorch_only_repo_says_it_is_not_mlx(root: Path, hub: FakeHub,
+                                                       tiny_model: Path) -> None:
+    files = tiny_files(tiny_model)
+    del files["model.safetensors"]
+    hub.add_repo("org/torch-only", {**files, "pytorch_model.bin": b"\0" * 64})
+    out = cli(root, "models", "pull", "org/torch-only", hub=hub)
+    assert out.returncode == 1
+    assert "not a usable MLX model" in out.stderr
+    assert listed(root)["org/torch-only"]["reason"].startswith("no .safetensors")
+
+
+def test_pull_rejects_a_name_that_is_not_a_repo_id(root: Path) -> None:
+    out = cli(root, "models", "pull", "../etc")
+    assert out.returncode == 1 and "not a Hugging Face repo id" in out.stderr
+
+
+# ---- list
+
+
+def hf_cache_repo(hub_dir: Path, repo_id: str, source: Path) -> Path:
+    """The real HF cache layout: snapshot files are relative symlinks into blobs/."""
+    repo = hub_dir / f"models--{repo_id.replace('/', '--')}"
+    snap = repo / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for f in source.iterdir():
+        blob = repo / "blobs" / f"blob-{f.name}"
+        shutil.copy(f, blob)
+        (snap / f.name).symlink_to(Path("../..") / "blobs" / blob.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    return repo
+
+
+def test_models_list_json_covers_every_source(root: Path, tiny_model: Path) -> None:
+    shutil.copytree(tiny_model, root / "models" / "mine")
+    (root / "models" / "broken").mkdir()
+    (root / "models" / "broken" / "config.json").write_text("{}")
+    hf_cache_repo(root / "hf" / "hub", "org/cached", tiny_model)
+    shutil.copytree(tiny_model, root / "lmstudio" / "lmstudio-community" / "tiny-MLX")
+    (root / "elsewhere").mkdir()
+    shutil.copytree(tiny_model, root / "elsewhere" / "m")
+    (root / "models" / "escape").symlink_to(root / "elsewhere" / "m")
+
+    models = listed(root)
+
+    assert set(models) == {"mine", "broken", "org/cached", "lmstudio-community/tiny-MLX",
+                           "escape"}
+    mine = models["mine"]
+    assert mine["usable"] and mine["state"] is None  # no daemon running
+    assert (mine["architecture"], mine["quantization"]) == ("LlamaForCausalLM", "float32")
+    assert mine["context_length"] == 2048
+    assert mine["parameters"] > 0
+    assert mine["weights_bytes"] == (tiny_model / "model.safetensors").stat().st_size
+    assert mine["estimated_memory_bytes"] > mine["weights_bytes"]
+    assert mine["capabilities"] == ["text", "tools", "reasoning"]
+    assert models["org/cached"]["source"] == "hf_cache" and models["org/cached"]["usable"]
+    assert models["lmstudio-community/tiny-MLX"]["source"] == "lmstudio"
+    assert not models["broken"]["usable"] and models["broken"]["reason"]
+    assert not models["escape"]["usable"] and "outside" in models["escape"]["reason"]
+    table = cli(root, "models", "list")
+    assert table.returncode == 0
+    assert "unusable: symlink points outside" in table.stdout
+    assert "text,tools,reasoning" in table.stdout
+
+
+# ---- link and rm
+
+
+def test_link_from_hf_cache_and_lmstudio_and_back(root: Path, tiny_model: Path) -> None:
+    repo = hf_cache_repo(root / "hf" / "hub", "org/cached", tiny_model)
+    lms_model = root / "lmstudio" / "lmstudio-community" / "tiny-MLX"
+    shutil.copytree(tiny_model, lms_model)
+    shutil.copytree(tiny_model, root / "models" / "mine")
+
+    out = cli(root, "models", "link")
+
+    assert out.returncode == 0, out.stderr
+    linked_hf = root / "models" / "models--org--cached"
+    linked_lms = root / "models" / "lmstudio-community--tiny-MLX"
+    assert linked_hf.is_symlink() and linked_hf.resolve() == repo.resolve()
+    assert linked_lms.is_symlink() and linked_lms.resolve() == lms_model.resolve()
+    models = listed(root)
+    assert models["org/cached"]["source"] == "model_directory"
+    assert models["org/cached"]["usable"]
+    assert models["lmstudio-community/tiny-MLX"]["source"] == "model_directory"
+    again = cli(root, "models", "link")
+    assert "skipped" in again.stdout and "linked" not in again.stdout
+
+    back = cli(root, "models", "link", "--lmstudio", "mine")
+
+    assert back.returncode == 0, back.stderr
+    in_lms = root / "lmstudio" / "mlxrouter" / "mine"
+    assert in_lms.is_symlink() and in_lms.resolve() == (root / "models" / "mine").resolve()
+    assert (in_lms / "model.safetensors").stat().st_ino == (
+        root / "models" / "mine" / "model.safetensors").stat().st_ino  # linked, not copied
+
+
+def test_rm_unlinks_links_deletes_dirs_and_asks_first(root: Path, tiny_model: Path) -> None:
+    lms_model = root / "lmstudio" / "org" / "linked"
+    shutil.copytree(tiny_model, lms_model)
+    (root / "models" / "org--linked").symlink_to(lms_model)
+    shutil.copytree(tiny_model, root / "models" / "org" / "nested")
+    shutil.copytree(tiny_model, root / "models" / "plain")
+
+    no = cli(root, "models", "rm", "plain", stdin="n\n")
+    assert no.returncode == 1 and (root / "models" / "plain").is_dir()
+    yes = cli(root, "models", "rm", "plain", stdin="y\n")
+    assert yes.returncode == 0 and not (root / "models" / "plain").exists()
+
+    out = cli(root, "models", "rm", "org/linked", "--yes")
+    assert out.returncode == 0 and "unlinked" in out.stdout
+    assert not (root / "models" / "org--linked").is_symlink()
+    assert (lms_model / "model.safetensors").is_file()  # the link's target is untouched
+
+    out = cli(root, "models", "rm", "org/nested", "--yes")
+    assert out.returncode == 0
+    assert not (root / "models" / "org").exists()  # the emptied org dir goes too
+
+    missing = cli(root, "models", "rm", "no-such-model", "--yes")
+    assert missing.returncode == 1 and "no model 'no-such-model'" in missing.stderr
+
+
+def test_rm_never_deletes_through_a_linked_org_dir(root: Path, tiny_model: Path) -> None:
+    outside = root / "outside-org"
+    shutil.copytree(tiny_model, outside / "m")
+    (root / "models" / "org").symlink_to(outside)
+    (root / "models" / "org").resolve()
+    out = cli(root, "models", "rm", "org/m", "--yes")
+    assert out.returncode == 1
+    assert (outside / "m" / "model.safetensors").is_file()
+
+
+# ---- on-demand download through the daemon
+
+
+@pytest.fixture
+def download_daemon(tmp_path: Path, hub: FakeHub):
+    daemons = []
+
+    def start(allow: bool = True):
+        root = tmp_path / f"d{len(daemons)}"
+        (root / "models").mkdir(parents=True)
+        config = write_config(root, models={}, supervisor={
+            "allow_download": allow, "discovery_sources": ["model_directory"]},
+            defaults={"max_context": 256, "max_running": 2, "prompt_cache_bytes": 0})
+        daemon = spawn_daemon(root, config, env={"HF_ENDPOINT": hub.url,
+                                                 "HF_HOME": str(root / "hf-home")})
+        daemons.append(daemon)
+        return daemon
+
+    yield start
+    leftovers = []
+    for daemon in daemons:
+        daemon.stop()
+        leftovers += wait_for_gone(daemon)
+    assert not leftovers
+
+
+def test_chat_request_for_an_unknown_repo_downloads_it_first(
+        download_daemon, hub: FakeHub, tiny_model: Path) -> None:
+    hub.add_repo("org/fresh", {**tiny_files(tiny_model), "README.md": b"x"})
+    daemon = download_daemon()
+    client = daemon.openai()
+
+    stream = client.chat.completions.create(
+        model="org/fresh", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+        stream=True)
+    chunks = list(stream)
+
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 1
+    target = daemon.root / "models" / "org--fresh"
+    assert (target / "model.safetensors").read_bytes() == (
+        tiny_model / "model.safetensors").read_bytes()
+    assert not (target / "README.md").exists()
+    model = daemon.http.get("/v1/models/org/fresh").json()
+    assert model["loaded"] is True and model["capabilities"] == ["text", "tools", "reasoning"]
+    assert model["estimated_memory_bytes"] > model["weights_bytes"] > 0
+    again = client.chat.completions.create(
+        model="org/fresh", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert again.choices[0].finish_reason == "length"
+    assert len(hub.downloads("model.safetensors")) == 1
+
+
+def test_unknown_repo_is_a_clear_404(download_daemon, hub: FakeHub) -> None:
+    client = download_daemon().openai()
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(
+            model="nobody/nothing", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert err.value.code == "model_not_found"
+    assert "nobody/nothing" in err.value.message
+
+
+def test_without_allow_download_the_hub_is_never_asked(download_daemon, hub: FakeHub,
+                                                       tiny_model: Path) -> None:
+    hub.add_repo("org/fresh", tiny_files(tiny_model))
+    client = download_daemon(allow=False).openai()
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(
+            model="org/fresh", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert hub.requests == []
+
+
+def test_models_dropped_into_the_directory_appear_without_restart(
+        download_daemon, tiny_model: Path) -> None:
+    daemon = download_daemon(allow=False)
+    assert daemon.http.get("/v1/models").json()["data"] == []
+
+    shutil.copytree(tiny_model, daemon.root / "models" / "org" / "dropped")
+    (daemon.root / "models" / "half").mkdir()
+    (daemon.root / "models" / "half" / "config.json").write_text("{}")
+
+    data = {m["id"]: m for m in daemon.http.get("/v1/models").json()["data"]}
+    assert set(data) == {"org/dropped"}  # the unusable one is not offered
+    m = data["org/dropped"]
+    assert m["loaded"] is False and m["state"] == "STOPPED"
+    assert m["architecture"] == "LlamaForCausalLM" and m["context_length"] == 2048
+    assert m["capabilities"] == ["text", "tools", "reasoning"]
+    assert m["parameters"] > 0 and m["weights_bytes"] > 0
+    reply = daemon.openai().chat.completions.create(
+        model="org/dropped", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert reply.choices[0].finish_reason == "length"
+    assert daemon.http.get("/v1/models/org/dropped").json()["loaded"] is True
