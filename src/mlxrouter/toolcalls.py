@@ -4,7 +4,8 @@ Runs in the worker, on the engine thread, after the reasoning splitter: it is fe
 piece by piece (special-token markers included as text) and hands back what is safe to show
 (`content`), harmony's analysis channel (`reasoning`) and tool-call deltas. Call bodies are
 parsed by mlx-lm's own parsers (`mlx_lm.tool_parsers.*`, imported lazily by `format_by_name`);
-this module only finds where calls start and end, which mlx-lm does inside its server.
+this module only finds where calls start and end, which mlx-lm does inside its server. The few
+families mlx-lm has no parser for (harmony, phi4, deepseek_v3) are parsed here.
 
 Invariants: markup of a parsed call never reaches `content`; text that is not a call is never
 lost (a call that does not parse is released as content, raw); content is held back only while
@@ -75,20 +76,39 @@ _FORMATS: dict[str, tuple[Style, str | None]] = {
     "llama3_json": ("llama3_json", "json_tools"),
     "pythonic": ("pythonic", "pythonic"),
     "harmony": ("harmony", None),
+    "phi4": ("marked", None),
+    "deepseek_v3": ("marked", None),
 }
 _ALIASES = {"json_tools": "hermes", "qwen": "hermes", "qwen2_5": "hermes", "llama3": "llama3_json",
-            "llama4_pythonic": "pythonic", "gpt_oss": "harmony", "gpt-oss": "harmony"}
+            "llama4_pythonic": "pythonic", "gpt_oss": "harmony", "gpt-oss": "harmony",
+            "phi4_mini": "phi4", "deepseek": "deepseek_v3", "deepseek_r1": "deepseek_v3",
+            "deepseek_v31": "deepseek_v3"}
 # mlx-lm parsers without an entry above still work as "marked" formats under their own name.
 _MLX_ONLY = ("function_gemma", "gemma4", "glm47", "kimi_k2", "kimi_k3", "laguna", "longcat",
              "minicpm5", "minimax_m2", "muse_spark")
 KNOWN_FORMATS: tuple[str, ...] = tuple(_FORMATS) + tuple(_ALIASES) + _MLX_ONLY
 
-# Chat-template text that names a family mlx-lm does not detect (checked in this order).
+# Markers of the families parsed here, as templates.TOOL_CALL_TAGS has them (a test keeps the two
+# equal). DeepSeek's are single tokens spelled with U+FF5C (fullwidth bar) and U+2581 ("▁"),
+# not "|" and "_".
+_PHI4_START, _PHI4_END = "<|tool_call|>", "<|/tool_call|>"
+_DS_CALLS_BEGIN = "<\uff5ctool\u2581calls\u2581begin\uff5c>"
+_DS_CALLS_END = "<\uff5ctool\u2581calls\u2581end\uff5c>"
+_DS_CALL_BEGIN = "<\uff5ctool\u2581call\u2581begin\uff5c>"
+_DS_CALL_END = "<\uff5ctool\u2581call\u2581end\uff5c>"
+_DS_SEP = "<\uff5ctool\u2581sep\uff5c>"
+_MARKERS = {"phi4": (_PHI4_START, _PHI4_END), "deepseek_v3": (_DS_CALLS_BEGIN, _DS_CALLS_END)}
+
+# Chat-template text that names a family mlx-lm does not detect (checked in this order). Phi-4's
+# own template only declares tools (<|tool|>...<|/tool|>); Granite also writes <|tool_call|> but
+# never <|tool|>, so that is what tells Phi apart.
 _SNIFF: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("harmony", ("<|channel|>", "<|call|>")),
     ("pythonic", ("func_name1(",)),
     ("llama3_json", ('"parameters": dictionary of argument name',)),
     ("llama3_json", ("<|python_tag|>", '"parameters"')),
+    ("deepseek_v3", (_DS_CALLS_BEGIN, _DS_SEP)),
+    ("phi4", ("<|tool|>", "<|/tool|>", "<|assistant|>")),
 )
 
 
@@ -102,7 +122,8 @@ def format_by_name(name: str) -> ToolFormat:
     else:
         raise ValueError(f"unknown tool-call format {name!r}; known: {', '.join(KNOWN_FORMATS)}")
     if module_name is None:
-        return ToolFormat(name=name, style=style, parse=_parse_harmony)
+        start, end = _MARKERS.get(name, ("", ""))
+        return ToolFormat(name=name, style=style, parse=_OWN_PARSERS[name], start=start, end=end)
     module = importlib.import_module(f"mlx_lm.tool_parsers.{module_name}")
     if style == "marked":
         return ToolFormat(name=name, style=style, parse=module.parse_tool_call,
@@ -160,6 +181,47 @@ def _parse_harmony(text: str, tools: Any) -> Any:
     body = body.strip()
     return {"name": recipient.strip().removeprefix("functions."),
             "arguments": json.loads(body) if body else {}}
+
+
+def _parse_phi4(text: str, tools: Any) -> Any:
+    """Phi-4-mini: `[{"name": ..., "arguments": {...}}, ...]` (a lone object too). Items in
+    OpenAI's own shape, {"type": "function", "function": {...}}, are unwrapped."""
+    obj = json.loads(text)
+    items = obj if isinstance(obj, list) else [obj]
+    return [item["function"] if isinstance(item, dict) and isinstance(item.get("function"), dict)
+            else item for item in items]
+
+
+# One call of a DeepSeek calls block, whitespace around it allowed: BEGIN head SEP tail END.
+_DS_CALL = re.compile(r"\s*" + re.escape(_DS_CALL_BEGIN) + r"(.*?)" + re.escape(_DS_SEP) + r"(.*?)"
+                      + re.escape(_DS_CALL_END) + r"\s*", re.S)
+_DS_FENCE = re.compile(r"\s*```[ \t]*(?:json)?\s*(.*?)\s*```\s*", re.S)
+
+
+def _parse_deepseek(text: str, tools: Any) -> Any:
+    """The body of a DeepSeek calls block: calls one after another, nothing else between them.
+    V3/R1 write `function<sep>NAME`, a newline and the arguments in a ```json fence (the head is
+    the call type); V3.1 writes `NAME<sep>{...}`. A call that does not parse fails the block."""
+    calls, pos = [], 0
+    while pos < len(text):
+        match = _DS_CALL.match(text, pos)
+        if match is None:
+            raise ValueError("not a DeepSeek tool call")
+        head, tail = match.group(1).strip(), match.group(2)
+        if head == "function" and not tail.lstrip().startswith("{"):
+            name, _, fenced = tail.partition("\n")
+            body = _DS_FENCE.fullmatch(fenced)
+            if body is None:
+                raise ValueError("DeepSeek call arguments are not a ```json block")
+            calls.append({"name": name, "arguments": body.group(1)})
+        else:
+            calls.append({"name": head, "arguments": tail})
+        pos = match.end()
+    return calls
+
+
+_OWN_PARSERS: dict[str, Callable[[str, Any], Any]] = {
+    "harmony": _parse_harmony, "phi4": _parse_phi4, "deepseek_v3": _parse_deepseek}
 
 
 class _Call(msgspec.Struct, frozen=True):

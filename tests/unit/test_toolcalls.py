@@ -1,6 +1,7 @@
 """Tool calls parsed out of recorded model outputs, whatever the chunking: the same calls with
 ids and JSON arguments, no markup in content, text that is not a call passed through, and a
-call that does not parse kept as content."""
+call that does not parse kept as content. The named chat templates and the parsers must agree:
+calls a template renders into an assistant turn come back out of the parser unchanged."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import json
 import logging
 import random
 import tomllib
+from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from mlxrouter.chat import template_messages
+from mlxrouter.templates import NAMES, TOOL_CALL_TAGS, TOOL_FORMAT, named_template
 from mlxrouter.toolcalls import (
     KNOWN_FORMATS,
     Parsed,
@@ -22,6 +26,8 @@ from mlxrouter.toolcalls import (
     detect_format,
     format_by_name,
 )
+
+pytestmark = pytest.mark.timeout(60)
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "tool_outputs"
 # Markup of each family that must never reach content once a call was parsed.
@@ -34,6 +40,9 @@ MARKUP = {
     "lfm2": ["<|tool_call_start|>", "<|tool_call_end|>"],
     "harmony": ["<|channel|>", "<|message|>", "<|start|>", "<|end|>", "<|call|>", "<|return|>",
                 "<|constrain|>", "to=functions"],
+    "phi4": ["<|tool_call|>", "<|/tool_call|>", '"arguments"'],
+    "deepseek_v3": ["<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>",
+                    "<｜tool▁call▁end｜>", "<｜tool▁calls▁end｜>", "```"],
 }
 
 
@@ -129,7 +138,7 @@ def test_fixture_one_char_at_a_time(fmt_name: str, tools: list[dict], case: dict
 
 
 @pytest.mark.parametrize("fmt_name", ["hermes", "qwen3_coder", "mistral", "lfm2", "llama3_json",
-                                      "pythonic", "harmony"])
+                                      "pythonic", "harmony", "phi4", "deepseek_v3"])
 def test_plain_text_passes_through_unchanged(fmt_name: str) -> None:
     text = ("Hello, world!  Prices < 5 € and {braces}, [brackets] (parens) | pipes; "
             "日本語 ✓\n\n  trailing spaces and newlines \n\n")
@@ -237,6 +246,18 @@ def test_format_by_name_knows_every_listed_name_and_rejects_others() -> None:
     ("respond in the format [func_name1(params_name1=params_value1, "
      "params_name2=params_value2...), func_name2(params)]", "pythonic"),
     ("{{- '<|im_start|>' + message.role + '\\n' + message.content }}", None),
+    # Phi-4-mini's own template declares tools in the system turn and names no call marker.
+    ("{{ '<|' + message['role'] + '|>' + message['content'] + '<|tool|>' + message['tools'] "
+     "+ '<|/tool|>' + '<|end|>' }}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}",
+     "phi4"),
+    ("{{'<｜Assistant｜><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>' + tool['type'] + "
+     "'<｜tool▁sep｜>' + tool['function']['name'] + '\\n```json\\n' + args + '\\n```"
+     "<｜tool▁call▁end｜>'}}", "deepseek_v3"),
+    # Granite writes <|tool_call|> too, but it is not Phi's format (no end marker, no <|tool|>).
+    ("{{- '<|start_of_role|>assistant<|end_of_role|><|tool_call|>' + message.tool_calls | tojson "
+     "+ '<|end_of_text|>' }}", None),
+    (named_template("phi4"), "phi4"),
+    (named_template("deepseek"), "deepseek_v3"),
 ])
 def test_detect_format_sniffs_templates_mlx_lm_does_not_know(template: str,
                                                             expected: str | None) -> None:
@@ -273,3 +294,128 @@ def test_detect_format_on_the_tiny_model_and_its_streaming_detokenizer(tiny_mode
     assert got["content"] == "I will check."
     assert [(c["name"], json.loads(c["arguments"])) for c in got["calls"]] == [
         ("get_weather", {"city": "Zürich", "unit": "celsius"})]
+
+
+# ---- templates and parsers agree
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city.",
+    "parameters": {"type": "object", "required": ["city"], "properties": {
+        "city": {"type": "string"}, "options": {"type": "object"}}}}}
+CLOCK = {"type": "function", "function": {
+    "name": "get_time", "description": "Current time.",
+    "parameters": {"type": "object", "properties": {}}}}
+QUESTION = "What is the weather in Zürich, and what time is it?"
+# The text the generation prompt ends with, after which the model writes its answer; and the
+# end-of-turn token an engine drops (eos) before the output reaches the parser.
+ASSISTANT_HEADER = {"llama3": "<|start_header_id|>assistant<|end_header_id|>\n\n",
+                    "qwen": "<|im_start|>assistant\n", "chatml": "<|im_start|>assistant\n",
+                    "phi4": "<|assistant|>", "deepseek": "<｜Assistant｜>",
+                    "gpt-oss": "<|start|>assistant", "generic": "### Assistant:\n"}
+END_OF_TURN = {"llama3": "<|eot_id|>", "qwen": "<|im_end|>\n", "chatml": "<|im_end|>\n",
+               "phi4": "<|end|>", "deepseek": "<｜end▁of▁sentence｜>", "gpt-oss": "<|call|>",
+               "generic": "\n\n"}
+
+
+def jinja_render(name: str, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
+    """A named template rendered as transformers' apply_chat_template renders it: a sandboxed
+    environment with trim_blocks/lstrip_blocks, loop controls, raise_exception, strftime_now and
+    a tojson that keeps non-ASCII text."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
+               separators: Any = None, sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(named_template(name)).render(
+        messages=template_messages(messages), tools=[WEATHER, CLOCK],
+        add_generation_prompt=generation_prompt)
+
+
+def assistant_output(name: str, assistant: dict[str, Any]) -> str:
+    """What a model prompted with template `name` writes to produce `assistant`: the rendered
+    assistant turn after the generation prompt's header, without its end-of-turn token."""
+    user = {"role": "user", "content": QUESTION}
+    prompt = jinja_render(name, [user], generation_prompt=True)
+    header = ASSISTANT_HEADER[name]
+    # DeepSeek's prompt also opens R1's <think>, which the reasoning splitter takes care of.
+    assert prompt.endswith(header) or prompt.endswith(header + "<think>\n"), prompt[-80:]
+    full = jinja_render(name, [user, assistant], generation_prompt=False)
+    start = full.index(header, full.index(QUESTION)) + len(header)
+    turn = full[start:]
+    assert turn.endswith(END_OF_TURN[name]), turn[-80:]
+    return turn.removesuffix(END_OF_TURN[name])
+
+
+# Arguments as an OpenAI client sends them (a JSON string) and as an object, with what trips
+# parsers: nesting, non-ASCII text, quotes, backslashes, brackets and braces inside strings.
+CALLS = [
+    ("get_weather", {"city": "Zürich \"Altstadt\" 東京 🌦", "options": {
+        "units": ["°C", "km/h"], "path": "C:\\tmp\\x", "braces": "}{][)(",
+        "deep": {"list": [1, 2.5, None, True, {"k": "v"}]}}}),
+    ("get_time", {}),
+]
+
+
+def assistant_message(content: str | None) -> dict[str, Any]:
+    calls = [{"id": f"call_{i}", "type": "function",
+              "function": {"name": name, "arguments": json.dumps(args) if i == 0 else args}}
+             for i, (name, args) in enumerate(CALLS)]
+    return {"role": "assistant", "content": content, "tool_calls": calls}
+
+
+@pytest.mark.parametrize("template", NAMES)
+def test_every_named_template_has_a_parser_with_its_markers(template: str) -> None:
+    fmt = format_by_name(TOOL_FORMAT[template])
+    assert isinstance(fmt, ToolFormat) and callable(fmt.parse)
+    if fmt.style == "marked":
+        assert (fmt.start, fmt.end) == TOOL_CALL_TAGS[template]
+    else:
+        assert TOOL_CALL_TAGS[template] == ("", "")
+
+
+@pytest.mark.parametrize("template", NAMES)
+def test_calls_rendered_by_a_named_template_parse_back(template: str) -> None:
+    output = assistant_output(template, assistant_message(None))
+    fmt = format_by_name(TOOL_FORMAT[template])
+    for pieces in ([output], list(output), random_pieces(output, 7)):
+        parsed, stream = run(fmt, [WEATHER, CLOCK], pieces)
+        got = assemble(parsed)
+        assert got["content"] == "" and stream.called, output
+        assert [(c["name"], json.loads(c["arguments"])) for c in got["calls"]] == CALLS, output
+
+
+# Llama 3.1 writes a call as the whole answer; text before the JSON makes it an answer.
+@pytest.mark.parametrize("template", [n for n in NAMES if TOOL_FORMAT[n] != "llama3_json"])
+def test_text_before_calls_rendered_by_a_named_template_stays_content(template: str) -> None:
+    output = assistant_output(template, assistant_message("Let me look that up."))
+    parsed, stream = run(format_by_name(TOOL_FORMAT[template]), [WEATHER, CLOCK],
+                         random_pieces(output, 11))
+    got = assemble(parsed)
+    assert got["content"] == "Let me look that up." and stream.called, output
+    assert [(c["name"], json.loads(c["arguments"])) for c in got["calls"]] == CALLS, output
+
+
+def test_deepseek_calls_come_out_when_their_block_closes() -> None:
+    """Calls of one block are emitted together, in order, once <｜tool▁calls▁end｜> arrives."""
+    stream = ToolCallStream(format_by_name("deepseek"), [])
+    first = stream.feed("<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>a\n"
+                        "```json\n{\"n\": 1}\n```<｜tool▁call▁end｜>\n")
+    assert first.calls == [] and first.content == ""
+    second = stream.feed("<｜tool▁call▁begin｜>b<｜tool▁sep｜>{\"n\": 2}<｜tool▁call▁end｜>"
+                         "<｜tool▁calls▁end｜>")
+    assert [(c.index, c.name, json.loads(c.arguments)) for c in second.calls] == [
+        (0, "a", {"n": 1}), (1, "b", {"n": 2})]
+    end = stream.finish()
+    assert end.calls == [] and end.content == "" and stream.called
