@@ -63,6 +63,8 @@ class Chunk(NamedTuple):
     text: str
     reasoning: str
     tokens: int
+    tool_calls: tuple[protocol.ToolCallDelta, ...] = ()
+    logprobs: tuple[protocol.TokenLogprob, ...] = ()
 
 
 class RequestStream:
@@ -78,6 +80,8 @@ class RequestStream:
         self._text: list[str] = []
         self._reasoning: list[str] = []
         self._tokens = 0
+        self._calls: list[protocol.ToolCallDelta] = []
+        self._logprobs: list[protocol.TokenLogprob] = []
         self._wake = asyncio.Event()
 
     @property
@@ -95,6 +99,8 @@ class RequestStream:
             self._text.append(delta.content)
         if delta.reasoning:
             self._reasoning.append(delta.reasoning)
+        self._calls += delta.tool_calls
+        self._logprobs += delta.logprobs
         self._tokens += delta.tokens
         self._wake.set()
 
@@ -115,12 +121,15 @@ class RequestStream:
 
     async def next_chunk(self) -> Chunk:
         """Wait until something is buffered or the request ended; return all buffered text."""
-        if not self._text and not self._reasoning and not self._tokens and not self.done:
+        if not (self._text or self._reasoning or self._tokens or self._calls or self.done):
             await self._wake.wait()
         self._wake.clear()
-        chunk = Chunk("".join(self._text), "".join(self._reasoning), self._tokens)
+        chunk = Chunk("".join(self._text), "".join(self._reasoning), self._tokens,
+                      tuple(self._calls), tuple(self._logprobs))
         self._text.clear()
         self._reasoning.clear()
+        self._calls.clear()
+        self._logprobs.clear()
         self._tokens = 0
         return chunk
 

@@ -80,12 +80,14 @@ class Call:
 
     async def collect(self) -> Answer:
         stream = self.stream or await self.open()
-        parts, thoughts = [], []
+        parts, thoughts, calls, logprobs = [], [], [], []
         try:
             while True:
                 chunk = await self.next_chunk()
                 parts.append(chunk.text)
                 thoughts.append(chunk.reasoning)
+                calls += chunk.tool_calls
+                logprobs += chunk.logprobs
                 if stream.done:
                     break
         finally:
@@ -93,7 +95,8 @@ class Call:
         if stream.error is not None:
             raise stream.error
         assert stream.end is not None
-        return Answer("".join(parts), "".join(thoughts), stream.end)
+        return Answer("".join(parts), "".join(thoughts), stream.end, merge_tool_calls(calls),
+                      tuple(logprobs))
 
     async def _within_deadline(self, awaitable):
         try:
@@ -114,6 +117,19 @@ class Answer(NamedTuple):
     text: str
     reasoning: str
     end: protocol.End
+    tool_calls: tuple[protocol.ToolCallDelta, ...] = ()  # whole calls, by index
+    logprobs: tuple[protocol.TokenLogprob, ...] = ()
+
+
+def merge_tool_calls(pieces: list[protocol.ToolCallDelta]) -> tuple[protocol.ToolCallDelta, ...]:
+    """Whole calls from streamed pieces: id and name from a call's first piece, arguments
+    concatenated."""
+    calls: dict[int, protocol.ToolCallDelta] = {}
+    for p in pieces:
+        have = calls.get(p.index)
+        calls[p.index] = p if have is None else msgspec.structs.replace(
+            have, arguments=have.arguments + p.arguments)
+    return tuple(calls[i] for i in sorted(calls))
 
 
 class Shape(Protocol):
@@ -128,8 +144,8 @@ class Shape(Protocol):
     def opening(self, cid: str, created: int, model: str, index: int) -> msgspec.Struct | None:
         ...
 
-    def delta(self, cid: str, created: int, model: str, index: int, text: str,
-              reasoning: str = "") -> msgspec.Struct: ...
+    def delta(self, cid: str, created: int, model: str, index: int, chunk: Chunk
+              ) -> msgspec.Struct: ...
 
     def finish(self, cid: str, created: int, model: str, index: int, reason: str
                ) -> msgspec.Struct: ...
@@ -279,11 +295,14 @@ class Group:
                 if first is not None:
                     yield fmt.chunk(first)
                 if self.prefix[i]:
-                    yield fmt.chunk(self.shape.delta(*args, i, self.prefix[i]))
+                    yield fmt.chunk(self.shape.delta(*args, i, Chunk(self.prefix[i], "", 0)))
             ends: dict[int, protocol.End] = {}
-            async for index, chunk, end in self._batched(self._merged()):
-                if chunk.text or chunk.reasoning:
-                    yield fmt.chunk(self.shape.delta(*args, index, chunk.text, chunk.reasoning))
+            async for index, chunk, end in self._batched(self._merged(interval)):
+                if index is None:  # nothing for a while (a long prompt being processed)
+                    yield fmt.keepalive()
+                    continue
+                if chunk.text or chunk.reasoning or chunk.tool_calls or chunk.logprobs:
+                    yield fmt.chunk(self.shape.delta(*args, index, chunk))
                 if end is not None:
                     ends[index] = end
                     yield fmt.chunk(self.shape.finish(*args, index, end.finish_reason))
@@ -311,16 +330,22 @@ class Group:
             return
         held: dict[int, Chunk] = {}
         async for index, chunk, end in events:
+            if index is None:
+                yield index, chunk, end
+                continue
             have = held.pop(index, Chunk("", "", 0))
             merged = Chunk(have.text + chunk.text, have.reasoning + chunk.reasoning,
-                           have.tokens + chunk.tokens)
+                           have.tokens + chunk.tokens, have.tool_calls + chunk.tool_calls,
+                           have.logprobs + chunk.logprobs)
             if end is None and merged.tokens < size:
                 held[index] = merged
                 continue
             yield index, merged, end
 
-    async def _merged(self) -> AsyncIterator[tuple[int, Chunk, protocol.End | None]]:
-        """Deltas of every sequence as they come; raises the first sequence's error."""
+    async def _merged(self, keepalive_s: float
+                      ) -> AsyncIterator[tuple[int | None, Chunk, protocol.End | None]]:
+        """Deltas of every sequence as they come; raises the first sequence's error. An index
+        of None means nothing came for `keepalive_s` (the caller sends a keep-alive)."""
         queue: asyncio.Queue[tuple[int, Chunk, Any]] = asyncio.Queue()
 
         async def pump(index: int, call: Call) -> None:
@@ -340,7 +365,12 @@ class Group:
         try:
             for _ in range(len(self.calls)):
                 while True:
-                    index, text, last = await queue.get()
+                    try:
+                        async with asyncio.timeout(keepalive_s):
+                            index, text, last = await queue.get()
+                    except TimeoutError:
+                        yield None, Chunk("", "", 0), None
+                        continue
                     if isinstance(last, RouterError):
                         raise last
                     yield index, text, last

@@ -6,24 +6,58 @@ call into the tokenizer's template goes through here, since mlx-lm's wrapper API
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from .errors import InvalidRequest
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
-    """Token ids of the conversation rendered by the model's own chat template."""
-    if not getattr(tokenizer, "has_chat_template", False):
+def render_chat(tokenizer: Any, messages: list[dict[str, Any]],
+                tools: list[dict[str, Any]] | None = None, template: str | None = None,
+                extra: dict[str, Any] | None = None) -> list[int]:
+    """Token ids of the conversation rendered by the chat template: `template` (a configured
+    named or file template) or else the model's own. Tools, earlier tool calls and tool
+    results all go through the template, as the model was trained to see them."""
+    if template is None and not getattr(tokenizer, "has_chat_template", False):
         raise InvalidRequest("this model has no chat template; use /v1/completions or set "
                              "a chat_template for it")
     from jinja2 import TemplateError
 
+    kwargs = dict(extra or {})
+    if tools:
+        kwargs["tools"] = tools
+    if template is not None:
+        kwargs["chat_template"] = template
     try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template(template_messages(messages),
+                                            add_generation_prompt=True, tokenize=True, **kwargs)
     except (TemplateError, ValueError, TypeError, KeyError) as exc:
         # The template's own message (e.g. "roles must alternate") is what the user needs.
         raise InvalidRequest(f"the model's chat template rejected the messages: {exc}") from None
     return list(ids)
+
+
+def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI messages as chat templates expect them: tool call arguments as objects (OpenAI
+    sends JSON strings; templates render them with `tojson`)."""
+    out = []
+    for msg in messages:
+        calls = msg.get("tool_calls")
+        if calls:
+            msg = {**msg, "tool_calls": [_call_for_template(c) for c in calls]}
+        out.append(msg)
+    return out
+
+
+def _call_for_template(call: dict[str, Any]) -> dict[str, Any]:
+    fn = dict(call.get("function") or {})
+    args = fn.get("arguments")
+    if isinstance(args, str):
+        try:
+            fn["arguments"] = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError:
+            pass  # left as the string the client sent; templates print it as is
+    return {**call, "function": fn}
 
 
 def render_completion(tokenizer: Any, prompt: str | list[int]) -> list[int]:

@@ -34,20 +34,146 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return daemon.run(_load(args), args.log_level, reload=load_again)
 
 
+def _daemon_states(config) -> dict[str, str] | None:
+    """Worker states of a running daemon (for the LOADED column), None when none answers."""
+    import httpx
+
+    from .daemon import read_lock_info
+
+    info = read_lock_info(config.run_dir)
+    if not info.get("port"):
+        return None
+    host = info.get("host") or "127.0.0.1"
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    headers = ({"Authorization": f"Bearer {config.server.admin_key}"}
+               if config.server.admin_key else {})
+    try:
+        body = httpx.get(f"http://{host}:{info['port']}/admin/status", headers=headers,
+                         timeout=2).json()
+        return {w["model"]: w["state"] for w in body.get("workers", [])}
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _size(n: int | None, unit: str = "B") -> str:
+    if not n:
+        return "-"
+    for prefix in ("", "K", "M", "G", "T"):
+        if n < 1000 or prefix == "T":
+            return f"{n:.0f}{prefix}{unit}" if prefix == "" else f"{n:.1f}{prefix}{unit}"
+        n /= 1000
+    return "-"
+
+
 def cmd_models_list(args: argparse.Namespace) -> int:
-    from .discovery import scan
+    from .library import list_rows
 
     config = _load(args)
-    found = scan(config.model_directory)
+    rows = list_rows(config, _daemon_states(config))
     if args.json:
-        print(json.dumps([{"id": m.id, "path": m.path, "usable": m.usable, "reason": m.reason,
-                           "vision": m.vision} for m in found.values()], indent=2))
+        print(json.dumps(rows, indent=2))
         return 0
-    if not found:
+    if not rows:
         print(f"no models in {config.model_directory}")
-    for m in found.values():
-        status = "ok" if m.usable else f"unusable: {m.reason}"
-        print(f"{m.id:40s} {status:30s} {m.path}")
+        return 0
+    print(f"{'ID':40s} {'STATE':8s} {'ARCH':24s} {'QUANT':14s} {'PARAMS':>7s} {'WEIGHTS':>8s} "
+          f"{'EST.MEM':>8s} {'CONTEXT':>7s} {'CAPABILITIES':26s} SOURCE")
+    for r in rows:
+        if not r["usable"]:
+            print(f"{r['id']:40s} unusable: {r['reason']} ({r['path']})")
+            continue
+        print(f"{r['id']:40s} {(r['state'] or '-'):8s} {r['architecture'][:24]:24s} "
+              f"{r['quantization'][:14]:14s} {_size(r['parameters'], ''):>7s} "
+              f"{_size(r['weights_bytes']):>8s} {_size(r['estimated_memory_bytes']):>8s} "
+              f"{r['context_length'] or '-'!s:>7s} {','.join(r['capabilities']):26s} "
+              f"{r['source']}")
+    return 0
+
+
+def cmd_models_pull(args: argparse.Namespace) -> int:
+    from .library import LibraryError, pull
+
+    config = _load(args)
+    try:
+        path = pull(args.repo, config.model_directory, revision=args.revision)
+    except LibraryError as exc:
+        print(f"mlxrouter: pull failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"pulled {args.repo} -> {path}")
+    return 0
+
+
+def cmd_models_link(args: argparse.Namespace) -> int:
+    from .discovery import sources_for
+    from .library import link_into_lmstudio, link_into_model_directory
+
+    config = _load(args)
+    if args.lmstudio:
+        target = config.supervisor.lmstudio_dir
+        if not target:
+            print("mlxrouter: no LM Studio models directory (set lmstudio_dir)",
+                  file=sys.stderr)
+            return 1
+        lines = link_into_lmstudio(config.model_directory, Path(target), args.names)
+    else:
+        lines = link_into_model_directory(config.model_directory, sources_for(config),
+                                          args.names)
+    print("\n".join(lines) if lines else "nothing to link")
+    return 0
+
+
+def cmd_models_rm(args: argparse.Namespace) -> int:
+    from . import discovery
+    from .library import LibraryError, dir_bytes, remove, removal_target
+
+    config = _load(args)
+    model = discovery.scan(config.model_directory).get(args.name)
+    if model is None:
+        print(f"mlxrouter: no model '{args.name}' in {config.model_directory}", file=sys.stderr)
+        return 1
+    target = removal_target(config.model_directory, model)
+    what = "unlink" if target.is_symlink() else f"delete ({_size(dir_bytes(target))})"
+    if not args.yes:
+        try:
+            answer = input(f"{what} {target}? [y/N] ")
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            print("not removed")
+            return 1
+    try:
+        path, done = remove(config.model_directory, args.name)
+    except (LibraryError, OSError) as exc:
+        print(f"mlxrouter: rm failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"{done} {path}")
+    return 0
+
+
+def cmd_models_tune(args: argparse.Namespace) -> int:
+    from .tune import TuneError, tune
+
+    config = _load(args)
+    contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else None
+    try:
+        result = tune(config, args.name, contexts=contexts,
+                      workers_dir=Path(args.workers_dir) if args.workers_dir else None)
+    except TuneError as exc:
+        print(f"mlxrouter: tune failed: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        import msgspec
+
+        print(msgspec.json.encode(result).decode())
+        return 0
+    print(f"{result.model}: load {result.load_s:.2f}s, "
+          f"{_size(result.memory_after_load_bytes)} after load, "
+          f"{_size(result.bytes_per_1k_tokens)} per 1K tokens measured "
+          f"({_size(result.bytes_per_1k_tokens_config)} from its config)")
+    for p in result.points:
+        print(f"  prompt {p.prompt_tokens:6d} tokens: decode "
+              f"{p.decode_tokens_per_s or 0:.1f} tok/s, peak {_size(p.peak_bytes)}")
+    print(f"wrote {result.worker_file}: {json.dumps(result.values)}")
     return 0
 
 
@@ -94,11 +220,35 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--config")
     imp.add_argument("--model-dir")
     imp.set_defaults(func=cmd_import_gguf)
+    pull = msub.add_parser("pull", help="download a model from the Hugging Face Hub")
+    pull.add_argument("repo", help="org/name")
+    pull.add_argument("--revision", help="branch, tag or commit (default: main)")
+    link = msub.add_parser("link", help="symlink models of the HF cache / LM Studio into the "
+                                        "model directory (or, with --lmstudio, the other way)")
+    link.add_argument("names", nargs="*", help="model ids (default: all)")
+    link.add_argument("--lmstudio", action="store_true",
+                      help="link the model directory's models into LM Studio's")
+    rm = msub.add_parser("rm", help="remove a model from the model directory")
+    rm.add_argument("name")
+    rm.add_argument("--yes", "-y", action="store_true", help="do not ask")
+    tune = msub.add_parser("tune", help="measure a model and write workers/NAME.toml")
+    tune.add_argument("name")
+    tune.add_argument("--contexts", help="prompt sizes in tokens, e.g. 512,2048,8192")
+    tune.add_argument("--workers-dir", help="default: workers/ beside the config file")
+    tune.add_argument("--json", action="store_true")
+    for command, func in ((pull, cmd_models_pull), (link, cmd_models_link),
+                          (rm, cmd_models_rm), (tune, cmd_models_tune)):
+        command.add_argument("--config")
+        command.add_argument("--model-dir")
+        command.set_defaults(func=func)
     from .ctl import add_parser as add_ctl_parser
     from .service import add_parser as add_service_parser
 
     add_ctl_parser(sub)
     add_service_parser(sub)
+    from .bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -57,6 +57,17 @@ class ServerConfig(_Section):
     # Browser origins allowed to call the API (CORS), e.g. ["http://localhost:3000"] or ["*"];
     # empty = no CORS headers. Takes effect at start (not on reload).
     cors_origins: list[str] = []
+    # Images and PDFs in chat requests (docs/vision.md). http(s) image URLs are fetched only
+    # when allowed, within max_image_bytes and remote_image_timeout_s; local paths never.
+    allow_remote_images: bool = False
+    remote_image_timeout_s: PosFloat = 10.0
+    # Decoded bytes of one image or PDF, and of all of a request's media together.
+    max_image_bytes: Pos = 10 * 1024 * 1024
+    max_request_media_bytes: Pos = 32 * 1024 * 1024
+    # Pixels of one image or rendered PDF page; larger ones are refused before decoding.
+    max_image_pixels: Pos = 50_000_000
+    max_pdf_pages: Pos = 32
+    pdf_dpi: Annotated[int, msgspec.Meta(ge=18, le=600)] = 150
 
 
 class SupervisorConfig(_Section):
@@ -91,6 +102,17 @@ class SupervisorConfig(_Section):
     memory_threshold_gb: float = 2.0
     swap_high_percent: float = 80.0
     swap_critical_percent: float = 95.0
+    # Where models are discovered, in order (an id found earlier hides the same id later).
+    discovery_sources: list[Literal["model_directory", "hf_cache", "lmstudio"]] = (
+        msgspec.field(default_factory=lambda: ["model_directory", "hf_cache", "lmstudio"]))
+    # The Hugging Face cache; default $HF_HUB_CACHE, else $HF_HOME/hub, else
+    # ~/.cache/huggingface/hub.
+    hf_cache_dir: str = ""
+    # LM Studio's models (org/name); default ~/.lmstudio/models or ~/.cache/lm-studio/models,
+    # whichever exists.
+    lmstudio_dir: str = ""
+    # A request for an unknown "org/name" model downloads it from the Hugging Face Hub first.
+    allow_download: bool = False
 
 
 class ModelOptions(_Section):
@@ -102,6 +124,8 @@ class ModelOptions(_Section):
     top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
     top_k: NonNeg | None = None
     min_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    # mlx-lm's multiplicative penalty over the last 20 tokens when a request sets none; 1 = off.
+    repetition_penalty: Annotated[float, msgspec.Meta(gt=0)] | None = None
     max_context: NonNeg | None = None
     max_running: Pos | None = None
     max_queue: NonNeg | None = None
@@ -119,9 +143,33 @@ class ModelOptions(_Section):
     reasoning_response: Literal["enable", "disable"] | None = None
     streaming_format: Literal["sse", "json_lines", "json_array"] | None = None
     stream_chunk_size: Pos | None = None
+    # Chat template: the tokenizer's own when None; else a named template (templates.NAMES)
+    # or a path to a .jinja file.
+    chat_template: str | None = None
+    # Tool calling: off for this model when false (requests with tools get a 400); None = on
+    # when the model's chat template renders tools. `enable_function_calling` is the seed's
+    # switch for all models. tool_call_format names the output parser when detection fails.
+    supports_tools: bool | None = None
+    enable_function_calling: bool | None = None
+    tool_call_format: str | None = None
     # Test aid: faults injected into the real worker (see engine.FaultPlan).
     fault: dict[str, float] | None = None
     env: dict[str, str] | None = None
+    # Serve with mlx-vlm (images, PDFs); None = when the model's config.json says it is a
+    # vision model (a vision_config, or an architecture mlx-vlm serves with images).
+    supports_vision: bool | None = None
+
+
+    def __post_init__(self) -> None:
+        template = self.chat_template
+        if template is not None:
+            from .templates import NAMES
+
+            path = Path(template).expanduser()
+            if template not in NAMES and not (path.is_absolute() and path.is_file()):
+                raise ValueError(f"chat_template {template!r} is neither a template name "
+                                 f"({', '.join(NAMES)}) nor an existing file given by an "
+                                 f"absolute path")
 
 
 class WorkerFile(ModelOptions):
@@ -147,6 +195,7 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
+    repetition_penalty: float = 1.0
     # Tokens per sequence (prompt + completion), at most the model's own; 0 = the model's own.
     # The memory budget assumes a full KV cache of this many tokens for every batch slot.
     max_context: int = 8192
@@ -182,8 +231,13 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     # line) or "json_array"; and tokens per streamed chunk.
     streaming_format: str = "sse"
     stream_chunk_size: int = 1
+    chat_template: str | None = None
+    supports_tools: bool | None = None
+    enable_function_calling: bool = True
+    tool_call_format: str | None = None
     fault: dict[str, float] = {}
     env: dict[str, str] = {}
+    supports_vision: bool | None = None
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True):
@@ -227,9 +281,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
 # because they have no effect yet. Anything else unknown is an error.
 _SEED_NOOP_KEYS = {
     "server": {"log_level", "workers", "reload"},
-    "defaults": {"enable_function_calling",
-                 "supports_tools", "supports_vision", "chat_template",
-                 "repetition_penalty", "trust_remote_code"},
+    "defaults": {"trust_remote_code"},
 }
 _SEED_NOOP_KEYS["models"] = _SEED_NOOP_KEYS["defaults"] | {"cache_size"}
 # Seed keys that live in [supervisor] here, with their names here.
@@ -335,6 +387,23 @@ def state_home() -> Path:
     return Path(os.environ.get("MLXROUTER_HOME", "~/.mlxrouter")).expanduser()
 
 
+def hf_cache_default() -> Path:
+    """The Hugging Face hub cache as huggingface_hub finds it: HF_HUB_CACHE, HF_HOME/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def lmstudio_default() -> Path | None:
+    """LM Studio's models directory, where it exists."""
+    for candidate in ("~/.lmstudio/models", "~/.cache/lm-studio/models"):
+        if Path(candidate).expanduser().is_dir():
+            return Path(candidate).expanduser()
+    return None
+
+
 def default_config_path() -> Path | None:
     env = os.environ.get("MLXROUTER_CONFIG")
     if env:
@@ -382,6 +451,10 @@ def load_config(
                                     or _absolute(sup.model_directory or "~/models", base))
     overrides["run_dir"] = _absolute(sup.run_dir, base) if sup.run_dir else str(home / "run")
     overrides["log_dir"] = _absolute(sup.log_dir, base) if sup.log_dir else str(home / "logs")
+    overrides["hf_cache_dir"] = (_absolute(sup.hf_cache_dir, base) if sup.hf_cache_dir
+                                 else str(hf_cache_default()))
+    overrides["lmstudio_dir"] = (_absolute(sup.lmstudio_dir, base) if sup.lmstudio_dir
+                                 else str(lmstudio_default() or ""))
     sup = msgspec.structs.replace(sup, **overrides)
     env_key = os.environ.get("MLXROUTER_API_KEY")
     if env_key and env_key not in server.api_keys:

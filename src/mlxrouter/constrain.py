@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from mlxrouter.errors import InvalidRequest, RouterError
+from mlxrouter.errors import ConstraintFailed, InvalidRequest, RouterError
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -43,11 +43,9 @@ _MAX_MESSAGE_CHARS = 600
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 
-class ConstraintError(RouterError):
+class ConstraintError(ConstraintFailed):
     """A constrained sequence went wrong inside the matcher (a token the grammar rejects, a
     grammar that cannot be built with this tokenizer): the request fails, the worker lives."""
-
-    code = "constraint_failed"
 
 
 # Daemon side (no mlx).

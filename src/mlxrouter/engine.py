@@ -31,6 +31,9 @@ from mlx_lm.sample_utils import (apply_min_p, apply_top_k, apply_top_p, greedy_s
 
 from . import protocol
 from .chat import StopText, render_chat, render_completion
+from .constrain import ConstraintFactory
+from .templates import TOOL_FORMAT, template_source
+from .toolcalls import ToolCallStream, detect_format, format_by_name
 from .config import ModelSpec
 from .errors import ContextLengthExceeded, InvalidRequest, RouterError
 from .memory import effective_context, model_max_context
@@ -81,9 +84,30 @@ class Sequence:
         self.stop = StopText(req.sampling.stop)
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
+        # Alternatives per token when the request asked for logprobs, else None.
+        self.top_logprobs = req.sampling.top_logprobs if req.sampling.logprobs else None
+        self.tools: Any = None  # a toolcalls.ToolCallStream when the output may hold calls
+        self.constraint: Any = None  # a constrain.GrammarProcessor when decoding is constrained
+        self.one_call = not req.parallel_tool_calls
 
-    def route(self, text: str, final: bool) -> tuple[str, str]:
-        """(content, reasoning) of newly decoded text; markers never reach either."""
+    def route(self, text: str, final: bool) -> tuple[str, str, list[protocol.ToolCallDelta]]:
+        """(content, reasoning, tool call pieces) of newly decoded text; reasoning markers
+        and tool-call markup never reach content."""
+        content, reasoning = self._split_reasoning(text, final)
+        if self.tools is None:
+            return content, reasoning, []
+        parsed = self.tools.feed(content)
+        content, calls = parsed.content, list(parsed.calls)
+        reasoning += parsed.reasoning
+        if final:
+            rest = self.tools.finish()
+            content, reasoning = content + rest.content, reasoning + rest.reasoning
+            calls += rest.calls
+        return content, reasoning, [
+            protocol.ToolCallDelta(index=c.index, id=c.id or "", name=c.name or "",
+                                   arguments=c.arguments or "") for c in calls]
+
+    def _split_reasoning(self, text: str, final: bool) -> tuple[str, str]:
         if self.split is None:
             return text, ""
         out = {"normal": "", "reasoning": ""}
@@ -106,6 +130,8 @@ class FaultPlan:
         self.crash_after_tokens = int(fault.get("crash_after_tokens", 0))
         self.oom_after_tokens = int(fault.get("oom_after_tokens", 0))
         self.stall_after_tokens = int(fault.get("stall_after_tokens", 0))
+        # A long prompt's processing, as the client sees it: Started, then nothing for a while.
+        self.prefill_delay_s = float(fault.get("prefill_delay_s", 0))
 
 
 def _max_context(spec: ModelSpec, config: dict[str, Any]) -> int:
@@ -125,6 +151,7 @@ class TextEngine:
         self._uid_of: dict[int, int] = {}  # rid -> uid
         self.max_context = 0
         self.weights_bytes = 0
+        self._texts: dict[int, str] = {}  # token id -> its text, for logprobs
 
     @property
     def active(self) -> int:
@@ -142,11 +169,31 @@ class TextEngine:
         self.weights_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
         self.vocab_size = int(config.get("vocab_size")
                               or config.get("text_config", {}).get("vocab_size") or 0) or 2**31
+        self.chat_template = (template_source(self.spec.chat_template)
+                              if self.spec.chat_template else None)
+        self.tool_format = self._tool_format()
+        self.constraints: ConstraintFactory | None = None
         self.gen = self._new_batch()
         self.prompt_cache = (LRUPromptCache(max_size=self.spec.prompt_cache_size,
                                             max_bytes=self.spec.prompt_cache_bytes)
                              if self.spec.prompt_cache_bytes > 0 else None)
         self._limit_memory()
+
+    def _tool_format(self) -> Any:
+        """How this model writes tool calls: configured, else detected from its tokenizer and
+        chat template; None when it cannot take tools (or supports_tools = false)."""
+        if self.spec.supports_tools is False or not self.spec.enable_function_calling:
+            return None
+        if self.spec.tool_call_format:
+            return format_by_name(self.spec.tool_call_format)
+        if self.spec.chat_template in TOOL_FORMAT:
+            try:
+                return format_by_name(TOOL_FORMAT[self.spec.chat_template])
+            except ValueError:  # a call format with no parser (kept as a guard)
+                log.warning("no parser for the tool calls of chat template %r; requests "
+                            "with tools are refused", self.spec.chat_template)
+                return None
+        return detect_format(self.tokenizer)
 
     def _convert_weights(self) -> str:
         """Apply load_dtype; returns the dtype the weights are in now."""
@@ -195,8 +242,13 @@ class TextEngine:
                                      message=f"the request could not be processed: {exc}"))
 
     def _admit(self, req: protocol.Request) -> None:
+        if req.tools and self.tool_format is None:
+            raise InvalidRequest(f"model '{self.spec.id}' does not support tool calling (its "
+                                 f"chat template renders no tools and no tool_call_format is "
+                                 f"configured)", param="tools")
         if req.messages is not None:
-            prompt = render_chat(self.tokenizer, req.messages)
+            prompt = render_chat(self.tokenizer, req.messages, tools=req.tools,
+                                 template=self.chat_template, extra=req.template_kwargs)
         elif req.prompt is not None:
             prompt = render_completion(self.tokenizer, req.prompt)
         else:
@@ -216,7 +268,9 @@ class TextEngine:
         sampling = req.sampling
         if sampling.top_k >= self.vocab_size:  # keeps every token: the same as no top-k
             sampling = msgspec.structs.replace(sampling, top_k=0)
-        processors = self._processors(sampling, max_tokens)
+        constraint = self._constraint(req)
+        processors = self._processors(sampling, max_tokens) + (
+            [constraint] if constraint is not None else [])
         cache, rest = self._cached_prefix(prompt)
         cached = len(prompt) - len(rest)
         (uid,) = self.gen.insert([rest], max_tokens=[max_tokens], caches=[cache],
@@ -225,8 +279,11 @@ class TextEngine:
                                  logits_processors=[processors])
         seq = Sequence(req, uid, self.tokenizer.detokenizer, len(prompt))
         seq.cached_tokens = cached
+        seq.constraint = constraint
         if req.messages is not None:
             seq.split = self._reasoning_split(prompt)
+            if self.tool_format is not None and (req.tools or self.tool_format.style == "harmony"):
+                seq.tools = ToolCallStream(self.tool_format, req.tools or [])
         self._seqs[uid] = seq
         self._uid_of[req.rid] = uid
         log.info("request started request_id=%s rid=%d prompt_tokens=%d cached_tokens=%d "
@@ -234,6 +291,8 @@ class TextEngine:
                  max_tokens)
         self.emit(protocol.Started(rid=req.rid, prompt_tokens=len(prompt),
                                    cached_tokens=cached))
+        if self.fault.prefill_delay_s:
+            time.sleep(self.fault.prefill_delay_s)
 
     def _reasoning_split(self, prompt: list[int]) -> Any:
         """mlx-lm's text state machine over the reasoning markers, or None for models without
@@ -280,6 +339,20 @@ class TextEngine:
             presence_penalty=p.presence_penalty or None, presence_context_size=max_tokens,
             frequency_penalty=p.frequency_penalty or None, frequency_context_size=max_tokens)
 
+    def _constraint(self, req: protocol.Request) -> Any:
+        """An llguidance processor for response_format's grammar or a forced tool call."""
+        forced = bool(req.tools) and req.tool_choice != "auto"
+        if req.grammar is None and not forced:
+            return None
+        if self.constraints is None:
+            self.constraints = ConstraintFactory(self.tokenizer)
+        grammar = req.grammar
+        if forced:
+            fmt = self.tool_format
+            grammar = self.constraints.tool_call_grammar(req.tools, req.tool_choice, fmt.start,
+                                                         fmt.end)
+        return self.constraints.processor(grammar)
+
     def cancel(self, rid: int) -> None:
         uid = self._uid_of.get(rid)
         if uid is None:
@@ -291,6 +364,14 @@ class TextEngine:
     def _end(self, seq: Sequence, finish_reason: str) -> None:
         del self._seqs[seq.uid]
         del self._uid_of[seq.rid]
+        if seq.constraint is not None and seq.constraint.error is not None:
+            # The grammar could not go on (ended with eos): not an answer to pass off as one.
+            log.error("constrained decoding failed request_id=%s rid=%d: %s", seq.request_id,
+                      seq.rid, seq.constraint.error)
+            self.emit(protocol.Error(rid=seq.rid, code="constraint_failed",
+                                     message=f"constrained decoding failed: "
+                                             f"{seq.constraint.error}"))
+            return
         log.info("request ended request_id=%s rid=%d finish=%s completion_tokens=%d",
                  seq.request_id, seq.rid, finish_reason, seq.completion_tokens)
         self.emit(protocol.End(rid=seq.rid, finish_reason=finish_reason,
@@ -312,8 +393,11 @@ class TextEngine:
             seq.completion_tokens += 1
             self.tokens_generated += 1
             finish = r.finish_reason
+            logprobs = []
             if finish != "stop":  # "stop" here means an EOS token: never shown
                 seq.detok.add_token(r.token)
+                if seq.top_logprobs is not None:
+                    logprobs.append(self._token_logprob(r.token, r.logprobs, seq.top_logprobs))
             if finish is not None:
                 seq.detok.finalize()
             text, hit = seq.stop.feed(seq.detok.last_segment)
@@ -321,17 +405,22 @@ class TextEngine:
                 self._remember(r.all_tokens, r.prompt_cache)
             if hit:
                 if finish is None:
-                    kept = self.gen.remove([r.uid], return_prompt_caches=True)
-                    for cache, tokens in kept.values():
-                        self._remember(tokens, cache)
+                    self._retire(r.uid)
                 finish = "stop"
             elif finish is not None:
                 text += seq.stop.flush()
-            content, reasoning = seq.route(text, final=finish is not None)
+            content, reasoning, calls = seq.route(text, final=finish is not None)
+            if seq.tools is not None and seq.tools.called and seq.one_call:
+                calls = [c for c in calls if c.index == 0]
+                if finish is None:  # parallel_tool_calls=false: one call, then stop
+                    self._retire(r.uid)
+                    finish = "tool_calls"
+            if finish == "stop" and seq.tools is not None and seq.tools.called:
+                finish = "tool_calls"
             if self.spec.reasoning_response == "disable":
                 reasoning = ""
             deltas.append(protocol.Delta(rid=seq.rid, content=content, reasoning=reasoning,
-                                         tokens=1))
+                                         tokens=1, tool_calls=calls, logprobs=logprobs))
             if finish is not None:
                 ended.append((seq, finish))
         if deltas:
@@ -339,6 +428,30 @@ class TextEngine:
         for seq, finish in ended:
             self._end(seq, finish)
         self._inject_faults()
+
+    def _retire(self, uid: int) -> None:
+        """Take a sequence out of the batch before it ends by itself, keeping its KV cache."""
+        kept = self.gen.remove([uid], return_prompt_caches=True)
+        for cache, tokens in kept.values():
+            self._remember(tokens, cache)
+
+    def _token_logprob(self, token: int, logprobs: mx.array, top: int) -> protocol.TokenLogprob:
+        """The sampled token's log probability and the `top` most likely tokens'."""
+        alternatives: list[protocol.TopLogprob] = []
+        if top:
+            ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
+            values = logprobs[ids]
+            mx.eval(ids, values)
+            pairs = sorted(zip(values.tolist(), ids.tolist()), reverse=True)
+            alternatives = [protocol.TopLogprob(self._token_text(i), v) for v, i in pairs]
+        return protocol.TokenLogprob(self._token_text(token), logprobs[token].item(),
+                                     alternatives)
+
+    def _token_text(self, token: int) -> str:
+        text = self._texts.get(token)
+        if text is None:
+            text = self._texts[token] = self.tokenizer.decode([token])
+        return text
 
     def _inject_faults(self) -> None:
         if self.fault.delay_per_token_s:

@@ -96,6 +96,12 @@ class OutOfMemory(RouterError):
     status, code, retry_after_s = 503, "out_of_memory", 1
 
 
+class ConstraintFailed(RouterError):
+    """Constrained decoding went wrong inside the grammar matcher; the worker lives on."""
+
+    code = "constraint_failed"
+
+
 # Codes a worker may send in protocol.Error, mapped back to the class the gateway raises.
 _BY_CODE: dict[str, type[RouterError]] = {
     cls.code: cls
@@ -107,6 +113,7 @@ _BY_CODE: dict[str, type[RouterError]] = {
         NoMemory,
         Timeout,
         OutOfMemory,
+        ConstraintFailed,
     )
 }
 

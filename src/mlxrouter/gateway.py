@@ -8,11 +8,13 @@ still loading commits after `stream_commit_after_s` and sends keep-alive comment
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
 from typing import Any
 
+import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -25,14 +27,16 @@ from . import protocol
 from .access import AccessMiddleware, request_id
 from .admin import admin_routes
 from .calls import Group, token_cap
+from .docs_pages import docs_routes
 from .config import ModelSpec
-from .errors import (BodyTooLarge, ModelNotFound, NotFound, RouterError, ShuttingDown,
-                     error_body, error_headers)
+from .errors import (BodyTooLarge, InvalidRequest, ModelNotFound, NotFound, RouterError,
+                     ShuttingDown, error_body, error_headers)
 from .openapi import openapi_document
 from .runtime import AppState, app_state, json_response
 from .schemas import (ChatCompletionRequest, ChatShape, CompletionRequest, GenerationParams,
                       ModelList, ModelObject, TextShape, check_completion, check_supported,
-                      decode_body, message_dicts)
+                      decode_body, message_dicts, tool_dicts)
+from .vision import collect_media
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +91,10 @@ def sampling_for(req: GenerationParams, spec: ModelSpec, pressure: str,
         log.info("memory pressure %s: max_tokens %d capped to %d for model=%s", pressure,
                  max_tokens, cap, spec.id)
         max_tokens = cap
+    if isinstance(req, ChatCompletionRequest):
+        logprobs, top = bool(req.logprobs), req.top_logprobs or 0
+    else:
+        logprobs, top = req.logprobs is not None, req.logprobs or 0
     return protocol.SamplingParams(
         max_tokens=max_tokens,
         temperature=spec.temp if req.temperature is None else req.temperature,
@@ -95,10 +103,13 @@ def sampling_for(req: GenerationParams, spec: ModelSpec, pressure: str,
         min_p=spec.min_p if req.min_p is None else req.min_p,
         seed=None if req.seed is None else req.seed + choice,
         stop=req.stop_list,
-        repetition_penalty=req.repetition_penalty or 1.0,
+        repetition_penalty=(spec.repetition_penalty if req.repetition_penalty is None
+                            else req.repetition_penalty),
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
         logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
+        logprobs=logprobs,
+        top_logprobs=top,
     )
 
 
@@ -134,17 +145,58 @@ async def _admit(request: Request, type_: type) -> tuple[AppState, Any, ModelSpe
     return state, req, state.supervisor.spec(req.model)
 
 
+# apply_chat_template's own parameters: a request may not set them through template variables.
+_RESERVED_TEMPLATE_KWARGS = frozenset({
+    "messages", "conversation", "tools", "documents", "chat_template", "tokenize",
+    "add_generation_prompt", "continue_final_message", "return_dict", "return_tensors",
+    "return_assistant_tokens_mask", "padding", "truncation", "max_length", "tokenizer_kwargs",
+})
+
+
+def template_kwargs(req: ChatCompletionRequest) -> dict[str, Any]:
+    kwargs = dict(req.chat_template_kwargs or {})
+    bad = sorted(_RESERVED_TEMPLATE_KWARGS.intersection(kwargs))
+    if bad:
+        raise InvalidRequest(f"chat_template_kwargs may not set {', '.join(bad)}",
+                             param="chat_template_kwargs")
+    if req.reasoning_effort is not None:
+        kwargs["reasoning_effort"] = req.reasoning_effort
+    return kwargs
+
+
+async def response_grammar(req: ChatCompletionRequest) -> str | None:
+    """response_format as a grammar for the worker; a schema llguidance cannot take is a 400
+    here, before any worker is involved. Compiled off the event loop (large schemas)."""
+    rf = req.response_format
+    if rf is None or rf.type == "text":
+        return None
+    from .constrain import grammar_for_response_format
+
+    return await asyncio.to_thread(grammar_for_response_format, msgspec.to_builtins(rf))
+
+
 @_counted("chat.completions")
 async def chat_completions(request: Request) -> Response:
     state, req, spec = await _admit(request, ChatCompletionRequest)
     check_supported(req)
     messages = message_dicts(req.messages)
+    media = await collect_media(state.config.server, spec, req.messages)  # vision.py
+    tools = tool_dicts(req)
+    if tools is not None and not (spec.enable_function_calling and spec.supports_tools
+                                  is not False):
+        raise InvalidRequest(f"model '{spec.id}' does not support tool calling (it is turned "
+                             f"off in its configuration)", param="tools")
+    grammar = await response_grammar(req)
+    choice = req.tool_choice if req.tool_choice not in (None, "none") else "auto"
     pressure = state.supervisor.pressure
-    requests = [protocol.Request(rid=state.broker.next_rid(),
-                                 sampling=sampling_for(req, spec, pressure, i),
-                                 messages=messages, request_id=request_id.get())
-                for i in range(req.n)]
-    group = Group(state, spec, requests, ChatShape(), req.model, [0] * req.n, [""] * req.n)
+    requests = [protocol.Request(
+        rid=state.broker.next_rid(), sampling=sampling_for(req, spec, pressure, i),
+        messages=messages, request_id=request_id.get(), tools=tools,
+        tool_choice=msgspec.to_builtins(choice),
+        parallel_tool_calls=req.parallel_tool_calls is not False, grammar=grammar,
+        template_kwargs=template_kwargs(req), media=media) for i in range(req.n)]
+    group = Group(state, spec, requests, ChatShape(logprobs=bool(req.logprobs)), req.model,
+                  [0] * req.n, [""] * req.n)
     return await _respond(group, req, request)
 
 
@@ -161,16 +213,29 @@ async def completions(request: Request) -> Response:
                 prompt=prompt, request_id=request_id.get()))
             prompt_of.append(p)
             prefix.append(prompt if req.echo and isinstance(prompt, str) else "")
-    group = Group(state, spec, requests, TextShape(), req.model, prompt_of, prefix)
+    group = Group(state, spec, requests, TextShape(req.logprobs, prefix), req.model,
+                  prompt_of, prefix)
     return await _respond(group, req, request)
 
 
 def _model_object(state: AppState, model_id: str) -> ModelObject:
     st = state.supervisor.state_of(model_id)
     owner = model_id.split("/", 1)[0] if "/" in model_id else "mlxrouter"
+    info = state.supervisor.catalog.info(model_id)
+    estimate = None
+    if info is not None and info.usable:
+        try:
+            estimate = state.supervisor.need_bytes(state.supervisor.spec(model_id))
+        except RouterError:
+            estimate = None
+    extra = {} if info is None or not info.usable else dict(
+        source=info.source, architecture=info.architecture, quantization=info.quantization,
+        parameters=info.parameters, weights_bytes=info.weights_bytes,
+        context_length=info.context_length, capabilities=list(info.capabilities))
     return ModelObject(id=model_id, created=int(state.started_at), owned_by=owner,
                        loaded=st.value == "RUNNING", state=st.value,
-                       path=state.supervisor.catalog.path_of(model_id) or "")
+                       path=state.supervisor.catalog.path_of(model_id) or "",
+                       estimated_memory_bytes=estimate, **extra)
 
 
 async def list_models(request: Request) -> Response:
@@ -226,6 +291,7 @@ def build_app(state: AppState) -> Starlette:
         Route("/v1/health", health_detail, methods=["GET"]),
         Route("/metrics", metrics_text, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
+        *docs_routes(),
     ]
     app = Starlette(routes=routes + admin_routes(), exception_handlers={
         RouterError: on_router_error,

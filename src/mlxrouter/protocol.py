@@ -68,6 +68,20 @@ class SamplingParams(msgspec.Struct, omit_defaults=True):
     frequency_penalty: float = 0.0
     # token id -> additive bias, as OpenAI's logit_bias (keys already checked to be ints)
     logit_bias: dict[int, float] = {}
+    # Log probability of each sampled token, with this many alternatives (0 = just its own).
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+class Media(msgspec.Struct, omit_defaults=True):
+    """An image or a PDF of a chat request, as the client sent it (checked, never decoded, by
+    the gateway). The vision worker decodes it, with these limits."""
+
+    kind: str  # "image" | "pdf"
+    data: bytes
+    max_pixels: int = 0  # per image or rendered page; 0 = no limit
+    max_pages: int = 0  # PDFs
+    dpi: int = 150  # PDFs are rendered at this resolution
 
 
 class Request(_Msg, tag="request"):
@@ -77,6 +91,17 @@ class Request(_Msg, tag="request"):
     messages: list[dict[str, Any]] | None = None
     prompt: str | list[int] | None = None
     request_id: str = ""
+    # OpenAI tools (as dicts), rendered by the chat template; None = no tool calling.
+    tools: list[dict[str, Any]] | None = None
+    # "auto", "required" or {"type": "function", "function": {"name": ...}} (constrained).
+    tool_choice: str | dict[str, Any] = "auto"
+    parallel_tool_calls: bool = True
+    # response_format as a grammar (constrain.grammar_for_response_format), checked already.
+    grammar: str | None = None
+    # Extra chat template variables (chat_template_kwargs, reasoning_effort).
+    template_kwargs: dict[str, Any] = {}
+    # Images and PDFs, in the order of their {"type": "image", "media": i} parts in messages.
+    media: list[Media] = []
 
 
 class Cancel(_Msg, tag="cancel"):
@@ -92,12 +117,36 @@ class Started(_Msg, tag="started"):
     cached_tokens: int = 0
 
 
+class ToolCallDelta(msgspec.Struct, omit_defaults=True):
+    """A piece of a tool call: id and name in a call's first piece; arguments are fragments
+    of a JSON string that concatenate to the whole."""
+
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+class TopLogprob(msgspec.Struct, array_like=True):
+    token: str
+    logprob: float
+
+
+class TokenLogprob(msgspec.Struct, array_like=True):
+    token: str
+    logprob: float
+    top: list[TopLogprob] = []
+
+
 class Delta(msgspec.Struct, omit_defaults=True):
     rid: int
     content: str = ""
     # Text inside the model's reasoning markers (<think>...</think>), never part of content.
     reasoning: str = ""
     tokens: int = 0
+    tool_calls: list[ToolCallDelta] = []
+    # One entry per sampled token of this step, when the request asked for logprobs.
+    logprobs: list[TokenLogprob] = []
 
 
 class Step(_Msg, tag="step"):

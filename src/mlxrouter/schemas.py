@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from .errors import InvalidRequest
+from .vision import check_messages
 
 NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
 PosInt = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
@@ -42,11 +43,25 @@ class AudioPart(msgspec.Struct, tag_field="type", tag="input_audio"):
 ContentPart = TextPart | ImagePart | FilePart | AudioPart
 
 
+class FunctionCall(msgspec.Struct):
+    name: str
+    # OpenAI sends a JSON string; an object is accepted too.
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCall(msgspec.Struct):
+    """A tool call: in an assistant message going back to the model, and in answers."""
+
+    function: FunctionCall
+    id: str = ""
+    type: Literal["function"] = "function"
+
+
 class ChatMessage(msgspec.Struct, omit_defaults=True):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
 
 
@@ -54,18 +69,10 @@ class StreamOptions(msgspec.Struct):
     include_usage: bool = False
 
 
-# OpenAI parameters not implemented yet, with the value that means "not used".
+# OpenAI parameters not implemented, with the value that means "not used".
 _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
-    "tools": None,
-    "tool_choice": None,
     "functions": None,
     "function_call": None,
-    "parallel_tool_calls": None,
-    "response_format": None,
-    "logprobs": None,
-    "top_logprobs": None,
-    "reasoning_effort": None,
-    "chat_template_kwargs": None,
     "audio": None,
     "modalities": None,
     "prediction": None,
@@ -73,13 +80,48 @@ _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
 }
 # Values of those parameters that are equivalent to leaving them out.
 _HARMLESS: dict[str, tuple[Any, ...]] = {
-    "logprobs": (False,),
-    "tools": ([],),
-    "tool_choice": ("none",),
-    "parallel_tool_calls": (True, False),
     "modalities": (["text"],),
-    "response_format": ({"type": "text"},),
 }
+_HINTS = {
+    "functions": "; use 'tools' (the legacy 'functions' API is not supported)",
+    "function_call": "; use 'tool_choice' (the legacy 'functions' API is not supported)",
+}
+
+FunctionName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+
+
+class FunctionDef(msgspec.Struct, omit_defaults=True):
+    name: FunctionName
+    description: str | None = None
+    # A JSON schema object for the arguments; None = no arguments.
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(msgspec.Struct):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionRef(msgspec.Struct):
+    name: str
+
+
+class NamedToolChoice(msgspec.Struct):
+    type: Literal["function"]
+    function: FunctionRef
+
+
+class JSONSchemaFormat(msgspec.Struct, omit_defaults=True):
+    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    schema: dict[str, Any] | None = None
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(msgspec.Struct, omit_defaults=True):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
 
 
 class GenerationParams(msgspec.Struct, kw_only=True):
@@ -117,17 +159,19 @@ class GenerationParams(msgspec.Struct, kw_only=True):
 class ChatCompletionRequest(GenerationParams, kw_only=True):
     messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
     max_completion_tokens: PosInt | None = None
+    tools: Annotated[list[Tool], msgspec.Meta(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
+    # Passed to the chat template (as gpt-oss's templates take it).
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+    # Extra variables for the chat template, e.g. {"enable_thinking": false}.
+    chat_template_kwargs: dict[str, Any] | None = None
     # Declared only to be refused; see check_supported.
-    tools: Any = None
-    tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
-    parallel_tool_calls: Any = None
-    response_format: Any = None
-    logprobs: Any = None
-    top_logprobs: Any = None
-    reasoning_effort: Any = None
-    chat_template_kwargs: Any = None
     audio: Any = None
     modalities: Any = None
     prediction: Any = None
@@ -145,7 +189,8 @@ class CompletionRequest(GenerationParams, kw_only=True):
     # Declared only to be refused; see check_completion.
     suffix: str | None = None
     best_of: int | None = None
-    logprobs: int | None = None
+    # Log probabilities of the sampled token and this many alternatives per token.
+    logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a list of prompts (strings or token id lists); 400 when malformed."""
@@ -173,9 +218,9 @@ def check_completion(req: CompletionRequest) -> list[str | list[int]]:
     if req.best_of is not None and req.best_of != req.n:
         raise InvalidRequest("parameter 'best_of' is not supported by this server yet",
                              param="best_of")
-    if req.logprobs is not None:
-        raise InvalidRequest("parameter 'logprobs' is not supported by this server yet",
-                             param="logprobs")
+    if req.echo and req.logprobs is not None:
+        raise InvalidRequest("logprobs together with echo is not supported (it would need the "
+                             "prompt's log probabilities)", param="logprobs")
     _check_common(req)
     prompts = req.prompts()
     if req.echo and not all(isinstance(p, str) for p in prompts):
@@ -201,20 +246,44 @@ def check_supported(req: ChatCompletionRequest) -> None:
         value = getattr(req, name)
         if value is unset or value in _HARMLESS.get(name, ()):
             continue
-        raise InvalidRequest(f"parameter '{name}' is not supported by this server yet",
-                             param=name)
+        raise InvalidRequest(f"parameter '{name}' is not supported by this server"
+                             f"{_HINTS.get(name, '')}", param=name)
     _check_common(req)
-    for i, msg in enumerate(req.messages):
-        if msg.content is None and msg.role != "assistant":
-            raise InvalidRequest(f"messages[{i}].content is required for role '{msg.role}'",
-                                 param=f"messages[{i}].content")
-        if isinstance(msg.content, list):
-            for j, part in enumerate(msg.content):
-                if not isinstance(part, TextPart):
-                    raise InvalidRequest(
-                        f"messages[{i}].content[{j}]: content of type "
-                        f"'{type(part).__struct_config__.tag}' is not supported by this model",
-                        param=f"messages[{i}].content[{j}].type")
+    _check_tools(req)
+    if req.top_logprobs and not req.logprobs:
+        raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
+    rf = req.response_format
+    if rf is not None and rf.type == "json_schema" and (
+            rf.json_schema is None or rf.json_schema.schema is None):
+        raise InvalidRequest("response_format.json_schema.schema is required for type "
+                             "'json_schema'",
+                             param="response_format.json_schema")
+    check_messages(req.messages)  # content parts: vision.py
+
+
+def _check_tools(req: ChatCompletionRequest) -> None:
+    tools, choice = req.tools or [], req.tool_choice
+    names = [t.function.name for t in tools]
+    if len(set(names)) != len(names):
+        raise InvalidRequest("tools: function names must be unique", param="tools")
+    if choice is not None and choice != "none" and not tools:
+        raise InvalidRequest("tool_choice is only allowed when tools are given",
+                             param="tool_choice")
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        raise InvalidRequest(f"tool_choice names function '{choice.function.name}', which is "
+                             f"not among the tools", param="tool_choice")
+    rf = req.response_format
+    if tools and choice != "none" and rf is not None and rf.type != "text":
+        raise InvalidRequest("response_format together with tools is not supported: use "
+                             "tool_choice 'none' or leave response_format out",
+                             param="response_format")
+
+
+def tool_dicts(req: ChatCompletionRequest) -> list[dict[str, Any]] | None:
+    """The tools as the chat template and the worker see them (None when no tools apply)."""
+    if not req.tools or req.tool_choice == "none":
+        return None
+    return [msgspec.to_builtins(t) for t in req.tools]
 
 
 _PATH = re.compile(r" - at `\$\.?(.*)`$")
@@ -241,12 +310,24 @@ def decode_body(body: bytes, type_: type[msgspec.Struct]) -> Any:
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as plain dicts for the chat template; text parts joined into one string."""
+    """Messages as plain dicts for the chat template; text parts joined into one string.
+    Image and file parts keep their place as {"type": "image", "media": i}, i counting them
+    across the conversation: their bytes travel in Request.media (vision.collect_media)."""
     out = []
+    media = 0
     for msg in messages:
         d = msgspec.to_builtins(msg)
         if isinstance(msg.content, list):
-            d["content"] = "".join(p.text for p in msg.content if isinstance(p, TextPart))
+            if all(isinstance(p, TextPart) for p in msg.content):
+                d["content"] = "".join(p.text for p in msg.content)
+            else:
+                d["content"] = []
+                for p in msg.content:
+                    if isinstance(p, TextPart):
+                        d["content"].append({"type": "text", "text": p.text})
+                    else:
+                        d["content"].append({"type": "image", "media": media})
+                        media += 1
         if msg.role == "developer":
             d["role"] = "system"
         out.append(d)
@@ -271,13 +352,32 @@ class AssistantMessage(msgspec.Struct, omit_defaults=True):
     role: str
     content: str | None
     reasoning_content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class TopLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(msgspec.Struct):
+    content: list[TokenLogprob] | None
+    refusal: None = None
 
 
 class Choice(msgspec.Struct):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(msgspec.Struct):
@@ -290,17 +390,30 @@ class ChatCompletion(msgspec.Struct):
     system_fingerprint: str | None = None
 
 
+class ChunkFunction(msgspec.Struct, omit_defaults=True):
+    name: str | None = None
+    arguments: str = ""
+
+
+class ChunkToolCall(msgspec.Struct, omit_defaults=True):
+    index: int
+    function: ChunkFunction
+    id: str | None = None
+    type: str | None = None
+
+
 class ChunkDelta(msgspec.Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[ChunkToolCall] | None = None
 
 
 class ChunkChoice(msgspec.Struct):
     index: int
     delta: ChunkDelta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(msgspec.Struct):
@@ -321,13 +434,31 @@ class ModelObject(msgspec.Struct):
     loaded: bool = False
     state: str = "STOPPED"
     path: str = ""
+    # From discovery (docs/models.md): what the model is and what loading it is budgeted at.
+    source: str = ""
+    architecture: str = ""
+    quantization: str = ""
+    parameters: int | None = None
+    weights_bytes: int | None = None
+    estimated_memory_bytes: int | None = None
+    context_length: int | None = None
+    capabilities: list[str] = []
+
+
+class TextLogprobs(msgspec.Struct):
+    """The legacy completions shape: parallel lists, one entry per token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
 
 
 class TextChoice(msgspec.Struct):
     index: int
     text: str
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: TextLogprobs | None = None
 
 
 class TextCompletion(msgspec.Struct):
@@ -342,15 +473,37 @@ class TextCompletion(msgspec.Struct):
     usage: Usage | None = None
 
 
+def _utf8(token: str) -> list[int]:
+    return list(token.encode("utf-8", "surrogatepass"))
+
+
+def chat_logprobs(entries) -> ChoiceLogprobs:
+    return ChoiceLogprobs([
+        TokenLogprob(e.token, e.logprob, _utf8(e.token),
+                     [TopLogprob(t.token, t.logprob, _utf8(t.token)) for t in e.top])
+        for e in entries])
+
+
+def tool_calls_out(calls) -> list[ToolCall] | None:
+    """Whole calls (protocol.ToolCallDelta, merged) as an assistant message's tool_calls."""
+    return [ToolCall(FunctionCall(c.name, c.arguments), c.id) for c in calls] or None
+
+
 class ChatShape:
     """chat.completion answers and chat.completion.chunk events."""
 
     endpoint, id_prefix = "chat.completions", "chatcmpl"
 
+    def __init__(self, logprobs: bool = False) -> None:
+        self.logprobs = logprobs
+
     def body(self, cid, created, model, choices, usage):
         return ChatCompletion(cid, created, model, [
-            Choice(i, AssistantMessage("assistant", a.text, a.reasoning or None),
-                   a.end.finish_reason)
+            Choice(i, AssistantMessage("assistant", None if a.tool_calls and not a.text
+                                       else a.text, a.reasoning or None,
+                                       tool_calls_out(a.tool_calls)),
+                   a.end.finish_reason,
+                   chat_logprobs(a.logprobs) if self.logprobs else None)
             for i, a in enumerate(choices)], usage)
 
     def opening(self, cid, created, model, index):
@@ -358,9 +511,15 @@ class ChatShape:
         return ChatCompletionChunk(cid, created, model,
                                    [ChunkChoice(index, ChunkDelta(role="assistant", content=""))])
 
-    def delta(self, cid, created, model, index, text, reasoning=""):
-        delta = ChunkDelta(content=text or None, reasoning_content=reasoning or None)
-        return ChatCompletionChunk(cid, created, model, [ChunkChoice(index, delta)])
+    def delta(self, cid, created, model, index, chunk):
+        calls = [ChunkToolCall(c.index, ChunkFunction(c.name or None, c.arguments),
+                               c.id or None, "function" if c.id else None)
+                 for c in chunk.tool_calls]
+        delta = ChunkDelta(content=chunk.text or None, reasoning_content=chunk.reasoning or None,
+                           tool_calls=calls or None)
+        logprobs = chat_logprobs(chunk.logprobs) if self.logprobs and chunk.logprobs else None
+        return ChatCompletionChunk(cid, created, model, [ChunkChoice(index, delta, None,
+                                                                     logprobs)])
 
     def finish(self, cid, created, model, index, reason):
         return ChatCompletionChunk(cid, created, model, [ChunkChoice(index, ChunkDelta(), reason)])
@@ -370,20 +529,38 @@ class ChatShape:
 
 
 class TextShape:
-    """text_completion answers and events."""
+    """text_completion answers and events. `logprobs` = alternatives per token, or None."""
 
     endpoint, id_prefix = "completions", "cmpl"
 
+    def __init__(self, logprobs: int | None = None, prefix: list[str] | None = None) -> None:
+        self.logprobs = logprobs
+        # Characters already shown per choice (text_offset counts from the choice's start).
+        self._offset: dict[int, int] = {i: len(p) for i, p in enumerate(prefix or [])}
+
+    def _logprobs(self, index: int, entries) -> TextLogprobs | None:
+        if self.logprobs is None:
+            return None
+        out = TextLogprobs([], [], [], [])
+        for e in entries:
+            out.tokens.append(e.token)
+            out.token_logprobs.append(e.logprob)
+            out.top_logprobs.append({t.token: t.logprob for t in e.top})
+            out.text_offset.append(self._offset.get(index, 0))
+            self._offset[index] = self._offset.get(index, 0) + len(e.token)
+        return out
+
     def body(self, cid, created, model, choices, usage):
         return TextCompletion(cid, created, model, [
-            TextChoice(i, a.text, a.end.finish_reason) for i, a in enumerate(choices)],
-            usage=usage)
+            TextChoice(i, a.text, a.end.finish_reason, self._logprobs(i, a.logprobs))
+            for i, a in enumerate(choices)], usage=usage)
 
     def opening(self, cid, created, model, index):
         return None
 
-    def delta(self, cid, created, model, index, text, reasoning=""):
-        return TextCompletion(cid, created, model, [TextChoice(index, text)])
+    def delta(self, cid, created, model, index, chunk):
+        lp = self._logprobs(index, chunk.logprobs) if chunk.logprobs else None
+        return TextCompletion(cid, created, model, [TextChoice(index, chunk.text, None, lp)])
 
     def finish(self, cid, created, model, index, reason):
         return TextCompletion(cid, created, model, [TextChoice(index, "", reason)])

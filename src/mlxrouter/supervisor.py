@@ -25,10 +25,10 @@ from pathlib import Path
 
 import msgspec
 
-from . import __version__, memory, protocol
+from . import __version__, library, memory, protocol
 from .broker import Broker, Lease
 from .config import Config, ConfigError, ModelSpec, worker_environment
-from .discovery import Catalog
+from .discovery import Catalog, sources_for
 from .errors import (InsufficientMemory, ModelLoadFailed, ModelNotFound, ModelUnavailable,
                      NoMemory, QueueFull, RouterError, ShuttingDown, Timeout, WorkerCrashed)
 from .process import PidFile, last_log_line, reap_stale, rotate, signal_group, spawn
@@ -40,7 +40,9 @@ log = logging.getLogger(__name__)
 CRASH_LOOP_WINDOW_S = 600.0
 # Settings a running worker was started with; changing one on reload restarts it.
 COLD_FIELDS = ("path", "engine", "load_dtype", "max_running", "max_context", "env", "fault",
-               "prompt_cache_bytes", "prompt_cache_size")
+               "prompt_cache_bytes", "prompt_cache_size", "chat_template",
+               "tool_call_format", "supports_vision", "supports_tools",
+               "enable_function_calling")
 # After a victim is reaped, a load waits up to this long for its memory to show as available.
 MEMORY_RECOVERY_S = 5.0
 
@@ -50,6 +52,9 @@ class Supervisor:
         self.config = config
         self.broker = broker
         self.catalog = catalog
+        catalog.use_sources(sources_for(config))
+        # On-demand downloads by model id: one at a time per model, shared by its requests.
+        self._downloads: dict[str, asyncio.Task[None]] = {}
         self.boot_id = secrets.token_hex(4)
         sup = config.supervisor
         self.budget_bytes = (int(sup.memory_budget_gb * memory.GB) if sup.memory_budget_gb
@@ -108,6 +113,10 @@ class Supervisor:
 
     def spec(self, model_id: str) -> ModelSpec:
         if not self.catalog.knows(model_id):
+            if self._downloadable(model_id):
+                # acquire() downloads it first; the spec points where the download lands.
+                return self.config.spec_for(model_id, str(
+                    library.pull_target(self.config.model_directory, model_id)))
             raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
         configured = self.config.models.get(model_id)
         found = None if configured is not None and configured.path else (
@@ -129,6 +138,9 @@ class Supervisor:
         """Wait until the model's worker is RUNNING with a free batch slot; take a lease."""
         if self._closing:
             raise ShuttingDown("the server is shutting down")
+        if spec.id in self._downloads or (
+                self._downloadable(spec.id) and not self.catalog.knows(spec.id)):
+            await self._download(spec.id, deadline)
         slot = self._slot(spec)
         if slot.fatal_reason:
             raise ModelUnavailable(f"model '{spec.id}' is unavailable: {slot.fatal_reason}")
@@ -289,6 +301,42 @@ class Supervisor:
             slot.wait_since = None
             self._spawn(slot, need)
             return
+
+    def _downloadable(self, model_id: str) -> bool:
+        return self.config.supervisor.allow_download and library.is_repo_id(model_id)
+
+    async def _download(self, model_id: str, deadline: float) -> None:
+        """Pull a model in a thread before its load is planned: the load slot is not held,
+        the loop is not blocked, and a client that leaves does not stop the download."""
+        task = self._downloads.get(model_id)
+        if task is None:
+            task = asyncio.create_task(asyncio.to_thread(
+                library.pull, model_id, self.config.model_directory, progress=False),
+                name=f"download:{model_id}")
+            self._downloads[model_id] = task
+            task.add_done_callback(lambda _: self._downloaded(model_id))
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                await asyncio.shield(task)
+        except TimeoutError:
+            raise Timeout(f"timed out waiting for the download of model '{model_id}'") from None
+        except library.RepoNotFound as exc:
+            raise ModelNotFound(str(exc), param="model") from None
+        except library.LibraryError as exc:
+            raise ModelLoadFailed(f"model '{model_id}' could not be downloaded: {exc}",
+                                  retry_after_s=30) from None
+
+    def _downloaded(self, model_id: str) -> None:
+        task = self._downloads.pop(model_id)
+        if not task.cancelled() and task.exception() is None:
+            log.info("download finished model=%s path=%s", model_id, task.result())
+            self.catalog.refresh(force=True)
+        elif not task.cancelled():
+            log.warning("download failed model=%s: %s", model_id, task.exception())
+
+    def need_bytes(self, spec: ModelSpec) -> int:
+        """What a load of `spec` is budgeted at (shown by /v1/models)."""
+        return self._need_bytes(spec)
 
     def _evictable(self, slot: Slot) -> bool:
         w = slot.worker
@@ -539,6 +587,7 @@ class Supervisor:
         """Apply a new config: hot fields at once, cold fields by draining and respawning,
         removed models drain and stop. Requests already admitted keep their spec."""
         self.config = config
+        self.catalog.use_sources(sources_for(config))
         sup = config.supervisor
         self.budget_bytes = (int(sup.memory_budget_gb * memory.GB) if sup.memory_budget_gb
                              else memory.default_budget_bytes())

@@ -1,7 +1,7 @@
 """Named chat templates for models that ship none, and the lookup the config uses.
 
-A model's own template (tokenizer_config.json / chat_template.jinja) always wins; these are for
-checkpoints without one, selected per model with ``chat_template = "<name>"`` or a path to a
+Without configuration a model's own template (tokenizer_config.json / chat_template.jinja) is
+used; these are for checkpoints without one (or to override it), selected per model with ``chat_template = "<name>"`` or a path to a
 ``.jinja`` file. Each template is Jinja2 written for transformers' ``apply_chat_template``
 (sandboxed environment, ``trim_blocks``/``lstrip_blocks``, ``raise_exception``, ``tojson``,
 ``strftime_now``); every line controls its own whitespace so the output does not depend on those

@@ -29,6 +29,7 @@ import zmq
 
 from . import __version__, protocol
 from .config import ModelSpec
+from .vision import is_vision_model
 
 log = logging.getLogger("mlxrouter.worker")
 
@@ -91,7 +92,10 @@ class EngineThread(threading.Thread):
         from . import engine as engine_mod  # imports mlx: only ever in a worker
 
         fault = engine_mod.FaultPlan(self.spec.fault)
-        engine = engine_mod.TextEngine(self.spec, emit, fault, self.memory_limit)
+        engine_cls: type = engine_mod.TextEngine
+        if is_vision_model(self.spec):  # its config.json or supports_vision: mlx-vlm
+            from .vlm_engine import VisionEngine as engine_cls
+        engine = engine_cls(self.spec, emit, fault, self.memory_limit)
         started = time.monotonic()
         emit(protocol.Progress(message=f"loading {self.spec.path}"))
         engine.load()

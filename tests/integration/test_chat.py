@@ -4,6 +4,7 @@ driven by the official openai client and raw httpx."""
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -152,7 +153,7 @@ def test_unknown_model_is_a_404_in_openai_shape(daemon):
      "temperature"),
     ({"messages": [{"role": "user", "content": "x"}]}, "model"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": [
-        {"type": "function", "function": {"name": "f"}}]}, "tools"),
+        {"type": "function", "function": {"name": "two words"}}]}, "tools[0].function.name"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 17}, "n"),
 ])
 def test_invalid_fields_are_400s_that_name_the_field(daemon, body, param):
@@ -184,8 +185,8 @@ def test_models_endpoints(daemon, tiny_model):
     # A model found on disk in the HF cache layout is listed with its org/name id.
     snap = daemon.root / "models" / "models--acme--tiny-chat" / "snapshots" / "abc123"
     snap.mkdir(parents=True)
-    for f in Path(tiny_model).iterdir():
-        (snap / f.name).symlink_to(f)
+    for f in Path(tiny_model).iterdir():  # copies: links may not point outside the roots
+        shutil.copy(f, snap / f.name)
     listing = daemon.http.get("/v1/models").json()
     assert listing["object"] == "list"
     ids = {m["id"] for m in listing["data"]}
@@ -262,3 +263,23 @@ def test_penalties_change_what_is_generated(daemon, tokenizer):
     assert distinct(frequency_penalty=2.0) > plain
     assert distinct(presence_penalty=2.0) > plain
     assert distinct(extra_body={"repetition_penalty": 5.0}) > plain
+
+
+def test_model_sampling_defaults_apply_when_the_request_leaves_them_out(start_daemon,
+                                                                         tiny_model):
+    """A configured default behaves exactly like the same value sent in the request."""
+    daemon = start_daemon({
+        "plain": {"path": str(tiny_model)},
+        "tuned": {"path": str(tiny_model), "repetition_penalty": 3.0, "temp": 0.0,
+                  "max_tokens": 24},
+    })
+    client = daemon.openai()
+    ask = dict(messages=MESSAGES)
+    tuned = client.chat.completions.create(model="tuned", **ask)
+    explicit = client.chat.completions.create(model="plain", temperature=0, max_tokens=24,
+                                              extra_body={"repetition_penalty": 3.0}, **ask)
+    unpenalized = client.chat.completions.create(model="plain", temperature=0, max_tokens=24,
+                                                 **ask)
+    assert tuned.usage.completion_tokens == 24
+    assert tuned.choices[0].message.content == explicit.choices[0].message.content
+    assert tuned.choices[0].message.content != unpenalized.choices[0].message.content

@@ -91,7 +91,8 @@ def test_echo_prepends_the_prompt(client):
 
 @pytest.mark.parametrize("kwargs, param", [
     ({"prompt": "x", "suffix": "end"}, "suffix"),
-    ({"prompt": "x", "logprobs": 2}, "logprobs"),
+    ({"prompt": "x", "logprobs": 21}, "logprobs"),
+    ({"prompt": "x", "logprobs": 2, "echo": True}, "logprobs"),
     ({"prompt": [1, "a"]}, "prompt"),
     ({"prompt": [[1, 2], [3]], "echo": True}, "echo"),
     ({"prompt": "x", "best_of": 3}, "best_of"),

@@ -44,3 +44,20 @@ def test_stream_chunk_size_groups_tokens(start_daemon, tiny_model):
     # 9 tokens, at least 4 per chunk except the last: 2 or 3 chunks (a read may find more
     # than 4 tokens waiting), where chunk size 1 streams nearly every token on its own.
     assert 2 <= len(contents) <= 3
+
+
+def test_keep_alive_comments_while_a_long_prompt_is_processed(start_daemon, tiny_model):
+    """After the response commits (the worker Started the request) a long prefill sends no
+    tokens for a while; proxies and clients must still see bytes."""
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "fault": {"prefill_delay_s": 1.2}}},
+                          server={"keepalive_interval_s": 0.2})
+    with daemon.http.stream("POST", "/v1/chat/completions", json=_body()) as resp:
+        assert resp.status_code == 200
+        lines = [line for line in resp.iter_lines() if line]
+    first_data = next(i for i, line in enumerate(lines) if line.startswith("data: "))
+    first_content = next(i for i, line in enumerate(lines)
+                         if line.startswith("data: {") and '"content":"' in line
+                         and '"content":""' not in line)
+    alive = [line for line in lines[first_data:first_content] if line == ": keep-alive"]
+    assert len(alive) >= 3
+    assert lines[-1] == "data: [DONE]"

@@ -301,11 +301,13 @@ SEED = {
             "temp": 0.7,
             "required_memory_gb": 6,
             "chat_template": "chatml",
+            "trust_remote_code": False,
+            "supports_tools": True,
         },
     },
 }
 # Seed keys accepted with a warning because they do nothing here (yet).
-SEED_ONLY = ("log_level", "chat_template")
+SEED_ONLY = ("log_level", "trust_remote_code")
 
 
 def write_json(path: Path, data: object) -> Path:
@@ -329,6 +331,8 @@ def test_seed_config_json_loads(tmp_path: Path, caplog: pytest.LogCaptureFixture
     assert spec.top_p == 0.95
     assert spec.top_k == 20
     assert spec.required_memory_gb == 6.0
+    assert spec.chat_template == "chatml"
+    assert spec.supports_tools is True
     assert config.source == str(path)
 
 
@@ -350,7 +354,7 @@ def test_seed_only_keys_are_warned_about_by_name(
         assert key in warnings
     # Keys that mean something here are not warned about.
     for key in ("max_tokens", "top_p", "required_memory_gb", "model_directory", "cache_size",
-                "streaming_format", "stream_chunk_size"):
+                "streaming_format", "stream_chunk_size", "chat_template", "supports_tools"):
         assert key not in warnings
 
 

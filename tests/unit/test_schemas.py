@@ -25,6 +25,7 @@ from mlxrouter.schemas import (
     check_supported,
     decode_body,
     message_dicts,
+    tool_dicts,
 )
 
 
@@ -145,25 +146,27 @@ def test_every_openai_role_is_accepted(role: str) -> None:
 
 # ---- check_supported
 
+_TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
 @pytest.mark.parametrize("fields, param", [
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-    ({"tool_choice": "auto"}, "tool_choice"),
-    ({"tool_choice": "required"}, "tool_choice"),
     ({"functions": [{"name": "f"}]}, "functions"),
     ({"function_call": "auto"}, "function_call"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
-     "response_format"),
-    ({"logprobs": True}, "logprobs"),
-    ({"top_logprobs": 3}, "top_logprobs"),
-    ({"reasoning_effort": "high"}, "reasoning_effort"),
-    ({"chat_template_kwargs": {"enable_thinking": False}}, "chat_template_kwargs"),
     ({"audio": {"voice": "alloy"}}, "audio"),
     ({"modalities": ["text", "audio"]}, "modalities"),
     ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
     ({"web_search_options": {}}, "web_search_options"),
     ({"stop": ""}, "stop"),
     ({"stop": ["ok", ""]}, "stop"),
+    # tool calling and structured output: accepted, but not in every combination
+    ({"tool_choice": "auto"}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [_TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+     "tool_choice"),
+    ({"tools": [_TOOL, _TOOL]}, "tools"),
+    ({"tools": [_TOOL], "response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     "response_format.json_schema"),
+    ({"top_logprobs": 3}, "top_logprobs"),
 ])
 def test_unsupported_parameters_are_a_400_naming_them(fields: dict[str, Any], param: str) -> None:
     req = parse(**fields)
@@ -174,10 +177,9 @@ def test_unsupported_parameters_are_a_400_naming_them(fields: dict[str, Any], pa
     assert param.split("[")[0] in info.value.message
 
 
+# Images and files are checked against the model later (vision.py); audio never works.
 @pytest.mark.parametrize("part, kind", [
-    ({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}, "image_url"),
     ({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}, "input_audio"),
-    ({"type": "file", "file": {"file_id": "f1"}}, "file"),
 ])
 def test_non_text_content_parts_are_a_400_naming_them(part: dict[str, Any], kind: str) -> None:
     req = parse(messages=[
@@ -375,3 +377,39 @@ def test_bad_penalties_and_logit_bias_name_the_field(fields, param):
             {"role": "user", "content": "x"}], **fields}).encode(), ChatCompletionRequest)
         check_supported(req)
     assert info.value.param == param
+
+
+@pytest.mark.parametrize("fields", [
+    {"tools": [_TOOL]},
+    {"tools": [_TOOL], "tool_choice": "required", "parallel_tool_calls": False},
+    {"tools": [_TOOL], "tool_choice": {"type": "function", "function": {"name": "f"}}},
+    {"tools": [_TOOL], "tool_choice": "none", "response_format": {"type": "json_object"}},
+    {"response_format": {"type": "json_schema",
+                         "json_schema": {"name": "x", "schema": {"type": "object"}}}},
+    {"logprobs": True, "top_logprobs": 5},
+    {"reasoning_effort": "high", "chat_template_kwargs": {"enable_thinking": False}},
+])
+def test_tool_and_format_parameters_are_accepted(fields: dict[str, Any]) -> None:
+    check_supported(parse(**fields))
+
+
+@pytest.mark.parametrize("fields, path", [
+    ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name"),
+    ({"tools": [{"type": "retrieval"}]}, "tools[0]"),
+    ({"tool_choice": "sometimes"}, "tool_choice"),
+    ({"top_logprobs": 21}, "top_logprobs"),
+    ({"reasoning_effort": "extreme"}, "reasoning_effort"),
+    ({"response_format": {"type": "yaml"}}, "response_format.type"),
+])
+def test_malformed_tool_and_format_parameters_are_a_400(fields: dict[str, Any], path: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse(**fields)
+    assert info.value.status == 400
+    assert info.value.param is not None and info.value.param.startswith(path.split("[")[0])
+
+
+def test_tool_dicts_are_what_the_template_sees() -> None:
+    req = parse(tools=[_TOOL])
+    assert tool_dicts(req) == [_TOOL]
+    assert tool_dicts(parse(tools=[_TOOL], tool_choice="none")) is None
+    assert tool_dicts(parse()) is None

@@ -1,0 +1,133 @@
+"""`mlxrouter bench` against a real daemon serving the tiny model: the report a user reads
+(table on stdout, JSON file) has every figure, and server errors are counted, not hidden."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(240)
+
+LEVEL_FIELDS = {"concurrency", "requests", "ok", "errors", "error_kinds", "wall_s",
+                "prompt_tokens_mean", "cached_tokens_mean", "completion_tokens", "ttft_ms",
+                "itl_ms", "latency_ms", "stream_tok_s", "aggregate_tok_s"}
+
+
+def bench(base_url: str, tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess,
+                                                               dict]:
+    out = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlxrouter", "bench", "--base-url", base_url, "--json",
+         str(out), "--no-progress", *args],
+        capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr
+    return proc, json.loads(out.read_text())
+
+
+def table_rows(stdout: str) -> list[list[str]]:
+    rows = [line.strip("|").split("|") for line in stdout.splitlines()
+            if line.startswith("|") and not line.startswith("|---")]
+    return [[c.strip() for c in row] for row in rows]
+
+
+def test_streaming_report_has_every_figure(start_daemon, tiny_model, tmp_path):
+    # 10 ms per token: tokens arrive in separate chunks even on a busy machine (a slow client
+    # gets buffered tokens coalesced into one chunk, which leaves no gap to time).
+    daemon = start_daemon({"tiny": {"path": str(tiny_model),
+                                    "fault": {"delay_per_token_s": 0.01}}})
+    proc, report = bench(f"{daemon.base_url}/v1", tmp_path, "--model", "tiny",
+                         "--concurrency", "1,3", "--requests", "3", "--prompt-tokens", "40",
+                         "--max-tokens", "6", "--history-tokens", "300",
+                         "--history-reps", "1")
+    assert report["errors"] == 0
+    assert [lv["concurrency"] for lv in report["levels"]] == [1, 3]
+    for lv in report["levels"]:
+        assert set(lv) == LEVEL_FIELDS
+        assert (lv["requests"], lv["ok"], lv["errors"], lv["error_kinds"]) == (3, 3, 0, {})
+        # usage is read from the stream: the tiny model never stops before max_tokens
+        assert lv["completion_tokens"] == 3 * 6
+        assert lv["prompt_tokens_mean"] >= 25  # at least one token per word of the prompt
+        assert 0 < lv["ttft_ms"]["p50"] <= lv["ttft_ms"]["p99"] < lv["latency_ms"]["p99"]
+        assert 0 < lv["itl_ms"]["p50"] <= lv["itl_ms"]["p99"]
+        assert lv["stream_tok_s"]["p50"] > 0
+        assert lv["aggregate_tok_s"] == pytest.approx(18 / lv["wall_s"], rel=0.02)
+    mt = report["multiturn"]
+    assert mt["errors"] == 0 and mt["reps"] == 1
+    assert mt["prompt_tokens_mean"] > 250
+    # the daemon's prompt cache serves the history of the next turn
+    assert mt["cached_tokens_mean"] > 200
+    assert mt["cold_ttft_ms"]["p50"] > 0 and mt["next_turn_ttft_ms"]["p50"] > 0
+
+    rows = table_rows(proc.stdout)
+    assert rows[0][:3] == ["concurrency", "requests", "errors"]
+    assert [r[:3] for r in rows[1:3]] == [["1", "3", "0"], ["3", "3", "0"]]
+    assert rows[3][0] == "history tokens"
+    assert "errors:" not in proc.stdout
+
+
+def test_non_streaming_report(start_daemon, tmp_path):
+    daemon = start_daemon()
+    proc, report = bench(f"{daemon.base_url}/v1", tmp_path, "--model", "tiny",
+                         "--concurrency", "2", "--requests", "2", "--max-tokens", "1",
+                         "--no-stream", "--format", "json")
+    assert json.loads(proc.stdout) == report
+    (lv,) = report["levels"]
+    assert (lv["ok"], lv["completion_tokens"]) == (2, 2)
+    assert lv["ttft_ms"]["p50"] is None and lv["latency_ms"]["p50"] > 0
+
+
+def test_http_errors_are_counted_by_kind(start_daemon, tmp_path):
+    daemon = start_daemon()
+    proc, report = bench(f"{daemon.base_url}/v1", tmp_path, "--model", "no-such-model",
+                         "--concurrency", "2", "--requests", "4", "--max-tokens", "4")
+    (lv,) = report["levels"]
+    assert (lv["ok"], lv["errors"]) == (0, 4)
+    assert lv["error_kinds"] == {"404 model_not_found": 4}
+    assert report["errors"] == 4
+    assert lv["aggregate_tok_s"] == 0
+    assert "errors: 404 model_not_found x4" in proc.stdout
+
+
+def test_queue_full_and_mid_stream_errors_are_counted(start_daemon, tiny_model, tmp_path):
+    # One request at a time and no queue: the other streams get 429 while it runs.
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "max_running": 1,
+                                    "max_queue": 0, "preload": True,
+                                    "fault": {"delay_per_token_s": 0.05}}})
+    daemon.wait_worker("tiny")  # no queue: a request may not even wait for the load
+    _, report = bench(f"{daemon.base_url}/v1", tmp_path, "--model", "tiny",
+                      "--concurrency", "3", "--requests", "6", "--max-tokens", "8")
+    (lv,) = report["levels"]
+    assert lv["ok"] >= 1 and lv["errors"] >= 1 and lv["ok"] + lv["errors"] == 6
+    assert set(lv["error_kinds"]) == {"429 queue_full"}
+    assert lv["completion_tokens"] == 8 * lv["ok"]
+
+    crashing = start_daemon({"tiny": {"path": str(tiny_model),
+                                      "fault": {"crash_after_tokens": 3}}})
+    _, report = bench(f"{crashing.base_url}/v1", tmp_path, "--model", "tiny",
+                      "--concurrency", "1", "--requests", "1", "--max-tokens", "8")
+    (lv,) = report["levels"]
+    assert (lv["ok"], lv["errors"]) == (0, 1)
+    (kind,) = lv["error_kinds"]
+    assert kind.startswith("stream ")
+
+
+
+def test_unreachable_server_and_bad_flags(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on once this socket is closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _, report = bench(f"http://127.0.0.1:{port}/v1", tmp_path, "--model", "m",
+                      "--concurrency", "2", "--requests", "3")
+    (lv,) = report["levels"]
+    assert (lv["ok"], lv["errors"]) == (0, 3)
+    assert lv["error_kinds"] == {"transport ConnectError": 3}
+
+    bad = subprocess.run([sys.executable, "-m", "mlxrouter", "bench", "--model", "m",
+                          "--concurrency", "4,0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2
+    assert "concurrency levels must be integers >= 1" in bad.stderr

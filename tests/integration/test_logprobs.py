@@ -1,0 +1,72 @@
+"""logprobs / top_logprobs in OpenAI's shapes for chat and for completions, from the real
+model's distribution (greedy decoding picks the most likely token)."""
+
+from __future__ import annotations
+
+import math
+
+import httpx
+import pytest
+
+ASK = [{"role": "user", "content": "Count from one to ten."}]
+
+
+@pytest.fixture
+def daemon(start_daemon):
+    return start_daemon()
+
+
+def test_chat_logprobs_follow_the_greedy_choice(daemon):
+    resp = daemon.openai().chat.completions.create(
+        model="tiny", messages=ASK, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)
+    choice = resp.choices[0]
+    entries = choice.logprobs.content
+    assert len(entries) == resp.usage.completion_tokens == 8
+    assert "".join(e.token for e in entries) == choice.message.content
+    for e in entries:
+        assert e.logprob <= 0 and e.bytes == list(e.token.encode())
+        assert len(e.top_logprobs) == 3
+        values = [t.logprob for t in e.top_logprobs]
+        assert values == sorted(values, reverse=True)
+        assert e.top_logprobs[0].token == e.token  # greedy: the most likely token
+        assert math.isclose(e.top_logprobs[0].logprob, e.logprob, abs_tol=1e-5)
+        assert sum(math.exp(v) for v in values) <= 1.0 + 1e-4
+
+
+def test_chat_logprobs_without_alternatives_and_when_not_asked(daemon):
+    client = daemon.openai()
+    resp = client.chat.completions.create(model="tiny", messages=ASK, max_tokens=4,
+                                          temperature=0.8, seed=2, logprobs=True)
+    assert [e.top_logprobs for e in resp.choices[0].logprobs.content] == [[]] * 4
+    plain = client.chat.completions.create(model="tiny", messages=ASK, max_tokens=4)
+    assert plain.choices[0].logprobs is None
+
+
+def test_streamed_chat_logprobs_equal_the_non_streamed(daemon):
+    client = daemon.openai()
+    kwargs = dict(model="tiny", messages=ASK, max_tokens=6, temperature=0, logprobs=True,
+                  top_logprobs=2)
+    whole = client.chat.completions.create(**kwargs).choices[0].logprobs.content
+    streamed = [e for c in client.chat.completions.create(stream=True, **kwargs)
+                if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [
+        (e.token, round(e.logprob, 4)) for e in whole]
+
+
+def test_completions_logprobs_use_the_legacy_shape(daemon):
+    resp = httpx.post(f"{daemon.base_url}/v1/completions", timeout=60, json={
+        "model": "tiny", "prompt": "one, two,", "max_tokens": 5, "temperature": 0,
+        "logprobs": 2}).json()
+    lp = resp["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 5
+    assert "".join(lp["tokens"]) == resp["choices"][0]["text"]
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(5)]
+    for token, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert len(top) <= 2 and max(top.values()) == pytest.approx(value, abs=1e-5)
+        assert token in top
+
+
+def test_completions_logprobs_with_echo_is_a_400(daemon):
+    r = httpx.post(f"{daemon.base_url}/v1/completions", timeout=60, json={
+        "model": "tiny", "prompt": "one", "max_tokens": 2, "logprobs": 1, "echo": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
