@@ -209,6 +209,16 @@ def _lark_text(text: str, special_tokens: Mapping[str, int] | None) -> str:
 
 # Worker side (imports mlx; engine thread only).
 
+_COMPILED_KEPT = 8
+
+
+def _short(message: str | None) -> str:
+    """llguidance's errors can carry the parser state and the whole grammar: keep the gist."""
+    if not message:
+        return ""
+    first = message.strip().splitlines()[0]
+    return first if len(first) <= 300 else first[:297] + "..."
+
 
 class ConstraintFactory:
     """Builds per-sequence grammar processors for one model's tokenizer.
@@ -225,6 +235,9 @@ class ConstraintFactory:
         self.eos_token_ids: list[int] = sorted(int(t) for t in eos if t is not None)
         self._ll: Any = None
         self._special: dict[str, int] | None = None
+        # Compiled matchers by grammar, copied per sequence: building one can take seconds
+        # for a large schema, and n choices of one request share their grammar.
+        self._compiled: dict[str, Any] = {}
 
     @property
     def ll_tokenizer(self) -> Any:
@@ -251,7 +264,15 @@ class ConstraintFactory:
                                      special_tokens=self.special_tokens)
 
     def processor(self, grammar: str) -> GrammarProcessor:
-        return GrammarProcessor(self, grammar)
+        import llguidance
+
+        base = self._compiled.pop(grammar, None)
+        if base is None:
+            base = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
+        self._compiled[grammar] = base  # most recent last
+        while len(self._compiled) > _COMPILED_KEPT:
+            del self._compiled[next(iter(self._compiled))]
+        return GrammarProcessor(self, base.deep_copy())
 
 
 class GrammarProcessor:
@@ -270,12 +291,10 @@ class GrammarProcessor:
     context can shrink); one processor per sequence, never reused.
     """
 
-    def __init__(self, factory: ConstraintFactory, grammar: str) -> None:
-        import llguidance
-
+    def __init__(self, factory: ConstraintFactory, matcher: Any) -> None:
         self._factory = factory
-        self._matcher = llguidance.LLMatcher(factory.ll_tokenizer, grammar, log_level=0)
-        self.error: str | None = self._matcher.get_error() or None
+        self._matcher = matcher
+        self.error: str | None = _short(matcher.get_error()) or None
         self._seen: int | None = None
         self._words: np.ndarray | None = None
         self._eos_only: mx.array | None = None
@@ -284,6 +303,15 @@ class GrammarProcessor:
     def accepted(self) -> bool:
         """The tokens so far form a complete output (false when cut off by max_tokens)."""
         return self.error is None and self._matcher.is_accepting()
+
+    def precheck(self, n_logits: int, param: str = "response_format") -> None:
+        """Compute the first mask now, so a grammar that cannot start (a schema llguidance
+        accepts but cannot run with this tokenizer) is a 400 before the request starts."""
+        if self.error is None:
+            self._allowed(n_logits)
+        if self.error is not None:
+            raise InvalidRequest(f"the output format cannot be enforced for this model: "
+                                 f"{self.error}", param=param)
 
     def raise_for_error(self) -> None:
         if self.error is not None:
@@ -310,7 +338,7 @@ class GrammarProcessor:
             if self._matcher.is_stopped() and token in self._factory.eos_token_ids:
                 continue
             if not self._matcher.consume_token(token):
-                self.error = self._matcher.get_error() or f"token {token} was rejected"
+                self.error = _short(self._matcher.get_error()) or f"token {token} was rejected"
                 return
 
     def _allowed(self, n_logits: int) -> mx.array | None:
@@ -325,7 +353,7 @@ class GrammarProcessor:
                                    dtype=np.int32)
         llguidance.numpy.fill_next_token_bitmask(self._matcher, self._words)
         if self._matcher.is_error():
-            self.error = self._matcher.get_error()
+            self.error = _short(self._matcher.get_error()) or "the grammar failed"
             return None
         bits = np.unpackbits(self._words.view(np.uint8), bitorder="little")
         if n_logits > bits.size:

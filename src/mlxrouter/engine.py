@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -41,6 +42,10 @@ from .memory import effective_context, model_max_context
 log = logging.getLogger(__name__)
 
 Emit = Callable[[protocol.Message], None]
+
+# Tool-call formats whose calls constrain.grammar_for_tool_call can write (a JSON object with
+# name and arguments, between the format's markers): forced tool choice works for these.
+FORCEABLE_FORMATS = frozenset({"hermes", "phi4", "llama3_json"})
 
 
 def make_sampler(params: protocol.SamplingParams) -> Callable[[mx.array], mx.array]:
@@ -151,7 +156,7 @@ class TextEngine:
         self._uid_of: dict[int, int] = {}  # rid -> uid
         self.max_context = 0
         self.weights_bytes = 0
-        self._texts: dict[int, str] = {}  # token id -> its text, for logprobs
+        self._texts: dict[int, tuple[str, bytes]] = {}  # token id -> text, bytes (logprobs)
 
     @property
     def active(self) -> int:
@@ -344,14 +349,23 @@ class TextEngine:
         forced = bool(req.tools) and req.tool_choice != "auto"
         if req.grammar is None and not forced:
             return None
+        fmt = self.tool_format
+        if forced and fmt.name not in FORCEABLE_FORMATS:
+            raise InvalidRequest(
+                f"tool_choice 'required' or a named function cannot be enforced for this "
+                f"model's tool-call format ({fmt.name}); use tool_choice 'auto'",
+                param="tool_choice")
         if self.constraints is None:
             self.constraints = ConstraintFactory(self.tokenizer)
         grammar = req.grammar
         if forced:
-            fmt = self.tool_format
             grammar = self.constraints.tool_call_grammar(req.tools, req.tool_choice, fmt.start,
                                                          fmt.end)
-        return self.constraints.processor(grammar)
+        processor = self.constraints.processor(grammar)
+        n_logits = (self.vocab_size if self.vocab_size < 2**31
+                    else self.constraints.ll_tokenizer.vocab_size)
+        processor.precheck(n_logits, param="tool_choice" if forced else "response_format")
+        return processor
 
     def cancel(self, rid: int) -> None:
         uid = self._uid_of.get(rid)
@@ -396,11 +410,13 @@ class TextEngine:
             logprobs = []
             if finish != "stop":  # "stop" here means an EOS token: never shown
                 seq.detok.add_token(r.token)
-                if seq.top_logprobs is not None:
-                    logprobs.append(self._token_logprob(r.token, r.logprobs, seq.top_logprobs))
             if finish is not None:
                 seq.detok.finalize()
-            text, hit = seq.stop.feed(seq.detok.last_segment)
+            segment = seq.detok.last_segment
+            if seq.top_logprobs is not None and finish != "stop":
+                logprobs.append(self._token_logprob(r.token, segment, r.logprobs,
+                                                    seq.top_logprobs))
+            text, hit = seq.stop.feed(segment)
             if finish is not None:
                 self._remember(r.all_tokens, r.prompt_cache)
             if hit:
@@ -435,23 +451,29 @@ class TextEngine:
         for cache, tokens in kept.values():
             self._remember(tokens, cache)
 
-    def _token_logprob(self, token: int, logprobs: mx.array, top: int) -> protocol.TokenLogprob:
-        """The sampled token's log probability and the `top` most likely tokens'."""
+    def _token_logprob(self, token: int, text: str, logprobs: mx.array,
+                       top: int) -> protocol.TokenLogprob:
+        """The sampled token's log probability (with the text it added to the output) and
+        the `top` most likely tokens'."""
         alternatives: list[protocol.TopLogprob] = []
         if top:
             ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
             values = logprobs[ids]
             mx.eval(ids, values)
             pairs = sorted(zip(values.tolist(), ids.tolist()), reverse=True)
-            alternatives = [protocol.TopLogprob(self._token_text(i), v) for v, i in pairs]
-        return protocol.TokenLogprob(self._token_text(token), logprobs[token].item(),
-                                     alternatives)
+            for v, i in pairs:
+                alt_text, alt_raw = self._token_text(i)
+                alternatives.append(protocol.TopLogprob(alt_text, v, alt_raw))
+        return protocol.TokenLogprob(text, logprobs[token].item(), alternatives,
+                                     raw=self._token_text(token)[1])
 
-    def _token_text(self, token: int) -> str:
-        text = self._texts.get(token)
-        if text is None:
-            text = self._texts[token] = self.tokenizer.decode([token])
-        return text
+    def _token_text(self, token: int) -> tuple[str, bytes]:
+        """A token's text on its own and its bytes (byte-level BPE and <0xNN> tokens)."""
+        known = self._texts.get(token)
+        if known is None:
+            raw = token_bytes(self.tokenizer, token)
+            known = self._texts[token] = (raw.decode("utf-8", "replace"), raw)
+        return known
 
     def _inject_faults(self) -> None:
         if self.fault.delay_per_token_s:
@@ -482,6 +504,46 @@ class TextEngine:
             self.emit(protocol.Error(rid=seq.rid, code=code, message=message))
         self._seqs.clear()
         self._uid_of.clear()
+
+
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """GPT-2's reversible byte <-> printable character map, reversed (character -> byte)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_DECODER = _gpt2_byte_decoder()
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def token_bytes(tokenizer: Any, token: int) -> bytes:
+    """The bytes one token stands for, for logprobs' `bytes`: byte-level BPE pieces are mapped
+    back through GPT-2's byte table, SentencePiece byte tokens (<0xC3>) are that byte."""
+    inner = getattr(tokenizer, "_tokenizer", tokenizer)
+    byte_level = type(getattr(tokenizer, "_detokenizer", None)).__name__ == (
+        "BPEStreamingDetokenizer")
+    try:
+        piece = inner.convert_ids_to_tokens(token)
+    except Exception:  # ids past the tokenizer's vocabulary (padded embeddings)
+        piece = None
+    if not isinstance(piece, str):
+        return tokenizer.decode([token]).encode()
+    if token in getattr(inner, "all_special_ids", ()) or piece in getattr(
+            inner, "added_tokens_encoder", {}):
+        return piece.encode()
+    if (m := _BYTE_TOKEN.fullmatch(piece)) is not None:
+        return bytes([int(m.group(1), 16)])
+    if byte_level and all(c in _BYTE_DECODER for c in piece):
+        return bytes(_BYTE_DECODER[c] for c in piece)
+    return piece.replace("\u2581", " ").encode()
 
 
 def is_allocation_failure(exc: BaseException) -> bool:

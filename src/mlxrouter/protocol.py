@@ -130,12 +130,17 @@ class ToolCallDelta(msgspec.Struct, omit_defaults=True):
 class TopLogprob(msgspec.Struct, array_like=True):
     token: str
     logprob: float
+    raw: bytes = b""  # the token's own bytes (a piece of a UTF-8 character, say)
 
 
 class TokenLogprob(msgspec.Struct, array_like=True):
+    """`token` is the text this token added to the output (possibly "" while a character is
+    incomplete), so the tokens of a choice join to its text; `raw` is the token's bytes."""
+
     token: str
     logprob: float
     top: list[TopLogprob] = []
+    raw: bytes = b""
 
 
 class Delta(msgspec.Struct, omit_defaults=True):

@@ -258,11 +258,32 @@ def check_supported(req: ChatCompletionRequest) -> None:
         raise InvalidRequest("response_format.json_schema.schema is required for type "
                              "'json_schema'",
                              param="response_format.json_schema")
+    if rf is not None and rf.json_schema is not None and rf.json_schema.schema is not None and (
+            len(msgspec.json.encode(rf.json_schema.schema)) > MAX_SCHEMA_BYTES):
+        raise InvalidRequest(f"the JSON schema is larger than {MAX_SCHEMA_BYTES} bytes",
+                             param="response_format.json_schema.schema")
+    for i, msg in enumerate(req.messages):
+        if msg.role == "tool" and not msg.tool_call_id:
+            raise InvalidRequest(f"messages[{i}]: a 'tool' message needs the tool_call_id of "
+                                 f"the call it answers", param=f"messages[{i}].tool_call_id")
     check_messages(req.messages)  # content parts: vision.py
+
+
+# Grammars compile in the daemon and again per model in the worker: seconds for huge schemas.
+MAX_SCHEMA_BYTES = 32 * 1024
+MAX_TOOLS_BYTES = 64 * 1024
 
 
 def _check_tools(req: ChatCompletionRequest) -> None:
     tools, choice = req.tools or [], req.tool_choice
+    if tools and len(msgspec.json.encode(tools)) > MAX_TOOLS_BYTES:
+        raise InvalidRequest(f"tools are larger than {MAX_TOOLS_BYTES} bytes of JSON",
+                             param="tools")
+    for i, tool in enumerate(tools):
+        params = tool.function.parameters
+        if params is not None and params.get("type", "object") != "object":
+            raise InvalidRequest("a function's parameters must be a JSON schema of type "
+                                 "'object'", param=f"tools[{i}].function.parameters")
     names = [t.function.name for t in tools]
     if len(set(names)) != len(names):
         raise InvalidRequest("tools: function names must be unique", param="tools")
@@ -479,8 +500,9 @@ def _utf8(token: str) -> list[int]:
 
 def chat_logprobs(entries) -> ChoiceLogprobs:
     return ChoiceLogprobs([
-        TokenLogprob(e.token, e.logprob, _utf8(e.token),
-                     [TopLogprob(t.token, t.logprob, _utf8(t.token)) for t in e.top])
+        TokenLogprob(e.token, e.logprob, list(e.raw) if e.raw else _utf8(e.token),
+                     [TopLogprob(t.token, t.logprob, list(t.raw) if t.raw else _utf8(t.token))
+                      for t in e.top])
         for e in entries])
 
 

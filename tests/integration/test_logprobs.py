@@ -70,3 +70,18 @@ def test_completions_logprobs_with_echo_is_a_400(daemon):
     r = httpx.post(f"{daemon.base_url}/v1/completions", timeout=60, json={
         "model": "tiny", "prompt": "one", "max_tokens": 2, "logprobs": 1, "echo": True})
     assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
+
+
+def test_a_byte_token_reports_its_own_byte(daemon, tiny_model):
+    """A byte-level BPE token holding half a UTF-8 character: its bytes are that byte, and the
+    tokens still join to the text."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    tok = load_tokenizer(tiny_model)
+    half = tok._tokenizer.convert_tokens_to_ids("Ã")  # byte 0xC3, the first of "é" and others
+    resp = daemon.openai().chat.completions.create(
+        model="tiny", messages=ASK, max_tokens=3, temperature=0, logprobs=True,
+        logit_bias={str(half): 100})
+    entries = resp.choices[0].logprobs.content
+    assert entries[0].bytes == [0xC3]
+    assert "".join(e.token for e in entries) == resp.choices[0].message.content

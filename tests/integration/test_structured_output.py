@@ -76,6 +76,8 @@ def test_unconstrained_output_of_the_same_request_is_not_json(daemon):
 @pytest.mark.parametrize("schema", [
     {"type": "object", "properties": {"a": {"$ref": "https://example.com/x.json"}}},
     {"type": "wat"},
+    {"$ref": "#"},  # valid JSON Schema, but a grammar that cannot start
+    {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(3000)}},
 ])
 def test_schemas_that_cannot_be_enforced_are_a_400(daemon, schema):
     with pytest.raises(openai.BadRequestError) as info:

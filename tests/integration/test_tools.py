@@ -189,3 +189,27 @@ def test_inconsistent_tool_requests_are_a_400_naming_the_parameter(daemon, extra
         daemon.openai().chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER],
                                                 max_tokens=4, **extra)
     assert info.value.body["param"] == param
+
+
+def test_forced_choice_on_a_format_the_grammar_cannot_write_is_a_400(start_daemon, tiny_model):
+    daemon = start_daemon({"mistral": {"path": str(tiny_model), "tool_call_format": "mistral"}})
+    client = daemon.openai()
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="mistral", messages=ASK, tools=[WEATHER],
+                                       tool_choice="required", max_tokens=40)
+    assert info.value.body["param"] == "tool_choice"
+    assert "mistral" in info.value.body["message"]
+    # auto still works for it, and the worker is fine
+    ok = client.chat.completions.create(model="mistral", messages=ASK, tools=[WEATHER],
+                                        max_tokens=3)
+    assert ok.choices[0].finish_reason == "length"
+
+
+def test_a_forced_call_cut_by_max_tokens_is_length_and_its_text_is_kept(daemon):
+    resp = daemon.openai().chat.completions.create(
+        model="tiny", messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=6,
+        temperature=0)
+    choice = resp.choices[0]
+    assert choice.finish_reason == "length"
+    assert choice.message.tool_calls is None
+    assert choice.message.content.startswith("<tool_call>")  # the model's output is not lost

@@ -195,7 +195,7 @@ def test_non_text_content_parts_are_a_400_naming_them(part: dict[str, Any], kind
 
 @pytest.mark.parametrize("role", ["user", "system", "developer", "tool"])
 def test_missing_content_is_a_400_except_for_assistant(role: str) -> None:
-    req = parse(messages=[{"role": role}])
+    req = parse(messages=[{"role": role, **({"tool_call_id": "c1"} if role == "tool" else {})}])
     with pytest.raises(InvalidRequest) as info:
         check_supported(req)
     assert info.value.param == "messages[0].content"
@@ -413,3 +413,27 @@ def test_tool_dicts_are_what_the_template_sees() -> None:
     assert tool_dicts(req) == [_TOOL]
     assert tool_dicts(parse(tools=[_TOOL], tool_choice="none")) is None
     assert tool_dicts(parse()) is None
+
+
+def test_a_tool_result_must_name_its_call() -> None:
+    req = parse(messages=[{"role": "user", "content": "x"}, {"role": "tool", "content": "4"}])
+    with pytest.raises(InvalidRequest) as info:
+        check_supported(req)
+    assert info.value.param == "messages[1].tool_call_id"
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+     "tools[0].function.parameters"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {f"p{i}": {"type": "string", "description": "x" * 100}
+                                         for i in range(700)}}}}]}, "tools"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(3000)}}}}},
+     "response_format.json_schema.schema"),
+])
+def test_unusable_or_oversized_tools_and_schemas_are_a_400(fields: dict[str, Any],
+                                                          param: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        check_supported(parse(**fields))
+    assert info.value.param == param
