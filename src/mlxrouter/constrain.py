@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from mlxrouter.errors import ConstraintFailed, InvalidRequest, RouterError
+from mlxrouter.errors import ConstraintFailed, InvalidRequest
 
 if TYPE_CHECKING:
     import mlx.core as mx

@@ -169,7 +169,7 @@ class TextEngine:
         if self.fault.fail_load:
             raise RuntimeError("fault injection: load failed")
         self.model, self.tokenizer, config = mlx_load(str(path), return_config=True)
-        self.load_dtype = self._convert_weights()
+        self.model, self.load_dtype = convert_weights(self.model, self.spec.load_dtype)
         self.max_context = _max_context(self.spec, config)
         self.weights_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
         self.vocab_size = int(config.get("vocab_size")
@@ -199,18 +199,6 @@ class TextEngine:
                             "with tools are refused", self.spec.chat_template)
                 return None
         return detect_format(self.tokenizer)
-
-    def _convert_weights(self) -> str:
-        """Apply load_dtype; returns the dtype the weights are in now."""
-        want = self.spec.load_dtype
-        if want == "auto":
-            want = "float32" if describe_backend() == "cpu" else "native"
-        if want == "native":
-            return "native"
-        self.model = dequantize_model(self.model)
-        self.model.set_dtype(getattr(mx, want))
-        mx.eval(self.model.parameters())
-        return want
 
     def _new_batch(self) -> BatchGenerator:
         return BatchGenerator(
@@ -551,6 +539,20 @@ def is_allocation_failure(exc: BaseException) -> bool:
     return isinstance(exc, (RuntimeError, MemoryError)) and (
         "malloc" in text or "allocat" in text or "out of memory" in text
         or isinstance(exc, MemoryError))
+
+
+def convert_weights(model: Any, load_dtype: str) -> tuple[Any, str]:
+    """Apply a model's load_dtype: "auto" is float32 on the CPU backend (quantized weights
+    dequantized), as stored elsewhere. Returns the model and the dtype its weights are in."""
+    want = load_dtype
+    if want == "auto":
+        want = "float32" if describe_backend() == "cpu" else "native"
+    if want == "native":
+        return model, "native"
+    model = dequantize_model(model)
+    model.set_dtype(getattr(mx, want))
+    mx.eval(model.parameters())
+    return model, want
 
 
 def describe_backend() -> str:

@@ -26,7 +26,6 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import make_logits_processors
-from mlx_lm.utils import dequantize_model
 from mlx_vlm import load as vlm_load
 from mlx_vlm import stream_generate
 from mlx_vlm.prompt_utils import apply_chat_template
@@ -35,7 +34,7 @@ from mlx_vlm.utils import prepare_inputs, should_add_special_tokens
 from . import protocol
 from .chat import StopText
 from .config import ModelSpec
-from .engine import (Emit, FaultPlan, _max_context, describe_backend, is_allocation_failure,
+from .engine import (Emit, FaultPlan, _max_context, convert_weights, is_allocation_failure,
                      make_sampler)
 from .errors import ContextLengthExceeded, InvalidRequest, RouterError
 
@@ -186,25 +185,13 @@ class VisionEngine:
         self.model, self.processor = vlm_load(self.spec.path)
         config = json.loads((Path(self.spec.path) / "config.json").read_text())
         self.config = config
-        self.load_dtype = self._convert_weights()
+        self.model, self.load_dtype = convert_weights(self.model, self.spec.load_dtype)
         self.max_context = _max_context(self.spec, config)
         self.weights_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
         self.vocab_size = int(config.get("vocab_size")
                               or config.get("text_config", {}).get("vocab_size") or 0) or 2**31
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self._limit_memory()
-
-    def _convert_weights(self) -> str:
-        """load_dtype as TextEngine applies it: float32 on the CPU backend for "auto"."""
-        want = self.spec.load_dtype
-        if want == "auto":
-            want = "float32" if describe_backend() == "cpu" else "native"
-        if want == "native":
-            return "native"
-        self.model = dequantize_model(self.model)
-        self.model.set_dtype(getattr(mx, want))
-        mx.eval(self.model.parameters())
-        return want
 
     def _limit_memory(self) -> None:
         if not self.memory_limit:
