@@ -43,6 +43,7 @@ COLD_FIELDS = ("path", "engine", "load_dtype", "max_running", "max_context", "en
                "prompt_cache_bytes", "prompt_cache_size", "chat_template",
                "tool_call_format", "supports_vision", "supports_tools",
                "enable_function_calling")
+MEASURE_INTERVAL_S = 1.0
 # After a victim is reaped, a load waits up to this long for its memory to show as available.
 MEMORY_RECOVERY_S = 5.0
 
@@ -68,6 +69,7 @@ class Supervisor:
         self._overhead_bytes = memory.DEFAULT_OVERHEAD_BYTES
         self._closing = False
         self._wakeup: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._measured_at = float("-inf")
         self._loop_task: asyncio.Task | None = None
         # Observers (metrics): (kind, model, reason) and (model, load seconds).
         self.on_event: Callable[[str, str, str], None] = lambda kind, model, reason: None
@@ -360,7 +362,13 @@ class Supervisor:
             swap_critical_percent=sup.swap_critical_percent)
 
     def _measure(self, now: float) -> None:
+        """System memory every tick (cheap); workers' own figures at most once per
+        MEASURE_INTERVAL_S: a tick runs on every lease change, and reading a loaded worker's
+        Pss (smaps_rollup) takes ~9 ms of the event loop."""
         self._read_pressure()
+        if now - self._measured_at < MEASURE_INTERVAL_S:
+            return
+        self._measured_at = now
         for slot in self._slots.values():
             w = slot.worker
             if w is None or w.state is not State.RUNNING or w.pid is None:
