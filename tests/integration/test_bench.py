@@ -70,7 +70,7 @@ def test_streaming_report_has_every_figure(start_daemon, tiny_model, tmp_path):
     assert "errors:" not in proc.stdout
 
 
-def test_non_streaming_report(start_daemon, tmp_path):
+def test_non_streaming_and_completions_reports(start_daemon, tmp_path):
     daemon = start_daemon()
     proc, report = bench(f"{daemon.base_url}/v1", tmp_path, "--model", "tiny",
                          "--concurrency", "2", "--requests", "2", "--max-tokens", "1",
@@ -79,6 +79,13 @@ def test_non_streaming_report(start_daemon, tmp_path):
     (lv,) = report["levels"]
     assert (lv["ok"], lv["completion_tokens"]) == (2, 2)
     assert lv["ttft_ms"]["p50"] is None and lv["latency_ms"]["p50"] > 0
+
+    _, report = bench(f"{daemon.base_url}/v1", tmp_path, "--model", "tiny",
+                      "--concurrency", "1", "--requests", "2", "--max-tokens", "5",
+                      "--endpoint", "completions")
+    (lv,) = report["levels"]
+    assert (lv["ok"], lv["completion_tokens"]) == (2, 10)
+    assert lv["ttft_ms"]["p50"] > 0
 
 
 def test_http_errors_are_counted_by_kind(start_daemon, tmp_path):
