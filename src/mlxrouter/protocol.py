@@ -82,6 +82,10 @@ class Media(msgspec.Struct, omit_defaults=True):
     max_pixels: int = 0  # per image or rendered page; 0 = no limit
     max_pages: int = 0  # PDFs
     dpi: int = 150  # PDFs are rendered at this resolution
+    param: str = ""  # its content part, e.g. "messages[0].content[1]", for the worker's 400s
+    # The whole request's images + PDF pages, and their pixels as rendered; 0 = no limit.
+    request_max_images: int = 0
+    request_max_pixels: int = 0
 
 
 class Request(_Msg, tag="request"):

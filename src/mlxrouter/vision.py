@@ -5,7 +5,12 @@ page: it decodes base64 (in a thread), enforces byte limits, sniffs the format a
 dimensions from the header alone (PIL's lazy open), so a decompression bomb is refused before
 anything is decoded. The vision worker decodes and renders (vlm_engine), so a malicious file
 can fail its request, never the daemon. http(s) URLs are fetched only when
-`allow_remote_images` is set; local files are never read.
+`allow_remote_images` is set, and then only from public addresses unless
+`allow_private_remote_images` is set too (checked on every redirect); local files are never read.
+
+Request-wide limits: the number of parts is checked against `max_request_images` before
+anything is decoded, and images' header pixels are summed against `max_request_pixels` here;
+the worker keeps the same totals with PDF pages included, before each decode or render.
 
 In the messages a worker receives, each image or file part becomes
 `{"type": "image", "media": i}`, i indexing `Request.media` (schemas.message_dicts).
@@ -17,11 +22,15 @@ import asyncio
 import base64
 import binascii
 import io
+import ipaddress
 import json
 import logging
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from . import protocol
 from .config import ModelSpec, ServerConfig
@@ -126,8 +135,14 @@ async def collect_media(server: ServerConfig, spec: ModelSpec,
                "is one")
         raise InvalidRequest(f"model '{spec.id}' does not accept images or files: it is not "
                              f"a vision model ({why})", param=f"{parts[0][0]}.type")
+    if len(parts) > server.max_request_images:
+        where = parts[server.max_request_images][0]
+        raise InvalidRequest(
+            f"{where}: the request carries {len(parts)} images and files, more than "
+            f"max_request_images ({server.max_request_images}; PDF pages count one each)",
+            param=where)
     out: list[protocol.Media] = []
-    total = 0
+    total = pixels = 0
     for where, part in parts:
         try:
             data = await _part_bytes(server, part, where)
@@ -144,7 +159,16 @@ async def collect_media(server: ServerConfig, spec: ModelSpec,
             media = await asyncio.to_thread(inspect_media, data, server, where)
         else:
             media = inspect_media(data, server, where)
-        out.append(media)
+        pixels += media.pixels
+        if pixels > server.max_request_pixels:
+            raise InvalidRequest(
+                f"{where}: the request's images add up to {pixels} pixels, more than "
+                f"max_request_pixels ({server.max_request_pixels})", param=where)
+        out.append(protocol.Media(
+            kind=media.kind, data=media.data, max_pixels=media.max_pixels,
+            max_pages=media.max_pages, dpi=media.dpi, param=where,
+            request_max_images=server.max_request_images,
+            request_max_pixels=server.max_request_pixels))
     return out
 
 
@@ -171,7 +195,7 @@ async def _part_bytes(server: ServerConfig, part: Any, where: str) -> bytes:
                                  "(allow_remote_images is off); send the image as a data: URI",
                                  param=param)
         return await fetch_remote(url, server.max_image_bytes, server.remote_image_timeout_s,
-                                  param)
+                                  param, allow_private=server.allow_private_remote_images)
     raise InvalidRequest(f"{where}: image_url must be a data: URI"
                          f"{' or an http(s) URL' if server.allow_remote_images else ''}; "
                          "local files are never read", param=param)
@@ -217,53 +241,131 @@ def _b64(payload: str, param: str) -> bytes:
         raise InvalidRequest("the image or file data is not valid base64", param=param) from None
 
 
-async def fetch_remote(url: str, limit: int, timeout_s: float, param: str) -> bytes:
-    """GET an image within `limit` bytes and `timeout_s` seconds in all (redirects included)."""
+MAX_REDIRECTS = 3
+
+
+async def fetch_remote(url: str, limit: int, timeout_s: float, param: str, *,
+                       allow_private: bool = False) -> bytes:
+    """GET an image within `limit` bytes and `timeout_s` seconds in all (redirects included).
+
+    Redirects are followed here, at most MAX_REDIRECTS, so that every hop's host is resolved
+    and checked (public_address) before it is connected to, and the connection goes to the
+    address that was checked (no second DNS answer in between). Every failure to get an
+    image says the same thing, so a client cannot probe which hosts or ports answer.
+    """
     import httpx
 
-    chunks, size = [], 0
+    failed = InvalidRequest(f"could not fetch the image at {url}: no image came back from it "
+                            "(unreachable, refused, timed out or not HTTP 200)", param=param)
     try:
         async with asyncio.timeout(timeout_s):
-            async with httpx.AsyncClient(follow_redirects=True, max_redirects=3,
-                                         timeout=timeout_s) as client:
-                async with client.stream("GET", url) as resp:
-                    if resp.status_code != 200:
-                        raise InvalidRequest(f"fetching the image failed: HTTP "
-                                             f"{resp.status_code} from {url}", param=param)
-                    declared = resp.headers.get("content-length", "")
-                    if declared.isdigit() and int(declared) > limit:
-                        raise InvalidRequest(f"the image at {url} is {declared} bytes, more "
-                                             f"than max_image_bytes ({limit} bytes)",
-                                             param=param)
-                    async for chunk in resp.aiter_bytes():
-                        size += len(chunk)
-                        if size > limit:
-                            raise InvalidRequest(f"the image at {url} is larger than "
-                                                 f"max_image_bytes ({limit} bytes)", param=param)
-                        chunks.append(chunk)
+            async with httpx.AsyncClient(follow_redirects=False, timeout=timeout_s,
+                                         trust_env=False) as client:
+                target = httpx.URL(url)
+                for _ in range(MAX_REDIRECTS + 1):
+                    address = await public_address(target, allow_private, param)
+                    location = await _get(client, target, address, limit, url, param)
+                    if isinstance(location, bytes):
+                        return location
+                    target = target.join(location)
+                    if target.scheme not in ("http", "https"):
+                        raise failed
+                log.info("remote image: more than %d redirects url=%s", MAX_REDIRECTS, url)
+                raise InvalidRequest(f"fetching the image at {url} took more than "
+                                     f"{MAX_REDIRECTS} redirects", param=param)
     except TimeoutError:
-        raise InvalidRequest(f"fetching the image at {url} took longer than {timeout_s:g}s",
-                             param=param) from None
-    except httpx.HTTPError as exc:
-        raise InvalidRequest(f"fetching the image at {url} failed: {exc}", param=param) from None
-    return b"".join(chunks)
+        log.info("remote image: timed out url=%s", url)
+        raise failed from None
+    except (httpx.HTTPError, httpx.InvalidURL, OSError, UnicodeError, ValueError) as exc:
+        log.info("remote image: fetch failed url=%s error=%r", url, exc)
+        raise failed from None
+
+
+async def _get(client: Any, target: Any, address: str, limit: int, url: str,
+               param: str) -> bytes | str:
+    """One hop, connected to `address`: the body, or the Location of a redirect."""
+    pinned = target.copy_with(host=address)
+    headers = {"Host": target.netloc.decode("ascii")}
+    extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
+    async with client.stream("GET", pinned, headers=headers, extensions=extensions) as resp:
+        if resp.status_code in (301, 302, 303, 307, 308) and "location" in resp.headers:
+            return resp.headers["location"]
+        if resp.status_code != 200:
+            log.info("remote image: HTTP %d url=%s", resp.status_code, target)
+            raise OSError(f"HTTP {resp.status_code}")
+        declared = resp.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise InvalidRequest(f"the image at {url} is {declared} bytes, more than "
+                                 f"max_image_bytes ({limit} bytes)", param=param)
+        chunks, size = [], 0
+        async for chunk in resp.aiter_bytes():
+            size += len(chunk)
+            if size > limit:
+                raise InvalidRequest(f"the image at {url} is larger than max_image_bytes "
+                                     f"({limit} bytes)", param=param)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+async def public_address(target: Any, allow_private: bool, param: str) -> str:
+    """The address to connect to for `target`'s host: every address it resolves to must be
+    public (global unicast) unless `allow_private`, else a 400 that names the setting. An
+    IPv4-mapped IPv6 address is judged as the IPv4 address it carries."""
+    host = target.host
+    if not host:
+        raise OSError("no host")
+    port = target.port or (443 if target.scheme == "https" else 80)
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
+    if not addresses:
+        raise OSError("no address")
+    if not allow_private and not all(is_public(a) for a in addresses):
+        log.info("remote image: refused non-public address host=%s", host)
+        raise InvalidRequest(
+            f"remote image URLs must name a public host; '{host}' is a loopback, private, "
+            "link-local or otherwise non-public address (allow_private_remote_images is off)",
+            param=param)
+    return str(addresses[0])
+
+
+def is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Global unicast: not loopback, private, link-local, reserved, multicast, unspecified
+    (nor shared address space or documentation ranges: ipaddress's is_global)."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_global and not (address.is_multicast or address.is_reserved
+                                      or address.is_loopback or address.is_link_local
+                                      or address.is_private or address.is_unspecified)
 
 
 # ---- format and size, from headers only
 
 
-def inspect_media(data: bytes, server: ServerConfig, where: str) -> protocol.Media:
+class Inspected(msgspec.Struct, frozen=True, kw_only=True):
+    """What inspect_media learnt of one part: its limits for the worker, and its pixels
+    (0 for a PDF, whose pages only the worker reads)."""
+
+    kind: str
+    data: bytes
+    max_pixels: int
+    max_pages: int = 0
+    dpi: int = 150
+    pixels: int = 0
+
+
+def inspect_media(data: bytes, server: ServerConfig, where: str) -> Inspected:
     """Sniff an image or PDF and check its pixels from the header alone (no decoding)."""
     if data[:1024].lstrip().startswith(b"%PDF-"):
-        return protocol.Media(kind="pdf", data=data, max_pixels=server.max_image_pixels,
-                              max_pages=server.max_pdf_pages, dpi=server.pdf_dpi)
-    width, height, fmt = image_header(data, where)
+        return Inspected(kind="pdf", data=data, max_pixels=server.max_image_pixels,
+                         max_pages=server.max_pdf_pages, dpi=server.pdf_dpi)
+    width, height, fmt = image_header(data, where, server.max_image_pixels)
     if width * height > server.max_image_pixels:
         raise InvalidRequest(
             f"{where}: the image is {width}x{height} pixels ({width * height}), more than "
             f"max_image_pixels ({server.max_image_pixels})", param=where)
     log.debug("image %s %dx%d %d bytes", fmt, width, height, len(data))
-    return protocol.Media(kind="image", data=data, max_pixels=server.max_image_pixels)
+    return Inspected(kind="image", data=data, max_pixels=server.max_image_pixels,
+                     pixels=width * height)
 
 
 # Formats users send that are not supported, by their magic bytes (for a clearer 400).
@@ -280,16 +382,17 @@ def sniff_unsupported(data: bytes) -> str:
     return next((name for magic, name in _UNSUPPORTED_MAGIC if head.startswith(magic)), "")
 
 
-def image_header(data: bytes, where: str) -> tuple[int, int, str]:
+def image_header(data: bytes, where: str, max_pixels: int) -> tuple[int, int, str]:
     """(width, height, format) read by PIL's lazy open: the header only, never the pixels."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data), formats=list(IMAGE_FORMATS)) as im:
             return im.width, im.height, str(im.format)
-    except Image.DecompressionBombError as exc:  # PIL's own limit, far above ours
-        raise InvalidRequest(f"{where}: the image has more pixels than max_image_pixels "
-                             f"allows ({exc})", param=where) from None
+    except Image.DecompressionBombError:  # PIL's own limit, far above ours: quote ours
+        raise InvalidRequest(f"{where}: the image has more pixels than PIL will even open, "
+                             f"far more than max_image_pixels ({max_pixels})",
+                             param=where) from None
     except UnidentifiedImageError:
         known = sniff_unsupported(data)
         what = f"{known} images are not supported" if known else (

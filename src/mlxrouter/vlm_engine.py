@@ -46,68 +46,121 @@ IMAGE_FORMATS = ["PNG", "JPEG", "WEBP", "BMP", "GIF"]
 # ---- media: decoding and rendering (per request: errors fail only that request)
 
 
-def decode_image(media: protocol.Media, label: str) -> Any:
+class Budget:
+    """The request-wide totals (images + PDF pages, and their pixels as decoded or rendered),
+    charged before each decode or render so that a request over them costs no decoding."""
+
+    def __init__(self, max_images: int = 0, max_pixels: int = 0) -> None:
+        self.max_images = max_images
+        self.max_pixels = max_pixels
+        self.images = 0
+        self.pixels = 0
+
+    def charge(self, images: int, pixels: int, what: str, param: str) -> None:
+        """Add `images` images of `pixels` pixels in all, or a 400 naming `what` needed."""
+        where = f"{param}: " if param else ""
+        if self.max_images and self.images + images > self.max_images:
+            raise InvalidRequest(
+                f"{where}{what} would bring the request to {self.images + images} images "
+                f"and PDF pages, more than max_request_images ({self.max_images})",
+                param=param or None)
+        if self.max_pixels and self.pixels + pixels > self.max_pixels:
+            raise InvalidRequest(
+                f"{where}{what} would bring the request to {self.pixels + pixels} pixels "
+                f"(images and rendered PDF pages together), more than max_request_pixels "
+                f"({self.max_pixels})", param=param or None)
+        self.images += images
+        self.pixels += pixels
+
+
+def decode_image(media: protocol.Media, label: str, budget: Budget | None = None) -> Any:
     """An RGB PIL image; refuses too many pixels before decoding (header only first)."""
     from PIL import Image
 
+    param = media.param or None
     try:
         with Image.open(io.BytesIO(media.data), formats=IMAGE_FORMATS) as im:
             pixels = im.width * im.height
             if media.max_pixels and pixels > media.max_pixels:
                 raise InvalidRequest(f"{label} is {im.width}x{im.height} pixels, more than "
-                                     f"max_image_pixels ({media.max_pixels})")
+                                     f"max_image_pixels ({media.max_pixels})", param=param)
+            if budget is not None:
+                budget.charge(1, pixels, f"{label} ({im.width}x{im.height} pixels)",
+                              media.param)
             im.seek(0)  # GIF: the first frame
             return im.convert("RGB")  # the full decode happens here
     except RouterError:
         raise
-    except Image.DecompressionBombError as exc:
-        raise InvalidRequest(f"{label} is too large to decode: {exc}") from None
+    except Image.DecompressionBombError:  # PIL's own limit, far above ours: quote ours
+        raise InvalidRequest(f"{label} has more pixels than PIL will even open, far more than "
+                             f"max_image_pixels ({media.max_pixels})", param=param) from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:  # PIL's ways of saying corrupt
-        raise InvalidRequest(f"{label} is corrupt or not a supported image: {exc}") from None
+        raise InvalidRequest(f"{label} is corrupt or not a supported image: {exc}",
+                             param=param) from None
 
 
-def render_pdf(media: protocol.Media, label: str) -> list[Any]:
-    """Every page of a PDF as an RGB PIL image, in order, at media.dpi."""
+def render_pdf(media: protocol.Media, label: str, budget: Budget | None = None) -> list[Any]:
+    """Every page of a PDF as an RGB PIL image, in order, at media.dpi. Every page's size is
+    read (points x dpi / 72, no rendering) and charged to `budget` before the first render."""
     import pypdfium2 as pdfium
 
+    param = media.param or None
     try:
         pdf = pdfium.PdfDocument(media.data)
     except pdfium.PdfiumError as exc:
         if "password" in str(exc).lower():
             raise InvalidRequest(f"{label} is encrypted (password-protected); send an "
-                                 "unencrypted PDF") from None
-        raise InvalidRequest(f"{label} could not be read as a PDF: {exc}") from None
+                                 "unencrypted PDF", param=param) from None
+        raise InvalidRequest(f"{label} could not be read as a PDF: {exc}", param=param) from None
     try:
         pages = len(pdf)
         if media.max_pages and pages > media.max_pages:
             raise InvalidRequest(f"{label} has {pages} pages; this server accepts at most "
-                                 f"{media.max_pages} pages per PDF (max_pdf_pages)")
+                                 f"{media.max_pages} pages per PDF (max_pdf_pages)", param=param)
         if pages == 0:
-            raise InvalidRequest(f"{label} has no pages")
+            raise InvalidRequest(f"{label} has no pages", param=param)
         scale = media.dpi / 72  # PDF sizes are in points, 72 to the inch
+        sizes = [_page_pixels(pdf, i, scale, media, label) for i in range(pages)]
+        if budget is not None:
+            budget.charge(pages, sum(w * h for w, h in sizes),
+                          f"{label} ({pages} pages at {media.dpi} dpi)", media.param)
         images = []
         for i in range(pages):
             page = pdf[i]
             try:
-                width, height = (round(v * scale) for v in page.get_size())
-                if media.max_pixels and width * height > media.max_pixels:
-                    raise InvalidRequest(
-                        f"page {i + 1} of {label} would be {width}x{height} pixels at "
-                        f"{media.dpi} dpi, more than max_image_pixels ({media.max_pixels})")
                 images.append(page.render(scale=scale).to_pil().convert("RGB"))
             finally:
                 page.close()
         return images
     except pdfium.PdfiumError as exc:
-        raise InvalidRequest(f"{label} could not be rendered: {exc}") from None
+        raise InvalidRequest(f"{label} could not be rendered: {exc}", param=param) from None
     finally:
         pdf.close()
+
+
+def _page_pixels(pdf: Any, i: int, scale: float, media: protocol.Media,
+                 label: str) -> tuple[int, int]:
+    """A page's rendered size from its size in points, checked against max_image_pixels."""
+    page = pdf[i]
+    try:
+        width, height = (round(v * scale) for v in page.get_size())
+    finally:
+        page.close()
+    if media.max_pixels and width * height > media.max_pixels:
+        raise InvalidRequest(
+            f"page {i + 1} of {label} would be {width}x{height} pixels at {media.dpi} dpi, "
+            f"more than max_image_pixels ({media.max_pixels})", param=media.param or None)
+    return width, height
 
 
 def expand_media(messages: list[dict[str, Any]], media: list[protocol.Media]
                  ) -> tuple[list[dict[str, Any]], list[Any]]:
     """Messages with each {"type": "image", "media": i} part replaced by one image part per
-    image (a PDF gives one per page), and the PIL images in prompt order."""
+    image (a PDF gives one per page), and the PIL images in prompt order. The request-wide
+    limits travel on every Media; a request over them fails before the decode that would
+    cross them."""
+    first = media[0] if media else protocol.Media(kind="image", data=b"")
+    budget = Budget(first.request_max_images, first.request_max_pixels)
     images: list[Any] = []
     out = []
     for msg in messages:
@@ -127,8 +180,8 @@ def expand_media(messages: list[dict[str, Any]], media: list[protocol.Media]
             item = media[index]
             label = (f"{'the PDF' if item.kind == 'pdf' else 'the image'} (file {index + 1} "
                      "of the request)")
-            decoded = render_pdf(item, label) if item.kind == "pdf" else [
-                decode_image(item, label)]
+            decoded = render_pdf(item, label, budget) if item.kind == "pdf" else [
+                decode_image(item, label, budget)]
             images += decoded
             parts += [{"type": "image"} for _ in decoded]
         out.append({**msg, "content": parts})

@@ -12,6 +12,7 @@ import http.server
 import io
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +29,8 @@ pytestmark = pytest.mark.timeout(300)
 
 VLM, TEXT, SLOW = "tiny-vlm", "tiny-text", "tiny-vlm-slow"
 LIMITS = {"max_image_bytes": 300_000, "max_request_media_bytes": 600_000,
-          "max_image_pixels": 2_000_000, "max_pdf_pages": 3, "pdf_dpi": 36}
+          "max_image_pixels": 2_000_000, "max_pdf_pages": 3, "pdf_dpi": 36,
+          "max_request_images": 4, "max_request_pixels": 2_500_000}
 
 
 @pytest.fixture(scope="session")
@@ -292,6 +294,7 @@ def test_remote_images_when_allowed(tmp_path, tiny_vlm: Path) -> None:
     try:
         for d in _daemon(tmp_path / "remote", {VLM: {"path": str(tiny_vlm)}},
                          {**LIMITS, "allow_remote_images": True,
+                          "allow_private_remote_images": True,  # the server is on loopback
                           "remote_image_timeout_s": 5}):
             remote = {"type": "image_url", "image_url": {"url": f"{base}/small.png"}}
             inline = image_part(_ImageHandler.png)
@@ -300,3 +303,69 @@ def test_remote_images_when_allowed(tmp_path, tiny_vlm: Path) -> None:
             assert_rejected(d, chat(d, ask([big])), "max_image_bytes")
     finally:
         server.shutdown()
+
+
+# ---- request-wide limits: images + PDF pages, and their pixels as rendered
+
+
+def test_too_many_images_in_one_request_is_refused_before_decoding(daemon, vlm_pid) -> None:
+    png = image_part(image_bytes("PNG"))
+    assert chat(daemon, ask([png] * 4)).status_code == 200  # at the limit
+    err = assert_rejected(daemon, chat(daemon, ask([png] * 5)), "max_request_images (4",
+                          "carries 5 images")
+    assert err["param"] == "messages[0].content[5]"
+    assert daemon.worker_pid(VLM) == vlm_pid
+
+
+def test_pdf_pages_count_towards_the_image_limit(daemon, vlm_pid) -> None:
+    png = image_part(image_bytes("PNG"))
+    for stream in (False, True):  # 2 images + 3 pages: the worker counts the pages
+        err = assert_rejected(daemon, chat(daemon, ask([png, png, pdf_part(make_pdf(3))]),
+                                           stream=stream),
+                              "max_request_images (4)", "to 5 images and PDF pages")
+        assert err["param"] == "messages[0].content[3]"
+    assert daemon.worker_pid(VLM) == vlm_pid
+
+
+def test_pdf_pages_over_the_pixel_budget_are_refused_before_rendering(daemon, vlm_pid) -> None:
+    # 2000 x 2000 pt at 36 dpi: 1000 x 1000 px a page, under max_image_pixels (2 Mpx) alone
+    big = pdf_part(make_pdf(2, width=2000, height=2000))
+    assert chat(daemon, ask([big])).status_code == 200  # 2 Mpx: within the 2.5 Mpx budget
+    rss_before = daemon_worker_rss(daemon)
+    started = time.monotonic()
+    err = assert_rejected(daemon, chat(daemon, ask([big, big])), "max_request_pixels (2500000)",
+                          "4000000 pixels")
+    assert time.monotonic() - started < 5
+    assert err["param"] == "messages[0].content[2]"
+    # one PDF can be over the budget on its own: two blank 1300 x 1300 px pages
+    huge = pdf_part(make_pdf(2, width=2600, height=2600, lines=0))  # 1300 x 1300 px a page
+    err = assert_rejected(daemon, chat(daemon, ask([huge])), "max_request_pixels")
+    assert err["param"] == "messages[0].content[1]"
+    assert daemon.worker_pid(VLM) == vlm_pid
+    assert daemon_worker_rss(daemon) < rss_before + 50 * 2**20  # nothing was rendered
+
+
+def daemon_worker_rss(daemon: Daemon) -> int:
+    import psutil
+    return psutil.Process(daemon.worker_pid(VLM)).memory_info().rss
+
+
+def test_huge_png_header_quotes_our_limit(daemon, vlm_pid) -> None:
+    err = assert_rejected(daemon, chat(daemon, ask([image_part(_png_claiming(40000, 40000))])),
+                          "max_image_pixels (2000000)")
+    assert "DecompressionBomb" not in err["message"] and "89478485" not in err["message"]
+    assert err["param"] == "messages[0].content[1]"
+
+
+@pytest.mark.parametrize("part", [
+    pytest.param(pdf_part(make_pdf(1, user_password=True)), id="encrypted"),
+    pytest.param(pdf_part(make_pdf(4)), id="too-many-pages"),
+    pytest.param(image_part(image_bytes("PNG")[:60]), id="truncated-png"),
+])
+def test_worker_400s_name_the_content_part(daemon, vlm_pid, part) -> None:
+    png = image_part(image_bytes("PNG"))
+    messages = [*ask([png], "first"), {"role": "assistant", "content": "ok"},
+                *ask([png, part], "second")]
+    err = assert_rejected(daemon, chat(daemon, messages))
+    assert err["param"] == "messages[2].content[2]"
+    assert daemon.worker_pid(VLM) == vlm_pid

@@ -266,3 +266,151 @@ def test_memory_estimate_counts_the_vision_tower(tmp_path: Path) -> None:
     (path / "model-00002-of-00002.safetensors").write_bytes(b"\0" * 5000)  # vision weights
     with_tower = estimate_cost(str(path), max_context=16, max_batch=1, overhead_bytes=0)
     assert with_tower - without_tower >= 5000
+
+
+# ---- request-wide limits on the gateway side
+
+
+def test_image_count_is_checked_before_anything_is_decoded(vlm_spec) -> None:
+    server = msgspec.structs.replace(SERVER, max_request_images=3)
+    # the 4th part is not even valid base64: the count is checked first
+    req = chat_request([img_part(uri(image("PNG")))] * 3 + [img_part("data:image/png;base64,@")])
+    with pytest.raises(InvalidRequest, match=r"carries 4 images .* max_request_images \(3") as c:
+        collect(vlm_spec, req, server)
+    assert c.value.param == "messages[0].content[3]"
+    assert len(collect(vlm_spec, chat_request([img_part(uri(image("PNG")))] * 3), server)) == 3
+
+
+def test_image_pixels_are_summed_from_headers(vlm_spec) -> None:
+    server = msgspec.structs.replace(SERVER, max_request_pixels=1_500_000)
+    req = chat_request([img_part(uri(png_claiming(1000, 1000)))] * 2)
+    with pytest.raises(InvalidRequest, match=r"2000000 pixels, more than max_request_pixels "
+                                             r"\(1500000\)") as caught:
+        collect(vlm_spec, req, server)
+    assert caught.value.param == "messages[0].content[1]"
+
+
+def test_media_carry_their_part_and_the_request_limits(vlm_spec) -> None:
+    req = chat_request([{"type": "text", "text": "a"}, img_part(uri(image("PNG")))],
+                       [img_part(uri(PDF, "application/pdf"))])
+    media = collect(vlm_spec, req)
+    assert [m.param for m in media] == ["messages[0].content[1]", "messages[1].content[0]"]
+    assert {(m.request_max_images, m.request_max_pixels) for m in media} == {
+        (SERVER.max_request_images, SERVER.max_request_pixels)}
+
+
+def test_png_past_pils_own_limit_quotes_ours() -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        vision.inspect_media(png_claiming(40000, 40000), SERVER, "messages[0].content[1]")
+    assert "max_image_pixels (1000000)" in caught.value.message
+    assert "bomb" not in caught.value.message.lower()
+    assert caught.value.param == "messages[0].content[1]"
+
+
+# ---- remote images: only public addresses, checked on every hop
+
+
+@pytest.mark.parametrize("address, public", [
+    ("93.184.216.34", True), ("2606:2800:220:1:248:1893:25c8:1946", True),
+    ("127.0.0.1", False), ("10.1.2.3", False), ("172.16.0.1", False), ("192.168.1.1", False),
+    ("169.254.169.254", False), ("0.0.0.0", False), ("224.0.0.1", False),
+    ("240.0.0.1", False), ("100.64.0.1", False), ("255.255.255.255", False),
+    ("::1", False), ("::", False), ("fe80::1", False), ("fc00::1", False), ("ff02::1", False),
+    ("::ffff:127.0.0.1", False), ("::ffff:10.0.0.1", False), ("::ffff:93.184.216.34", True),
+])
+def test_address_check(address: str, public: bool) -> None:
+    import ipaddress
+    assert vision.is_public(ipaddress.ip_address(address)) is public
+
+
+class _Hits:
+    """A local HTTP server whose routes are (status, headers, body); it records the paths."""
+
+    def __init__(self, host: str, routes: dict) -> None:
+        import http.server
+        import threading
+
+        hits: list[str] = []
+        self.hits = hits
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                hits.append(self.path)
+                status, headers, body = routes.get(self.path, (404, {}, b""))
+                self.send_response(status)
+                for k, v in {**headers, "Content-Length": str(len(body))}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer((host, 0), Handler)
+        self.base = f"http://{host}:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def fetch(url: str, allow_private: bool = False) -> bytes:
+    return asyncio.run(vision.fetch_remote(url, 100_000, 3.0, "messages[0].content[0]",
+                                           allow_private=allow_private))
+
+
+@pytest.fixture
+def origin():
+    server = _Hits("127.0.0.1", {"/cat.png": (200, {"Content-Type": "image/png"},
+                                              image("PNG"))})
+    yield server
+    server.close()
+
+
+def test_loopback_is_refused_without_connecting(origin) -> None:
+    for host in (origin.base, origin.base.replace("127.0.0.1", "localhost")):
+        with pytest.raises(InvalidRequest, match="allow_private_remote_images is off") as c:
+            fetch(f"{host}/cat.png")
+        assert c.value.param == "messages[0].content[0]"
+    assert origin.hits == []
+    assert fetch(f"{origin.base}/cat.png", allow_private=True) == image("PNG")
+
+
+@pytest.mark.parametrize("url", ["http://[::1]:9/x.png", "http://[::ffff:127.0.0.1]:9/x.png",
+                                 "http://0.0.0.0:9/x.png", "http://169.254.169.254/latest",
+                                 "http://10.0.0.1/x.png"])
+def test_non_public_literals_are_refused(url: str) -> None:
+    with pytest.raises(InvalidRequest, match="non-public"):
+        fetch(url)
+
+
+def test_a_redirect_to_loopback_is_refused(origin, monkeypatch) -> None:
+    # 127.0.0.2 plays a public host (Linux answers on all of 127/8) that redirects inward
+    public = vision.is_public
+    monkeypatch.setattr(vision, "is_public", lambda a: str(a) == "127.0.0.2" or public(a))
+    outside = _Hits("127.0.0.2", {"/r": (302, {"Location": f"{origin.base}/cat.png"}, b""),
+                                  "/loop": (302, {"Location": "/loop"}, b"")})
+    try:
+        with pytest.raises(InvalidRequest, match="'127.0.0.1' is a loopback"):
+            fetch(f"{outside.base}/r")
+        assert outside.hits == ["/r"] and origin.hits == []  # the inner host was never asked
+        with pytest.raises(InvalidRequest, match="more than 3 redirects"):
+            fetch(f"{outside.base}/loop")
+        assert outside.hits.count("/loop") == 4  # the first request and 3 redirects
+    finally:
+        outside.close()
+
+
+def test_fetch_failures_read_the_same(origin) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port with nothing listening on it
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    messages = set()
+    for base, path in ((closed, "/x"), (origin.base, "/missing")):
+        with pytest.raises(InvalidRequest) as caught:
+            fetch(f"{base}{path}", allow_private=True)
+        messages.add(caught.value.message.replace(base, "BASE").replace(path, ""))
+    assert len(messages) == 1, messages
