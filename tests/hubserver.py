@@ -7,7 +7,8 @@
 - GET  /{org}/{name}/resolve/{rev}/{file}          the bytes (`Range: bytes=N-`: 206)
 Unknown repos answer 404 with `X-Error-Code: RepoNotFound`, like the Hub. `cut_once[file] = n`
 makes the first full GET of that file send n bytes of it and drop the connection (a network
-failure mid-file); `unavailable` holds files that are listed but answer 404 for now.
+failure mid-file); `unavailable` holds files that are listed but answer 404 for now; a request
+for a repo in `hang` is accepted and never answered (until `release_hung()` closes them all).
 Every request is recorded in `requests` as (method, path, Range header).
 """
 
@@ -28,6 +29,10 @@ class FakeHub:
         # Files the tree lists but resolve cannot serve yet (404), until removed from the set.
         self.unavailable: set[str] = set()
         self.requests: list[tuple[str, str, str | None]] = []
+        # Repos whose every request is read and then left without an answer.
+        self.hang: set[str] = set()
+        self._released = threading.Event()
+        self.hung: list[str] = []  # paths of the requests left hanging
         self._lock = threading.Lock()
         hub = self
 
@@ -53,6 +58,7 @@ class FakeHub:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._released.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -69,6 +75,14 @@ class FakeHub:
     def sha(repo_id: str) -> str:
         return hashlib.sha1(repo_id.encode()).hexdigest()
 
+    def release_hung(self) -> None:
+        """Stop hanging: requests still hanging get their connection closed, no answer."""
+        self.hang.clear()
+        self._released.set()
+
+    def _hangs(self, path: str) -> bool:
+        return any(f"/{repo}/" in f"{path}/" for repo in self.hang)
+
     def downloads(self, name: str) -> list[str | None]:
         """Range headers of the GETs of one file, in order (None: a full GET)."""
         return [r for m, p, r in self.requests if m == "GET" and p.endswith(f"/{name}")
@@ -80,6 +94,12 @@ class FakeHub:
         path = unquote(urlsplit(h.path).path)
         with self._lock:
             self.requests.append(("HEAD" if head else "GET", path, h.headers.get("Range")))
+        if self._hangs(path):
+            with self._lock:
+                self.hung.append(path)
+            self._released.wait()  # a server that accepted the request and went quiet
+            h.close_connection = True
+            return
         parts = path.strip("/").split("/")
         if parts[:2] == ["api", "models"] and len(parts) >= 4:
             return self._api(h, f"{parts[2]}/{parts[3]}", parts[4:])

@@ -68,6 +68,14 @@ class ServerConfig(_Section):
     max_image_pixels: Pos = 50_000_000
     max_pdf_pages: Pos = 32
     pdf_dpi: Annotated[int, msgspec.Meta(ge=18, le=600)] = 150
+    # Whole request: images and PDF pages counted together, and their pixels summed as decoded
+    # or rendered (at pdf_dpi), checked before each is decoded or rendered. 80 Mpx lets a full
+    # max_pdf_pages PDF of letter or A4 pages at 150 dpi through (32 x 2.2 Mpx).
+    max_request_images: Pos = 32
+    max_request_pixels: Pos = 80_000_000
+    # With allow_remote_images: also fetch from loopback, private, link-local and other
+    # non-public addresses (off: such a URL, or a redirect to one, gets 400).
+    allow_private_remote_images: bool = False
 
 
 class SupervisorConfig(_Section):
@@ -113,6 +121,9 @@ class SupervisorConfig(_Section):
     lmstudio_dir: str = ""
     # A request for an unknown "org/name" model downloads it from the Hugging Face Hub first.
     allow_download: bool = False
+    # An on-demand download that has not finished after this many seconds fails (503) and is
+    # stopped; the next request for the model starts a fresh one.
+    download_timeout_s: PosFloat = 3600.0
 
 
 class ModelOptions(_Section):

@@ -11,7 +11,8 @@ Layouts under a root:
   <root>/models--<org>--<name>/snapshots/<rev>/config.json id "<org>/<name>" (HF cache layout)
 A model dir has config.json, safetensors weights (every shard its index names) and a tokenizer;
 anything else is listed as unusable with a reason, never a crash. Symlinks are followed, but a
-model whose directory or files resolve outside every configured root is unusable.
+model whose directory or files resolve outside every configured root is unusable, and an org
+level symlink that resolves inside its own root is skipped (it would only repeat ids).
 """
 
 from __future__ import annotations
@@ -301,7 +302,7 @@ def _snapshot(repo_dir: Path) -> Path | None:
 
 
 def _scan_child(child: Path, source: str, roots: tuple[Path, ...],
-                found: dict[str, DiscoveredModel]) -> None:
+                found: dict[str, DiscoveredModel], root: Path | None = None) -> None:
     if child.name.startswith("models--"):
         model_id = "/".join(child.name.split("--")[1:])
         snap = _snapshot(child)
@@ -315,6 +316,10 @@ def _scan_child(child: Path, source: str, roots: tuple[Path, ...],
     elif (child / "config.json").exists():
         model_id = child.name.replace("--", "/", 1)
         found[model_id] = _entry(model_id, child, source, roots)
+    elif root is not None and child.is_symlink() and _inside(child, (root,)):
+        # An org-level link back into its own root (`alias -> .`) only repeats models under
+        # a second id, and removing `alias/m` would delete the real `m`.
+        log.debug("discovery: skipped %s (links inside %s)", child, root)
     else:
         for sub in sorted(child.iterdir()):
             if sub.is_dir() and not sub.name.startswith(".") and (
@@ -329,7 +334,8 @@ def scan(root: Path, source: str = "model_directory",
     found: dict[str, DiscoveredModel] = {}
     if not root.is_dir():
         return found
-    allowed = roots if roots is not None else (root.resolve(),)
+    root_real = root.resolve()
+    allowed = roots if roots is not None else (root_real,)
     try:
         children = sorted(root.iterdir())
     except OSError as exc:
@@ -339,7 +345,7 @@ def scan(root: Path, source: str = "model_directory",
         try:
             if not child.is_dir() or child.name.startswith("."):
                 continue
-            _scan_child(child, source, allowed, found)
+            _scan_child(child, source, allowed, found, root_real)
         except (OSError, ValueError, RuntimeError) as exc:
             log.warning("discovery: skipped %s: %s", child, exc)
     return found

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import threading
+import time
 from pathlib import Path
 
 from . import discovery
@@ -41,46 +43,125 @@ class RepoNotFound(LibraryError):
 
 
 def is_repo_id(name: str) -> bool:
-    return bool(_REPO_ID.match(name)) and ".." not in name
+    """`org/name` that the Hub itself would accept. `--` is refused too: the folder a pull
+    writes (`org--name`) would be the same for `a--b/c` and `a/b--c`. The hub's own validator
+    is imported lazily (callers in the daemon only get here with allow_download on)."""
+    if not _REPO_ID.match(name) or ".." in name or "--" in name:
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def pull_target(model_directory: Path, repo_id: str) -> Path:
     return model_directory / repo_id.replace("/", "--")
 
 
+class Cancelled(LibraryError):
+    """The pull was told to stop (its deadline passed, or the daemon is shutting down)."""
+
+
+# One pull at a time per target folder: a retry after an abandoned (hung) pull waits for that
+# thread to end (its per-request timeouts bound the wait) instead of writing beside it.
+_target_locks: dict[Path, threading.Lock] = {}
+_target_locks_guard = threading.Lock()
+
+
+def _lock_for(target: Path) -> threading.Lock:
+    with _target_locks_guard:
+        return _target_locks.setdefault(target.absolute(), threading.Lock())
+
+
+def _bound_hub_requests() -> None:
+    """Give every Hub request a timeout. huggingface_hub's shared client has none, and
+    `repo_info` passes `timeout=None` explicitly, so a server that accepts and never answers
+    would block the pull forever. Connect/read/write/pool timeouts are
+    HF_HUB_DOWNLOAD_TIMEOUT seconds (its own setting, default 10); explicit timeouts that
+    huggingface_hub passes are kept."""
+    import httpx2
+    from huggingface_hub import constants, set_client_factory
+    from huggingface_hub.utils import _http
+
+    if getattr(_http._GLOBAL_CLIENT_FACTORY, "mlxrouter_bounded", False):
+        return
+    limit = float(constants.HF_HUB_DOWNLOAD_TIMEOUT)
+
+    class Bounded(httpx2.Client):
+        def build_request(self, *args, timeout=httpx2.USE_CLIENT_DEFAULT, **kwargs):
+            if timeout is None:
+                timeout = httpx2.USE_CLIENT_DEFAULT
+            return super().build_request(*args, timeout=timeout, **kwargs)
+
+    def factory() -> httpx2.Client:
+        return Bounded(event_hooks={"request": [_http.hf_request_event_hook]},
+                       follow_redirects=True, timeout=httpx2.Timeout(limit))
+
+    factory.mlxrouter_bounded = True  # type: ignore[attr-defined]
+    set_client_factory(factory)
+
+
 def pull(repo_id: str, model_directory: Path, *, revision: str | None = None,
-         progress: bool = True) -> Path:
+         progress: bool = True, deadline: float | None = None,
+         cancel: threading.Event | None = None) -> Path:
     """Download the files a model needs into `<model_directory>/<org>--<name>`, resuming what
-    an earlier pull left, then check that discovery finds a usable model there."""
+    an earlier pull left, then check that discovery finds a usable model there.
+
+    `deadline` (time.monotonic()) and `cancel` stop a pull at its next chunk of bytes; each Hub
+    request also times out on its own (HF_HUB_DOWNLOAD_TIMEOUT). A failed pull that got no
+    model file leaves no folder behind; one with files keeps them, so pulling again resumes."""
     if not is_repo_id(repo_id):
         raise LibraryError(f"'{repo_id}' is not a Hugging Face repo id (org/name)")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
     from tqdm.auto import tqdm
 
-    class Quiet(tqdm):  # the daemon logs instead of drawing bars
+    _bound_hub_requests()
+
+    def check() -> None:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"download of '{repo_id}' was cancelled")
+        if deadline is not None and time.monotonic() > deadline:
+            raise Cancelled(f"download of '{repo_id}' ran past its deadline")
+
+    class Bar(tqdm):  # every chunk of bytes passes here: the place to stop a pull
         def __init__(self, *args, **kwargs):
-            kwargs["disable"] = True
+            if not progress:
+                kwargs["disable"] = True  # the daemon logs instead of drawing bars
             super().__init__(*args, **kwargs)
 
+        def update(self, n=1):
+            check()
+            return super().update(n)
+
     target = pull_target(model_directory, repo_id)
-    target.mkdir(parents=True, exist_ok=True)
-    log.info("pull repo=%s revision=%s into %s", repo_id, revision or "main", target)
-    try:
-        snapshot_download(repo_id, revision=revision, local_dir=target,
-                          allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS,
-                          tqdm_class=None if progress else Quiet, max_workers=4)
-    except RepositoryNotFoundError:
-        _remove_if_empty(target)
-        raise RepoNotFound(f"the Hugging Face Hub has no model '{repo_id}' (or it is private "
-                           f"or gated; set HF_TOKEN)") from None
-    except RevisionNotFoundError:
-        _remove_if_empty(target)
-        raise RepoNotFound(f"'{repo_id}' has no revision '{revision}'") from None
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as exc:
-        raise LibraryError(f"download of '{repo_id}' failed (run pull again to resume): "
-                           f"{_first_line(exc)}") from None
+    with _lock_for(target):
+        check()
+        log.info("pull repo=%s revision=%s into %s", repo_id, revision or "main", target)
+        try:
+            snapshot_download(repo_id, revision=revision, local_dir=target,
+                              allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS,
+                              tqdm_class=Bar, max_workers=4)
+        except RepositoryNotFoundError:
+            _remove_if_empty(target)
+            raise RepoNotFound(f"the Hugging Face Hub has no model '{repo_id}' (or it is "
+                               f"private or gated; set HF_TOKEN)") from None
+        except RevisionNotFoundError:
+            _remove_if_empty(target)
+            raise RepoNotFound(f"'{repo_id}' has no revision '{revision}'") from None
+        except Cancelled:
+            _remove_if_empty(target)
+            raise
+        except Exception as exc:  # HTTP, protocol, file system: all one failed download
+            _remove_if_empty(target)
+            raise LibraryError(f"download of '{repo_id}' failed (run pull again to resume): "
+                               f"{_first_line(exc)}") from None
+        except BaseException:
+            _remove_if_empty(target)
+            raise
     reason = discovery.check_model_dir(target)
     if reason:
         raise LibraryError(f"downloaded '{repo_id}' to {target}, but it is not a usable MLX "
@@ -94,10 +175,17 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _remove_if_empty(path: Path) -> None:
-    """A pull that found nothing leaves no directory behind (a .cache/ of its own at most)."""
+    """A pull that got nothing leaves no directory behind: no model file, and nothing in its
+    own .cache/ but tree listings and locks (no partial `.incomplete` bytes to resume from)."""
     try:
-        if all(p.name == ".cache" for p in path.iterdir()):
-            shutil.rmtree(path)
+        if not path.is_dir() or path.is_symlink():
+            return
+        if any(p.name != ".cache" for p in path.iterdir()):
+            return
+        if any(f.name.endswith(".incomplete") and f.stat().st_size > 0
+               for f in path.rglob("*") if f.is_file()):
+            return
+        shutil.rmtree(path)
     except OSError:
         pass
 
@@ -183,6 +271,10 @@ def remove(model_directory: Path, model_id: str) -> tuple[Path, str]:
     if model is None:
         raise LibraryError(f"no model '{model_id}' in {model_directory}")
     target = removal_target(model_directory, model)
+    linked = _linked_parent(model_directory, target)
+    if linked is not None:
+        raise LibraryError(f"{linked} is a symlink; not removing '{model_id}' through it "
+                           f"(remove the link itself, or the model where it really lies)")
     if target.is_symlink():
         target.unlink()
         _prune_empty_org(model_directory, target)
@@ -192,6 +284,19 @@ def remove(model_directory: Path, model_id: str) -> tuple[Path, str]:
     shutil.rmtree(target)  # never follows links inside: they are unlinked, targets kept
     _prune_empty_org(model_directory, target)
     return target, "deleted"
+
+
+def _linked_parent(model_directory: Path, target: Path) -> Path | None:
+    """The first symlink between the model directory and `target` (both excluded), if any:
+    through `alias -> .` the id `alias/m` names the real `m`, which is not to be deleted."""
+    root = model_directory.absolute()
+    rel = target.absolute().relative_to(root)
+    path = root
+    for part in rel.parts[:-1]:
+        path = path / part
+        if path.is_symlink():
+            return path
+    return None
 
 
 def _prune_empty_org(model_directory: Path, removed: Path) -> None:

@@ -19,6 +19,7 @@ import os
 import secrets
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -86,6 +87,8 @@ class Supervisor:
     async def close(self) -> None:
         """Stop every worker and wait until each is reaped."""
         self._closing = True
+        for task in list(self._downloads.values()):
+            task.cancel()  # its thread is told to stop and, a daemon thread, is never joined
         for slot in self._slots.values():
             self._fail_waiters(slot, ShuttingDown("the server is shutting down"))
             if slot.worker is not None:
@@ -308,15 +311,13 @@ class Supervisor:
         return self.config.supervisor.allow_download and library.is_repo_id(model_id)
 
     async def _download(self, model_id: str, deadline: float) -> None:
-        """Pull a model in a thread before its load is planned: the load slot is not held,
-        the loop is not blocked, and a client that leaves does not stop the download."""
+        """Pull a model before its load is planned: the load slot is not held, the loop is
+        not blocked, and a client that leaves does not stop the download."""
         task = self._downloads.get(model_id)
         if task is None:
-            task = asyncio.create_task(asyncio.to_thread(
-                library.pull, model_id, self.config.model_directory, progress=False),
-                name=f"download:{model_id}")
+            task = asyncio.create_task(self._pull(model_id), name=f"download:{model_id}")
             self._downloads[model_id] = task
-            task.add_done_callback(lambda _: self._downloaded(model_id))
+            task.add_done_callback(lambda t: self._downloaded(model_id, t))
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                 await asyncio.shield(task)
@@ -327,13 +328,64 @@ class Supervisor:
         except library.LibraryError as exc:
             raise ModelLoadFailed(f"model '{model_id}' could not be downloaded: {exc}",
                                   retry_after_s=30) from None
+        except asyncio.CancelledError:
+            task_now = asyncio.current_task()
+            if self._closing and task_now is not None and not task_now.cancelling():
+                # the download was cancelled by close(), not this request
+                raise ShuttingDown("the server is shutting down") from None
+            raise
 
-    def _downloaded(self, model_id: str) -> None:
-        task = self._downloads.pop(model_id)
-        if not task.cancelled() and task.exception() is None:
+    async def _pull(self, model_id: str) -> Path:
+        """library.pull in a daemon thread of its own, not the loop's default executor: loop
+        close joins that executor, so a hung Hub would keep a stopped daemon from exiting.
+        Past download_timeout_s (or on shutdown) the thread is told to stop at its next chunk
+        and the download counts as failed; each Hub request has its own timeout too."""
+        loop = asyncio.get_running_loop()
+        result: asyncio.Future[Path] = loop.create_future()
+        cancel = threading.Event()
+        limit = self.config.supervisor.download_timeout_s
+
+        def settle(value: Path | None, error: BaseException | None) -> None:
+            if result.done():
+                return
+            if error is not None:
+                result.set_exception(error)
+            else:
+                result.set_result(value)
+
+        def run() -> None:
+            value, error = None, None
+            try:
+                value = library.pull(model_id, self.config.model_directory, progress=False,
+                                     deadline=time.monotonic() + limit, cancel=cancel)
+            except BaseException as exc:  # handed to the loop, never lost in the thread
+                error = exc
+            try:
+                loop.call_soon_threadsafe(settle, value, error)
+            except RuntimeError:
+                pass  # the loop is closed: the daemon is gone, nobody is waiting
+
+        threading.Thread(target=run, name=f"download:{model_id}", daemon=True).start()
+        try:
+            async with asyncio.timeout(limit):
+                return await result
+        except TimeoutError:
+            raise library.LibraryError(
+                f"the download did not finish within download_timeout_s ({limit:g}s)") from None
+        finally:
+            cancel.set()  # a no-op once the pull is done; else it stops at its next chunk
+
+    def _downloaded(self, model_id: str, task: asyncio.Task) -> None:
+        """A finished download leaves the map whatever its outcome, so the next request for
+        the model starts afresh instead of waiting on a dead one."""
+        if self._downloads.get(model_id) is task:
+            del self._downloads[model_id]
+        if task.cancelled():
+            return
+        if task.exception() is None:
             log.info("download finished model=%s path=%s", model_id, task.result())
             self.catalog.refresh(force=True)
-        elif not task.cancelled():
+        else:
             log.warning("download failed model=%s: %s", model_id, task.exception())
 
     def need_bytes(self, spec: ModelSpec) -> int:

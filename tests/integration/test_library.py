@@ -8,8 +8,10 @@ import json
 import os
 import shutil
 import struct
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +19,9 @@ import openai
 import pytest
 from conftest import spawn_daemon, wait_for_gone, write_config
 from hubserver import FakeHub
+
+from mlxrouter import library
+from mlxrouter.discovery import DiscoveredModel
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -263,14 +268,18 @@ def test_rm_never_deletes_through_a_linked_org_dir(root: Path, tiny_model: Path)
 def download_daemon(tmp_path: Path, hub: FakeHub):
     daemons = []
 
-    def start(allow: bool = True):
+    def start(allow: bool = True, supervisor: dict | None = None,
+              defaults: dict | None = None, env: dict | None = None):
         root = tmp_path / f"d{len(daemons)}"
         (root / "models").mkdir(parents=True)
         config = write_config(root, models={}, supervisor={
-            "allow_download": allow, "discovery_sources": ["model_directory"]},
-            defaults={"max_context": 256, "max_running": 2, "prompt_cache_bytes": 0})
+            "allow_download": allow, "discovery_sources": ["model_directory"],
+            **(supervisor or {})},
+            defaults={"max_context": 256, "max_running": 2, "prompt_cache_bytes": 0,
+                      **(defaults or {})})
         daemon = spawn_daemon(root, config, env={"HF_ENDPOINT": hub.url,
-                                                 "HF_HOME": str(root / "hf-home")})
+                                                 "HF_HOME": str(root / "hf-home"),
+                                                 **(env or {})})
         daemons.append(daemon)
         return daemon
 
@@ -347,3 +356,111 @@ def test_models_dropped_into_the_directory_appear_without_restart(
         model="org/dropped", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert reply.choices[0].finish_reason == "length"
     assert daemon.http.get("/v1/models/org/dropped").json()["loaded"] is True
+
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+def test_a_hung_hub_gives_504_and_never_holds_up_shutdown(download_daemon,
+                                                          hub: FakeHub) -> None:
+    hub.hang.add("org/slow")
+    # Each Hub request may wait 60 s: the pull thread is still stuck when SIGTERM comes.
+    daemon = download_daemon(defaults={"timeout_s": 2},
+                             env={"HF_HUB_DOWNLOAD_TIMEOUT": "60"})
+
+    r = daemon.http.post("/v1/chat/completions", json={"model": "org/slow", **CHAT})
+
+    assert r.status_code == 504, r.text
+    assert r.json()["error"]["code"] == "timeout" and "org/slow" in r.json()["error"]["message"]
+    assert hub.hung  # the request really reached the hub and is still hanging there
+    started = time.monotonic()
+    daemon.proc.send_signal(signal.SIGTERM)
+    code = daemon.proc.wait(timeout=30)
+    took = time.monotonic() - started
+    assert code == 0 and took < 8, f"exit {code} after {took:.1f}s"
+    assert list((daemon.root / "models").iterdir()) == []  # no half-made model folder
+
+
+def test_a_download_past_its_deadline_fails_and_the_next_request_starts_afresh(
+        download_daemon, hub: FakeHub, tiny_model: Path) -> None:
+    hub.hang.add("org/slow")
+    daemon = download_daemon(supervisor={"download_timeout_s": 2},
+                             env={"HF_HUB_DOWNLOAD_TIMEOUT": "60"})
+
+    first = daemon.http.post("/v1/chat/completions", json={"model": "org/slow", **CHAT})
+
+    assert first.status_code == 503, first.text
+    assert first.json()["error"]["code"] == "model_load_failed"
+    assert "download_timeout_s" in first.json()["error"]["message"]
+    assert first.headers.get("retry-after")
+    assert not (daemon.root / "models" / "org--slow").exists()
+    hub.release_hung()  # the hub is back, and now has the repo
+    hub.add_repo("org/slow", tiny_files(tiny_model))
+
+    reply = daemon.openai().chat.completions.create(model="org/slow", **CHAT)
+
+    assert reply.choices[0].finish_reason == "length"
+    assert len(hub.downloads("model.safetensors")) == 1
+    assert (daemon.root / "models" / "org--slow" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", ["a--b/c", "a/b--c", "org/name.git", "org/-bad"])
+def test_an_id_the_hub_would_reject_is_404_and_never_asked_for(
+        download_daemon, hub: FakeHub, name: str) -> None:
+    daemon = download_daemon()
+    with pytest.raises(openai.NotFoundError) as err:
+        daemon.openai().chat.completions.create(model=name, **CHAT)
+    assert err.value.code == "model_not_found"
+    assert hub.requests == []
+    assert list((daemon.root / "models").iterdir()) == []
+
+
+def test_pull_of_a_rejected_id_or_a_repo_with_nothing_served_leaves_no_folder(
+        root: Path, hub: FakeHub, tiny_model: Path) -> None:
+    out = cli(root, "models", "pull", "a--b/c", hub=hub)
+    assert out.returncode == 1 and "not a Hugging Face repo id" in out.stderr
+    hub.add_repo("org/empty", tiny_files(tiny_model))
+    hub.unavailable.update(tiny_files(tiny_model))  # listed, but every file answers 404
+
+    out = cli(root, "models", "pull", "org/empty", hub=hub)
+
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert any("/resolve/" in path for _, path, _ in hub.requests)  # it did ask for files
+    assert list((root / "models").iterdir()) == []
+
+
+# ---- rm through links inside the model directory
+
+
+def test_rm_never_deletes_a_model_through_an_alias_of_the_model_directory(
+        root: Path, tiny_model: Path) -> None:
+    models = root / "models"
+    shutil.copytree(tiny_model, models / "precious")
+    shutil.copytree(tiny_model, models / "org" / "m")
+    (models / "alias").symlink_to(".")  # models/alias -> models
+    (models / "orglink").symlink_to("org")
+
+    assert {"precious", "org/m"} <= set(listed(root))
+    assert not {"alias/precious", "orglink/m"} & set(listed(root))
+    for name in ("alias/precious", "orglink/m"):
+        out = cli(root, "models", "rm", name, "--yes")
+        assert out.returncode == 1 and f"no model '{name}'" in out.stderr
+    assert (models / "precious" / "model.safetensors").is_file()
+    assert (models / "org" / "m" / "model.safetensors").is_file()
+
+
+def test_remove_refuses_a_target_under_a_linked_directory_even_if_listed(
+        root: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Discovery skips such aliases; remove() must still refuse on its own."""
+    models = root / "models"
+    shutil.copytree(tiny_model, models / "precious")
+    (models / "alias").symlink_to(".")
+    aliased = DiscoveredModel("alias/precious", str(models / "alias" / "precious"))
+    monkeypatch.setattr(library.discovery, "scan",
+                        lambda *a, **k: {"alias/precious": aliased})
+
+    with pytest.raises(library.LibraryError, match="symlink"):
+        library.remove(models, "alias/precious")
+
+    assert (models / "precious" / "model.safetensors").is_file()
+    assert (models / "alias").is_symlink()

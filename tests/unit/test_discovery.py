@@ -485,3 +485,24 @@ def test_sources_follow_the_config_and_the_hf_environment(
     sources = sources_for(load_config(cfg))
     assert [(s.name, s.root) for s in sources] == [
         ("hf_cache", tmp_path / "hub-cache"), ("model_directory", tmp_path / "models")]
+
+
+def test_org_level_links_back_into_the_root_are_skipped(tmp_path: Path) -> None:
+    """`alias -> .` or `orglink -> org` would only list the same models under a second id
+    (and `rm alias/m` would name the real `m`); a linked org from elsewhere still counts."""
+    root = tmp_path / "models"
+    make_model(root / "precious")
+    make_model(root / "org" / "m")
+    (root / "alias").symlink_to(".")
+    (root / "orglink").symlink_to(root / "org")
+    elsewhere = tmp_path / "lmstudio"
+    make_model(elsewhere / "vendor" / "x")
+    (root / "vendor").symlink_to(elsewhere / "vendor")
+
+    found = scan_sources([Source("model_directory", root), Source("lmstudio", elsewhere)])
+
+    assert set(found) == {"precious", "org/m", "vendor/x"}
+    assert found["vendor/x"].usable and found["vendor/x"].source == "model_directory"
+    outside_only = scan(root)  # vendor/ resolves outside this root alone: listed, unusable
+    assert set(outside_only) == {"precious", "org/m", "vendor/x"}
+    assert not outside_only["vendor/x"].usable
