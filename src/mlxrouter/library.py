@@ -328,12 +328,7 @@ def budgeted_bytes(config, model_id: str, path: str) -> int | None:
         spec = config.spec_for(model_id, path)
     except ConfigError:
         return None
-    if spec.required_memory_gb is not None:
-        return int(spec.required_memory_gb * spec.safety_margin * memory.GB)
-    return memory.estimate_cost(spec.path, max_context=spec.max_context,
-                                max_batch=spec.max_running,
-                                overhead_bytes=memory.DEFAULT_OVERHEAD_BYTES,
-                                load_dtype=spec.load_dtype) + spec.prompt_cache_bytes
+    return memory.budgeted_bytes(spec, memory.DEFAULT_OVERHEAD_BYTES)
 
 
 def list_rows(config, states: dict[str, str] | None = None) -> list[dict]:

@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import psutil
@@ -121,6 +122,16 @@ def loaded_weights_bytes(path: Path, config: dict, load_dtype: str) -> int:
     stored_bits = bits if bits else (32 if str(config.get("torch_dtype")).endswith("32")
                                      else 16)
     return int(stored * (32 if to_f32 else 16) / stored_bits)
+
+
+def budgeted_bytes(spec: Any, overhead_bytes: int) -> int:
+    """What the supervisor charges a model (a config.ModelSpec): its required_memory_gb with
+    the safety margin, else the estimate from its files plus its prompt cache."""
+    if spec.required_memory_gb is not None:
+        return int(spec.required_memory_gb * spec.safety_margin * GB)
+    return estimate_cost(spec.path, max_context=spec.max_context, max_batch=spec.max_running,
+                         overhead_bytes=overhead_bytes,
+                         load_dtype=spec.load_dtype) + spec.prompt_cache_bytes
 
 
 def estimate_cost(path: str, *, max_context: int, max_batch: int, overhead_bytes: int,

@@ -398,12 +398,7 @@ class Supervisor:
                 and not slot.waiters and not slot.spec.pinned)
 
     def _need_bytes(self, spec: ModelSpec) -> int:
-        if spec.required_memory_gb is not None:
-            return int(spec.required_memory_gb * spec.safety_margin * memory.GB)
-        return memory.estimate_cost(spec.path, max_context=spec.max_context,
-                                    max_batch=spec.max_running,
-                                    overhead_bytes=self._overhead_bytes,
-                                    load_dtype=spec.load_dtype) + spec.prompt_cache_bytes
+        return memory.budgeted_bytes(spec, self._overhead_bytes)
 
     def _read_pressure(self) -> None:
         sup = self.config.supervisor
