@@ -74,6 +74,13 @@ _MACROS = r"""
 {%- set tool_call = tool_call.function if tool_call.function is defined else tool_call -%}
 {{- args_of(tool_call.arguments) -}}
 {%- endmacro -%}
+{%- macro hermes_calls(tool_calls, after_text) -%}
+{%- for tool_call in tool_calls -%}
+{%- if not loop.first or after_text -%}{{- '\n' -}}{%- endif -%}
+{{- '<tool_call>\n{"name": "' ~ call_name(tool_call) ~ '", "arguments": '
+    ~ call_args(tool_call) ~ '}\n</tool_call>' -}}
+{%- endfor -%}
+{%- endmacro -%}
 {%- macro result_name(message, calls) -%}
 {%- if message.name is defined and message.name -%}
 {{- message.name -}}
@@ -131,11 +138,7 @@ _CHATML = r"""
 {{- '<|im_start|>assistant\n' ~ text_of(message.content, 'assistant') -}}
 {%- if message.tool_calls is defined and message.tool_calls -%}
 {%- set ns.calls = message.tool_calls -%}
-{%- for tool_call in message.tool_calls -%}
-{%- if not loop.first or message.content is defined and message.content -%}{{- '\n' -}}{%- endif -%}
-{{- '<tool_call>\n{"name": "' ~ call_name(tool_call) ~ '", "arguments": '
-    ~ call_args(tool_call) ~ '}\n</tool_call>' -}}
-{%- endfor -%}
+{{- hermes_calls(message.tool_calls, message.content is defined and message.content) -}}
 {%- endif -%}
 {{- '<|im_end|>\n' -}}
 {%- elif message.role == 'tool' -%}
@@ -194,11 +197,7 @@ _QWEN = r"""
 {%- endif -%}
 {{- content | trim -}}
 {%- if message.tool_calls is defined and message.tool_calls -%}
-{%- for tool_call in message.tool_calls -%}
-{%- if not loop.first or content | trim -%}{{- '\n' -}}{%- endif -%}
-{{- '<tool_call>\n{"name": "' ~ call_name(tool_call) ~ '", "arguments": '
-    ~ call_args(tool_call) ~ '}\n</tool_call>' -}}
-{%- endfor -%}
+{{- hermes_calls(message.tool_calls, content | trim) -}}
 {%- endif -%}
 {{- '<|im_end|>\n' -}}
 {%- elif message.role == 'tool' -%}
@@ -548,11 +547,7 @@ _GENERIC = r"""
 {{- '### Assistant:\n' ~ text_of(message.content, 'assistant') -}}
 {%- if message.tool_calls is defined and message.tool_calls -%}
 {%- set ns.calls = message.tool_calls -%}
-{%- for tool_call in message.tool_calls -%}
-{%- if not loop.first or message.content is defined and message.content -%}{{- '\n' -}}{%- endif -%}
-{{- '<tool_call>\n{"name": "' ~ call_name(tool_call) ~ '", "arguments": '
-    ~ call_args(tool_call) ~ '}\n</tool_call>' -}}
-{%- endfor -%}
+{{- hermes_calls(message.tool_calls, message.content is defined and message.content) -}}
 {%- endif -%}
 {{- '\n\n' -}}
 {%- elif message.role == 'tool' -%}
