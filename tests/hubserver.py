@@ -71,9 +71,13 @@ class FakeHub:
         files = {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
         return self.add_repo(repo_id, {**files, **(extra or {})})
 
-    @staticmethod
-    def sha(repo_id: str) -> str:
-        return hashlib.sha1(repo_id.encode()).hexdigest()
+    def sha(self, repo_id: str) -> str:
+        """The commit: a new one whenever the repo's files change, as on the real Hub (clients
+        cache a commit's file list)."""
+        digest = hashlib.sha1(repo_id.encode())
+        for name, data in sorted(self.repos.get(repo_id, {}).items()):
+            digest.update(name.encode() + b"\0" + hashlib.sha1(data).digest())
+        return digest.hexdigest()
 
     def release_hung(self) -> None:
         """Stop hanging: requests still hanging get their connection closed, no answer."""

@@ -154,7 +154,12 @@ def cmd_models_tune(args: argparse.Namespace) -> int:
     from .tune import TuneError, tune
 
     config = _load(args)
-    contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else None
+    try:
+        contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else None
+    except ValueError:
+        print(f"mlxrouter: --contexts takes token counts separated by commas, e.g. "
+              f"512,2048 (got {args.contexts!r})", file=sys.stderr)
+        return 2
     try:
         result = tune(config, args.name, contexts=contexts,
                       workers_dir=Path(args.workers_dir) if args.workers_dir else None)

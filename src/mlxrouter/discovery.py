@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import struct
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = ("model_directory", "hf_cache", "lmstudio")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+TEMPLATE_FILES = ("chat_template.json", "chat_template.jinja")
 
 
 class DiscoveredModel(msgspec.Struct, frozen=True):
@@ -58,10 +60,26 @@ class Source(msgspec.Struct, frozen=True):
 # ---- what a model dir is
 
 
-def _read_json(path: Path) -> dict:
+# Tokenizers of large vocabularies reach ~30 MB; nothing a scan reads is bigger.
+MAX_METADATA_BYTES = 64 * 2**20
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    """A metadata file's bytes; None unless it is a regular file of a sane size (a FIFO or a
+    link to /dev/zero named like a model file must not hang or flood a scan)."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        if not path.is_file() or path.stat().st_size > MAX_METADATA_BYTES:
+            return None
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def read_json(path: Path) -> dict:
+    raw = _read_bytes(path)
+    try:
+        data = json.loads(raw) if raw is not None else None
+    except ValueError:
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -78,7 +96,12 @@ def _weight_files(path: Path) -> tuple[list[Path], str]:
     """The safetensors files of a model dir, or why there are none usable."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set((_read_json(index).get("weight_map") or {}).values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(n, str) and n and "/" not in n and n not in (".", "..")
+                for n in weight_map.values()):
+            return [], "model.safetensors.index.json has no valid weight_map"
+        names = sorted(set(weight_map.values()))
         missing = [n for n in names if not (path / n).is_file()]
         if not names:
             return [], "model.safetensors.index.json names no weight files"
@@ -110,7 +133,9 @@ def check_model_dir(path: Path, roots: tuple[Path, ...] = ()) -> str:
         return reason
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         return "no tokenizer"
-    if roots and not all(_inside(f, roots) for f in [path / "config.json", *files]):
+    metadata = [path / n for n in (*TOKENIZER_FILES, *TEMPLATE_FILES, "added_tokens.json")
+                if (path / n).exists()]
+    if roots and not all(_inside(f, roots) for f in [path / "config.json", *files, *metadata]):
         return "a model file links outside the configured model roots"
     return ""
 
@@ -153,28 +178,22 @@ def vision_capable(config: dict) -> bool:
 
 def _chat_template(path: Path) -> str:
     parts = []
-    tok_cfg = _read_json(path / "tokenizer_config.json")
-    for source in (tok_cfg.get("chat_template"), _read_json(path / "chat_template.json")
+    tok_cfg = read_json(path / "tokenizer_config.json")
+    for source in (tok_cfg.get("chat_template"), read_json(path / "chat_template.json")
                    .get("chat_template")):
         if isinstance(source, str):
             parts.append(source)
         elif isinstance(source, list):  # named templates: [{"name": ..., "template": ...}]
             parts += [t.get("template", "") for t in source if isinstance(t, dict)]
-    try:
-        parts.append((path / "chat_template.jinja").read_text())
-    except (OSError, ValueError):
-        pass
+    raw = _read_bytes(path / "chat_template.jinja")
+    if raw is not None:
+        parts.append(raw.decode("utf-8", "replace"))
     return "\n".join(p for p in parts if isinstance(p, str))
 
 
 def _has_think_tokens(path: Path) -> bool:
-    for name in ("tokenizer_config.json", "tokenizer.json", "added_tokens.json"):
-        try:
-            if b'"</think>"' in (path / name).read_bytes():
-                return True
-        except OSError:
-            continue
-    return False
+    return any(b'"</think>"' in (_read_bytes(path / name) or b"")
+               for name in ("tokenizer_config.json", "tokenizer.json", "added_tokens.json"))
 
 
 def capabilities(path: Path, config: dict) -> tuple[str, ...]:
@@ -205,14 +224,18 @@ def _safetensors_parameters(files: list[Path], bits: int | None) -> int | None:
                 header = json.loads(f.read(size))
         except (OSError, ValueError, struct.error):
             return None
+        if not isinstance(header, dict):
+            return None
         for name, info in header.items():
             if name == "__metadata__" or not isinstance(info, dict):
                 continue
             if name.endswith((".scales", ".biases")):
                 continue
-            count = 1
-            for dim in info.get("shape", []):
-                count *= int(dim)
+            shape = info.get("shape")
+            if not isinstance(shape, list) or not all(
+                    isinstance(d, int) and d >= 0 for d in shape):
+                return None  # not a header we understand: no count rather than a wrong one
+            count = math.prod(shape)
             base = name.rsplit(".", 1)[0]
             if bits and info.get("dtype") == "U32" and f"{base}.scales" in header:
                 count = count * 32 // bits
@@ -256,9 +279,10 @@ def describe(path: Path) -> dict:
     cached = _described.get(key)
     if cached is not None:
         return cached
-    config = _read_json(config_file)
-    bits = (config.get("quantization") or {}).get("bits") if isinstance(
-        config.get("quantization"), dict) else None
+    config = read_json(config_file)
+    quant = config.get("quantization")
+    bits = quant.get("bits") if isinstance(quant, dict) else None
+    bits = bits if isinstance(bits, int) and 0 < bits <= 32 else None
     archs = config.get("architectures")
     info = {
         "architecture": str(archs[0]) if isinstance(archs, list) and archs else str(
@@ -281,7 +305,14 @@ def _entry(model_id: str, path: Path, source: str = "model_directory",
     if reason:
         return DiscoveredModel(id=model_id, path=str(path), usable=False, reason=reason,
                                source=source)
-    return DiscoveredModel(id=model_id, path=str(path), source=source, **describe(path))
+    try:
+        info = describe(path)
+    except (TypeError, AttributeError, KeyError, ValueError, OverflowError) as exc:
+        # Metadata of a shape no check above foresaw: this model is unusable, the scan goes on.
+        log.warning("discovery: cannot describe %s: %r", path, exc)
+        return DiscoveredModel(id=model_id, path=str(path), usable=False, source=source,
+                               reason=f"unreadable metadata: {exc}")
+    return DiscoveredModel(id=model_id, path=str(path), source=source, **info)
 
 
 # ---- scanning roots
@@ -307,25 +338,35 @@ def _scan_child(child: Path, source: str, roots: tuple[Path, ...],
         model_id = "/".join(child.name.split("--")[1:])
         snap = _snapshot(child)
         if snap is None:
-            found[model_id] = DiscoveredModel(model_id, str(child), False, "no snapshot",
-                                              source=source)
+            _add(found, DiscoveredModel(model_id, str(child), False, "no snapshot",
+                                        source=source))
         else:
-            found[model_id] = _entry(model_id, snap, source, roots)
+            _add(found, _entry(model_id, snap, source, roots))
     elif source == "hf_cache":
         return  # datasets--*, .locks, xet: not models
     elif (child / "config.json").exists():
-        model_id = child.name.replace("--", "/", 1)
-        found[model_id] = _entry(model_id, child, source, roots)
+        _add(found, _entry(child.name.replace("--", "/", 1), child, source, roots))
     elif root is not None and child.is_symlink() and _inside(child, (root,)):
         # An org-level link back into its own root (`alias -> .`) only repeats models under
         # a second id, and removing `alias/m` would delete the real `m`.
         log.debug("discovery: skipped %s (links inside %s)", child, root)
     else:
         for sub in sorted(child.iterdir()):
-            if sub.is_dir() and not sub.name.startswith(".") and (
-                    (sub / "config.json").exists() or any(sub.glob("*.gguf"))):
-                found[f"{child.name}/{sub.name}"] = _entry(
-                    f"{child.name}/{sub.name}", sub, source, roots)
+            try:
+                if sub.is_dir() and not sub.name.startswith(".") and (
+                        (sub / "config.json").exists() or any(sub.glob("*.gguf"))):
+                    _add(found, _entry(f"{child.name}/{sub.name}", sub, source, roots))
+            except OSError as exc:  # one unreadable model, not the whole org
+                _add(found, DiscoveredModel(f"{child.name}/{sub.name}", str(sub), False,
+                                            f"cannot be read: {exc}", source=source))
+
+
+def _add(found: dict[str, DiscoveredModel], model: DiscoveredModel) -> None:
+    """Record a model; for an id seen before, a usable entry beats an unusable one and
+    otherwise the first one stays (a half-finished copy must not hide a complete one)."""
+    seen = found.get(model.id)
+    if seen is None or (model.usable and not seen.usable):
+        found[model.id] = model
 
 
 def scan(root: Path, source: str = "model_directory",
@@ -352,12 +393,13 @@ def scan(root: Path, source: str = "model_directory",
 
 
 def scan_sources(sources: list[Source]) -> dict[str, DiscoveredModel]:
-    """All sources in order; an id found in an earlier source hides the same id later."""
+    """All sources in order; an id found in an earlier source hides the same id later,
+    unless only the later one is usable."""
     roots = tuple(r for r in (_real(s.root) for s in sources) if r is not None)
     found: dict[str, DiscoveredModel] = {}
     for source in sources:
-        for model_id, model in scan(source.root, source.name, roots).items():
-            found.setdefault(model_id, model)
+        for model in scan(source.root, source.name, roots).values():
+            _add(found, model)
     return found
 
 

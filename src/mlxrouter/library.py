@@ -14,6 +14,7 @@ import re
 import shutil
 import threading
 import time
+from fnmatch import fnmatch
 from pathlib import Path
 
 from . import discovery
@@ -21,16 +22,17 @@ from .discovery import DiscoveredModel, Source
 
 log = logging.getLogger(__name__)
 
-# What a model needs and nothing else: weights (+ index), configs, tokenizer, chat template,
-# processor files. Top-level only (ignore "*/*"): no onnx/, original/ or other variants.
-ALLOW_PATTERNS = [
-    "*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
+# What a model needs and nothing else: configs, tokenizer, chat template, processor files, and
+# the weights (with an index, only the shards it names: Mistral-style repos also carry a
+# `consolidated.safetensors` of the same weights). Top level only: no onnx/ or original/.
+METADATA_PATTERNS = [
+    "model.safetensors.index.json", "config.json", "generation_config.json",
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
     "added_tokens.json", "vocab.json", "merges.txt", "*.tiktoken", "chat_template.json",
     "chat_template.jinja", "preprocessor_config.json", "processor_config.json",
     "video_preprocessor_config.json",
 ]
-IGNORE_PATTERNS = ["*/*"]
+INDEX = "model.safetensors.index.json"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -115,7 +117,7 @@ def pull(repo_id: str, model_directory: Path, *, revision: str | None = None,
     model file leaves no folder behind; one with files keeps them, so pulling again resumes."""
     if not is_repo_id(repo_id):
         raise LibraryError(f"'{repo_id}' is not a Hugging Face repo id (org/name)")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
     from tqdm.auto import tqdm
 
@@ -137,14 +139,29 @@ def pull(repo_id: str, model_directory: Path, *, revision: str | None = None,
             check()
             return super().update(n)
 
+    def fetch(names: list[str], commit: str) -> None:
+        if names:
+            snapshot_download(repo_id, revision=commit, local_dir=target, allow_patterns=names,
+                              tqdm_class=Bar, max_workers=4)
+
     target = pull_target(model_directory, repo_id)
+    if target.is_symlink():
+        raise LibraryError(f"{target} is a link to {target.resolve()} (made by `models link`): "
+                           f"a pull would write into the linked folder; remove the link "
+                           f"(`mlxrouter models rm {repo_id}`) to pull a copy of its own")
     with _lock_for(target):
         check()
         log.info("pull repo=%s revision=%s into %s", repo_id, revision or "main", target)
         try:
-            snapshot_download(repo_id, revision=revision, local_dir=target,
-                              allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS,
-                              tqdm_class=Bar, max_workers=4)
+            info = HfApi().model_info(repo_id, revision=revision)
+            names = [s.rfilename for s in info.siblings or [] if "/" not in s.rfilename]
+            _require_safetensors(repo_id, names)
+            metadata = [n for n in names if any(fnmatch(n, p) for p in METADATA_PATTERNS)]
+            fetch(metadata, info.sha)  # the index first: it says which shards to fetch
+            weights = _weights_to_fetch(names, target)
+            fetch(weights, info.sha)
+            if target.is_dir():
+                _remove_stale(target, set(metadata) | set(weights))
         except RepositoryNotFoundError:
             _remove_if_empty(target)
             raise RepoNotFound(f"the Hugging Face Hub has no model '{repo_id}' (or it is "
@@ -152,7 +169,7 @@ def pull(repo_id: str, model_directory: Path, *, revision: str | None = None,
         except RevisionNotFoundError:
             _remove_if_empty(target)
             raise RepoNotFound(f"'{repo_id}' has no revision '{revision}'") from None
-        except Cancelled:
+        except LibraryError:  # cancelled, or nothing MLX can load
             _remove_if_empty(target)
             raise
         except Exception as exc:  # HTTP, protocol, file system: all one failed download
@@ -167,6 +184,40 @@ def pull(repo_id: str, model_directory: Path, *, revision: str | None = None,
         raise LibraryError(f"downloaded '{repo_id}' to {target}, but it is not a usable MLX "
                            f"model: {reason}")
     return target
+
+
+def _require_safetensors(repo_id: str, names: list[str]) -> None:
+    """Refuse before downloading anything when the repo holds no weights MLX loads."""
+    if any(n.endswith(".safetensors") for n in names):
+        return
+    if any(n.endswith((".bin", ".pt", ".pth")) for n in names):
+        kind = ": it holds a PyTorch checkpoint (convert it with `mlx_lm.convert`)"
+    elif any(n.endswith(".gguf") for n in names):
+        kind = ": it holds GGUF files (download one and use `mlxrouter models import-gguf`)"
+    else:
+        kind = ""
+    raise LibraryError(f"'{repo_id}' is not a usable MLX model: no .safetensors weights{kind}")
+
+
+def _weights_to_fetch(names: list[str], target: Path) -> list[str]:
+    """The shards the downloaded index names, or every top-level .safetensors without one."""
+    if INDEX not in names:
+        return [n for n in names if n.endswith(".safetensors")]
+    weight_map = discovery.read_json(target / INDEX).get("weight_map")
+    wanted = set(weight_map.values()) if isinstance(weight_map, dict) else set()
+    return sorted(n for n in names if n in wanted)
+
+
+def _remove_stale(target: Path, fetched: set[str]) -> None:
+    """Model files an earlier pull (another revision, an older layout) left that this snapshot
+    lacks: kept, they would be loaded with the new config (mlx-lm reads every *.safetensors)."""
+    for f in target.iterdir():
+        if f.name in fetched or not f.is_file() or f.is_symlink():
+            continue
+        if f.name.endswith(".safetensors") or any(fnmatch(f.name, p)
+                                                  for p in METADATA_PATTERNS):
+            log.info("pull: removing %s (not in the snapshot just fetched)", f)
+            f.unlink()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -307,12 +307,46 @@ def measure(config: Config, model_id: str, *, contexts: list[int] | None = None)
 
 
 def workers_dir_for(config: Config) -> Path:
-    """`workers/` beside the main config file (the one `load_config` reads)."""
+    """`workers/` beside the main config file: the one `load_config` reads. Without a config
+    file that is `$MLXROUTER_HOME/workers`, read once `$MLXROUTER_HOME/supervisor.toml` exists
+    (tune_target creates it)."""
     from .config import state_home
 
     if config.source and not config.source.endswith(".json"):
         return Path(config.source).parent / "workers"
     return state_home() / "workers"
+
+
+def tune_target(config: Config, model_id: str, workers_dir: Path | None = None) -> Path:
+    """The worker file tune will write for `model_id`, checked before anything is measured:
+    a file the config loader would not read, or one that would define the model a second
+    time, is a TuneError."""
+    from .config import state_home
+
+    if workers_dir is not None:
+        return worker_file_for(workers_dir, model_id)
+    if config.source.endswith(".json"):
+        raise TuneError(f"{config.source} is a seed config.json, which reads no worker files; "
+                        f"use a supervisor.toml (or pass --workers-dir and copy the values "
+                        f"into config.json by hand)")
+    if config.source:
+        try:
+            in_main = model_id in tomllib.loads(Path(config.source).read_text()).get(
+                "models", {})
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise TuneError(f"{config.source}: {exc}") from None
+        if in_main:
+            raise TuneError(f"model '{model_id}' is defined in {config.source} ([models."
+                            f"{json.dumps(model_id)}]); tune writes worker files: move that "
+                            f"table into {workers_dir_for(config)}/<name>.toml (with "
+                            f"id = {json.dumps(model_id)}) and run tune again")
+    else:
+        main = state_home() / "supervisor.toml"  # what load_config reads when given no path
+        if not main.exists():
+            main.parent.mkdir(parents=True, exist_ok=True)
+            main.write_text("# Created by `mlxrouter models tune` so that workers/ beside it "
+                            "is read.\n# Settings: docs/configuration.md.\n")
+    return worker_file_for(workers_dir_for(config), model_id)
 
 
 def worker_file_for(directory: Path, model_id: str) -> Path:
@@ -361,8 +395,8 @@ def update_worker_file(file: Path, model_id: str, values: dict, note: str) -> No
 
 def tune(config: Config, model_id: str, *, contexts: list[int] | None = None,
          workers_dir: Path | None = None) -> TuneResult:
+    file = tune_target(config, model_id, workers_dir)
     result = measure(config, model_id, contexts=contexts)
-    file = worker_file_for(workers_dir or workers_dir_for(config), model_id)
     rates = [p.decode_tokens_per_s for p in result.points if p.decode_tokens_per_s]
     note = (f"{datetime.now(timezone.utc):%Y-%m-%d}, load {result.load_s:.2f}s, "
             f"{result.memory_after_load_bytes / 1e6:.0f} MB after load, "

@@ -135,8 +135,53 @@ def test_pull_of_a_pytorch_only_repo_says_it_is_not_mlx(root: Path, hub: FakeHub
     hub.add_repo("org/torch-only", {**files, "pytorch_model.bin": b"\0" * 64})
     out = cli(root, "models", "pull", "org/torch-only", hub=hub)
     assert out.returncode == 1
-    assert "not a usable MLX model" in out.stderr
-    assert listed(root)["org/torch-only"]["reason"].startswith("no .safetensors")
+    assert "not a usable MLX model: no .safetensors weights: it holds a PyTorch" in out.stderr
+    assert not hub.downloads("config.json")  # refused before anything was fetched
+    assert not (root / "models" / "org--torch-only").exists()
+
+
+def test_pull_fetches_only_the_shards_the_index_names_and_drops_stale_files_on_repull(
+        root: Path, hub: FakeHub, tiny_model: Path) -> None:
+    files = tiny_files(tiny_model)
+    weights = files.pop("model.safetensors")
+    shard = "model-00001-of-00001.safetensors"
+    index = json.dumps({"weight_map": {"model.embed_tokens.weight": shard}}).encode()
+    hub.add_repo("org/sharded", {**files, shard: weights, "model.safetensors.index.json": index,
+                                 "consolidated.safetensors": b"\0" * 4096})
+
+    first = cli(root, "models", "pull", "org/sharded", hub=hub)
+
+    assert first.returncode == 0, first.stderr
+    target = root / "models" / "org--sharded"
+    assert (target / shard).read_bytes() == weights
+    assert not hub.downloads("consolidated.safetensors")  # same weights, another layout
+    # The repo moves to a single file; pulling again must not keep the old shard and index,
+    # which the new config.json would be loaded with.
+    hub.add_repo("org/sharded", {**files, "model.safetensors": weights})
+
+    second = cli(root, "models", "pull", "org/sharded", hub=hub)
+
+    assert second.returncode == 0, second.stderr
+    on_disk = {p.name for p in target.iterdir() if not p.name.startswith(".")}
+    assert on_disk == set(files) | {"model.safetensors"}
+    assert listed(root)["org/sharded"]["weights_bytes"] == len(weights)
+
+
+def test_pull_never_writes_through_a_link_made_by_models_link(
+        root: Path, hub: FakeHub, tiny_model: Path) -> None:
+    lms_model = root / "lmstudio" / "org" / "m"
+    shutil.copytree(tiny_model, lms_model)
+    before = {p.name: p.read_bytes() for p in lms_model.iterdir()}
+    assert cli(root, "models", "link").returncode == 0
+    assert (root / "models" / "org--m").is_symlink()
+    hub.add_repo("org/m", {**tiny_files(tiny_model), "extra.safetensors": b"\0" * 64})
+
+    out = cli(root, "models", "pull", "org/m", hub=hub)
+
+    assert out.returncode == 1
+    assert "is a link to" in out.stderr and "models rm org/m" in out.stderr
+    assert {p.name: p.read_bytes() for p in lms_model.iterdir()} == before
+    assert not hub.requests  # refused before asking the hub
 
 
 def test_pull_rejects_a_name_that_is_not_a_repo_id(root: Path) -> None:

@@ -506,3 +506,78 @@ def test_org_level_links_back_into_the_root_are_skipped(tmp_path: Path) -> None:
     outside_only = scan(root)  # vendor/ resolves outside this root alone: listed, unusable
     assert set(outside_only) == {"precious", "org/m", "vendor/x"}
     assert not outside_only["vendor/x"].usable
+
+
+def safetensors_with_header(header: object) -> bytes:
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw
+
+
+@pytest.mark.parametrize("header", [
+    [1, 2],  # not an object
+    {"w": {"dtype": "F32", "shape": 5, "data_offsets": [0, 4]}},
+    {"w": {"dtype": "F32", "shape": [2, None], "data_offsets": [0, 4]}},
+    {"w": {"dtype": "F32", "shape": ["a"], "data_offsets": [0, 4]}},
+])
+def test_a_safetensors_header_of_the_wrong_shape_gives_no_count_and_breaks_nothing(
+        tmp_path: Path, header: object) -> None:
+    root = tmp_path / "models"
+    make_model(root / "good")
+    bad = make_model(root / "bad", config={"model_type": "llama",
+                                            "quantization": {"bits": "four"}})
+    (bad / "model.safetensors").write_bytes(safetensors_with_header(header))
+    found = scan(root)
+    assert found["good"].usable
+    assert found["bad"].usable and found["bad"].parameters is None
+
+
+@pytest.mark.parametrize("weight_map", [["a.safetensors"], {"w": ["a.safetensors"]}, {"w": 5},
+                                        {"w": "../escape.safetensors"}])
+def test_an_index_with_a_malformed_weight_map_is_unusable_with_the_reason(
+        tmp_path: Path, weight_map: object) -> None:
+    root = tmp_path / "models"
+    make_model(root / "good")
+    bad = make_model(root / "bad", weights=False)
+    (bad / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    found = scan(root)
+    assert found["good"].usable
+    assert not found["bad"].usable and "weight_map" in found["bad"].reason
+
+
+def test_a_usable_copy_wins_over_an_incomplete_one_in_an_earlier_source(tmp_path: Path) -> None:
+    mine, hf = tmp_path / "models", tmp_path / "hub"
+    half = make_model(mine / "org--m", weights=False)
+    (half / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"w": "model-00001-of-00002.safetensors"}}))
+    make_hf_repo(hf, "org", "m", ["r1"], main="r1")
+    make_model(mine / "org--both-broken", weights=False)
+    make_model(hf / "models--org--both-broken" / "snapshots" / "r1", weights=False)
+    found = scan_sources([Source("model_directory", mine), Source("hf_cache", hf)])
+    assert found["org/m"].usable and found["org/m"].source == "hf_cache"
+    assert not found["org/both-broken"].usable
+    assert found["org/both-broken"].source == "model_directory"  # the first stays
+
+
+def test_a_fifo_named_like_a_model_file_does_not_hang_the_scan(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    m = make_model(root / "m")
+    os.mkfifo(m / "chat_template.jinja")
+    found = scan(root)  # pytest-timeout fails this test if a read blocks
+    assert found["m"].usable
+    assert found["m"].capabilities == ("text",)
+    (m / "added_tokens.json").symlink_to("/dev/zero")
+    assert not scan(root)["m"].usable  # a link out of the roots, never read
+    from mlxrouter.discovery import describe
+    assert describe(m)["capabilities"] == ("text",)  # a configured path: no roots, still safe
+
+
+def test_a_tokenizer_linked_from_outside_the_roots_makes_the_model_unusable(
+        tmp_path: Path) -> None:
+    root, outside = tmp_path / "models", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "tokenizer.json").write_text('{"added_tokens": ["</think>"]}')
+    m = make_model(root / "m", tokenizer=None)
+    (m / "tokenizer.json").symlink_to(outside / "tokenizer.json")
+    found = scan(root)
+    assert not found["m"].usable
+    assert "outside the configured model roots" in found["m"].reason
