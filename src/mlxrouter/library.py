@@ -260,13 +260,17 @@ def link_into_model_directory(model_directory: Path, sources: list[Source],
     have = discovery.scan(model_directory) if model_directory.is_dir() else {}
     lines = []
     model_directory.mkdir(parents=True, exist_ok=True)
+    home = model_directory.resolve()
+    roots = tuple(s.root.resolve() for s in sources if s.root.is_dir()) + (home,)
     for source in sources:
         if source.name == "model_directory":
             continue
-        for model in discovery.scan(source.root, source.name).values():
+        for model in discovery.scan(source.root, source.name, roots).values():
             if names and model.id not in names:
                 continue
-            if not model.usable:
+            if Path(model.path).resolve().is_relative_to(home):
+                lines.append(f"skipped {model.id} (a link into {model_directory} already)")
+            elif not model.usable:
                 lines.append(f"skipped {model.id} ({model.reason})")
             elif model.id in have:
                 lines.append(f"skipped {model.id} (already in {model_directory})")
