@@ -5,7 +5,7 @@ Usage: python benchmarks/pdf_render.py [--pages 10] [--dpi 150] [--runs 3]
 Each measurement runs in a fresh interpreter that imports what a vision worker imports
 (mlx, mlx-vlm, vlm_engine), so peak RSS (getrusage ru_maxrss) is the worker's, not this
 script's. Two figures:
-- render: `vlm_engine.render_pdf` alone (pypdfium2, every page to an RGB PIL image), the
+- render: `media.render_pdf` alone (pypdfium2, every page to an RGB PIL image), the
   median of --runs runs, and the peak RSS growth over the process after imports;
 - request: one chat request carrying the PDF through a VisionEngine on a tiny random qwen2_vl
   (tests/tinyvlm.py): render + chat template + processor + prefill + 4 tokens, and the peak RSS
@@ -29,7 +29,7 @@ import json, os, resource, statistics, sys, time
 sys.path.insert(0, {tests!r})
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from mlxrouter import protocol
-from mlxrouter.vlm_engine import render_pdf
+from mlxrouter.media import render_pdf
 from tinyvlm import make_pdf
 
 def rss_mb():

@@ -209,3 +209,33 @@ def make_pdf(pages: int, *, width: float = 612, height: float = 792, lines: int 
         trailer += b" /Encrypt %d 0 R /ID [<%s> <%s>]" % (encrypt, b"01" * 16, b"01" * 16)
     out += b"trailer\n<< %s >>\nstartxref\n%d\n%%%%EOF\n" % (trailer, xref)
     return bytes(out)
+
+
+def make_slow_pdf(depth: int, fan: int = 4) -> bytes:
+    """A one-page PDF (a few KB, 200x200 pt) whose page draws a form XObject `fan` times, each
+    drawing the next form `fan` times, `depth` levels down: fan**depth strokes to render
+    (depth 16: hours in pdfium), yet every size and page limit lets it through."""
+    objs = {1: b"<< /Type /Catalog /Pages 2 0 R >>",
+            2: b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+            3: b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 200] "
+               b"/Resources << /XObject << /F 10 0 R >> >> /Contents 4 0 R >>"}
+    draw = b"/F Do " * fan
+    objs[4] = b"<< /Length %d >>\nstream\n%s\nendstream" % (len(draw), draw)
+    for k in range(depth):
+        last = k == depth - 1
+        body = b"0 0 m 200 200 l S" if last else draw
+        res = b"" if last else b"/Resources << /XObject << /F %d 0 R >> >>" % (11 + k)
+        objs[10 + k] = (b"<< /Type /XObject /Subtype /Form /BBox [0 0 200 200] %s /Length %d "
+                        b">>\nstream\n%s\nendstream" % (res, len(body), body))
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = {}
+    for n in sorted(objs):
+        offsets[n] = len(out)
+        out += b"%d 0 obj\n%s\nendobj\n" % (n, objs[n])
+    size = max(objs) + 1
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % size
+    out += b"".join(b"%010d 00000 n \n" % offsets[n] if n in offsets
+                    else b"0000000000 65535 f \n" for n in range(1, size))
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (size, xref)
+    return bytes(out)

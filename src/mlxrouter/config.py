@@ -60,6 +60,7 @@ class ServerConfig(_Section):
     # Images and PDFs in chat requests (docs/vision.md). http(s) image URLs are fetched only
     # when allowed, within max_image_bytes and remote_image_timeout_s; local paths never.
     allow_remote_images: bool = False
+    # For all of a request's remote images together, redirects included.
     remote_image_timeout_s: PosFloat = 10.0
     # Decoded bytes of one image or PDF, and of all of a request's media together.
     max_image_bytes: Pos = 10 * 1024 * 1024
@@ -73,6 +74,9 @@ class ServerConfig(_Section):
     # max_pdf_pages PDF of letter or A4 pages at 150 dpi through (32 x 2.2 Mpx).
     max_request_images: Pos = 32
     max_request_pixels: Pos = 80_000_000
+    # A vision worker decodes and renders a request's media in a child process, killed after
+    # this long (a small PDF can take hours to render): the request gets a 400.
+    media_decode_timeout_s: PosFloat = 30.0
     # With allow_remote_images: also fetch from loopback, private, link-local and other
     # non-public addresses (off: such a URL, or a redirect to one, gets 400).
     allow_private_remote_images: bool = False

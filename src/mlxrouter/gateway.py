@@ -181,7 +181,7 @@ async def chat_completions(request: Request) -> Response:
     state, req, spec = await _admit(request, ChatCompletionRequest)
     check_supported(req)
     messages = message_dicts(req.messages)
-    media = await collect_media(state.config.server, spec, req.messages)  # vision.py
+    media = await collect_media(state.config.server, spec, req.messages, req.n)  # vision.py
     tools = tool_dicts(req)
     if tools is not None and not (spec.enable_function_calling and spec.supports_tools
                                   is not False):

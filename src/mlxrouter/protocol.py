@@ -86,6 +86,8 @@ class Media(msgspec.Struct, omit_defaults=True):
     # The whole request's images + PDF pages, and their pixels as rendered; 0 = no limit.
     request_max_images: int = 0
     request_max_pixels: int = 0
+    # The whole request's decoding and rendering, in a child process killed after it; 0 = none.
+    decode_timeout_s: float = 0.0
 
 
 class Request(_Msg, tag="request"):

@@ -36,6 +36,7 @@ from . import protocol
 from .config import ModelSpec, ServerConfig
 from .discovery import vision_capable
 from .errors import InvalidRequest
+from .media import limit_png_text
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +120,14 @@ def media_parts(messages: list[Any]) -> Iterator[tuple[str, Any]]:
 # ---- the gateway's one call
 
 
-async def collect_media(server: ServerConfig, spec: ModelSpec,
-                        messages: list[Any]) -> list[protocol.Media]:
+async def collect_media(server: ServerConfig, spec: ModelSpec, messages: list[Any],
+                        copies: int = 1) -> list[protocol.Media]:
     """The checked bytes of every image and PDF of a chat request, for Request.media.
 
     400 for an image sent to a text model, a local path, a remote URL when not allowed, bad
-    base64, an unsupported or corrupt format, or any size or pixel limit exceeded.
+    base64, an unsupported or corrupt format, or any size or pixel limit exceeded. `copies`:
+    the worker sequences that will each decode the media (`n` choices); the request-wide
+    limits are shared among them, so `n` cannot multiply what one request may cost.
     """
     parts = list(media_parts(messages))
     if not parts:
@@ -135,44 +138,48 @@ async def collect_media(server: ServerConfig, spec: ModelSpec,
                "is one")
         raise InvalidRequest(f"model '{spec.id}' does not accept images or files: it is not "
                              f"a vision model ({why})", param=f"{parts[0][0]}.type")
-    if len(parts) > server.max_request_images:
-        where = parts[server.max_request_images][0]
+    shared = f" shared by n={copies} choices" if copies > 1 else ""
+    max_images = max(1, server.max_request_images // copies)
+    max_bytes = server.max_request_media_bytes // copies
+    max_pixels = server.max_request_pixels // copies
+    if len(parts) > max_images:
+        where = parts[min(max_images, len(parts) - 1)][0]
         raise InvalidRequest(
             f"{where}: the request carries {len(parts)} images and files, more than "
-            f"max_request_images ({server.max_request_images}; PDF pages count one each)",
-            param=where)
+            f"max_request_images ({server.max_request_images}{shared}; PDF pages count one "
+            f"each)", param=where)
     out: list[protocol.Media] = []
     total = pixels = 0
+    deadline = asyncio.get_running_loop().time() + server.remote_image_timeout_s
     for where, part in parts:
         try:
-            data = await _part_bytes(server, part, where)
+            data = await _part_bytes(server, part, where, deadline)
         except InvalidRequest as exc:  # say which part, as every other 400 here does
             if exc.message.startswith(where):
                 raise
             raise InvalidRequest(f"{where}: {exc.message}", param=exc.param) from None
         total += len(data)
-        if total > server.max_request_media_bytes:
+        if total > max_bytes:
             raise InvalidRequest(
                 f"{where}: the request's images and files add up to more than "
-                f"max_request_media_bytes ({server.max_request_media_bytes} bytes)", param=where)
-        if len(data) > _THREAD_ABOVE_BYTES:
-            media = await asyncio.to_thread(inspect_media, data, server, where)
-        else:
-            media = inspect_media(data, server, where)
+                f"max_request_media_bytes ({server.max_request_media_bytes} bytes{shared})",
+                param=where)
+        # Off the loop whatever the size: PIL inflates a PNG's text chunks to read its header.
+        media = await asyncio.to_thread(inspect_media, data, server, where)
         pixels += media.pixels
-        if pixels > server.max_request_pixels:
+        if pixels > max_pixels:
             raise InvalidRequest(
                 f"{where}: the request's images add up to {pixels} pixels, more than "
-                f"max_request_pixels ({server.max_request_pixels})", param=where)
+                f"max_request_pixels ({server.max_request_pixels}{shared})", param=where)
         out.append(protocol.Media(
             kind=media.kind, data=media.data, max_pixels=media.max_pixels,
             max_pages=media.max_pages, dpi=media.dpi, param=where,
-            request_max_images=server.max_request_images,
-            request_max_pixels=server.max_request_pixels))
+            request_max_images=max_images, request_max_pixels=max_pixels,
+            decode_timeout_s=server.media_decode_timeout_s))
     return out
 
 
-async def _part_bytes(server: ServerConfig, part: Any, where: str) -> bytes:
+async def _part_bytes(server: ServerConfig, part: Any, where: str, deadline: float) -> bytes:
     if _kind(part) == "file":
         file = part.file
         if not isinstance(file.get("file_data"), str):
@@ -194,8 +201,13 @@ async def _part_bytes(server: ServerConfig, part: Any, where: str) -> bytes:
             raise InvalidRequest(f"{where}: remote image URLs are not allowed on this server "
                                  "(allow_remote_images is off); send the image as a data: URI",
                                  param=param)
-        return await fetch_remote(url, server.max_image_bytes, server.remote_image_timeout_s,
-                                  param, allow_private=server.allow_private_remote_images)
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:  # remote_image_timeout_s bounds all of a request's fetches together
+            raise InvalidRequest(f"{where}: fetching the request's remote images took longer "
+                                 f"than remote_image_timeout_s ({server.remote_image_timeout_s}"
+                                 f" s)", param=param)
+        return await fetch_remote(url, server.max_image_bytes, left, param,
+                                  allow_private=server.allow_private_remote_images)
     raise InvalidRequest(f"{where}: image_url must be a data: URI"
                          f"{' or an http(s) URL' if server.allow_remote_images else ''}; "
                          "local files are never read", param=param)
@@ -285,7 +297,8 @@ async def _get(client: Any, target: Any, address: str, limit: int, url: str,
                param: str) -> bytes | str:
     """One hop, connected to `address`: the body, or the Location of a redirect."""
     pinned = target.copy_with(host=address)
-    headers = {"Host": target.netloc.decode("ascii")}
+    # identity: httpx would inflate a gzip body on the event loop, 64 KB to 64 MB at a time
+    headers = {"Host": target.netloc.decode("ascii"), "Accept-Encoding": "identity"}
     extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
     async with client.stream("GET", pinned, headers=headers, extensions=extensions) as resp:
         if resp.status_code in (301, 302, 303, 307, 308) and "location" in resp.headers:
@@ -293,6 +306,9 @@ async def _get(client: Any, target: Any, address: str, limit: int, url: str,
         if resp.status_code != 200:
             log.info("remote image: HTTP %d url=%s", resp.status_code, target)
             raise OSError(f"HTTP {resp.status_code}")
+        if resp.headers.get("content-encoding", "identity").lower() != "identity":
+            log.info("remote image: compressed body refused url=%s", target)
+            raise OSError("content-encoding")
         declared = resp.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise InvalidRequest(f"the image at {url} is {declared} bytes, more than "
@@ -330,9 +346,15 @@ async def public_address(target: Any, allow_private: bool, param: str) -> str:
 
 def is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     """Global unicast: not loopback, private, link-local, reserved, multicast, unspecified
-    (nor shared address space or documentation ranges: ipaddress's is_global)."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    (nor shared address space or documentation ranges: ipaddress's is_global). IPv4-mapped
+    and 6to4 IPv6 addresses are judged by the IPv4 address they carry; site-local is not
+    public."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.is_site_local:  # deprecated fec0::/10, still routed on some networks
+            return False
+        embedded = address.ipv4_mapped or address.sixtofour  # judged as the IPv4 inside
+        if embedded is not None:
+            address = embedded
     return address.is_global and not (address.is_multicast or address.is_reserved
                                       or address.is_loopback or address.is_link_local
                                       or address.is_private or address.is_unspecified)
@@ -386,6 +408,7 @@ def image_header(data: bytes, where: str, max_pixels: int) -> tuple[int, int, st
     """(width, height, format) read by PIL's lazy open: the header only, never the pixels."""
     from PIL import Image, UnidentifiedImageError
 
+    limit_png_text()
     try:
         with Image.open(io.BytesIO(data), formats=list(IMAGE_FORMATS)) as im:
             return im.width, im.height, str(im.format)

@@ -7,13 +7,13 @@ queues the rest; each request is prepared (images decoded, PDF pages rendered, c
 processor) when it is submitted, so a bad file or a too-long prompt is an Error before
 Started, i.e. a real HTTP 400, even while another request is generating.
 
-Decoding untrusted files happens here, in a separate process, never in the daemon: a malicious
-file fails its request (or at worst this worker), never the gateway.
+Untrusted files are decoded in a child process of this worker (media.decode_all), never in the
+daemon and never on the engine thread itself: a malicious file fails its request with a 400,
+at worst after `media_decode_timeout_s`, and never the gateway or this worker.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -37,130 +37,18 @@ from .config import ModelSpec
 from .engine import (Emit, FaultPlan, _max_context, convert_weights, is_allocation_failure,
                      make_sampler)
 from .errors import ContextLengthExceeded, InvalidRequest, RouterError
+from .media import decode_all
 
 log = logging.getLogger(__name__)
-
-IMAGE_FORMATS = ["PNG", "JPEG", "WEBP", "BMP", "GIF"]
-
-
-# ---- media: decoding and rendering (per request: errors fail only that request)
-
-
-class Budget:
-    """The request-wide totals (images + PDF pages, and their pixels as decoded or rendered),
-    charged before each decode or render so that a request over them costs no decoding."""
-
-    def __init__(self, max_images: int = 0, max_pixels: int = 0) -> None:
-        self.max_images = max_images
-        self.max_pixels = max_pixels
-        self.images = 0
-        self.pixels = 0
-
-    def charge(self, images: int, pixels: int, what: str, param: str) -> None:
-        """Add `images` images of `pixels` pixels in all, or a 400 naming `what` needed."""
-        where = f"{param}: " if param else ""
-        if self.max_images and self.images + images > self.max_images:
-            raise InvalidRequest(
-                f"{where}{what} would bring the request to {self.images + images} images "
-                f"and PDF pages, more than max_request_images ({self.max_images})",
-                param=param or None)
-        if self.max_pixels and self.pixels + pixels > self.max_pixels:
-            raise InvalidRequest(
-                f"{where}{what} would bring the request to {self.pixels + pixels} pixels "
-                f"(images and rendered PDF pages together), more than max_request_pixels "
-                f"({self.max_pixels})", param=param or None)
-        self.images += images
-        self.pixels += pixels
-
-
-def decode_image(media: protocol.Media, label: str, budget: Budget | None = None) -> Any:
-    """An RGB PIL image; refuses too many pixels before decoding (header only first)."""
-    from PIL import Image
-
-    param = media.param or None
-    try:
-        with Image.open(io.BytesIO(media.data), formats=IMAGE_FORMATS) as im:
-            pixels = im.width * im.height
-            if media.max_pixels and pixels > media.max_pixels:
-                raise InvalidRequest(f"{label} is {im.width}x{im.height} pixels, more than "
-                                     f"max_image_pixels ({media.max_pixels})", param=param)
-            if budget is not None:
-                budget.charge(1, pixels, f"{label} ({im.width}x{im.height} pixels)",
-                              media.param)
-            im.seek(0)  # GIF: the first frame
-            return im.convert("RGB")  # the full decode happens here
-    except RouterError:
-        raise
-    except Image.DecompressionBombError:  # PIL's own limit, far above ours: quote ours
-        raise InvalidRequest(f"{label} has more pixels than PIL will even open, far more than "
-                             f"max_image_pixels ({media.max_pixels})", param=param) from None
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # PIL's ways of saying corrupt
-        raise InvalidRequest(f"{label} is corrupt or not a supported image: {exc}",
-                             param=param) from None
-
-
-def render_pdf(media: protocol.Media, label: str, budget: Budget | None = None) -> list[Any]:
-    """Every page of a PDF as an RGB PIL image, in order, at media.dpi. Every page's size is
-    read (points x dpi / 72, no rendering) and charged to `budget` before the first render."""
-    import pypdfium2 as pdfium
-
-    param = media.param or None
-    try:
-        pdf = pdfium.PdfDocument(media.data)
-    except pdfium.PdfiumError as exc:
-        if "password" in str(exc).lower():
-            raise InvalidRequest(f"{label} is encrypted (password-protected); send an "
-                                 "unencrypted PDF", param=param) from None
-        raise InvalidRequest(f"{label} could not be read as a PDF: {exc}", param=param) from None
-    try:
-        pages = len(pdf)
-        if media.max_pages and pages > media.max_pages:
-            raise InvalidRequest(f"{label} has {pages} pages; this server accepts at most "
-                                 f"{media.max_pages} pages per PDF (max_pdf_pages)", param=param)
-        if pages == 0:
-            raise InvalidRequest(f"{label} has no pages", param=param)
-        scale = media.dpi / 72  # PDF sizes are in points, 72 to the inch
-        sizes = [_page_pixels(pdf, i, scale, media, label) for i in range(pages)]
-        if budget is not None:
-            budget.charge(pages, sum(w * h for w, h in sizes),
-                          f"{label} ({pages} pages at {media.dpi} dpi)", media.param)
-        images = []
-        for i in range(pages):
-            page = pdf[i]
-            try:
-                images.append(page.render(scale=scale).to_pil().convert("RGB"))
-            finally:
-                page.close()
-        return images
-    except pdfium.PdfiumError as exc:
-        raise InvalidRequest(f"{label} could not be rendered: {exc}", param=param) from None
-    finally:
-        pdf.close()
-
-
-def _page_pixels(pdf: Any, i: int, scale: float, media: protocol.Media,
-                 label: str) -> tuple[int, int]:
-    """A page's rendered size from its size in points, checked against max_image_pixels."""
-    page = pdf[i]
-    try:
-        width, height = (round(v * scale) for v in page.get_size())
-    finally:
-        page.close()
-    if media.max_pixels and width * height > media.max_pixels:
-        raise InvalidRequest(
-            f"page {i + 1} of {label} would be {width}x{height} pixels at {media.dpi} dpi, "
-            f"more than max_image_pixels ({media.max_pixels})", param=media.param or None)
-    return width, height
-
 
 def expand_media(messages: list[dict[str, Any]], media: list[protocol.Media]
                  ) -> tuple[list[dict[str, Any]], list[Any]]:
     """Messages with each {"type": "image", "media": i} part replaced by one image part per
-    image (a PDF gives one per page), and the PIL images in prompt order. The request-wide
-    limits travel on every Media; a request over them fails before the decode that would
-    cross them."""
-    first = media[0] if media else protocol.Media(kind="image", data=b"")
-    budget = Budget(first.request_max_images, first.request_max_pixels)
+    image (a PDF gives one per page), and the PIL images in prompt order. Decoding runs in a
+    child process under the request's deadline, with every limit checked before the decode or
+    render that would cross it (media.decode_all)."""
+    timeout_s = media[0].decode_timeout_s if media else 0
+    decoded = decode_all(media, timeout_s or None)
     images: list[Any] = []
     out = []
     for msg in messages:
@@ -177,13 +65,8 @@ def expand_media(messages: list[dict[str, Any]], media: list[protocol.Media]
             if not 0 <= index < len(media):
                 raise InvalidRequest(f"image part refers to media {index}, but the request "
                                      f"carries {len(media)}")
-            item = media[index]
-            label = (f"{'the PDF' if item.kind == 'pdf' else 'the image'} (file {index + 1} "
-                     "of the request)")
-            decoded = render_pdf(item, label, budget) if item.kind == "pdf" else [
-                decode_image(item, label, budget)]
-            images += decoded
-            parts += [{"type": "image"} for _ in decoded]
+            images += decoded[index]
+            parts += [{"type": "image"} for _ in decoded[index]]
         out.append({**msg, "content": parts})
     return out, images
 

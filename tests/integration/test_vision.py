@@ -23,14 +23,15 @@ import pytest
 from PIL import Image
 
 from conftest import Daemon, spawn_daemon, wait_for_gone, write_config
-from tinyvlm import build_tiny_qwen2_vl, make_pdf
+from tinyvlm import build_tiny_qwen2_vl, make_pdf, make_slow_pdf
 
 pytestmark = pytest.mark.timeout(300)
 
 VLM, TEXT, SLOW = "tiny-vlm", "tiny-text", "tiny-vlm-slow"
 LIMITS = {"max_image_bytes": 300_000, "max_request_media_bytes": 600_000,
           "max_image_pixels": 2_000_000, "max_pdf_pages": 3, "pdf_dpi": 36,
-          "max_request_images": 4, "max_request_pixels": 2_500_000}
+          "max_request_images": 4, "max_request_pixels": 2_500_000,
+          "media_decode_timeout_s": 5}
 
 
 @pytest.fixture(scope="session")
@@ -331,7 +332,6 @@ def test_pdf_pages_over_the_pixel_budget_are_refused_before_rendering(daemon, vl
     # 2000 x 2000 pt at 36 dpi: 1000 x 1000 px a page, under max_image_pixels (2 Mpx) alone
     big = pdf_part(make_pdf(2, width=2000, height=2000))
     assert chat(daemon, ask([big])).status_code == 200  # 2 Mpx: within the 2.5 Mpx budget
-    rss_before = daemon_worker_rss(daemon)
     started = time.monotonic()
     err = assert_rejected(daemon, chat(daemon, ask([big, big])), "max_request_pixels (2500000)",
                           "4000000 pixels")
@@ -342,12 +342,25 @@ def test_pdf_pages_over_the_pixel_budget_are_refused_before_rendering(daemon, vl
     err = assert_rejected(daemon, chat(daemon, ask([huge])), "max_request_pixels")
     assert err["param"] == "messages[0].content[1]"
     assert daemon.worker_pid(VLM) == vlm_pid
-    assert daemon_worker_rss(daemon) < rss_before + 50 * 2**20  # nothing was rendered
 
 
-def daemon_worker_rss(daemon: Daemon) -> int:
+def test_a_pdf_that_would_render_for_hours_is_a_400_at_the_deadline(daemon, vlm_pid) -> None:
+    bomb = make_slow_pdf(16)  # 4**16 strokes on one 200 x 200 pt page
+    assert len(bomb) < 5000
+    started = time.monotonic()
+    err = assert_rejected(daemon, chat(daemon, ask([pdf_part(bomb)])),
+                          "media_decode_timeout_s (5 s)")
+    assert 4.5 < time.monotonic() - started < 30
+    assert err["type"] == "invalid_request_error"
+    # the engine thread was never stuck: the same worker answers at once
+    assert chat(daemon, ask([image_part(image_bytes("PNG"))])).status_code == 200
+    assert daemon.worker_pid(VLM) == vlm_pid
+    assert not [p for p in _children(vlm_pid) if "mlxrouter.media" in " ".join(p.cmdline())]
+
+
+def _children(pid: int) -> list:
     import psutil
-    return psutil.Process(daemon.worker_pid(VLM)).memory_info().rss
+    return psutil.Process(pid).children(recursive=True)
 
 
 def test_huge_png_header_quotes_our_limit(daemon, vlm_pid) -> None:

@@ -71,8 +71,8 @@ def vlm_spec(tmp_path: Path) -> ModelSpec:
 
 
 def collect(spec: ModelSpec, req: ChatCompletionRequest,
-            server: ServerConfig = SERVER) -> list[protocol.Media]:
-    return asyncio.run(vision.collect_media(server, spec, req.messages))
+            server: ServerConfig = SERVER, copies: int = 1) -> list[protocol.Media]:
+    return asyncio.run(vision.collect_media(server, spec, req.messages, copies))
 
 
 # ---- data: URIs
@@ -317,6 +317,9 @@ def test_png_past_pils_own_limit_quotes_ours() -> None:
     ("240.0.0.1", False), ("100.64.0.1", False), ("255.255.255.255", False),
     ("::1", False), ("::", False), ("fe80::1", False), ("fc00::1", False), ("ff02::1", False),
     ("::ffff:127.0.0.1", False), ("::ffff:10.0.0.1", False), ("::ffff:93.184.216.34", True),
+    # 6to4 carries an IPv4 address (here 127.0.0.1, 169.254.169.254, 93.184.216.34)
+    ("2002:7f00:1::1", False), ("2002:a9fe:a9fe::1", False), ("2002:5db8:d822::1", True),
+    ("fec0::1", False),  # site-local
 ])
 def test_address_check(address: str, public: bool) -> None:
     import ipaddress
@@ -414,3 +417,65 @@ def test_fetch_failures_read_the_same(origin) -> None:
             fetch(f"{base}{path}", allow_private=True)
         messages.add(caught.value.message.replace(base, "BASE").replace(path, ""))
     assert len(messages) == 1, messages
+
+
+# ---- review fixes: n copies, PNG text chunks, one deadline for all remote fetches
+
+
+def test_n_choices_share_the_request_wide_limits(vlm_spec) -> None:
+    two = chat_request([img_part(uri(image("PNG")))] * 2)
+    assert len(collect(vlm_spec, two, copies=16)) == 2  # 32 // 16 = 2 images each: fits
+    with pytest.raises(InvalidRequest, match=r"more than max_request_images \(32 shared by "
+                                             r"n=32 choices"):
+        collect(vlm_spec, two, copies=32)
+    media = collect(vlm_spec, two, copies=4)
+    assert {(m.request_max_images, m.request_max_pixels) for m in media} == {
+        (SERVER.max_request_images // 4, SERVER.max_request_pixels // 4)}
+    assert {m.decode_timeout_s for m in media} == {SERVER.media_decode_timeout_s}
+
+
+def png_with_text_chunks(chunks: int, inflated: int) -> bytes:
+    """A 1x1 PNG carrying `chunks` zTXt chunks of `inflated` zero bytes each (~1 KB each)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    text = b"".join(chunk(b"zTXt", b"k%d\0\0" % i + zlib.compress(b"\0" * inflated, 9))
+                    for i in range(chunks))
+    plain = image("PNG", (1, 1))
+    return plain[:33] + text + plain[33:]  # after IHDR, before IDAT
+
+
+def test_png_text_chunks_are_not_inflated_without_bound() -> None:
+    bomb = png_with_text_chunks(45, 2**20)
+    assert len(bomb) < 60_000
+    with pytest.raises(InvalidRequest, match="corrupt"):
+        vision.inspect_media(bomb, SERVER, "messages[0].content[0]")
+    small = png_with_text_chunks(2, 1000)  # ordinary metadata still passes
+    assert vision.inspect_media(small, SERVER, "p").pixels == 1
+
+
+def test_one_deadline_covers_all_of_a_requests_remote_images(vlm_spec) -> None:
+    import time
+
+    server = _Hits("127.0.0.1", {"/a.png": (200, {"Content-Type": "image/png"},
+                                            image("PNG"))})
+    original = server.server.RequestHandlerClass.do_GET
+
+    def slow_get(handler) -> None:
+        time.sleep(0.7)  # each fetch alone fits in the 1 s limit; two do not
+        original(handler)
+
+    server.server.RequestHandlerClass.do_GET = slow_get
+    config = msgspec.structs.replace(SERVER, allow_remote_images=True,
+                                     allow_private_remote_images=True,
+                                     remote_image_timeout_s=1.0)
+    try:
+        one = chat_request([img_part(f"{server.base}/a.png")])
+        assert len(collect(vlm_spec, one, config)) == 1
+        three = chat_request([img_part(f"{server.base}/a.png")] * 3)
+        started = time.monotonic()
+        with pytest.raises(InvalidRequest):
+            collect(vlm_spec, three, config)
+        assert time.monotonic() - started < 2.0  # not 3 x the per-image time
+    finally:
+        server.close()

@@ -1,0 +1,218 @@
+"""Decoding a vision request's images and rendering its PDF pages, in a child process that is
+killed at a deadline.
+
+The vision worker (vlm_engine) calls `decode_all`, which runs this module as
+`python -m mlxrouter.media`: a fresh interpreter with PIL and pypdfium2 only (no MLX; about
+70 ms to start). Neither library can be interrupted, and a 3.5 KB PDF of nested form XObjects
+takes hours to render, so the only safe bound is a process to kill: past
+`media_decode_timeout_s` the request fails with a 400 and the worker's engine thread goes on.
+The child applies every limit before the decode or render that would cross it (per image, per
+page, and the request-wide `Budget`) and sends back raw RGB pixels; its 400s come back as they
+were raised. Imports: stdlib, msgspec, protocol and errors here; PIL and pypdfium2 only inside
+the functions the child runs.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from typing import Any
+
+import msgspec
+
+from . import protocol
+from .errors import InvalidRequest, RouterError
+
+IMAGE_FORMATS = ["PNG", "JPEG", "WEBP", "BMP", "GIF"]
+# PNG text chunks (tEXt/zTXt/iTXt) PIL inflates while it reads a header: a 50 KB file can
+# otherwise hold 64 MB of them. Metadata is all they carry; images are refused past this.
+PNG_TEXT_BYTES = 4 * 2**20
+
+
+def limit_png_text() -> None:
+    """Hold PIL's PNG text inflation to PNG_TEXT_BYTES (process-wide; daemon and child)."""
+    from PIL import PngImagePlugin
+
+    PngImagePlugin.MAX_TEXT_CHUNK = PngImagePlugin.MAX_TEXT_MEMORY = PNG_TEXT_BYTES
+
+
+class Budget:
+    """The request-wide totals (images + PDF pages, and their pixels as decoded or rendered),
+    charged before each decode or render so that a request over them costs no decoding."""
+
+    def __init__(self, max_images: int = 0, max_pixels: int = 0) -> None:
+        self.max_images = max_images
+        self.max_pixels = max_pixels
+        self.images = 0
+        self.pixels = 0
+
+    def charge(self, images: int, pixels: int, what: str, param: str) -> None:
+        """Add `images` images of `pixels` pixels in all, or a 400 naming `what` needed."""
+        where = f"{param}: " if param else ""
+        if self.max_images and self.images + images > self.max_images:
+            raise InvalidRequest(
+                f"{where}{what} would bring the request to {self.images + images} images "
+                f"and PDF pages, more than max_request_images ({self.max_images})",
+                param=param or None)
+        if self.max_pixels and self.pixels + pixels > self.max_pixels:
+            raise InvalidRequest(
+                f"{where}{what} would bring the request to {self.pixels + pixels} pixels "
+                f"(images and rendered PDF pages together), more than max_request_pixels "
+                f"({self.max_pixels})", param=param or None)
+        self.images += images
+        self.pixels += pixels
+
+
+def label_of(media: protocol.Media, index: int) -> str:
+    return (f"{'the PDF' if media.kind == 'pdf' else 'the image'} (file {index + 1} of the "
+            "request)")
+
+
+def decode_image(media: protocol.Media, label: str, budget: Budget | None = None) -> Any:
+    """An RGB PIL image; refuses too many pixels before decoding (header only first)."""
+    from PIL import Image
+
+    param = media.param or None
+    try:
+        with Image.open(io.BytesIO(media.data), formats=IMAGE_FORMATS) as im:
+            pixels = im.width * im.height
+            if media.max_pixels and pixels > media.max_pixels:
+                raise InvalidRequest(f"{label} is {im.width}x{im.height} pixels, more than "
+                                     f"max_image_pixels ({media.max_pixels})", param=param)
+            if budget is not None:
+                budget.charge(1, pixels, f"{label} ({im.width}x{im.height} pixels)",
+                              media.param)
+            im.seek(0)  # GIF: the first frame
+            return im.convert("RGB")  # the full decode happens here
+    except RouterError:
+        raise
+    except Image.DecompressionBombError:  # PIL's own limit, far above ours: quote ours
+        raise InvalidRequest(f"{label} has more pixels than PIL will even open, far more than "
+                             f"max_image_pixels ({media.max_pixels})", param=param) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # PIL's ways of saying corrupt
+        raise InvalidRequest(f"{label} is corrupt or not a supported image: {exc}",
+                             param=param) from None
+
+
+def render_pdf(media: protocol.Media, label: str, budget: Budget | None = None) -> list[Any]:
+    """Every page of a PDF as an RGB PIL image, in order, at media.dpi. Every page's size is
+    read (points x dpi / 72, no rendering) and charged to `budget` before the first render."""
+    import pypdfium2 as pdfium
+
+    param = media.param or None
+    try:
+        pdf = pdfium.PdfDocument(media.data)
+    except pdfium.PdfiumError as exc:
+        if "password" in str(exc).lower():
+            raise InvalidRequest(f"{label} is encrypted (password-protected); send an "
+                                 "unencrypted PDF", param=param) from None
+        raise InvalidRequest(f"{label} could not be read as a PDF: {exc}", param=param) from None
+    try:
+        pages = len(pdf)
+        if media.max_pages and pages > media.max_pages:
+            raise InvalidRequest(f"{label} has {pages} pages; this server accepts at most "
+                                 f"{media.max_pages} pages per PDF (max_pdf_pages)", param=param)
+        if pages == 0:
+            raise InvalidRequest(f"{label} has no pages", param=param)
+        scale = media.dpi / 72  # PDF sizes are in points, 72 to the inch
+        sizes = [_page_pixels(pdf, i, scale, media, label) for i in range(pages)]
+        if budget is not None:
+            budget.charge(pages, sum(w * h for w, h in sizes),
+                          f"{label} ({pages} pages at {media.dpi} dpi)", media.param)
+        images = []
+        for i in range(pages):
+            page = pdf[i]
+            try:
+                images.append(page.render(scale=scale).to_pil().convert("RGB"))
+            finally:
+                page.close()
+        return images
+    except pdfium.PdfiumError as exc:
+        raise InvalidRequest(f"{label} could not be rendered: {exc}", param=param) from None
+    finally:
+        pdf.close()
+
+
+def _page_pixels(pdf: Any, i: int, scale: float, media: protocol.Media,
+                 label: str) -> tuple[int, int]:
+    """A page's rendered size from its size in points, checked against max_image_pixels."""
+    page = pdf[i]
+    try:
+        width, height = (round(v * scale) for v in page.get_size())
+    finally:
+        page.close()
+    if media.max_pixels and width * height > media.max_pixels:
+        raise InvalidRequest(
+            f"page {i + 1} of {label} would be {width}x{height} pixels at {media.dpi} dpi, "
+            f"more than max_image_pixels ({media.max_pixels})", param=media.param or None)
+    return width, height
+
+
+def decode_here(media: list[protocol.Media]) -> list[list[Any]]:
+    """Every medium's RGB images (a PDF gives one per page), in order, under one Budget."""
+    if not media:
+        return []
+    budget = Budget(media[0].request_max_images, media[0].request_max_pixels)
+    return [render_pdf(m, label_of(m, i), budget) if m.kind == "pdf"
+            else [decode_image(m, label_of(m, i), budget)] for i, m in enumerate(media)]
+
+
+# ---- the child process and its one call
+
+
+class Pixels(msgspec.Struct, array_like=True):
+    width: int
+    height: int
+    rgb: bytes
+
+
+class Decoded(msgspec.Struct):
+    images: list[list[Pixels]] = []
+    error: str = ""  # an InvalidRequest's message, else ""
+    param: str | None = None
+
+
+def decode_all(media: list[protocol.Media], timeout_s: float) -> list[list[Any]]:
+    """`decode_here` in a child process, killed after `timeout_s`: every medium's RGB PIL
+    images in order, or the 400 the child raised, or a 400 for running past the deadline."""
+    if not media:
+        return []
+    from PIL import Image
+
+    try:
+        done = subprocess.run([sys.executable, "-m", "mlxrouter.media"],
+                              input=msgspec.msgpack.encode(media), capture_output=True,
+                              timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:  # run() has killed and reaped the child
+        raise InvalidRequest(
+            f"decoding the request's images and PDF pages took longer than "
+            f"media_decode_timeout_s ({timeout_s:g} s); the file costs too much to render"
+        ) from None
+    if done.returncode != 0:
+        tail = done.stderr.decode("utf-8", "replace").strip().splitlines()[-1:]
+        raise RuntimeError(f"the media decoder exited with {done.returncode}: "
+                           f"{tail[0] if tail else 'no message'}")
+    result = msgspec.msgpack.decode(done.stdout, type=Decoded)
+    if result.error:
+        raise InvalidRequest(result.error, param=result.param)
+    return [[Image.frombytes("RGB", (p.width, p.height), p.rgb) for p in pages]
+            for pages in result.images]
+
+
+def main() -> int:
+    limit_png_text()
+    media = msgspec.msgpack.decode(sys.stdin.buffer.read(), type=list[protocol.Media])
+    try:
+        decoded = decode_here(media)
+        out = Decoded(images=[[Pixels(im.width, im.height, im.tobytes()) for im in pages]
+                              for pages in decoded])
+    except InvalidRequest as exc:
+        out = Decoded(error=exc.message, param=exc.param)
+    sys.stdout.buffer.write(msgspec.msgpack.encode(out))
+    sys.stdout.buffer.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
