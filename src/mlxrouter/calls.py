@@ -22,7 +22,7 @@ from starlette.responses import Response, StreamingResponse
 from . import protocol
 from .broker import Chunk, RequestStream
 from .config import ModelSpec
-from .errors import RouterError, Timeout
+from .errors import InvalidRequest, RouterError, Timeout
 from .memory import LEVELS
 from .runtime import AppState, json_response
 from .schemas import PromptTokensDetails, Usage
@@ -160,6 +160,12 @@ class Group:
 
     def __init__(self, state: AppState, spec: ModelSpec, requests: list[protocol.Request],
                  shape: Shape, model: str, prompt_of: list[int], prefix: list[str]) -> None:
+        capacity = spec.max_running + spec.max_queue
+        if len(requests) > capacity:  # a 429 would be retried forever: it can never fit
+            raise InvalidRequest(
+                f"this request needs {len(requests)} sequences (n choices for each prompt), "
+                f"more than model '{spec.id}' ever admits at once (max_running "
+                f"{spec.max_running} + max_queue {spec.max_queue} = {capacity})", param="n")
         self.t0 = time.monotonic()
         deadline = self.t0 + spec.timeout_s  # the whole request: queue, load, generation
         self.calls = [Call(state, spec, r, deadline) for r in requests]

@@ -137,10 +137,26 @@ class FaultPlan:
         self.stall_after_tokens = int(fault.get("stall_after_tokens", 0))
         # A long prompt's processing, as the client sees it: Started, then nothing for a while.
         self.prefill_delay_s = float(fault.get("prefill_delay_s", 0))
+        # A bug in handling one sequence's output (a parser, say) at its Nth token.
+        self.output_error_at_token = int(fault.get("output_error_at_token", 0))
 
 
 def _max_context(spec: ModelSpec, config: dict[str, Any]) -> int:
     return effective_context(spec.max_context, model_max_context(config))
+
+
+def fit_max_tokens(sampling: protocol.SamplingParams, prompt_tokens: int, max_context: int,
+                   what: str = "prompt tokens") -> int:
+    """The request's max_tokens if prompt + max_tokens fits the context; a default max_tokens
+    (the client set none) lowered to the room left; else 400 context_length_exceeded."""
+    max_tokens = sampling.max_tokens
+    if prompt_tokens + max_tokens <= max_context:
+        return max_tokens
+    if sampling.fit_to_context and prompt_tokens < max_context:
+        return max_context - prompt_tokens
+    raise ContextLengthExceeded(
+        f"This model's maximum context length is {max_context} tokens; the request has "
+        f"{prompt_tokens} {what} and asks for {max_tokens} more")
 
 
 class TextEngine:
@@ -186,9 +202,19 @@ class TextEngine:
 
     def _tool_format(self) -> Any:
         """How this model writes tool calls: configured, else detected from its tokenizer and
-        chat template; None when it cannot take tools (or supports_tools = false)."""
+        chat template; None when it cannot take tools (or supports_tools = false), except for
+        harmony (gpt-oss), whose channels are its output format with or without tools."""
+        fmt = self._call_format()
         if self.spec.supports_tools is False or not self.spec.enable_function_calling:
-            return None
+            return fmt if fmt is not None and fmt.style == "harmony" else None
+        return fmt
+
+    @property
+    def tools_enabled(self) -> bool:
+        return (self.tool_format is not None and self.spec.supports_tools is not False
+                and self.spec.enable_function_calling)
+
+    def _call_format(self) -> Any:
         if self.spec.tool_call_format:
             return format_by_name(self.spec.tool_call_format)
         if self.spec.chat_template in TOOL_FORMAT:
@@ -235,7 +261,7 @@ class TextEngine:
                                      message=f"the request could not be processed: {exc}"))
 
     def _admit(self, req: protocol.Request) -> None:
-        if req.tools and self.tool_format is None:
+        if req.tools and not self.tools_enabled:
             raise InvalidRequest(f"model '{self.spec.id}' does not support tool calling (its "
                                  f"chat template renders no tools and no tool_call_format is "
                                  f"configured)", param="tools")
@@ -253,11 +279,7 @@ class TextEngine:
             if bad:  # an id past the embedding table reads (or crashes on) foreign memory
                 raise InvalidRequest(f"prompt token ids {bad[:5]} are outside the vocabulary "
                                      f"({self.vocab_size} tokens)", param="prompt")
-        max_tokens = req.sampling.max_tokens
-        if len(prompt) + max_tokens > self.max_context:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {self.max_context} tokens; the "
-                f"request has {len(prompt)} prompt tokens and asks for {max_tokens} more")
+        max_tokens = fit_max_tokens(req.sampling, len(prompt), self.max_context)
         sampling = req.sampling
         if sampling.top_k >= self.vocab_size:  # keeps every token: the same as no top-k
             sampling = msgspec.structs.replace(sampling, top_k=0)
@@ -274,7 +296,9 @@ class TextEngine:
         seq.cached_tokens = cached
         seq.constraint = constraint
         if req.messages is not None:
-            seq.split = self._reasoning_split(prompt)
+            # A constrained sequence writes the grammar's output from its first token: that is
+            # the answer, even after a template that opened a reasoning block.
+            seq.split = self._reasoning_split(prompt) if constraint is None else None
             if self.tool_format is not None and (req.tools or self.tool_format.style == "harmony"):
                 seq.tools = ToolCallStream(self.tool_format, req.tools or [])
         self._seqs[uid] = seq
@@ -392,39 +416,12 @@ class TextEngine:
             seq = self._seqs.get(r.uid)
             if seq is None:
                 continue
-            seq.completion_tokens += 1
-            self.tokens_generated += 1
-            finish = r.finish_reason
-            logprobs = []
-            if finish != "stop":  # "stop" here means an EOS token: never shown
-                seq.detok.add_token(r.token)
-            if finish is not None:
-                seq.detok.finalize()
-            segment = seq.detok.last_segment
-            if seq.top_logprobs is not None and finish != "stop":
-                logprobs.append(self._token_logprob(r.token, segment, r.logprobs,
-                                                    seq.top_logprobs))
-            text, hit = seq.stop.feed(segment)
-            if finish is not None:
-                self._remember(r.all_tokens, r.prompt_cache)
-            if hit:
-                if finish is None:
-                    self._retire(r.uid)
-                finish = "stop"
-            elif finish is not None:
-                text += seq.stop.flush()
-            content, reasoning, calls = seq.route(text, final=finish is not None)
-            if seq.tools is not None and seq.tools.called and seq.one_call:
-                calls = [c for c in calls if c.index == 0]
-                if finish is None:  # parallel_tool_calls=false: one call, then stop
-                    self._retire(r.uid)
-                    finish = "tool_calls"
-            if finish == "stop" and seq.tools is not None and seq.tools.called:
-                finish = "tool_calls"
-            if self.spec.reasoning_response == "disable":
-                reasoning = ""
-            deltas.append(protocol.Delta(rid=seq.rid, content=content, reasoning=reasoning,
-                                         tokens=1, tool_calls=calls, logprobs=logprobs))
+            try:
+                delta, finish = self._advance(seq, r)
+            except Exception as exc:  # per-request code (detokenizer, stop text, parsers)
+                self._fail_one(seq, r.finish_reason is None, exc)
+                continue
+            deltas.append(delta)
             if finish is not None:
                 ended.append((seq, finish))
         if deltas:
@@ -432,6 +429,55 @@ class TextEngine:
         for seq, finish in ended:
             self._end(seq, finish)
         self._inject_faults()
+
+    def _fail_one(self, seq: Sequence, running: bool, exc: Exception) -> None:
+        """What went wrong handling one sequence's output fails that request, not the batch."""
+        log.error("request failed request_id=%s rid=%d: %r", seq.request_id, seq.rid, exc)
+        if running:
+            self.gen.remove([seq.uid])
+        del self._seqs[seq.uid]
+        del self._uid_of[seq.rid]
+        self.emit(protocol.Error(rid=seq.rid, code="internal_error",
+                                 message=f"the model's output could not be processed: "
+                                         f"{type(exc).__name__}"))
+
+    def _advance(self, seq: Sequence, r: Any) -> tuple[protocol.Delta, str | None]:
+        """One sampled token of one sequence: its delta, and its finish reason if it ended."""
+        seq.completion_tokens += 1
+        if seq.completion_tokens == self.fault.output_error_at_token:
+            raise ValueError("fault injection: output handling failed")
+        self.tokens_generated += 1
+        finish = r.finish_reason
+        logprobs = []
+        if finish != "stop":  # "stop" here means an EOS token: never shown
+            seq.detok.add_token(r.token)
+        if finish is not None:
+            seq.detok.finalize()
+        segment = seq.detok.last_segment
+        if seq.top_logprobs is not None and finish != "stop":
+            logprobs.append(self._token_logprob(r.token, segment, r.logprobs,
+                                                seq.top_logprobs))
+        text, hit = seq.stop.feed(segment)
+        if finish is not None:
+            self._remember(r.all_tokens, r.prompt_cache)
+        if hit:
+            if finish is None:
+                self._retire(r.uid)
+            finish = "stop"
+        elif finish is not None:
+            text += seq.stop.flush()
+        content, reasoning, calls = seq.route(text, final=finish is not None)
+        if seq.tools is not None and seq.tools.called and seq.one_call:
+            calls = [c for c in calls if c.index == 0]
+            if finish is None:  # parallel_tool_calls=false: one call, then stop
+                self._retire(r.uid)
+                finish = "tool_calls"
+        if finish == "stop" and seq.tools is not None and seq.tools.called:
+            finish = "tool_calls"
+        if self.spec.reasoning_response == "disable":
+            reasoning = ""
+        return protocol.Delta(rid=seq.rid, content=content, reasoning=reasoning, tokens=1,
+                              tool_calls=calls, logprobs=logprobs), finish
 
     def _retire(self, uid: int) -> None:
         """Take a sequence out of the batch before it ends by itself, keeping its KV cache."""

@@ -97,6 +97,7 @@ def sampling_for(req: GenerationParams, spec: ModelSpec, pressure: str,
         logprobs, top = req.logprobs is not None, req.logprobs or 0
     return protocol.SamplingParams(
         max_tokens=max_tokens,
+        fit_to_context=req.token_limit is None,
         temperature=spec.temp if req.temperature is None else req.temperature,
         top_p=spec.top_p if req.top_p is None else req.top_p,
         top_k=spec.top_k if req.top_k is None else req.top_k,

@@ -57,6 +57,9 @@ class Stats(_Msg, tag="stats"):
 
 class SamplingParams(msgspec.Struct, omit_defaults=True):
     max_tokens: int
+    # The client left max_tokens out (max_tokens is a default): lower it to what the context
+    # has room for, as OpenAI does, instead of refusing the request.
+    fit_to_context: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0

@@ -246,7 +246,7 @@ def _normalize(parsed: Any) -> list[_Call]:
         if not isinstance(name, str) or not name.strip() or not isinstance(args, dict):
             raise ValueError("a call needs a name and an object of arguments")
         model_id = item.get("id")
-        calls.append(_Call(name.strip(), json.dumps(args, ensure_ascii=False),
+        calls.append(_Call(name.strip(), json.dumps(args, ensure_ascii=False, allow_nan=False),
                            model_id if isinstance(model_id, str) and model_id else None))
     return calls
 
@@ -255,7 +255,8 @@ def _parse_calls(fmt: ToolFormat, body: str, tools: list[dict]) -> list[_Call] |
     """Calls in one body, or None (logged) when the model wrote something else there."""
     try:
         return _normalize(fmt.parse(body.strip(), tools))
-    except (ValueError, SyntaxError, KeyError, TypeError, AttributeError, IndexError) as exc:
+    except (ValueError, SyntaxError, KeyError, TypeError, AttributeError, IndexError,
+            RecursionError, MemoryError) as exc:  # the last two: nesting too deep to parse
         log.warning("tool call not parsed, released as content format=%s error=%s body=%r",
                     fmt.name, exc, body[:200])
         return None
@@ -444,7 +445,7 @@ class _Bare:
                 return  # an object can only have been completed by a new "}"
             try:
                 _, end = decoder.raw_decode(s, pos)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested deeper than Python
                 self.scanned = len(s)
                 if final:
                     self._release(sink)
@@ -461,7 +462,7 @@ class _Bare:
             head = s[:p + 1].strip().removeprefix(self.tag)
             try:
                 tree = ast.parse(head.strip(), mode="eval").body
-            except (SyntaxError, ValueError):
+            except (SyntaxError, ValueError, RecursionError, MemoryError):  # too deep: MemoryError
                 continue
             if not _is_call_list(tree):
                 self._release(sink)

@@ -34,9 +34,9 @@ from mlx_vlm.utils import prepare_inputs, should_add_special_tokens
 from . import protocol
 from .chat import StopText
 from .config import ModelSpec
-from .engine import (Emit, FaultPlan, _max_context, convert_weights, is_allocation_failure,
-                     make_sampler)
-from .errors import ContextLengthExceeded, InvalidRequest, RouterError
+from .engine import (Emit, FaultPlan, _max_context, convert_weights, fit_max_tokens,
+                     is_allocation_failure, make_sampler)
+from .errors import InvalidRequest, RouterError
 from .media import decode_all
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,9 @@ class _Job:
     """One request: its prepared inputs until it runs, then its generator."""
 
     def __init__(self, req: protocol.Request, inputs: dict[str, Any], prompt_tokens: int,
-                 sampler: Any, processors: list) -> None:
+                 sampler: Any, processors: list, max_tokens: int) -> None:
         self.req = req
+        self.max_tokens = max_tokens
         self.rid = req.rid
         self.request_id = req.request_id or "-"
         self.inputs = inputs
@@ -155,14 +156,10 @@ class VisionEngine:
         started = time.monotonic()
         inputs, images = self._inputs(req)
         prompt_tokens = int(inputs["input_ids"].shape[-1])
-        max_tokens = req.sampling.max_tokens
-        if prompt_tokens + max_tokens > self.max_context:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {self.max_context} tokens; the "
-                f"request has {prompt_tokens} prompt tokens (images included) and asks for "
-                f"{max_tokens} more")
+        max_tokens = fit_max_tokens(req.sampling, prompt_tokens, self.max_context,
+                                    "prompt tokens (images included)")
         job = _Job(req, inputs, prompt_tokens, make_sampler(req.sampling),
-                   self._processors(req.sampling, max_tokens))
+                   self._processors(req.sampling, max_tokens), max_tokens)
         self._queue.append(job)
         log.info("request started request_id=%s rid=%d prompt_tokens=%d images=%d "
                  "prepare_ms=%.0f max_tokens=%d queued=%d", job.request_id, req.rid,
@@ -299,7 +296,7 @@ class VisionEngine:
     def _generate(self, job: _Job) -> Iterator[Any]:
         inputs = dict(job.inputs)
         return stream_generate(
-            self.model, self.processor, "", max_tokens=job.req.sampling.max_tokens,
+            self.model, self.processor, "", max_tokens=job.max_tokens,
             sampler=job.sampler, logits_processors=job.processors, **inputs)
 
     def _inject_faults(self) -> None:

@@ -181,6 +181,27 @@ def test_prompt_longer_than_the_context_is_a_400(start_daemon, tiny_model):
     assert resp.json()["error"]["code"] == "context_length_exceeded"
 
 
+def test_a_default_max_tokens_is_lowered_to_the_room_the_context_has(start_daemon, tiny_model,
+                                                                     tokenizer):
+    # The model's max_tokens (20) does not fit after this prompt; a client that set no limit
+    # (Open WebUI sends none) gets what fits, as from OpenAI. One that asked for 20 gets a 400.
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "max_context": 64,
+                                    "max_tokens": 20}})
+    messages = [{"role": "user", "content": "word " * 12}]
+    prompt = len(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    assert 44 < prompt < 64
+    body = {"model": "tiny", "messages": messages, "temperature": 0,
+            "logit_bias": {str(t): -100 for t in tokenizer.eos_token_ids}}
+    resp = daemon.http.post("/v1/chat/completions", json=body)
+    assert resp.status_code == 200, resp.text
+    out = resp.json()
+    assert out["usage"]["completion_tokens"] == 64 - prompt
+    assert out["choices"][0]["finish_reason"] == "length"
+    asked = daemon.http.post("/v1/chat/completions", json={**body, "max_tokens": 20})
+    assert asked.status_code == 400
+    assert asked.json()["error"]["code"] == "context_length_exceeded"
+
+
 def test_models_endpoints(daemon, tiny_model):
     # A model found on disk in the HF cache layout is listed with its org/name id.
     snap = daemon.root / "models" / "models--acme--tiny-chat" / "snapshots" / "abc123"

@@ -101,3 +101,17 @@ def test_unsupported_or_malformed_completion_requests_are_400s(client, kwargs, p
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="tiny", max_tokens=2, **kwargs)
     assert info.value.body["param"] == param
+
+
+def test_more_choices_than_the_model_ever_admits_is_a_400_not_a_429(start_daemon, tiny_model):
+    # 10 prompts x n=8 = 80 sequences > max_running 4 + max_queue 8: a 429 would be retried
+    # by the client forever; a 400 says why. What fits still runs.
+    client = start_daemon({"tiny": {"path": str(tiny_model), "max_running": 4,
+                                    "max_queue": 8}}).openai()
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="tiny", prompt=["a"] * 10, n=8, max_tokens=1)
+    assert info.value.body["param"] == "n"
+    assert "80 sequences" in info.value.body["message"]
+    assert "max_running 4 + max_queue 8 = 12" in info.value.body["message"]
+    resp = client.completions.create(model="tiny", prompt=["a"] * 4, n=2, max_tokens=1)
+    assert len(resp.choices) == 8

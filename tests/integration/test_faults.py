@@ -3,6 +3,7 @@ the daemon is SIGTERMed and SIGKILLed. The daemon must keep serving and never ha
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 import time
@@ -145,3 +146,28 @@ def test_a_second_daemon_on_the_same_run_dir_refuses_to_start(start_daemon):
     assert out.returncode == 1
     assert f"already running (pid {daemon.proc.pid})" in out.stderr
     assert daemon.http.get("/health").status_code == 200
+
+
+def test_a_failure_handling_one_requests_output_fails_only_that_request(start_daemon,
+                                                                       tiny_model):
+    # The 5th token of every sequence makes the engine's per-sequence output handling raise
+    # (fault injection); a sequence that ends sooner is unaffected, in the same batch.
+    daemon = start_daemon({"tiny": {"path": str(tiny_model),
+                                    "fault": {"output_error_at_token": 5,
+                                              "delay_per_token_s": 0.02}}})
+    client = daemon.openai()
+    client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=1)
+    pid = daemon.wait_worker("tiny")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        long = pool.submit(daemon.http.post, "/v1/chat/completions", json={
+            "model": "tiny", "messages": MESSAGES, "max_tokens": 20, "temperature": 0})
+        short = pool.submit(client.chat.completions.create, model="tiny", messages=MESSAGES,
+                            max_tokens=4, temperature=0)
+        failed, ok = long.result(60), short.result(60)
+    assert failed.status_code == 500
+    assert failed.json()["error"]["message"].startswith("the model's output could not be "
+                                                        "processed")
+    assert ok.usage.completion_tokens == 4
+    assert daemon.worker_pid("tiny") == pid  # the worker and its batch went on
+    assert client.chat.completions.create(model="tiny", messages=MESSAGES,
+                                          max_tokens=3).usage.completion_tokens == 3

@@ -69,3 +69,33 @@ def test_models_without_an_opened_block_answer_in_content(start_daemon, tiny_mod
     msg = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6,
                                          temperature=0).choices[0].message
     assert msg.content and reasoning(msg) is None
+
+
+def test_constrained_output_after_an_opened_reasoning_block_is_the_answer(start_daemon,
+                                                                         thinking_model):
+    """A template that opens <think> (R1, Qwen3-Thinking) must not swallow a forced tool call
+    or a response_format answer into reasoning_content: the grammar's output is the answer."""
+    import json
+
+    client = start_daemon({"thinker": {"path": str(thinking_model)}}).openai()
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
+              "required": ["city"], "additionalProperties": False}
+    answer = client.chat.completions.create(
+        model="thinker", messages=MESSAGES, max_tokens=40, temperature=0,
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "place", "schema": schema, "strict": True}})
+    msg = answer.choices[0].message
+    assert reasoning(msg) is None
+    assert set(json.loads(msg.content)) == {"city"}
+    tool = {"type": "function", "function": {
+        "name": "get_weather", "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string",
+                                                                 "maxLength": 8}},
+                       "required": ["city"], "additionalProperties": False}}}
+    called = client.chat.completions.create(
+        model="thinker", messages=MESSAGES, max_tokens=60, temperature=0, tools=[tool],
+        tool_choice="required")
+    choice = called.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    assert choice.message.tool_calls[0].function.name == "get_weather"
+    assert reasoning(choice.message) is None

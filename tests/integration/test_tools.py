@@ -213,3 +213,39 @@ def test_a_forced_call_cut_by_max_tokens_is_length_and_its_text_is_kept(daemon):
     assert choice.finish_reason == "length"
     assert choice.message.tool_calls is None
     assert choice.message.content.startswith("<tool_call>")  # the model's output is not lost
+
+
+def test_a_call_nested_too_deep_to_parse_fails_no_other_request(daemon, tokenizer):
+    # The grammar lets a recursive schema nest without end; logit_bias makes the model open
+    # ~1100 arrays. Python's parsers give up on such depth (RecursionError): that must stay
+    # this request's problem, never end the worker and its other requests.
+    import threading
+
+    nest = {"type": "array", "items": {"$ref": "#/$defs/n"}}
+    tool = {"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"a": {"$ref": "#/$defs/n"}},
+                                    "required": ["a"], "$defs": {"n": nest}}}}
+    bracket = tokenizer.convert_tokens_to_ids("[")
+    assert daemon.http.post("/v1/chat/completions", json={
+        "model": "tiny", "messages": ASK, "max_tokens": 1}).status_code == 200
+    pid = daemon.wait_worker("tiny")
+    other: dict = {}
+
+    def bystander() -> None:
+        other["resp"] = daemon.http.post("/v1/chat/completions", json={
+            "model": "tiny", "messages": ASK, "max_tokens": 200, "temperature": 0,
+            "logit_bias": {str(t): -100 for t in tokenizer.eos_token_ids}})
+
+    thread = threading.Thread(target=bystander)
+    thread.start()
+    deep = daemon.http.post("/v1/chat/completions", json={
+        "model": "tiny", "messages": ASK, "tools": [tool], "tool_choice": _named("f"),
+        "logit_bias": {str(bracket): 100}, "temperature": 0, "max_tokens": 1100}, timeout=120)
+    thread.join(120)
+    assert deep.status_code == 200, deep.text
+    choice = deep.json()["choices"][0]
+    assert choice["finish_reason"] == "length" and not choice["message"].get("tool_calls")
+    assert choice["message"]["content"].count("[") > 1000  # released as text, not lost
+    assert other["resp"].status_code == 200, other["resp"].text
+    assert other["resp"].json()["usage"]["completion_tokens"] == 200
+    assert daemon.worker_pid("tiny") == pid
