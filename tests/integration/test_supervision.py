@@ -387,7 +387,13 @@ def test_a_failed_choice_stops_its_siblings(start_daemon, tiny_model):
     daemon = start_daemon({"tiny": {"path": str(tiny_model), "max_running": 1, "max_queue": 1,
                                     "preload": True, "fault": {"delay_per_token_s": 0.05}}})
     daemon.wait_worker("tiny")
-    resp = _chat(daemon, "tiny", n=4, max_tokens=100)
+    # Another client holds the one running slot: of n=2 choices the first queues, the second
+    # finds the queue full (429), and the first must not stay queued for nobody.
+    busy = threading.Thread(target=_chat, args=(daemon, "tiny"), kwargs={"max_tokens": 60})
+    busy.start()
+    wait_for(lambda: daemon.workers()["tiny"]["in_flight"] == 1, 5, "the busy request")
+    resp = _chat(daemon, "tiny", n=2, max_tokens=100)
     assert resp.status_code == 429
-    wait_for(lambda: daemon.workers()["tiny"]["in_flight"] == 0
-             and daemon.workers()["tiny"]["waiting"] == 0, 3, "siblings to be cancelled")
+    wait_for(lambda: daemon.workers()["tiny"]["in_flight"] == 1
+             and daemon.workers()["tiny"]["waiting"] == 0, 3, "the sibling to be cancelled")
+    busy.join(30)
