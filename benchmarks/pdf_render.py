@@ -2,14 +2,16 @@
 
 Usage: python benchmarks/pdf_render.py [--pages 10] [--dpi 150] [--runs 3]
 
-Each measurement runs in a fresh interpreter that imports what a vision worker imports
-(mlx, mlx-vlm, vlm_engine), so peak RSS (getrusage ru_maxrss) is the worker's, not this
-script's. Two figures:
+Each measurement runs in a fresh interpreter (with a vision worker's imports for the request),
+so peak RSS (getrusage ru_maxrss) is that process's, not this script's. Three figures:
 - render: `media.render_pdf` alone (pypdfium2, every page to an RGB PIL image), the
   median of --runs runs, and the peak RSS growth over the process after imports;
 - request: one chat request carrying the PDF through a VisionEngine on a tiny random qwen2_vl
-  (tests/tinyvlm.py): render + chat template + processor + prefill + 4 tokens, and the peak RSS
-  of that process. A real model adds its weights and a bigger vision-tower prefill.
+  (tests/tinyvlm.py): render (in the worker's decoder child, media.decode_all) + chat template
+  + processor + prefill + 4 tokens, and the peak RSS of that process;
+- decoder: what the worker's decoder child does for that request (render every page, encode the
+  RGB pixels to send back), in a fresh interpreter with the child's imports, and its peak RSS.
+A real model adds its weights and a bigger vision-tower prefill.
 The PDF is letter-sized, 30 lines of Helvetica text per page (tests/tinyvlm.make_pdf).
 """
 
@@ -55,6 +57,13 @@ if {mode!r} == "render":
     out.update(render_s=round(statistics.median(times), 3), runs=times, page_px=size,
                peak_rss_mb=round(peak_mb(), 1),
                peak_growth_mb=round(peak_mb() - base_peak, 1))
+elif {mode!r} == "decoder":  # what `python -m mlxrouter.media` does for this request
+    from mlxrouter import media as m
+    m.limit_png_text()
+    t = time.perf_counter()
+    payload = m.encode_decoded(m.decode_here([media]))
+    out.update(decode_s=round(time.perf_counter() - t, 3), payload_mb=round(len(payload) / 2**20, 1),
+               peak_rss_mb=round(peak_mb(), 1), peak_growth_mb=round(peak_mb() - base_peak, 1))
 else:
     from mlxrouter.config import ModelSpec
     from mlxrouter.engine import FaultPlan
@@ -108,6 +117,7 @@ def main() -> None:
 
         args.dpi = ServerConfig().pdf_dpi
     render = measure("render", args.pages, args.dpi, args.runs)
+    decoder = measure("decoder", args.pages, args.dpi, 1)
     request = measure("request", args.pages, args.dpi, 1)
     w, h = render["page_px"]
     print(f"{args.pages}-page letter PDF ({render['pdf_bytes']} bytes) at {args.dpi} dpi "
@@ -121,6 +131,10 @@ def main() -> None:
           f"{request['request_s']:.2f} s (prepare {request['prepare_s']:.2f} s) | "
           f"{request['peak_rss_mb']:.0f} MB | {request['peak_growth_mb']:.0f} MB over the "
           "loaded worker |")
+    print(f"| the worker's decoder child for it (`python -m mlxrouter.media`: render + "
+          f"{decoder['payload_mb']:.0f} MB of RGB to send) | {decoder['decode_s']:.2f} s | "
+          f"{decoder['peak_rss_mb']:.0f} MB | {decoder['peak_growth_mb']:.0f} MB over its "
+          f"{decoder['rss_after_imports_mb']:.0f} MB after imports |")
 
 
 if __name__ == "__main__":
