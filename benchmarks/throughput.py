@@ -406,7 +406,7 @@ def router_extras(daemon, f32: Path, tiny: Path, env: dict[str, str], work: Path
     out["load"] = {w["model"]: {"load_s": w["load_s"],
                                 "memory_mb": round((w["memory_bytes"] or 0) / 2**20, 1)}
                    for w in health["workers"]
-                   if w["load_s"] is not None and w["model"] != "tiny"}
+                   if w["load_s"] is not None and w["model"] in (MODEL_ID, f"{MODEL_ID}-q4")}
     return out
 
 

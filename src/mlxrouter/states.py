@@ -50,6 +50,8 @@ class Worker:
         self.in_flight = 0
         self.estimate_bytes = cost_bytes
         self.peak_bytes = 0
+        self.rss_at_measure = 0  # RSS when Pss was last read, and when (supervisor._measure)
+        self.measured_at = float("-inf")
         self.ready_msg: protocol.Ready | None = None
         self.stats: protocol.Stats | None = None
         self.steps_moved_at = time.monotonic()
