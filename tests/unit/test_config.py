@@ -489,13 +489,16 @@ def test_mlxrouter_home_sets_run_and_log_dirs_unless_the_file_does(
 
 # ---- the worker's environment
 
+OPENBLAS = ("openblas", "/usr/lib/libopenblas.so.0")
+
 def spec(**kwargs: object) -> ModelSpec:
     return ModelSpec(id="m", path="/models/m", **kwargs)  # type: ignore[arg-type]
 
 
-def make_config(use_system_blas: bool = True) -> Config:
+def make_config(use_system_blas: bool = True, system_blas: str = "auto") -> Config:
     return Config(server=ServerConfig(),
-                  supervisor=SupervisorConfig(use_system_blas=use_system_blas),
+                  supervisor=SupervisorConfig(use_system_blas=use_system_blas,
+                                              system_blas=system_blas),  # type: ignore[arg-type]
                   defaults=ModelOptions(), models={})
 
 
@@ -539,14 +542,79 @@ def test_worker_environment_does_not_touch_os_environ(monkeypatch: pytest.Monkey
 
 def test_worker_environment_preloads_system_blas_on_linux(
         linux: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cfg, "find_system_blas", lambda: "/usr/lib/libopenblas.so.0")
+    monkeypatch.setattr(cfg, "find_system_blas", lambda which: OPENBLAS)
     env = worker_environment(make_config(use_system_blas=True), spec())
     assert env["LD_PRELOAD"] == "/usr/lib/libopenblas.so.0"
 
 
+def test_worker_environment_gives_blis_every_core(
+        linux: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cfg, "find_system_blas", lambda which: ("blis", "/usr/lib/libblis.so.4"))
+    monkeypatch.delenv("BLIS_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cfg.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    env = worker_environment(make_config(), spec())
+    assert env["LD_PRELOAD"] == "/usr/lib/libblis.so.4"
+    assert env["BLIS_NUM_THREADS"] == "4"
+    monkeypatch.setattr(cfg.os, "sched_getaffinity", lambda pid: {5}, raising=False)
+    assert worker_environment(make_config(), spec())["BLIS_NUM_THREADS"] == "1"
+
+
+def test_worker_environment_blis_threads_from_the_user_or_the_model_win(
+        linux: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cfg, "find_system_blas", lambda which: ("blis", "/usr/lib/libblis.so.4"))
+    monkeypatch.setenv("BLIS_NUM_THREADS", "6")
+    assert worker_environment(make_config(), spec())["BLIS_NUM_THREADS"] == "6"
+    env = worker_environment(make_config(), spec(env={"BLIS_NUM_THREADS": "2"}))
+    assert env["BLIS_NUM_THREADS"] == "2"
+
+
+def test_worker_environment_openblas_gets_no_blis_threads(
+        linux: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cfg, "find_system_blas", lambda which: OPENBLAS)
+    monkeypatch.delenv("BLIS_NUM_THREADS", raising=False)
+    assert "BLIS_NUM_THREADS" not in worker_environment(make_config(), spec())
+
+
+def test_worker_environment_asks_for_the_configured_blas(
+        linux: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[str] = []
+    monkeypatch.setattr(cfg, "find_system_blas", lambda which: asked.append(which))
+    worker_environment(make_config(system_blas="openblas"), spec())
+    worker_environment(make_config(), spec())
+    assert asked == ["openblas", "auto"]
+
+
+@pytest.fixture
+def blas_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    files = {"blis": tmp_path / "libblis.so.4", "openblas": tmp_path / "libopenblas.so.0"}
+    monkeypatch.setattr(cfg, "_BLAS_CANDIDATES", {k: (str(tmp_path / "missing"), str(v))
+                                                  for k, v in files.items()})
+    return files
+
+
+def test_find_system_blas_prefers_blis_then_openblas(blas_files: dict[str, Path]) -> None:
+    assert cfg.find_system_blas() is None
+    blas_files["openblas"].touch()
+    assert cfg.find_system_blas() == ("openblas", str(blas_files["openblas"]))
+    assert cfg.find_system_blas("blis") is None
+    blas_files["blis"].touch()
+    assert cfg.find_system_blas() == ("blis", str(blas_files["blis"]))
+    assert cfg.find_system_blas("auto") == ("blis", str(blas_files["blis"]))
+    assert cfg.find_system_blas("openblas") == ("openblas", str(blas_files["openblas"]))
+
+
+def test_system_blas_setting_is_checked(tmp_path: Path) -> None:
+    path = tmp_path / "supervisor.toml"
+    path.write_text('[supervisor]\nsystem_blas = "mkl"\n')
+    with pytest.raises(cfg.ConfigError, match="system_blas"):
+        load_config(path)
+    path.write_text('[supervisor]\nsystem_blas = "openblas"\n')
+    assert load_config(path).supervisor.system_blas == "openblas"
+
+
 def test_worker_environment_keeps_existing_ld_preload(
         linux: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cfg, "find_system_blas", lambda: "/usr/lib/libopenblas.so.0")
+    monkeypatch.setattr(cfg, "find_system_blas", lambda which: OPENBLAS)
     monkeypatch.setenv("LD_PRELOAD", "/opt/libother.so")
     env = worker_environment(make_config(use_system_blas=True), spec())
     assert env["LD_PRELOAD"].split(":") == ["/usr/lib/libopenblas.so.0", "/opt/libother.so"]
@@ -554,14 +622,14 @@ def test_worker_environment_keeps_existing_ld_preload(
 
 def test_worker_environment_no_blas_preload_when_disabled(
         linux: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cfg, "find_system_blas", lambda: "/usr/lib/libopenblas.so.0")
+    monkeypatch.setattr(cfg, "find_system_blas", lambda which: OPENBLAS)
     env = worker_environment(make_config(use_system_blas=False), spec())
     assert "LD_PRELOAD" not in env
 
 
 def test_worker_environment_no_blas_preload_when_not_installed(
         linux: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cfg, "find_system_blas", lambda: None)
+    monkeypatch.setattr(cfg, "find_system_blas", lambda which: None)
     env = worker_environment(make_config(use_system_blas=True), spec())
     assert "LD_PRELOAD" not in env
 
@@ -569,14 +637,14 @@ def test_worker_environment_no_blas_preload_when_not_installed(
 def test_worker_environment_no_blas_preload_on_macos(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cfg.sys, "platform", "darwin")
     monkeypatch.delenv("LD_PRELOAD", raising=False)
-    monkeypatch.setattr(cfg, "find_system_blas", lambda: "/usr/lib/libopenblas.so.0")
+    monkeypatch.setattr(cfg, "find_system_blas", lambda which: OPENBLAS)
     env = worker_environment(make_config(use_system_blas=True), spec())
     assert "LD_PRELOAD" not in env
 
 
 def test_worker_environment_applies_spec_env(linux: None, monkeypatch: pytest.MonkeyPatch
                                              ) -> None:
-    monkeypatch.setattr(cfg, "find_system_blas", lambda: None)
+    monkeypatch.setattr(cfg, "find_system_blas", lambda which: None)
     monkeypatch.setenv("SHARED", "from-daemon")
     env = worker_environment(make_config(), spec(env={"SHARED": "from-model",
                                                        "MLX_DISABLE_COMPILE": "0",
