@@ -388,7 +388,7 @@ def start_router(q4: Path, f32: Path, tiny: Path, work: Path, args: argparse.Nam
     config = write_config(root, models={
         MODEL_ID: {"path": str(f32), "max_running": max(8, max(args.concurrency))},
         # The overhead measured again with the other BLAS thread setting (see router_extras).
-        f"{MODEL_ID}-alt": {"path": str(f32), "max_running": 1,
+        f"{MODEL_ID}-alt": {"path": str(f32), "max_running": max(8, max(args.concurrency)),
                             "env": changed(env_for(f32, work), other_blas(env_for(f32, work))[1])},
         f"{MODEL_ID}-q4": {"path": str(q4)}, "tiny": {"path": str(tiny)}})
     return spawn_daemon(root, config)
@@ -507,6 +507,11 @@ def measure_all(q4: Path, f32: Path, tiny: Path, env: dict[str, str], work: Path
                           cpu_pid=daemon.proc.pid)]
         if mlx:
             servers.append(Target("m", mlx.base_url, "default_model", bias, args))
+        # The router once more on the other BLAS setup: what the workers' choice is worth
+        # under load, in the same run.
+        alt_label = other_blas(env)[0]
+        if not args.skip_blas_comparison:
+            servers.append(Target("a", f"{daemon.base_url}/v1", f"{MODEL_ID}-alt", bias, args))
         for t in servers:
             t.warm_up()
         for round_no in range(args.rounds):
@@ -531,8 +536,11 @@ def measure_all(q4: Path, f32: Path, tiny: Path, env: dict[str, str], work: Path
         if mlx:
             res["mlx_lm_server"] = servers[1].result()
             res["mlx_lm_server"]["ready_s"] = mlx.ready_s
+        if servers[-1].name == "a":
+            res["mlxrouter_alt"] = {**servers[-1].result(), "label": alt_label}
         if args.history_tokens:
-            for t, key in zip(servers, ("mlxrouter", "mlx_lm_server")):
+            for t, key in zip([t for t in servers if t.name != "a"],
+                              ("mlxrouter", "mlx_lm_server")):
                 res[key]["multiturn"] = t.multiturn()
         if mlx:
             mlx.close()
@@ -661,7 +669,9 @@ def render(res: dict[str, Any], args: argparse.Namespace) -> str:
                      f"| {alt['prompt_tokens']} | 0 | {alt['ttft_ms_p50']} | - "
                      f"| {round(1000 / alt['decode_tok_s_p50'], 2)} "
                      f"| {alt['decode_tok_s_p50']} | - |")
-    for name, key in (("mlxrouter", "mlxrouter"), ("mlx_lm.server", "mlx_lm_server")):
+    alt = res.get("mlxrouter_alt", {}).get("label")
+    for name, key in (("mlxrouter", "mlxrouter"), ("mlx_lm.server", "mlx_lm_server"),
+                      (f"mlxrouter, {alt}", "mlxrouter_alt")):
         for lv in res.get(key, {}).get("levels", []):
             lines.append(f"| {name} | {lv['concurrency']} | {lv['requests']} | {lv['errors']} "
                          f"| {lv['prompt_tokens_mean']} | {lv['cached_tokens_mean']} "
@@ -740,6 +750,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2,
                    help="times every level is run on every server (figures: median)")
     p.add_argument("--skip-mlx-server", action="store_true")
+    p.add_argument("--skip-blas-comparison", action="store_true",
+                   help="do not run the load levels again on the other BLAS setup")
     p.add_argument("--note", default="", help="a line for the report (e.g. a shared machine)")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     p.add_argument("--json", type=Path)
