@@ -155,6 +155,7 @@ class ModelOptions(_Section):
     memory_pressure_max_tokens: dict[Literal["moderate", "high", "critical"], Pos] | None = None
     engine: Literal["mlx-lm"] | None = None
     load_dtype: Literal["auto", "native", "float32", "float16", "bfloat16"] | None = None
+    compute_nice: Annotated[int, msgspec.Meta(ge=0, le=19)] | None = None
     prompt_cache_bytes: NonNeg | None = None
     prompt_cache_size: Pos | None = None
     reasoning_response: Literal["enable", "disable"] | None = None
@@ -237,6 +238,11 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     # 4-bit decodes 1.6x and prefills 16x slower than f32 there), as stored elsewhere;
     # "native" = as stored; or a float dtype.
     load_dtype: str = "auto"
+    # Nice value (Unix) of the worker's compute threads (engine, MLX, BLAS) once the model is
+    # loaded; its I/O thread keeps the daemon's. When matrix products hold every core, the
+    # daemon's and the worker's hand-offs (streamed tokens, health, stats) then run at once
+    # instead of queueing behind them. 0 = as the daemon.
+    compute_nice: int = 5
     # KV caches of finished sequences kept for the next turn of a conversation (mlx-lm's
     # LRUPromptCache), bounded by bytes (counted in the memory budget) and entries; 0 = off.
     prompt_cache_bytes: int = 256 * 1024 * 1024

@@ -22,6 +22,7 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
 import msgspec
 import psutil
@@ -55,6 +56,22 @@ def measure_memory_bytes() -> int:
         return int(proc.memory_full_info().pss)
     except (AttributeError, psutil.AccessDenied):
         return int(proc.memory_info().rss)
+
+
+def lower_compute_priority(nice: int) -> None:
+    """Give every thread of this worker but the main (I/O) thread and ZeroMQ's the nice value
+    `nice`: the engine thread, MLX's stream threads and the BLAS pool, all started by now;
+    threads they start later inherit it. Linux sets nice per thread; elsewhere it is left."""
+    if nice <= 0 or not sys.platform.startswith("linux"):
+        return
+    main = threading.main_thread().native_id
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            name = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+            if int(tid) != main and not name.startswith("ZMQbg"):
+                os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+        except (OSError, ValueError):  # a thread that ended meanwhile
+            continue
 
 
 class EngineThread(threading.Thread):
@@ -100,6 +117,7 @@ class EngineThread(threading.Thread):
         emit(protocol.Progress(message=f"loading {self.spec.path}"))
         engine.load()
         self.engine = engine
+        lower_compute_priority(self.spec.compute_nice)
         emit(protocol.Ready(
             load_s=round(time.monotonic() - started, 3), weights_bytes=engine.weights_bytes,
             memory_bytes=measure_memory_bytes(), max_context=engine.max_context,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -242,6 +243,31 @@ def test_workers_run_with_the_system_blas_preloaded(start_daemon, tiny_model):
     assert _chat(off, "tiny").status_code == 200
     maps = open(f"/proc/{off.worker_pid('tiny')}/maps").read()
     assert "libopenblas.so" not in maps and "libblis.so" not in maps
+
+
+def _thread_nices(pid: int) -> dict[str, list[int]]:
+    """Nice values of a process's threads by kind: main, ZeroMQ's, and the others."""
+    out: dict[str, list[int]] = {"main": [], "zmq": [], "compute": []}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        comm = open(f"/proc/{pid}/task/{tid}/comm").read().strip()
+        stat = open(f"/proc/{pid}/task/{tid}/stat").read()
+        nice = int(stat.rsplit(")", 1)[1].split()[16])  # field 19, after "pid (comm)"
+        kind = "main" if int(tid) == pid else "zmq" if comm.startswith("ZMQbg") else "compute"
+        out[kind].append(nice)
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_worker_compute_threads_yield_to_its_io_thread(start_daemon, tiny_model):
+    daemon = start_daemon(models={"tiny": {"path": str(tiny_model)},
+                                  "tiny-same": {"path": str(tiny_model), "compute_nice": 0}})
+    assert _chat(daemon, "tiny").status_code == 200
+    nices = _thread_nices(daemon.worker_pid("tiny"))
+    assert nices["main"] == [0] and set(nices["zmq"]) == {0}
+    assert nices["compute"] and set(nices["compute"]) == {5}  # engine, MLX and BLAS threads
+    assert _chat(daemon, "tiny").status_code == 200
+    assert _chat(daemon, "tiny-same").status_code == 200
+    assert set(sum(_thread_nices(daemon.worker_pid("tiny-same")).values(), [])) == {0}
 
 
 def test_daemon_sigterm_leaves_no_worker_and_no_pidfile(start_daemon):

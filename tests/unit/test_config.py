@@ -213,6 +213,9 @@ def test_unknown_key_in_worker_file_names_key_and_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize("text, key", [
     ("[server]\nport = \"eighty\"\n", "port"),
     ("[supervisor]\nuse_system_blas = \"yes\"\n", "use_system_blas"),
+    ("[supervisor]\nsystem_blas = \"mkl\"\n", "system_blas"),
+    ("[defaults]\ncompute_nice = 20\n", "compute_nice"),
+    ("[defaults]\ncompute_nice = -1\n", "compute_nice"),
     ("[defaults]\nmax_tokens = 1.5\n", "max_tokens"),
     ("server = 3\n", "server"),
 ])
