@@ -81,7 +81,8 @@ def changed(env: dict[str, str], alt: dict[str, str]) -> dict[str, str]:
 def blas_alternatives(env: dict[str, str]) -> dict[str, dict[str, str]]:
     """Other system BLAS setups for the direct single-stream comparison: what the workers'
     choice of library and threads is worth, measured in the same run."""
-    out = dict([other_blas(env)])
+    label, alt = other_blas(env)
+    out = {label: alt}
     if "BLIS_NUM_THREADS" in env and env["BLIS_NUM_THREADS"] != "1":
         out["BLIS, one thread"] = {**env, "BLIS_NUM_THREADS": "1"}
     return out
@@ -385,11 +386,12 @@ def merge_rounds(levels: list[dict[str, Any]]) -> dict[str, Any]:
 def start_router(q4: Path, f32: Path, tiny: Path, work: Path, args: argparse.Namespace):
     root = work / "daemon"
     (root / "models").mkdir(parents=True, exist_ok=True)
+    env = env_for(f32, work)
     config = write_config(root, models={
         MODEL_ID: {"path": str(f32), "max_running": max(8, max(args.concurrency))},
-        # The overhead measured again with the other BLAS thread setting (see router_extras).
+        # The load levels and the overhead again on the other BLAS setup (measure_all).
         f"{MODEL_ID}-alt": {"path": str(f32), "max_running": max(8, max(args.concurrency)),
-                            "env": changed(env_for(f32, work), other_blas(env_for(f32, work))[1])},
+                            "env": changed(env, other_blas(env)[1])},
         f"{MODEL_ID}-q4": {"path": str(q4)}, "tiny": {"path": str(tiny)}})
     return spawn_daemon(root, config)
 
@@ -583,6 +585,17 @@ def machine() -> dict[str, Any]:
             "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
 
 
+def overhead_figures(o: dict[str, Any]) -> str:
+    return (f"p50 {o['router_p50_ms']} ms vs {o['worker_alone_p50_ms']} ms, overhead "
+            f"{o['overhead_p50_ms']} ms (median of paired differences "
+            f"{o['paired_diff_p50_ms']} ms)")
+
+
+def direct_row(label: str, d: dict[str, Any]) -> str:
+    return (f"| {label} | 1 | {d['reps']} | 0 | {d['prompt_tokens']} | 0 | {d['ttft_ms_p50']} "
+            f"| - | {round(1000 / d['decode_tok_s_p50'], 2)} | {d['decode_tok_s_p50']} | - |")
+
+
 def level(result: dict[str, Any], c: int) -> dict[str, Any]:
     return next(lv for lv in result["levels"] if lv["concurrency"] == c)
 
@@ -661,14 +674,9 @@ def render(res: dict[str, Any], args: argparse.Namespace) -> str:
               "| TTFT p50 ms | TTFT p99 ms | ITL p50 ms | tok/s per stream p50 "
               "| aggregate tok/s |",
               "|---|---|---|---|---|---|---|---|---|---|---|",
-              f"| direct stream_generate | 1 | {d['reps']} | 0 | {d['prompt_tokens']} | 0 "
-              f"| {d['ttft_ms_p50']} | - | {round(1000 / d['decode_tok_s_p50'], 2)} "
-              f"| {d['decode_tok_s_p50']} | - |"]
-    for label, alt in res.get("direct_blas", {}).items():
-        lines.append(f"| direct stream_generate, {label} | 1 | {alt['reps']} | 0 "
-                     f"| {alt['prompt_tokens']} | 0 | {alt['ttft_ms_p50']} | - "
-                     f"| {round(1000 / alt['decode_tok_s_p50'], 2)} "
-                     f"| {alt['decode_tok_s_p50']} | - |")
+              direct_row("direct stream_generate", d)]
+    lines += [direct_row(f"direct stream_generate, {label}", alt)
+              for label, alt in res.get("direct_blas", {}).items()]
     alt = res.get("mlxrouter_alt", {}).get("label")
     for name, key in (("mlxrouter", "mlxrouter"), ("mlx_lm.server", "mlx_lm_server"),
                       (f"mlxrouter, {alt}", "mlxrouter_alt")):
@@ -693,22 +701,16 @@ def render(res: dict[str, Any], args: argparse.Namespace) -> str:
               f"{ov['reps']} non-streaming requests with max_tokens 1 and a "
               f"~{ov['prompt_tokens']}-token prompt, alternating between the daemon (HTTP, "
               "client-side latency) and a second worker process on the same model driven "
-              "directly over the ZeroMQ protocol (Request -> End, timed by the driver): p50 "
-              f"{ov['router_p50_ms']} ms vs {ov['worker_alone_p50_ms']} ms, overhead "
-              f"{ov['overhead_p50_ms']} ms (median of paired differences "
-              f"{ov['paired_diff_p50_ms']} ms)."]
+              f"directly over the ZeroMQ protocol (Request -> End, timed by the driver): "
+              f"{overhead_figures(ov)}."]
     ot = r.get("overhead_tiny")
     if ot:
         lines += ["", "The same with the tests' tiny random-weight model, where the model's own "
-                  f"time is close to zero: p50 {ot['router_p50_ms']} ms vs "
-                  f"{ot['worker_alone_p50_ms']} ms, overhead {ot['overhead_p50_ms']} ms "
-                  f"(paired {ot['paired_diff_p50_ms']} ms)."]
+                  f"time is close to zero: {overhead_figures(ot)}."]
     o1 = r.get("overhead_alt")
     if o1:
         lines += ["", "The same on SmolLM2 with the router's worker and the worker alone each "
-                  f"running {o1['label']}: p50 "
-                  f"{o1['router_p50_ms']} ms vs {o1['worker_alone_p50_ms']} ms, overhead "
-                  f"{o1['overhead_p50_ms']} ms (paired {o1['paired_diff_p50_ms']} ms)."]
+                  f"running {o1['label']}: {overhead_figures(o1)}."]
     lines += [""]
     cpu = r.get("daemon_cpu")
     if cpu:
