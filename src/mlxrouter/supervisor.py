@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 
 CRASH_LOOP_WINDOW_S = 600.0
 # Settings a running worker was started with; changing one on reload restarts it.
-COLD_FIELDS = ("path", "engine", "load_dtype", "compute_nice", "max_running", "max_context", "env", "fault",
-               "prompt_cache_bytes", "prompt_cache_size", "chat_template",
+COLD_FIELDS = ("path", "engine", "load_dtype", "compute_nice", "max_running", "max_context",
+               "env", "fault", "prompt_cache_bytes", "prompt_cache_size", "chat_template",
                "tool_call_format", "supports_vision", "supports_tools",
                "enable_function_calling")
 MEASURE_INTERVAL_S = 1.0

@@ -77,6 +77,7 @@ class _Daemon:
                "system_blas": config.supervisor.system_blas}
         worker = {"id": model_id, "path": path, "max_running": 1, "max_context": context,
                   "prompt_cache_bytes": 0, "load_dtype": spec.load_dtype, "env": spec.env,
+                  "compute_nice": spec.compute_nice,
                   "timeout_s": 3600.0}
         (self.dir / "workers").mkdir(parents=True)
         (self.dir / "models").mkdir()
