@@ -91,10 +91,13 @@ class SupervisorConfig(_Section):
     import_embedded_model: bool = True
     preload_default_model: bool = True
     # Preload a system BLAS into Linux workers (the mlx[cpu] wheel's bundled reference BLAS is
-    # ~30x slower at matrix products; see MLX_NOTES.md and docs/performance.md). "auto": BLIS
-    # when installed (faster decode, no delay at the daemon's hand-offs), else OpenBLAS.
+    # ~30x slower at matrix products; see MLX_NOTES.md and docs/performance.md). "auto":
+    # OpenBLAS with the gemv forwarder when both can be had, else BLIS, else OpenBLAS.
     use_system_blas: bool = True
     system_blas: Literal["auto", "blis", "openblas"] = "auto"
+    # OpenBLAS: preload mlxrouter's gemv forwarder ahead of it (built with the system C
+    # compiler on first use), which sends one-row products to sgemv: decode ~2x faster.
+    gemv_forward: bool = True
     load_timeout_s: float = 300.0
     stop_timeout_s: float = 10.0
     silence_timeout_s: float = 5.0
@@ -529,14 +532,35 @@ _BLAS_CANDIDATES = {
 
 
 def find_system_blas(which: str = "auto") -> tuple[str, str] | None:
-    """(kind, path) of the system BLAS workers preload: BLIS (Debian: libblis4-pthread), then
-    OpenBLAS (libopenblas0-pthread) for "auto"; only the named one otherwise."""
+    """(kind, path) of an installed system BLAS: BLIS (Debian: libblis4-pthread), then OpenBLAS
+    (libopenblas0-pthread) for "auto"; only the named one otherwise."""
     kinds = ("blis", "openblas") if which == "auto" else (which,)
     for kind in kinds:
         for candidate in _BLAS_CANDIDATES[kind]:
             if Path(candidate).exists():
                 return kind, candidate
     return None
+
+
+def worker_blas(config: Config) -> tuple[str, list[str]] | None:
+    """(kind, libraries to preload in order) for Linux workers, or None for the mlx wheel's own.
+
+    OpenBLAS behind the gemv forwarder first: fastest here at every batch size and at prefill
+    (docs/performance.md). Without the forwarder OpenBLAS is the slowest at one-stream decode,
+    so "auto" then prefers BLIS."""
+    sup = config.supervisor
+    if not sup.use_system_blas:
+        return None
+    openblas = find_system_blas("openblas") if sup.system_blas != "blis" else None
+    if openblas and sup.gemv_forward:
+        from . import gemv
+
+        run_dir = config.run_dir if sup.run_dir else state_home() / "run"
+        shim = gemv.library(run_dir / "lib")
+        if shim is not None:
+            return "openblas", [str(shim), openblas[1]]
+    found = find_system_blas(sup.system_blas)
+    return (found[0], [found[1]]) if found else None
 
 
 def blas_threads() -> int:
@@ -563,12 +587,12 @@ def worker_environment(config: Config, spec: ModelSpec) -> dict[str, str]:
         # The CPU backend JIT-compiles fused kernels with the system compiler on first use
         # (1-5 s); disabling it costs nothing in steady state here (MLX_NOTES.md).
         env.setdefault("MLX_DISABLE_COMPILE", "1")
-        sup = config.supervisor
-        found = find_system_blas(sup.system_blas) if sup.use_system_blas else None
+        found = worker_blas(config)
         if found:
-            kind, blas = found
-            preload = env.get("LD_PRELOAD", "")
-            env["LD_PRELOAD"] = f"{blas}:{preload}" if preload else blas
+            kind, libraries = found
+            if env.get("LD_PRELOAD"):  # the user's own preloads stay, after ours
+                libraries = [*libraries, env["LD_PRELOAD"]]
+            env["LD_PRELOAD"] = ":".join(libraries)
             if kind == "blis":
                 env.setdefault("BLIS_NUM_THREADS", str(blas_threads()))
     env.update(spec.env)

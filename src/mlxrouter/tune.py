@@ -74,7 +74,8 @@ class _Daemon:
                "log_dir": str(self.dir / "logs"), "import_embedded_model": False,
                "preload_default_model": False, "discovery_sources": ["model_directory"],
                "use_system_blas": config.supervisor.use_system_blas,
-               "system_blas": config.supervisor.system_blas}
+               "system_blas": config.supervisor.system_blas,
+               "gemv_forward": config.supervisor.gemv_forward}
         worker = {"id": model_id, "path": path, "max_running": 1, "max_context": context,
                   "prompt_cache_bytes": 0, "load_dtype": spec.load_dtype, "env": spec.env,
                   "compute_nice": spec.compute_nice,

@@ -220,29 +220,39 @@ def test_restarted_daemon_reaps_a_stale_worker(start_daemon, tiny_model):
 
 
 def test_workers_run_with_the_system_blas_preloaded(start_daemon, tiny_model):
+    from mlxrouter import gemv
     from mlxrouter.config import find_system_blas
 
-    if find_system_blas() is None:
-        # scripts/bootstrap.sh installs both on Debian-family systems, so CI must have one.
-        assert not os.environ.get("CI"), "CI ran without a system BLAS"
-        pytest.skip("no system BLIS or OpenBLAS on this machine")
-    kind, path = find_system_blas()
+    blis, openblas = find_system_blas("blis"), find_system_blas("openblas")
+    if not (blis and openblas and gemv.compiler()):
+        # scripts/bootstrap.sh installs both on Debian-family systems, and CI has a compiler.
+        assert not os.environ.get("CI"), "CI ran without BLIS, OpenBLAS or a C compiler"
+        pytest.skip("needs system BLIS, OpenBLAS and a C compiler")
+
+    def maps(daemon) -> str:
+        assert _chat(daemon, "tiny").status_code == 200
+        return open(f"/proc/{daemon.worker_pid('tiny')}/maps").read()
+
+    # auto: the gemv forwarder, built in the run directory, ahead of OpenBLAS
     daemon = start_daemon()
-    assert _chat(daemon, "tiny").status_code == 200
-    pid = daemon.worker_pid("tiny")
-    assert os.path.realpath(path) in open(f"/proc/{pid}/maps").read()
-    env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-    if kind == "blis":
-        assert f"BLIS_NUM_THREADS={len(os.sched_getaffinity(0))}".encode() in env
-    if find_system_blas("openblas"):
-        chosen = start_daemon(supervisor={"system_blas": "openblas"})
-        assert _chat(chosen, "tiny").status_code == 200
-        maps = open(f"/proc/{chosen.worker_pid('tiny')}/maps").read()
-        assert "libopenblas" in maps and "libblis" not in maps
+    mapped = maps(daemon)
+    forwarder = list((daemon.run_dir / "lib").glob("libmlxrouter-gemv-*.so"))
+    assert len(forwarder) == 1 and str(forwarder[0]) in mapped
+    assert os.path.realpath(openblas[1]) in mapped and "libblis" not in mapped
+    # BLIS when chosen, on every core
+    chosen = start_daemon(supervisor={"system_blas": "blis"})
+    mapped = maps(chosen)
+    assert os.path.realpath(blis[1]) in mapped and "libopenblas" not in mapped
+    env = open(f"/proc/{chosen.worker_pid('tiny')}/environ", "rb").read().split(b"\0")
+    assert f"BLIS_NUM_THREADS={len(os.sched_getaffinity(0))}".encode() in env
+    # OpenBLAS alone when the forwarder is turned off
+    plain = start_daemon(supervisor={"system_blas": "openblas", "gemv_forward": False})
+    mapped = maps(plain)
+    assert "libopenblas" in mapped and "libmlxrouter-gemv" not in mapped
     off = start_daemon(supervisor={"use_system_blas": False})
-    assert _chat(off, "tiny").status_code == 200
-    maps = open(f"/proc/{off.worker_pid('tiny')}/maps").read()
-    assert "libopenblas.so" not in maps and "libblis.so" not in maps
+    mapped = maps(off)
+    assert "libopenblas.so" not in mapped and "libblis.so" not in mapped
+    assert "libmlxrouter-gemv" not in mapped
 
 
 def _thread_nices(pid: int) -> dict[str, list[int]]:

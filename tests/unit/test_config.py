@@ -14,6 +14,7 @@ import msgspec
 import pytest
 
 from mlxrouter import config as cfg
+from mlxrouter import gemv
 from mlxrouter.config import (
     Config,
     ConfigError,
@@ -214,6 +215,7 @@ def test_unknown_key_in_worker_file_names_key_and_file(tmp_path: Path) -> None:
     ("[server]\nport = \"eighty\"\n", "port"),
     ("[supervisor]\nuse_system_blas = \"yes\"\n", "use_system_blas"),
     ("[supervisor]\nsystem_blas = \"mkl\"\n", "system_blas"),
+    ("[supervisor]\ngemv_forward = \"yes\"\n", "gemv_forward"),
     ("[defaults]\ncompute_nice = 20\n", "compute_nice"),
     ("[defaults]\ncompute_nice = -1\n", "compute_nice"),
     ("[defaults]\nmax_tokens = 1.5\n", "max_tokens"),
@@ -498,17 +500,33 @@ def spec(**kwargs: object) -> ModelSpec:
     return ModelSpec(id="m", path="/models/m", **kwargs)  # type: ignore[arg-type]
 
 
-def make_config(use_system_blas: bool = True, system_blas: str = "auto") -> Config:
+def make_config(use_system_blas: bool = True, system_blas: str = "auto",
+                gemv_forward: bool = True) -> Config:
     return Config(server=ServerConfig(),
                   supervisor=SupervisorConfig(use_system_blas=use_system_blas,
-                                              system_blas=system_blas),  # type: ignore[arg-type]
+                                              system_blas=system_blas,  # type: ignore[arg-type]
+                                              gemv_forward=gemv_forward,
+                                              run_dir="/srv/mlxr/run"),
                   defaults=ModelOptions(), models={})
+
+
+FORWARDER = Path("/srv/mlxr/run/lib/libmlxrouter-gemv-0123456789ab.so")
 
 
 @pytest.fixture
 def linux(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Linux, no preloads of the user's, and no gemv forwarder to be had."""
     monkeypatch.setattr(cfg.sys, "platform", "linux")
     monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.setattr(gemv, "library", lambda cache_dir: None)
+
+
+@pytest.fixture
+def forwarder(linux: None, monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The gemv forwarder builds; returns the directories it was asked for."""
+    asked: list[Path] = []
+    monkeypatch.setattr(gemv, "library", lambda cache_dir: asked.append(cache_dir) or FORWARDER)
+    return asked
 
 
 def test_worker_environment_drops_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -582,9 +600,54 @@ def test_worker_environment_asks_for_the_configured_blas(
         linux: None, monkeypatch: pytest.MonkeyPatch) -> None:
     asked: list[str] = []
     monkeypatch.setattr(cfg, "find_system_blas", lambda which: asked.append(which))
-    worker_environment(make_config(system_blas="openblas"), spec())
-    worker_environment(make_config(), spec())
+    worker_environment(make_config(system_blas="blis"), spec())
+    assert asked == ["blis"]
+    asked.clear()
+    worker_environment(make_config(), spec())  # OpenBLAS for the forwarder, then any
     assert asked == ["openblas", "auto"]
+
+
+def installed(*kinds: str):
+    """find_system_blas as if only these kinds were installed."""
+    paths = {"blis": ("blis", "/usr/lib/libblis.so.4"), "openblas": OPENBLAS}
+    return lambda which: next((paths[k] for k in (kinds if which == "auto" else (which,))
+                               if k in kinds), None)
+
+
+def test_worker_environment_puts_the_gemv_forwarder_ahead_of_openblas(
+        forwarder: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cfg, "find_system_blas", installed("blis", "openblas"))
+    monkeypatch.delenv("BLIS_NUM_THREADS", raising=False)
+    env = worker_environment(make_config(), spec())
+    assert env["LD_PRELOAD"].split(":") == [str(FORWARDER), "/usr/lib/libopenblas.so.0"]
+    assert "BLIS_NUM_THREADS" not in env
+    assert forwarder == [Path("/srv/mlxr/run/lib")]  # built in the daemon's run directory
+    monkeypatch.setenv("LD_PRELOAD", "/opt/libother.so")
+    assert worker_environment(make_config(system_blas="openblas"), spec())["LD_PRELOAD"] == (
+        f"{FORWARDER}:/usr/lib/libopenblas.so.0:/opt/libother.so")
+
+
+def test_worker_environment_without_the_forwarder_prefers_blis(
+        linux: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cfg, "find_system_blas", installed("blis", "openblas"))
+    # no compiler (the linux fixture): BLIS; OpenBLAS when asked for or alone
+    assert worker_environment(make_config(), spec())["LD_PRELOAD"] == "/usr/lib/libblis.so.4"
+    assert worker_environment(make_config(system_blas="openblas"), spec())["LD_PRELOAD"] == (
+        "/usr/lib/libopenblas.so.0")
+    monkeypatch.setattr(cfg, "find_system_blas", installed("openblas"))
+    assert worker_environment(make_config(), spec())["LD_PRELOAD"] == "/usr/lib/libopenblas.so.0"
+
+
+def test_worker_environment_forwarder_turned_off_or_blis_chosen(
+        forwarder: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cfg, "find_system_blas", installed("blis", "openblas"))
+    env = worker_environment(make_config(gemv_forward=False), spec())
+    assert env["LD_PRELOAD"] == "/usr/lib/libblis.so.4"
+    env = worker_environment(make_config(system_blas="blis"), spec())
+    assert env["LD_PRELOAD"] == "/usr/lib/libblis.so.4"
+    env = worker_environment(make_config(system_blas="openblas", gemv_forward=False), spec())
+    assert env["LD_PRELOAD"] == "/usr/lib/libopenblas.so.0"
+    assert forwarder == []  # never built when it would not be used
 
 
 @pytest.fixture
