@@ -58,18 +58,21 @@ MODEL_ID = "smollm2"
 ONE_BLAS_THREAD = {"OPENBLAS_NUM_THREADS": "1", "BLIS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
 
-def other_blas(env: dict[str, str]) -> tuple[str, dict[str, str]]:
-    """The BLAS setup the overhead is measured with a second time: with BLIS (the workers'
-    choice) OpenBLAS at its default threads, whose helper threads delay the daemon's hand-offs
-    on a small machine; with OpenBLAS one thread."""
-    from mlxrouter.config import find_system_blas
+FORWARDER = "libmlxrouter-gemv-"
 
-    openblas = find_system_blas("openblas")
-    if "BLIS_NUM_THREADS" in env and openblas:
-        alt = {k: v for k, v in env.items() if k != "BLIS_NUM_THREADS"}
-        rest = ":".join(env.get("LD_PRELOAD", "").split(":")[1:])
-        alt["LD_PRELOAD"] = f"{openblas[1]}:{rest}" if rest else openblas[1]
-        return "OpenBLAS, default threads (every core)", alt
+
+def other_blas(env: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """The BLAS setup the router is measured with a second time (load levels, overhead): with
+    the workers on OpenBLAS behind the gemv forwarder, BLIS on every core (the choice before the
+    forwarder); otherwise OpenBLAS with one thread."""
+    from mlxrouter.config import blas_threads, find_system_blas
+
+    blis = find_system_blas("blis")
+    preload = env.get("LD_PRELOAD", "").split(":")
+    if FORWARDER in preload[0] and blis:
+        alt = {**env, "LD_PRELOAD": ":".join([blis[1], *preload[2:]]),
+               "BLIS_NUM_THREADS": str(blas_threads())}
+        return "BLIS, every core", alt
     return "one BLAS thread (`OPENBLAS_NUM_THREADS=1`)", {**env, **ONE_BLAS_THREAD}
 
 
@@ -80,11 +83,13 @@ def changed(env: dict[str, str], alt: dict[str, str]) -> dict[str, str]:
 
 def blas_alternatives(env: dict[str, str]) -> dict[str, dict[str, str]]:
     """Other system BLAS setups for the direct single-stream comparison: what the workers'
-    choice of library and threads is worth, measured in the same run."""
+    choice of library is worth, measured in the same run."""
     label, alt = other_blas(env)
     out = {label: alt}
-    if "BLIS_NUM_THREADS" in env and env["BLIS_NUM_THREADS"] != "1":
-        out["BLIS, one thread"] = {**env, "BLIS_NUM_THREADS": "1"}
+    preload = env.get("LD_PRELOAD", "").split(":")
+    if FORWARDER in preload[0]:
+        out["OpenBLAS without the gemv forwarder"] = {**env,
+                                                      "LD_PRELOAD": ":".join(preload[1:])}
     return out
 
 
@@ -127,7 +132,7 @@ def eos_bias(model_dir: Path) -> dict[str, Any]:
 def env_for(model_dir: Path, work: Path) -> dict[str, str]:
     """The environment mlxrouter gives its workers (BLAS preload etc.), for everyone."""
     cfg_path = work / "env.toml"
-    cfg_path.write_text("[supervisor]\n")
+    cfg_path.write_text(f"[supervisor]\nrun_dir = {json.dumps(str(work / 'run'))}\n")
     config = load_config(cfg_path)
     return worker_environment(config, config.spec_for(MODEL_ID, str(model_dir)))
 
@@ -552,7 +557,7 @@ def measure_all(q4: Path, f32: Path, tiny: Path, env: dict[str, str], work: Path
 
 # ---------------------------------------------------------------- report
 
-def machine() -> dict[str, Any]:
+def machine(env: dict[str, str]) -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -568,13 +573,10 @@ def machine() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             return "n/a"
 
-    from mlxrouter.config import blas_threads, find_system_blas
-
-    found = find_system_blas()
-    blas = "the mlx wheel's own"
-    if found:
-        blas = f"{found[0]} ({found[1]}"
-        blas += f", {blas_threads()} thread(s))" if found[0] == "blis" else ")"
+    preload = env.get("LD_PRELOAD", "")
+    blas = preload or "the mlx wheel's own"
+    if "BLIS_NUM_THREADS" in env:
+        blas += f" ({env['BLIS_NUM_THREADS']} BLIS threads)"
     return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "cpu": cpu, "logical_cores": os.cpu_count(),
             "ram_gb": round(psutil.virtual_memory().total / 1024**3, 1),
@@ -765,13 +767,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.concurrency = list(args.concurrency)
     started = time.perf_counter()
-    res: dict[str, Any] = {"machine": machine(), "settings": {
+    res: dict[str, Any] = {"settings": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     args.work_dir.mkdir(parents=True, exist_ok=True)
     q4, f32 = prepare_model(args.work_dir)
     with tempfile.TemporaryDirectory(prefix="mlxr-bench-") as tmp:
         work = Path(tmp)
         env = env_for(f32, work)
+        res["machine"] = machine(env)
         from tinymodel import build_tiny_llama
 
         tiny = build_tiny_llama(work / "tiny-llama")
