@@ -37,6 +37,10 @@ def library(cache_dir: Path) -> Path | None:
     directory) when it cannot be built."""
     code = source()
     out = cache_dir / f"libmlxrouter-gemv-{hashlib.sha256(code).hexdigest()[:12]}.so"
+    if any(c in str(out) for c in " :"):  # LD_PRELOAD splits on both
+        log.warning("no gemv forwarder: its path %r would not survive LD_PRELOAD; choose a "
+                    "run_dir without spaces or colons", str(out))
+        return None
     if out.exists():
         return out
     cc = compiler()

@@ -97,3 +97,14 @@ def test_no_compiler_means_no_library(tmp_path: Path, monkeypatch: pytest.Monkey
         gemv.library.cache_clear()
     assert "building the gemv forwarder with /bin/false failed" in caplog.text
     assert not list((tmp_path / "lib").iterdir())
+
+
+def test_a_path_ld_preload_would_split_gets_no_library(tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    gemv.library.cache_clear()
+    try:
+        assert gemv.library(tmp_path / "my run") is None
+    finally:
+        gemv.library.cache_clear()
+    assert "would not survive LD_PRELOAD" in caplog.text
+    assert not (tmp_path / "my run").exists()
