@@ -2,10 +2,12 @@
 MLX, single-row products go to sgemv and every product still equals numpy's."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -50,6 +52,14 @@ print(json.dumps({"errors": errors, "counts": counts}))
 """
 
 
+@pytest.fixture(autouse=True)
+def fresh_cache() -> Iterator[None]:
+    """gemv.library remembers each directory's outcome for the process: not across tests."""
+    gemv.library.cache_clear()
+    yield
+    gemv.library.cache_clear()
+
+
 @pytest.fixture
 def forwarder(tmp_path: Path) -> tuple[Path, str]:
     openblas = find_system_blas("openblas")
@@ -57,7 +67,6 @@ def forwarder(tmp_path: Path) -> tuple[Path, str]:
         # scripts/bootstrap.sh installs OpenBLAS, and CI machines have a C compiler.
         assert not os.environ.get("CI"), "CI ran without OpenBLAS or a C compiler"
         pytest.skip("needs Linux, OpenBLAS and a C compiler")
-    gemv.library.cache_clear()
     lib = gemv.library(tmp_path / "lib")
     assert lib is not None and lib.parent == tmp_path / "lib"
     return lib, openblas[1]
@@ -80,8 +89,9 @@ def test_one_row_products_go_to_sgemv_and_stay_exact(forwarder: tuple[Path, str]
 def test_the_library_is_built_once_and_named_by_its_source(forwarder: tuple[Path, str],
                                                            tmp_path: Path) -> None:
     lib, _ = forwarder
+    assert lib.name == f"libmlxrouter-gemv-{hashlib.sha256(gemv.source()).hexdigest()[:12]}.so"
     built = lib.stat().st_mtime_ns
-    gemv.library.cache_clear()
+    gemv.library.cache_clear()  # finds the file on disk, does not build it again
     assert gemv.library(tmp_path / "lib") == lib
     assert lib.stat().st_mtime_ns == built
     assert [p.name for p in (tmp_path / "lib").iterdir()] == [lib.name]  # no build leftovers
@@ -90,21 +100,13 @@ def test_the_library_is_built_once_and_named_by_its_source(forwarder: tuple[Path
 def test_no_compiler_means_no_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                       caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("CC", "/bin/false")
-    gemv.library.cache_clear()
-    try:
-        assert gemv.library(tmp_path / "lib") is None
-    finally:
-        gemv.library.cache_clear()
+    assert gemv.library(tmp_path / "lib") is None
     assert "building the gemv forwarder with /bin/false failed" in caplog.text
     assert not list((tmp_path / "lib").iterdir())
 
 
 def test_a_path_ld_preload_would_split_gets_no_library(tmp_path: Path,
                                                        caplog: pytest.LogCaptureFixture) -> None:
-    gemv.library.cache_clear()
-    try:
-        assert gemv.library(tmp_path / "my run") is None
-    finally:
-        gemv.library.cache_clear()
+    assert gemv.library(tmp_path / "my run") is None
     assert "would not survive LD_PRELOAD" in caplog.text
     assert not (tmp_path / "my run").exists()
