@@ -545,9 +545,9 @@ def find_system_blas(which: str = "auto") -> tuple[str, str] | None:
 def worker_blas(config: Config) -> tuple[str, list[str]] | None:
     """(kind, libraries to preload in order) for Linux workers, or None for the mlx wheel's own.
 
-    OpenBLAS behind the gemv forwarder first: fastest here at every batch size and at prefill
-    (docs/performance.md). Without the forwarder OpenBLAS is the slowest at one-stream decode,
-    so "auto" then prefers BLIS."""
+    OpenBLAS behind the gemv forwarder first: fastest here at one stream and at prefill, level
+    with BLIS at 8 streams (docs/performance.md). Without the forwarder OpenBLAS is the slowest
+    at one-stream decode, so "auto" then prefers BLIS."""
     sup = config.supervisor
     if not sup.use_system_blas:
         return None

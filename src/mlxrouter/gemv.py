@@ -7,7 +7,6 @@ compiler workers fall back to the next BLAS choice (config.worker_blas).
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
@@ -31,39 +30,55 @@ def compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-@functools.lru_cache(maxsize=8)
+# Directories where a build failed: not tried again in this process (a worker's every start
+# would otherwise rerun the compiler), and the warning is logged once.
+_failed: set[Path] = set()
+
+
 def library(cache_dir: Path) -> Path | None:
-    """The built library in `cache_dir`, building it when missing; None (logged once per
-    directory) when it cannot be built."""
+    """The built library in `cache_dir`, building it when missing; None when it cannot be had
+    (logged once per directory). Looked for on disk each time, so a deleted copy is rebuilt."""
     code = source()
     out = cache_dir / f"libmlxrouter-gemv-{hashlib.sha256(code).hexdigest()[:12]}.so"
-    if any(c in str(out) for c in " :"):  # LD_PRELOAD splits on both
-        log.warning("no gemv forwarder: its path %r would not survive LD_PRELOAD; choose a "
-                    "run_dir without spaces or colons", str(out))
-        return None
     if out.exists():
         return out
-    cc = compiler()
-    if cc is None:
-        log.warning("no C compiler (cc, gcc or $CC): workers run OpenBLAS without the gemv "
-                    "forwarder, or BLIS when installed (docs/performance.md)")
+    if cache_dir in _failed:
         return None
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".build-") as tmp:
-        src = Path(tmp) / SOURCE
-        src.write_bytes(code)
-        built = Path(tmp) / out.name
-        try:
+    why = _unusable(out) or _build(code, out)
+    if why:
+        _failed.add(cache_dir)
+        log.warning("no gemv forwarder, workers get BLIS or OpenBLAS alone "
+                    "(docs/performance.md): %s", why)
+        return None
+    log.info("built the gemv forwarder: %s", out)
+    return out
+
+
+def _unusable(out: Path) -> str:
+    if any(c in str(out) for c in " :"):  # LD_PRELOAD splits on both
+        return (f"its path {str(out)!r} would not survive LD_PRELOAD; choose a run_dir "
+                "without spaces or colons")
+    if compiler() is None:
+        return "no C compiler (cc, gcc or $CC)"
+    return ""
+
+
+def _build(code: bytes, out: Path) -> str:
+    """Compiles into a temporary directory beside `out`, then renames: "" or what failed."""
+    cc = compiler()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".build-") as tmp:
+            src = Path(tmp) / SOURCE
+            src.write_bytes(code)
+            built = Path(tmp) / out.name
             proc = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(built), str(src),
                                    "-ldl"], capture_output=True, text=True,
                                   timeout=BUILD_TIMEOUT_S, stdin=subprocess.DEVNULL)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            log.warning("building the gemv forwarder with %s failed: %r", cc, exc)
-            return None
-        if proc.returncode != 0 or not built.exists():
-            log.warning("building the gemv forwarder with %s failed (exit %d): %s", cc,
-                        proc.returncode, proc.stderr.strip()[-500:])
-            return None
-        os.replace(built, out)  # atomic: a concurrent builder's copy is as good
-    log.info("built the gemv forwarder: %s", out)
-    return out
+            if proc.returncode != 0 or not built.exists():
+                return (f"building it with {cc} failed (exit {proc.returncode}): "
+                        f"{proc.stderr.strip()[-500:]}")
+            os.replace(built, out)  # atomic: a concurrent builder's copy is as good
+    except (OSError, subprocess.TimeoutExpired) as exc:  # unwritable run_dir, hung compiler
+        return f"building it with {cc} in {out.parent} failed: {exc!r}"
+    return ""

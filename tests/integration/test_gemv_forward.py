@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -53,11 +52,9 @@ print(json.dumps({"errors": errors, "counts": counts}))
 
 
 @pytest.fixture(autouse=True)
-def fresh_cache() -> Iterator[None]:
-    """gemv.library remembers each directory's outcome for the process: not across tests."""
-    gemv.library.cache_clear()
-    yield
-    gemv.library.cache_clear()
+def fresh_failures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gemv.library remembers failed directories for the process: not across tests."""
+    monkeypatch.setattr(gemv, "_failed", set())
 
 
 @pytest.fixture
@@ -91,18 +88,30 @@ def test_the_library_is_built_once_and_named_by_its_source(forwarder: tuple[Path
     lib, _ = forwarder
     assert lib.name == f"libmlxrouter-gemv-{hashlib.sha256(gemv.source()).hexdigest()[:12]}.so"
     built = lib.stat().st_mtime_ns
-    gemv.library.cache_clear()  # finds the file on disk, does not build it again
-    assert gemv.library(tmp_path / "lib") == lib
+    assert gemv.library(tmp_path / "lib") == lib  # found on disk, not built again
     assert lib.stat().st_mtime_ns == built
     assert [p.name for p in (tmp_path / "lib").iterdir()] == [lib.name]  # no build leftovers
+    lib.unlink()  # a run directory cleaned under a running daemon
+    assert gemv.library(tmp_path / "lib") == lib and lib.exists()
 
 
 def test_no_compiler_means_no_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                       caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("CC", "/bin/false")
     assert gemv.library(tmp_path / "lib") is None
-    assert "building the gemv forwarder with /bin/false failed" in caplog.text
+    assert "building it with /bin/false failed" in caplog.text
     assert not list((tmp_path / "lib").iterdir())
+    caplog.clear()
+    assert gemv.library(tmp_path / "lib") is None  # not tried again, not logged again
+    assert caplog.text == ""
+
+
+def test_an_unwritable_run_dir_means_no_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("CC", "/bin/true")  # a compiler is there; the directory cannot be made
+    (tmp_path / "run").write_text("a file where the run directory should be")
+    assert gemv.library(tmp_path / "run" / "lib") is None
+    assert f"in {tmp_path / 'run' / 'lib'} failed" in caplog.text
 
 
 def test_a_path_ld_preload_would_split_gets_no_library(tmp_path: Path,
