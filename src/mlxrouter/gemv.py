@@ -1,8 +1,9 @@
-"""The gemv forwarder: a small C library preloaded ahead of OpenBLAS that sends single-row
-matrix products (one-stream decode) to OpenBLAS's threaded sgemv instead of its gemm.
+"""The gemv forwarder: a small C library preloaded ahead of OpenBLAS that computes the
+few-row matrix products of decode itself (a small-M kernel on a thread pool, or OpenBLAS's
+sgemv for one row) instead of OpenBLAS's gemm, which packs the weights on every call.
 
-Built by the daemon with the system C compiler the first time a worker needs it (about 0.1 s),
-into `<run_dir>/lib`, named by the source's hash so an upgrade builds a new one; without a
+Built by the daemon with the system C compiler the first time a worker needs it (about 1 s),
+into `<run_dir>/lib`, named by the sources' hash so an upgrade builds a new one; without a
 compiler workers fall back to the next BLAS choice (config.worker_blas).
 """
 from __future__ import annotations
@@ -19,11 +20,18 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SOURCE = "gemv_forward.c"
+HEADERS = ("small_gemm.h",)  # included by SOURCE
 BUILD_TIMEOUT_S = 60.0
 
 
+def sources() -> dict[str, bytes]:
+    package = resources.files(__package__)
+    return {name: package.joinpath(name).read_bytes() for name in (SOURCE, *HEADERS)}
+
+
 def source() -> bytes:
-    return resources.files(__package__).joinpath(SOURCE).read_bytes()
+    """Every source file, in order: what the library's name is a hash of."""
+    return b"".join(sources().values())
 
 
 def compiler() -> str | None:
@@ -38,8 +46,9 @@ _failed: set[Path] = set()
 def library(cache_dir: Path) -> Path | None:
     """The built library in `cache_dir`, building it when missing; None when it cannot be had
     (logged once per directory). Looked for on disk each time, so a deleted copy is rebuilt."""
-    code = source()
-    out = cache_dir / f"libmlxrouter-gemv-{hashlib.sha256(code).hexdigest()[:12]}.so"
+    code = sources()
+    digest = hashlib.sha256(b"".join(code.values())).hexdigest()[:12]
+    out = cache_dir / f"libmlxrouter-gemv-{digest}.so"
     if out.exists():
         return out
     if cache_dir in _failed:
@@ -63,17 +72,17 @@ def _unusable(out: Path) -> str:
     return ""
 
 
-def _build(code: bytes, out: Path) -> str:
+def _build(code: dict[str, bytes], out: Path) -> str:
     """Compiles into a temporary directory beside `out`, then renames: "" or what failed."""
     cc = compiler()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=".build-") as tmp:
-            src = Path(tmp) / SOURCE
-            src.write_bytes(code)
+            for name, text in code.items():
+                (Path(tmp) / name).write_bytes(text)
             built = Path(tmp) / out.name
-            proc = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(built), str(src),
-                                   "-ldl"], capture_output=True, text=True,
+            proc = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-pthread", "-o", str(built),
+                                   str(Path(tmp) / SOURCE), "-ldl"], capture_output=True, text=True,
                                   timeout=BUILD_TIMEOUT_S, stdin=subprocess.DEVNULL)
             if proc.returncode != 0 or not built.exists():
                 return (f"building it with {cc} failed (exit {proc.returncode}): "

@@ -1,17 +1,27 @@
-/* Preloaded into Linux workers ahead of OpenBLAS (see mlxrouter/blas.py): sends single-row
- * matrix products to sgemv.
+/* Preloaded into Linux workers ahead of OpenBLAS (see gemv.py and config.worker_blas): decode-shaped matrix
+ * products skip OpenBLAS's gemm.
  *
- * MLX's CPU backend computes every float32 matmul with cblas_sgemm, including the 1 x K times
- * K x N products of one-stream decode (one token through every projection, one query row per
- * attention head). OpenBLAS 0.3.21 (Debian 12) runs those through its blocked gemm, packing the
- * weights on every call; its threaded sgemv computes the same product without the copy. On
- * SmolLM2-135M f32, 2 cores, decode went from 72 to 35 ms per token (docs/performance.md).
- * Everything else goes to the next cblas_sgemm unchanged, so results differ from plain OpenBLAS
- * only by summation order. */
+ * MLX's CPU backend computes every float32 matmul with cblas_sgemm, including the few-row
+ * products of decode: one row per stream through every projection (x W^T, W the N x K weights),
+ * one query row per attention head. OpenBLAS 0.3.21 (Debian 12) runs those through its blocked
+ * gemm, packing (copying) the weights on every call, which costs more than the arithmetic when
+ * A has a handful of rows. Here:
+ *   - x W^T with 1 to MLXROUTER_SMALL_GEMM_MAX_M rows (default 16; 0 turns it off) goes to the
+ *     kernel of small_gemm.h, which streams each weight row once, split by columns over a pool
+ *     of threads (MLXROUTER_GEMM_THREADS, default the cores this process may run on);
+ *   - x W (W K x N) with as many rows and under 65536 multiply-adds (attention's weights times
+ *     values, per head) goes to the same header's kernel_nn, on the calling thread;
+ *   - any other one-row product goes to OpenBLAS's sgemv;
+ *   - everything else (prefill) to OpenBLAS's sgemm unchanged.
+ * Results differ from plain OpenBLAS only by summation order. docs/performance.md has the
+ * measurements. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <pthread.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
 
@@ -19,19 +29,210 @@ typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int
                          const float *, int, float, float *, int);
 typedef void (*sgemv_fn)(int, int, int, int, float, const float *, int, const float *, int,
                          float, float *, int);
+typedef void (*kernel_fn)(int, int, int, int, float, const float *, int, const float *, int,
+                          float, float *, int);
+typedef void (*kernel_nn_fn)(int, int, int, float, const float *, int, const float *, int,
+                             float, float *, int);
 
 static sgemm_fn next_sgemm;
 static sgemv_fn next_sgemv;
-static unsigned long forwarded;
+static unsigned long forwarded, small;
+
+/* The kernel, once per instruction set. */
+#define NAME(x) x##_generic
+#define LANES 4
+#define MR 2
+#define NR 2
+#define TARGET
+#include "small_gemm.h"
+#undef NAME
+#undef LANES
+#undef MR
+#undef NR
+#undef TARGET
+#if defined(__x86_64__)
+#define NAME(x) x##_avx2
+#define LANES 8
+#define MR 4
+#define NR 2
+#define TARGET __attribute__((target("avx2,fma")))
+#include "small_gemm.h"
+#undef NAME
+#undef LANES
+#undef MR
+#undef NR
+#undef TARGET
+#define NAME(x) x##_avx512
+#define LANES 16
+#define MR 4
+#define NR 4
+#define TARGET __attribute__((target("avx512f,avx512vl,fma")))
+#include "small_gemm.h"
+#undef NAME
+#undef LANES
+#undef MR
+#undef NR
+#undef TARGET
+#endif
+
+static kernel_fn kernel = kernel_generic;
+static kernel_nn_fn kernel_nn = kernel_nn_generic;
+static int max_m = 16;
+
+/* The pool. A call's columns are cut into chunks that the calling thread and the helpers
+ * claim one at a time from a shared counter, so a helper the scheduler has not run yet costs
+ * nothing: the caller takes the chunks itself and waits only for chunks already claimed.
+ * Helpers spin briefly for the next call (decode issues product after product), then sleep on
+ * a condition variable. */
+enum { MAX_THREADS = 64, SPIN = 4000, MIN_WORK = 1 << 16, CHUNK = 64 };
+
+struct task {
+    int m, n, k, lda, ldb, ldc;
+    float alpha, beta;
+    const float *a, *b;
+    float *c;
+};
+
+/* The claim counter: generation (bits 40-63) | chunks in this call (20-39) | next chunk (0-19).
+ * A claim is valid when its chunk is below its call's count; a late helper's stale claim is
+ * not, so a call's task is never rewritten while a valid claim on it is running. */
+static unsigned long claims;
+static int done;  /* chunks of the current call computed */
+static struct task task;
+static int threads = 1, sleepers, started;
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
+static pthread_mutex_t caller = PTHREAD_MUTEX_INITIALIZER;  /* one pooled call at a time */
+
+static inline void relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* Computes chunks until none is left: how many it computed. */
+static int work_through(void) {
+    int computed = 0;
+    for (;;) {
+        unsigned long claim = __atomic_fetch_add(&claims, 1, __ATOMIC_ACQUIRE);
+        unsigned long chunk = claim & 0xfffff, chunks = (claim >> 20) & 0xfffff;
+        if (chunk >= chunks) return computed;
+        int j0 = (int)chunk * CHUNK, j1 = j0 + CHUNK < task.n ? j0 + CHUNK : task.n;
+        kernel(task.m, j0, j1, task.k, task.alpha, task.a, task.lda, task.b, task.ldb,
+               task.beta, task.c, task.ldc);
+        __atomic_fetch_add(&done, 1, __ATOMIC_RELEASE);
+        computed++;
+    }
+}
+
+static void *helper(void *arg) {
+    (void)arg;
+    unsigned long seen = 0;
+    for (;;) {
+        unsigned long now;
+        int spins = 0;
+        while ((now = __atomic_load_n(&claims, __ATOMIC_ACQUIRE) >> 40) == seen && spins < SPIN) {
+            relax();
+            spins++;
+        }
+        if (now == seen) {
+            pthread_mutex_lock(&lock);
+            __atomic_fetch_add(&sleepers, 1, __ATOMIC_SEQ_CST);
+            while ((now = __atomic_load_n(&claims, __ATOMIC_SEQ_CST) >> 40) == seen)
+                pthread_cond_wait(&wake, &lock);
+            __atomic_fetch_sub(&sleepers, 1, __ATOMIC_SEQ_CST);
+            pthread_mutex_unlock(&lock);
+        }
+        seen = now;
+        work_through();
+    }
+    return NULL;
+}
+
+static void start_pool(void) {
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    for (int i = 1; i < threads; i++) {
+        pthread_t id;
+        if (pthread_create(&id, &attr, helper, NULL) != 0) {
+            threads = i;  /* fewer helpers than asked: still correct */
+            break;
+        }
+    }
+    pthread_attr_destroy(&attr);
+    started = 1;
+}
+
+/* A forked child has none of the parent's helpers: it starts its own on first use. */
+static void after_fork_in_child(void) {
+    started = 0;
+    claims = 0;
+    done = sleepers = 0;
+    pthread_mutex_init(&lock, NULL);
+    pthread_cond_init(&wake, NULL);
+    pthread_mutex_init(&caller, NULL);
+}
+
+static void small_gemm(int m, int n, int k, float alpha, const float *a, int lda,
+                       const float *b, int ldb, float beta, float *c, int ldc) {
+    __atomic_fetch_add(&small, 1, __ATOMIC_RELAXED);
+    int chunks = (n + CHUNK - 1) / CHUNK;
+    /* Small products, and a second thread calling while one is pooled (two MLX streams),
+     * run on the calling thread alone. */
+    if (threads == 1 || chunks < 2 || (long)m * n * k < MIN_WORK ||
+        pthread_mutex_trylock(&caller) != 0) {
+        kernel(m, 0, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+        return;
+    }
+    if (!started) start_pool();
+    task = (struct task){m, n, k, lda, ldb, ldc, alpha, beta, a, b, c};
+    __atomic_store_n(&done, 0, __ATOMIC_RELAXED);
+    unsigned long generation = (__atomic_load_n(&claims, __ATOMIC_RELAXED) >> 40) + 1;
+    __atomic_store_n(&claims, (generation << 40) | ((unsigned long)chunks << 20), __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&sleepers, __ATOMIC_SEQ_CST) > 0) {
+        pthread_mutex_lock(&lock);
+        pthread_cond_broadcast(&wake);
+        pthread_mutex_unlock(&lock);
+    }
+    work_through();
+    while (__atomic_load_n(&done, __ATOMIC_ACQUIRE) < chunks) relax();
+    pthread_mutex_unlock(&caller);
+}
 
 __attribute__((constructor)) static void resolve(void) {
     next_sgemm = (sgemm_fn)dlsym(RTLD_NEXT, "cblas_sgemm");
     next_sgemv = (sgemv_fn)dlsym(RTLD_NEXT, "cblas_sgemv");
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
+        kernel = kernel_avx512, kernel_nn = kernel_nn_avx512;
+    else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        kernel = kernel_avx2, kernel_nn = kernel_nn_avx2;
+#endif
+    const char *env = getenv("MLXROUTER_SMALL_GEMM_MAX_M");
+    if (env && *env) max_m = atoi(env);
+    env = getenv("MLXROUTER_GEMM_THREADS");
+    if (env && *env) {
+        threads = atoi(env);
+    } else {
+        cpu_set_t set;
+        threads = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : 1;
+    }
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    pthread_atfork(NULL, NULL, after_fork_in_child);
 }
 
-/* How many products went to sgemv (the tests read it). */
+/* How many products went to sgemv, and to the small-M kernel (the tests read them). */
 unsigned long mlxrouter_gemv_forwarded(void) {
     return __atomic_load_n(&forwarded, __ATOMIC_RELAXED);
+}
+
+unsigned long mlxrouter_small_gemm(void) {
+    return __atomic_load_n(&small, __ATOMIC_RELAXED);
 }
 
 void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
@@ -40,6 +241,17 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
     if (next_sgemm == NULL) {
         fputs("mlxrouter gemv_forward: no cblas_sgemm after this library\n", stderr);
         abort();
+    }
+    if (order == ROW_MAJOR && trans_a == NO_TRANS && trans_b == TRANS && m >= 1 &&
+        m <= max_m && n >= 1 && k >= 1) {  /* x W^T: the kernel's own shape */
+        small_gemm(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+        return;
+    }
+    if (order == ROW_MAJOR && trans_a == NO_TRANS && trans_b == NO_TRANS && m >= 1 &&
+        m <= max_m && n >= 1 && k >= 1 && (long)m * n * k < MIN_WORK) {  /* attention: a V */
+        __atomic_fetch_add(&small, 1, __ATOMIC_RELAXED);
+        kernel_nn(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+        return;
     }
     if (next_sgemv != NULL && order == ROW_MAJOR && m == 1 && n > 1 && k > 1) {
         /* The row of A: contiguous, or one column of a row-major K x lda when transposed. */

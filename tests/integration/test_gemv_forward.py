@@ -19,8 +19,10 @@ import ctypes, json
 import numpy as np
 import mlx.core as mx
 
-forwarded = ctypes.CDLL(None).mlxrouter_gemv_forwarded
-forwarded.restype = ctypes.c_ulong
+lib = ctypes.CDLL(None)
+counters = {"sgemv": lib.mlxrouter_gemv_forwarded, "small": lib.mlxrouter_small_gemm}
+for f in counters.values():
+    f.restype = ctypes.c_ulong
 rng = np.random.default_rng(0)
 
 def r(*shape):
@@ -30,24 +32,90 @@ def error(got, want):
     got = np.array(got, dtype=np.float64)
     return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
 
-x, w, w2, cols, c = r(1, 96), r(80, 96), r(96, 80), r(96, 5), r(1, 80)
-q, k = r(2, 3, 1, 64), r(2, 3, 17, 64)
-x4 = r(4, 96)
 errors, counts = {}, {}
-start = forwarded()
-errors["x @ w.T"] = error(mx.array(x) @ mx.array(w).T, x.astype(float) @ w.T)
-errors["x @ w"] = error(mx.array(x) @ mx.array(w2), x.astype(float) @ w2)
-errors["column.T @ w"] = error(mx.array(cols)[:, 2:3].T @ mx.array(w2),
-                               cols[:, 2:3].T.astype(float) @ w2)
-errors["attention q @ k.T"] = error(mx.array(q) @ mx.array(k).swapaxes(-1, -2),
-                                    q.astype(float) @ k.swapaxes(-1, -2))
-errors["addmm beta 2"] = error(mx.addmm(mx.array(c), mx.array(x), mx.array(w).T, alpha=0.5,
-                                        beta=2.0), 2.0 * c + 0.5 * (x.astype(float) @ w.T))
-counts["one row"] = forwarded() - start
-start = forwarded()
-errors["4 rows"] = error(mx.array(x4) @ mx.array(w).T, x4.astype(float) @ w.T)
-counts["four rows"] = forwarded() - start
+
+def measure(name, products):
+    start = {k: f() for k, f in counters.items()}
+    for case, (got, want) in products.items():
+        errors[case] = error(got, want)
+    counts[name] = {k: f() - start[k] for k, f in counters.items()}
+
+x, w, w2, cols, c = r(1, 96), r(80, 96), r(96, 80), r(96, 5), r(1, 80)
+big = r(96, 3000)
+q, k = r(2, 3, 1, 64), r(2, 3, 17, 64)
+measure("one row x W^T", {
+    "x @ w.T": (mx.array(x) @ mx.array(w).T, x.astype(float) @ w.T),
+    "attention q @ k.T": (mx.array(q) @ mx.array(k).swapaxes(-1, -2),
+                          q.astype(float) @ k.swapaxes(-1, -2)),
+    "addmm beta 2": (mx.addmm(mx.array(c), mx.array(x), mx.array(w).T, alpha=0.5, beta=2.0),
+                     2.0 * c + 0.5 * (x.astype(float) @ w.T)),
+})
+measure("one row x W, small", {
+    "x @ w": (mx.array(x) @ mx.array(w2), x.astype(float) @ w2),
+    "column.T @ w": (mx.array(cols)[:, 2:3].T @ mx.array(w2), cols[:, 2:3].T.astype(float) @ w2),
+})
+measure("one row x W, large", {"x @ big": (mx.array(x) @ mx.array(big), x.astype(float) @ big)})
+rows = {}
+for m in (2, 3, 4, 5, 7, 8, 13, 16):
+    for n, kk in ((80, 96), (1, 7), (67, 33), (600, 200)):  # odd sizes: every tail
+        a, b = r(m, kk), r(n, kk)
+        rows[f"{m}x{kk} @ ({n}x{kk}).T"] = (mx.array(a) @ mx.array(b).T,
+                                           a.astype(float) @ b.T.astype(float))
+measure("2 to 16 rows", rows)
+a17 = r(17, 96)
+measure("17 rows", {"17 rows": (mx.array(a17) @ mx.array(w).T, a17.astype(float) @ w.T)})
 print(json.dumps({"errors": errors, "counts": counts}))
+"""
+
+# cblas_sgemm called straight (through ctypes) for what MLX never passes: leading dimensions
+# wider than the matrix, beta 0 over NaN, and a fork after the thread pool ran.
+DIRECT_CHILD = r"""
+import ctypes, json, os
+import numpy as np
+
+lib = ctypes.CDLL(None)
+lib.mlxrouter_small_gemm.restype = ctypes.c_ulong
+sgemm = lib.cblas_sgemm
+F = ctypes.c_float
+P = ctypes.POINTER(ctypes.c_float)
+sgemm.argtypes = [ctypes.c_int] * 6 + [F, P, ctypes.c_int, P, ctypes.c_int, F, P, ctypes.c_int]
+rng = np.random.default_rng(1)
+
+def ptr(arr):
+    return arr.ctypes.data_as(P)
+
+def product(m, n, k, alpha, beta, pad, trans_b=True, nan_c=False):
+    # Views into padded buffers: lda, ldb and ldc exceed the widths.
+    a_buf = rng.standard_normal((m, k + pad)).astype(np.float32)
+    b_buf = (rng.standard_normal((n, k + pad)) if trans_b
+             else rng.standard_normal((k, n + pad))).astype(np.float32)
+    c_buf = rng.standard_normal((m, n + pad)).astype(np.float32)
+    if nan_c:
+        c_buf[:, :n] = np.nan
+    a, b = a_buf[:, :k], (b_buf[:, :k] if trans_b else b_buf[:, :n])
+    want = alpha * (a.astype(float) @ (b.T if trans_b else b).astype(float))
+    if beta:
+        want += beta * c_buf[:, :n].astype(float)
+    untouched = c_buf[:, n:].copy()
+    sgemm(101, 111, 112 if trans_b else 111, m, n, k, alpha, ptr(a_buf), a_buf.shape[1],
+          ptr(b_buf), b_buf.shape[1], beta, ptr(c_buf), c_buf.shape[1])
+    got = c_buf[:, :n].astype(float)
+    assert np.array_equal(c_buf[:, n:], untouched), "wrote outside C"
+    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+errors = {}
+before = lib.mlxrouter_small_gemm()
+for m, n, k in ((1, 3000, 200), (3, 1000, 300), (8, 577, 131), (16, 1200, 96), (5, 40, 9)):
+    errors[f"{m}x{n}x{k} alpha 0.5 beta 2"] = product(m, n, k, 0.5, 2.0, pad=5)
+    errors[f"{m}x{n}x{k} beta 0 over NaN"] = product(m, n, k, 1.0, 0.0, pad=3, nan_c=True)
+errors["a B, 4 rows, beta 0 over NaN"] = product(4, 70, 33, 1.5, 0.0, pad=2, trans_b=False,
+                                                 nan_c=True)
+calls = lib.mlxrouter_small_gemm() - before
+pid = os.fork()
+if pid == 0:  # the child has no helper threads: it must start its own, not wait for ghosts
+    os._exit(0 if product(8, 3000, 300, 1.0, 0.0, pad=0) < 1e-5 else 1)
+_, status = os.waitpid(pid, 0)
+print(json.dumps({"errors": errors, "calls": calls, "forked child": os.waitstatus_to_exitcode(status)}))
 """
 
 
@@ -69,18 +137,45 @@ def forwarder(tmp_path: Path) -> tuple[Path, str]:
     return lib, openblas[1]
 
 
-def test_one_row_products_go_to_sgemv_and_stay_exact(forwarder: tuple[Path, str]) -> None:
+def run_child(code: str, forwarder: tuple[Path, str], **env: str) -> dict:
     lib, openblas = forwarder
-    env = {**os.environ, "LD_PRELOAD": f"{lib}:{openblas}"}
-    out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True,
+    full_env = {**os.environ, "LD_PRELOAD": f"{lib}:{openblas}", **env}
+    out = subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    report = json.loads(out.stdout)
+    return json.loads(out.stdout)
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_decode_products_skip_gemm_and_stay_exact(forwarder: tuple[Path, str],
+                                                  threads: str) -> None:
+    report = run_child(CHILD, forwarder, MLXROUTER_GEMM_THREADS=threads)
     for case, err in report["errors"].items():
         assert err < 1e-5, (case, err)
-    # x @ w.T, x @ w, column.T @ w, 6 attention heads (2 x 3), addmm: at least one call each.
-    assert report["counts"]["one row"] >= 10
-    assert report["counts"]["four rows"] == 0
+    counts = report["counts"]
+    # x W^T with 1 to 16 rows: the small-M kernel (x @ w.T, 6 attention heads, addmm).
+    assert counts["one row x W^T"]["small"] >= 8 and counts["one row x W^T"]["sgemv"] == 0
+    assert counts["one row x W, small"]["small"] >= 2  # attention's weights times values
+    assert counts["one row x W, large"] == {"sgemv": 1, "small": 0}
+    assert counts["2 to 16 rows"]["small"] >= 32 and counts["2 to 16 rows"]["sgemv"] == 0
+    assert counts["17 rows"] == {"sgemv": 0, "small": 0}  # OpenBLAS's gemm
+
+
+def test_the_kernel_can_be_turned_off(forwarder: tuple[Path, str]) -> None:
+    report = run_child(CHILD, forwarder, MLXROUTER_SMALL_GEMM_MAX_M="0")
+    for case, err in report["errors"].items():
+        assert err < 1e-5, (case, err)
+    assert all(c["small"] == 0 for c in report["counts"].values())
+    assert report["counts"]["one row x W^T"]["sgemv"] >= 8  # one row still skips the gemm
+    assert report["counts"]["2 to 16 rows"]["sgemv"] == 0
+
+
+def test_strides_alpha_beta_and_fork(forwarder: tuple[Path, str]) -> None:
+    report = run_child(DIRECT_CHILD, forwarder, MLXROUTER_GEMM_THREADS="2")
+    for case, err in report["errors"].items():
+        assert err < 1e-5, (case, err)
+    assert report["calls"] == 11
+    assert report["forked child"] == 0
 
 
 def test_the_library_is_built_once_and_named_by_its_source(forwarder: tuple[Path, str],

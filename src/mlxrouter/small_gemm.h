@@ -1,0 +1,124 @@
+/* One instance of the small-M matrix product kernel, included by gemv_forward.c once per
+ * instruction set with these defined:
+ *   NAME(x)  the instance's names      LANES  floats per vector
+ *   MR, NR   rows of A and of B per register block (MR * NR accumulators)
+ *   TARGET   a function attribute naming the instruction set, or nothing
+ *
+ * Computes C = alpha A B^T + beta C for row-major A (M x K), B (N x K) and C (M x N): a
+ * block of MR rows of A against NR rows of B keeps its MR * NR dot products in vector
+ * registers over all of K, so each weight row is read from memory once per call instead of
+ * being packed first. Columns [j0, j1) only: the caller splits N between threads.
+ * kernel_nn below does C = alpha A B + beta C for the small products of attention. */
+
+typedef float NAME(vec) __attribute__((vector_size(LANES * sizeof(float)), aligned(4),
+                                        may_alias));
+
+TARGET static inline __attribute__((always_inline)) float NAME(hsum)(NAME(vec) v) {
+#if LANES == 16
+    typedef float half __attribute__((vector_size(8 * sizeof(float))));
+    half h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+             __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#elif LANES == 8
+    typedef float half __attribute__((vector_size(8 * sizeof(float))));
+    half h = v;
+#endif
+#if LANES >= 8
+    typedef float quarter __attribute__((vector_size(4 * sizeof(float))));
+    quarter q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+#else
+    NAME(vec) q = v;
+#endif
+    return (q[0] + q[2]) + (q[1] + q[3]);
+}
+
+/* mr x nr dot products (mr <= MR, nr <= NR): constants at every call site, so the loops
+ * unroll and the accumulators stay in registers. */
+TARGET static inline __attribute__((always_inline)) void NAME(block)(
+    int mr, int nr, int k, float alpha, const float *a, int lda, const float *b, int ldb,
+    float beta, float *c, int ldc) {
+    NAME(vec) acc[MR][NR] = {{{0}}};
+    int p = 0;
+    for (; p + LANES <= k; p += LANES) {
+        NAME(vec) av[MR], bv[NR];
+        _Pragma("GCC unroll 8") for (int r = 0; r < mr; r++)
+            av[r] = *(const NAME(vec) *)(a + (long)r * lda + p);
+        _Pragma("GCC unroll 8") for (int s = 0; s < nr; s++)
+            bv[s] = *(const NAME(vec) *)(b + (long)s * ldb + p);
+        _Pragma("GCC unroll 8") for (int r = 0; r < mr; r++)
+            _Pragma("GCC unroll 8") for (int s = 0; s < nr; s++)
+                acc[r][s] += av[r] * bv[s];
+    }
+    _Pragma("GCC unroll 8") for (int r = 0; r < mr; r++) {
+        _Pragma("GCC unroll 8") for (int s = 0; s < nr; s++) {
+            float sum = NAME(hsum)(acc[r][s]);
+            for (int q = p; q < k; q++)
+                sum += a[(long)r * lda + q] * b[(long)s * ldb + q];
+            float *out = c + (long)r * ldc + s;
+            /* beta 0 never reads C: it may hold NaN (BLAS semantics). */
+            *out = beta == 0.0f ? alpha * sum : alpha * sum + beta * *out;
+        }
+    }
+}
+
+#define NAME_ROWS(NR_) \
+    for (; i + MR <= m; i += MR) \
+        NAME(block)(MR, NR_, k, alpha, a + (long)i * lda, lda, bj, ldb, beta, c + (long)i * ldc + j, ldc); \
+    switch (m - i) { \
+    case 1: NAME(block)(1, NR_, k, alpha, a + (long)i * lda, lda, bj, ldb, beta, c + (long)i * ldc + j, ldc); break; \
+    case 2: NAME(block)(2 < MR ? 2 : 1, NR_, k, alpha, a + (long)i * lda, lda, bj, ldb, beta, c + (long)i * ldc + j, ldc); break; \
+    case 3: NAME(block)(3 < MR ? 3 : 1, NR_, k, alpha, a + (long)i * lda, lda, bj, ldb, beta, c + (long)i * ldc + j, ldc); break; \
+    }
+
+TARGET static void NAME(kernel)(int m, int j0, int j1, int k, float alpha, const float *a,
+                                int lda, const float *b, int ldb, float beta, float *c,
+                                int ldc) {
+    int j = j0;
+    /* Column blocks outermost: NR weight rows stay in L1 while every row block of A uses
+     * them; A itself (M x K, at most a few hundred KB) stays in L2. */
+    for (; j + NR <= j1; j += NR) {
+        const float *bj = b + (long)j * ldb;
+        int i = 0;
+        NAME_ROWS(NR)
+    }
+    for (; j < j1; j++) {
+        const float *bj = b + (long)j * ldb;
+        int i = 0;
+        NAME_ROWS(1)
+    }
+}
+
+#undef NAME_ROWS
+
+/* C = alpha A B + beta C for row-major B (K x N): attention's weights times values, one query
+ * row per head (small N and K). Each row of C is NB vectors wide at a time, summed over K. */
+TARGET static inline __attribute__((always_inline)) void NAME(columns)(
+    int nb, int k, float alpha, const float *a, const float *b, int ldb, float beta, float *c) {
+    NAME(vec) acc[4] = {0};
+    for (int p = 0; p < k; p++) {
+        float x = a[p];
+        _Pragma("GCC unroll 4") for (int v = 0; v < nb; v++)
+            acc[v] += x * *(const NAME(vec) *)(b + (long)p * ldb + v * LANES);
+    }
+    _Pragma("GCC unroll 4") for (int v = 0; v < nb; v++) {
+        NAME(vec) *out = (NAME(vec) *)(c + v * LANES);
+        *out = beta == 0.0f ? alpha * acc[v] : alpha * acc[v] + beta * *out;
+    }
+}
+
+TARGET static void NAME(kernel_nn)(int m, int n, int k, float alpha, const float *a, int lda,
+                                   const float *b, int ldb, float beta, float *c, int ldc) {
+    for (int i = 0; i < m; i++) {
+        const float *ai = a + (long)i * lda;
+        float *ci = c + (long)i * ldc;
+        int j = 0;
+        for (; j + 4 * LANES <= n; j += 4 * LANES)
+            NAME(columns)(4, k, alpha, ai, b + j, ldb, beta, ci + j);
+        for (; j + LANES <= n; j += LANES)
+            NAME(columns)(1, k, alpha, ai, b + j, ldb, beta, ci + j);
+        for (; j < n; j++) {
+            float sum = 0.0f;
+            for (int p = 0; p < k; p++) sum += ai[p] * b[(long)p * ldb + j];
+            ci[j] = beta == 0.0f ? alpha * sum : alpha * sum + beta * ci[j];
+        }
+    }
+}
