@@ -84,7 +84,7 @@ static int max_m = 16;
  * nothing: the caller takes the chunks itself and waits only for chunks already claimed.
  * Helpers spin briefly for the next call (decode issues product after product), then sleep on
  * a condition variable. */
-enum { MAX_THREADS = 64, SPIN = 4000, MIN_WORK = 1 << 16, CHUNK = 64 };
+enum { MAX_THREADS = 64, SPIN = 1000, MIN_WORK = 1 << 16, CHUNK = 64 };
 
 struct task {
     int m, n, k, lda, ldb, ldc;
