@@ -38,45 +38,52 @@ static sgemm_fn next_sgemm;
 static sgemv_fn next_sgemv;
 static unsigned long forwarded, small;
 
-/* The kernel, once per instruction set. */
-#define NAME(x) x##_generic
+/* The kernel once per instruction set and register block: "tall" blocks (8 rows of A by one
+ * weight row) for up to 8 rows, one pass over the weights; "wide" ones (4 x 4) above that.
+ * Measured on 2 cores (docs/performance.md): 8 x 1 streamed the weights fastest from 1 to 8
+ * rows, 4 x 4 at 16. small_gemm.h undefines the parameters. */
+#define NAME(x) x##_generic_tall
+#define LANES 4
+#define MR 8
+#define NR 1
+#define TARGET
+#include "small_gemm.h"
+#define NAME(x) x##_generic_wide
 #define LANES 4
 #define MR 2
 #define NR 2
 #define TARGET
 #include "small_gemm.h"
-#undef NAME
-#undef LANES
-#undef MR
-#undef NR
-#undef TARGET
 #if defined(__x86_64__)
-#define NAME(x) x##_avx2
+#define NAME(x) x##_avx2_tall
+#define LANES 8
+#define MR 8
+#define NR 1
+#define TARGET __attribute__((target("avx2,fma")))
+#include "small_gemm.h"
+#define NAME(x) x##_avx2_wide
 #define LANES 8
 #define MR 4
 #define NR 2
 #define TARGET __attribute__((target("avx2,fma")))
 #include "small_gemm.h"
-#undef NAME
-#undef LANES
-#undef MR
-#undef NR
-#undef TARGET
-#define NAME(x) x##_avx512
+#define NAME(x) x##_avx512_tall
+#define LANES 16
+#define MR 8
+#define NR 1
+#define TARGET __attribute__((target("avx512f,avx512vl,fma")))
+#include "small_gemm.h"
+#define NAME(x) x##_avx512_wide
 #define LANES 16
 #define MR 4
 #define NR 4
 #define TARGET __attribute__((target("avx512f,avx512vl,fma")))
 #include "small_gemm.h"
-#undef NAME
-#undef LANES
-#undef MR
-#undef NR
-#undef TARGET
 #endif
 
-static kernel_fn kernel = kernel_generic;
-static kernel_nn_fn kernel_nn = kernel_nn_generic;
+enum { TALL_MAX_M = 8 };
+static kernel_fn kernel_tall = kernel_generic_tall, kernel_wide = kernel_generic_wide;
+static kernel_nn_fn kernel_nn = kernel_nn_generic_tall;
 static int max_m = 16;
 
 /* The pool. A call's columns are cut into chunks that the calling thread and the helpers
@@ -87,6 +94,7 @@ static int max_m = 16;
 enum { MAX_THREADS = 64, SPIN = 1000, MIN_WORK = 1 << 16, CHUNK = 64 };
 
 struct task {
+    kernel_fn kernel;
     int m, n, k, lda, ldb, ldc;
     float alpha, beta;
     const float *a, *b;
@@ -120,7 +128,7 @@ static int work_through(void) {
         unsigned long chunk = claim & 0xfffff, chunks = (claim >> 20) & 0xfffff;
         if (chunk >= chunks) return computed;
         int j0 = (int)chunk * CHUNK, j1 = j0 + CHUNK < task.n ? j0 + CHUNK : task.n;
-        kernel(task.m, j0, j1, task.k, task.alpha, task.a, task.lda, task.b, task.ldb,
+        task.kernel(task.m, j0, j1, task.k, task.alpha, task.a, task.lda, task.b, task.ldb,
                task.beta, task.c, task.ldc);
         __atomic_fetch_add(&done, 1, __ATOMIC_RELEASE);
         computed++;
@@ -179,6 +187,7 @@ static void after_fork_in_child(void) {
 static void small_gemm(int m, int n, int k, float alpha, const float *a, int lda,
                        const float *b, int ldb, float beta, float *c, int ldc) {
     __atomic_fetch_add(&small, 1, __ATOMIC_RELAXED);
+    kernel_fn kernel = m <= TALL_MAX_M ? kernel_tall : kernel_wide;
     int chunks = (n + CHUNK - 1) / CHUNK;
     /* Small products, and a second thread calling while one is pooled (two MLX streams),
      * run on the calling thread alone. */
@@ -188,7 +197,7 @@ static void small_gemm(int m, int n, int k, float alpha, const float *a, int lda
         return;
     }
     if (!started) start_pool();
-    task = (struct task){m, n, k, lda, ldb, ldc, alpha, beta, a, b, c};
+    task = (struct task){kernel, m, n, k, lda, ldb, ldc, alpha, beta, a, b, c};
     __atomic_store_n(&done, 0, __ATOMIC_RELAXED);
     unsigned long generation = (__atomic_load_n(&claims, __ATOMIC_RELAXED) >> 40) + 1;
     __atomic_store_n(&claims, (generation << 40) | ((unsigned long)chunks << 20), __ATOMIC_SEQ_CST);
@@ -208,9 +217,11 @@ __attribute__((constructor)) static void resolve(void) {
 #if defined(__x86_64__)
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
-        kernel = kernel_avx512, kernel_nn = kernel_nn_avx512;
+        kernel_tall = kernel_avx512_tall, kernel_wide = kernel_avx512_wide,
+        kernel_nn = kernel_nn_avx512_tall;
     else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-        kernel = kernel_avx2, kernel_nn = kernel_nn_avx2;
+        kernel_tall = kernel_avx2_tall, kernel_wide = kernel_avx2_wide,
+        kernel_nn = kernel_nn_avx2_tall;
 #endif
     const char *env = getenv("MLXROUTER_SMALL_GEMM_MAX_M");
     if (env && *env) max_m = atoi(env);

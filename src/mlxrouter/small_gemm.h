@@ -1,5 +1,5 @@
 /* One instance of the small-M matrix product kernel, included by gemv_forward.c once per
- * instruction set with these defined:
+ * instruction set and register block with these defined (and undefined at the end):
  *   NAME(x)  the instance's names      LANES  floats per vector
  *   MR, NR   rows of A and of B per register block (MR * NR accumulators)
  *   TARGET   a function attribute naming the instruction set, or nothing
@@ -32,10 +32,13 @@ TARGET static inline __attribute__((always_inline)) float NAME(hsum)(NAME(vec) v
 }
 
 /* mr x nr dot products (mr <= MR, nr <= NR): constants at every call site, so the loops
- * unroll and the accumulators stay in registers. */
+ * unroll and the accumulators stay in registers. With `next`, also prefetches the NR weight
+ * rows there: the last row block of a column block, which reads its weights from L1, fetches
+ * the next column block's from memory meanwhile (without it the arithmetic and the memory
+ * traffic of several row blocks took turns, and M = 8 streamed half as fast as M = 1). */
 TARGET static inline __attribute__((always_inline)) void NAME(block)(
     int mr, int nr, int k, float alpha, const float *a, int lda, const float *b, int ldb,
-    float beta, float *c, int ldc) {
+    float beta, float *c, int ldc, const float *next) {
     NAME(vec) acc[MR][NR] = {{{0}}};
     int p = 0;
     for (; p + LANES <= k; p += LANES) {
@@ -44,6 +47,9 @@ TARGET static inline __attribute__((always_inline)) void NAME(block)(
             av[r] = *(const NAME(vec) *)(a + (long)r * lda + p);
         _Pragma("GCC unroll 8") for (int s = 0; s < nr; s++)
             bv[s] = *(const NAME(vec) *)(b + (long)s * ldb + p);
+        if (next)
+            _Pragma("GCC unroll 8") for (int s = 0; s < NR; s++)
+                __builtin_prefetch(next + (long)s * ldb + p);
         _Pragma("GCC unroll 8") for (int r = 0; r < mr; r++)
             _Pragma("GCC unroll 8") for (int s = 0; s < nr; s++)
                 acc[r][s] += av[r] * bv[s];
@@ -60,13 +66,27 @@ TARGET static inline __attribute__((always_inline)) void NAME(block)(
     }
 }
 
+/* Every row block against the column block at bj (NR_ rows of B); the last row block
+ * prefetches `next`. */
 #define NAME_ROWS(NR_) \
     for (; i + MR <= m; i += MR) \
-        NAME(block)(MR, NR_, k, alpha, a + (long)i * lda, lda, bj, ldb, beta, c + (long)i * ldc + j, ldc); \
+        NAME(block)(MR, NR_, k, alpha, a + (long)i * lda, lda, bj, ldb, beta, \
+                    c + (long)i * ldc + j, ldc, i + MR == m ? next : NULL); \
     switch (m - i) { \
-    case 1: NAME(block)(1, NR_, k, alpha, a + (long)i * lda, lda, bj, ldb, beta, c + (long)i * ldc + j, ldc); break; \
-    case 2: NAME(block)(2 < MR ? 2 : 1, NR_, k, alpha, a + (long)i * lda, lda, bj, ldb, beta, c + (long)i * ldc + j, ldc); break; \
-    case 3: NAME(block)(3 < MR ? 3 : 1, NR_, k, alpha, a + (long)i * lda, lda, bj, ldb, beta, c + (long)i * ldc + j, ldc); break; \
+    case 1: NAME(block)(1 < MR ? 1 : 1, NR_, k, alpha, a + (long)i * lda, lda, bj, ldb, \
+                        beta, c + (long)i * ldc + j, ldc, next); break; \
+    case 2: NAME(block)(2 < MR ? 2 : 1, NR_, k, alpha, a + (long)i * lda, lda, bj, ldb, \
+                        beta, c + (long)i * ldc + j, ldc, next); break; \
+    case 3: NAME(block)(3 < MR ? 3 : 1, NR_, k, alpha, a + (long)i * lda, lda, bj, ldb, \
+                        beta, c + (long)i * ldc + j, ldc, next); break; \
+    case 4: NAME(block)(4 < MR ? 4 : 1, NR_, k, alpha, a + (long)i * lda, lda, bj, ldb, \
+                        beta, c + (long)i * ldc + j, ldc, next); break; \
+    case 5: NAME(block)(5 < MR ? 5 : 1, NR_, k, alpha, a + (long)i * lda, lda, bj, ldb, \
+                        beta, c + (long)i * ldc + j, ldc, next); break; \
+    case 6: NAME(block)(6 < MR ? 6 : 1, NR_, k, alpha, a + (long)i * lda, lda, bj, ldb, \
+                        beta, c + (long)i * ldc + j, ldc, next); break; \
+    case 7: NAME(block)(7 < MR ? 7 : 1, NR_, k, alpha, a + (long)i * lda, lda, bj, ldb, \
+                        beta, c + (long)i * ldc + j, ldc, next); break; \
     }
 
 TARGET static void NAME(kernel)(int m, int j0, int j1, int k, float alpha, const float *a,
@@ -77,11 +97,12 @@ TARGET static void NAME(kernel)(int m, int j0, int j1, int k, float alpha, const
      * them; A itself (M x K, at most a few hundred KB) stays in L2. */
     for (; j + NR <= j1; j += NR) {
         const float *bj = b + (long)j * ldb;
+        const float *next = j + 2 * NR <= j1 ? bj + (long)NR * ldb : NULL;
         int i = 0;
         NAME_ROWS(NR)
     }
     for (; j < j1; j++) {
-        const float *bj = b + (long)j * ldb;
+        const float *bj = b + (long)j * ldb, *next = NULL;
         int i = 0;
         NAME_ROWS(1)
     }
@@ -105,7 +126,7 @@ TARGET static inline __attribute__((always_inline)) void NAME(columns)(
     }
 }
 
-TARGET static void NAME(kernel_nn)(int m, int n, int k, float alpha, const float *a, int lda,
+TARGET __attribute__((unused)) static void NAME(kernel_nn)(int m, int n, int k, float alpha, const float *a, int lda,
                                    const float *b, int ldb, float beta, float *c, int ldc) {
     for (int i = 0; i < m; i++) {
         const float *ai = a + (long)i * lda;
@@ -122,3 +143,8 @@ TARGET static void NAME(kernel_nn)(int m, int n, int k, float alpha, const float
         }
     }
 }
+#undef NAME
+#undef LANES
+#undef MR
+#undef NR
+#undef TARGET
