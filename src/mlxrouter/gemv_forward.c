@@ -106,10 +106,11 @@ struct task {
  * not, so a call's task is never rewritten while a valid claim on it is running. */
 static unsigned long claims;
 static int done;  /* chunks of the current call computed */
+static int caller_asleep;
 static struct task task;
 static int threads = 1, sleepers, started;
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t wake = PTHREAD_COND_INITIALIZER, finished = PTHREAD_COND_INITIALIZER;
 static pthread_mutex_t caller = PTHREAD_MUTEX_INITIALIZER;  /* one pooled call at a time */
 
 static inline void relax(void) {
@@ -130,8 +131,13 @@ static int work_through(void) {
         int j0 = (int)chunk * CHUNK, j1 = j0 + CHUNK < task.n ? j0 + CHUNK : task.n;
         task.kernel(task.m, j0, j1, task.k, task.alpha, task.a, task.lda, task.b, task.ldb,
                task.beta, task.c, task.ldc);
-        __atomic_fetch_add(&done, 1, __ATOMIC_RELEASE);
         computed++;
+        if (__atomic_add_fetch(&done, 1, __ATOMIC_SEQ_CST) == (int)chunks &&
+            __atomic_load_n(&caller_asleep, __ATOMIC_SEQ_CST)) {
+            pthread_mutex_lock(&lock);
+            pthread_cond_signal(&finished);
+            pthread_mutex_unlock(&lock);
+        }
     }
 }
 
@@ -178,9 +184,10 @@ static void start_pool(void) {
 static void after_fork_in_child(void) {
     started = 0;
     claims = 0;
-    done = sleepers = 0;
+    done = sleepers = caller_asleep = 0;
     pthread_mutex_init(&lock, NULL);
     pthread_cond_init(&wake, NULL);
+    pthread_cond_init(&finished, NULL);
     pthread_mutex_init(&caller, NULL);
 }
 
@@ -207,7 +214,21 @@ static void small_gemm(int m, int n, int k, float alpha, const float *a, int lda
         pthread_mutex_unlock(&lock);
     }
     work_through();
-    while (__atomic_load_n(&done, __ATOMIC_ACQUIRE) < chunks) relax();
+    /* The helpers' last chunks: spin a little, then sleep. A helper that another process
+     * preempted mid-chunk (on 2 cores, the daemon or the client handling a token) may take a
+     * while; asleep, the caller leaves its core to that helper instead of spinning on it. */
+    for (int spins = 0; __atomic_load_n(&done, __ATOMIC_ACQUIRE) < chunks; spins++) {
+        if (spins < SPIN) {
+            relax();
+            continue;
+        }
+        pthread_mutex_lock(&lock);
+        __atomic_store_n(&caller_asleep, 1, __ATOMIC_SEQ_CST);
+        while (__atomic_load_n(&done, __ATOMIC_SEQ_CST) < chunks)
+            pthread_cond_wait(&finished, &lock);
+        __atomic_store_n(&caller_asleep, 0, __ATOMIC_SEQ_CST);
+        pthread_mutex_unlock(&lock);
+    }
     pthread_mutex_unlock(&caller);
 }
 
