@@ -21,6 +21,7 @@
 #include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 
 enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
@@ -84,6 +85,7 @@ static unsigned long forwarded, small;
 enum { TALL_MAX_M = 8 };
 static kernel_fn kernel_tall = kernel_generic_tall, kernel_wide = kernel_generic_wide;
 static kernel_nn_fn kernel_nn = kernel_nn_generic_tall;
+static const char *isa = "generic";
 static int max_m = 16;
 
 /* The pool. A call's columns are cut into chunks that the calling thread and the helpers
@@ -235,14 +237,19 @@ static void small_gemm(int m, int n, int k, float alpha, const float *a, int lda
 __attribute__((constructor)) static void resolve(void) {
     next_sgemm = (sgemm_fn)dlsym(RTLD_NEXT, "cblas_sgemm");
     next_sgemv = (sgemv_fn)dlsym(RTLD_NEXT, "cblas_sgemv");
+    /* MLXROUTER_SMALL_GEMM_ISA=generic or avx2 caps the instruction set (the tests run each). */
+    const char *cap = getenv("MLXROUTER_SMALL_GEMM_ISA");
+    int generic_only = cap && strcmp(cap, "generic") == 0;
+    int no_avx512 = generic_only || (cap && strcmp(cap, "avx2") == 0);
+    (void)no_avx512;
 #if defined(__x86_64__)
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
+    if (!no_avx512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
         kernel_tall = kernel_avx512_tall, kernel_wide = kernel_avx512_wide,
-        kernel_nn = kernel_nn_avx512_tall;
-    else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        kernel_nn = kernel_nn_avx512_tall, isa = "avx512";
+    else if (!generic_only && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
         kernel_tall = kernel_avx2_tall, kernel_wide = kernel_avx2_wide,
-        kernel_nn = kernel_nn_avx2_tall;
+        kernel_nn = kernel_nn_avx2_tall, isa = "avx2";
 #endif
     const char *env = getenv("MLXROUTER_SMALL_GEMM_MAX_M");
     if (env && *env) max_m = atoi(env);
@@ -258,10 +265,13 @@ __attribute__((constructor)) static void resolve(void) {
     pthread_atfork(NULL, NULL, after_fork_in_child);
 }
 
-/* How many products went to sgemv, and to the small-M kernel (the tests read them). */
+/* How many products went to sgemv, and to the small-M kernel, and which instruction set the
+ * kernel uses (the tests read them). */
 unsigned long mlxrouter_gemv_forwarded(void) {
     return __atomic_load_n(&forwarded, __ATOMIC_RELAXED);
 }
+
+const char *mlxrouter_small_gemm_isa(void) { return isa; }
 
 unsigned long mlxrouter_small_gemm(void) {
     return __atomic_load_n(&small, __ATOMIC_RELAXED);
@@ -274,13 +284,15 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
         fputs("mlxrouter gemv_forward: no cblas_sgemm after this library\n", stderr);
         abort();
     }
-    if (order == ROW_MAJOR && trans_a == NO_TRANS && trans_b == TRANS && m >= 1 &&
-        m <= max_m && n >= 1 && k >= 1) {  /* x W^T: the kernel's own shape */
+    /* alpha 0 (A and B unread, by BLAS's rules) and products too wide for the pool's chunk
+     * counter are OpenBLAS's. */
+    int ours = order == ROW_MAJOR && trans_a == NO_TRANS && alpha != 0.0f && m >= 1 &&
+               m <= max_m && n >= 1 && n < (1 << 20) * CHUNK && k >= 1;
+    if (ours && trans_b == TRANS) {  /* x W^T: the kernel's own shape */
         small_gemm(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
         return;
     }
-    if (order == ROW_MAJOR && trans_a == NO_TRANS && trans_b == NO_TRANS && m >= 1 &&
-        m <= max_m && n >= 1 && k >= 1 && (long)m * n * k < MIN_WORK) {  /* attention: a V */
+    if (ours && trans_b == NO_TRANS && (long)m * n * k < MIN_WORK) {  /* attention: a V */
         __atomic_fetch_add(&small, 1, __ATOMIC_RELAXED);
         kernel_nn(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
         return;

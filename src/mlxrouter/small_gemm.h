@@ -13,7 +13,22 @@
 typedef float NAME(vec) __attribute__((vector_size(LANES * sizeof(float)), aligned(4),
                                         may_alias));
 
+/* The sum of a vector's lanes: halves added in registers. __builtin_shufflevector (clang, GCC
+ * 12 and newer) narrows the vector; older GCC has __builtin_shuffle, which keeps its width. */
+#if !defined(__clang__) && __GNUC__ < 12 && !defined(SMALL_GEMM_OLD_GCC)
+#define SMALL_GEMM_OLD_GCC
+#endif
 TARGET static inline __attribute__((always_inline)) float NAME(hsum)(NAME(vec) v) {
+#if defined(SMALL_GEMM_OLD_GCC) && LANES >= 8
+    typedef int lanes __attribute__((vector_size(LANES * sizeof(int))));
+#if LANES == 16
+    v += __builtin_shuffle(v, (lanes){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    v += __builtin_shuffle(v, (lanes){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+#else
+    v += __builtin_shuffle(v, (lanes){4, 5, 6, 7, 0, 1, 2, 3});
+#endif
+    NAME(vec) q = v;
+#else
 #if LANES == 16
     typedef float half __attribute__((vector_size(8 * sizeof(float))));
     half h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
@@ -24,9 +39,11 @@ TARGET static inline __attribute__((always_inline)) float NAME(hsum)(NAME(vec) v
 #endif
 #if LANES >= 8
     typedef float quarter __attribute__((vector_size(4 * sizeof(float))));
-    quarter q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+    quarter q = __builtin_shufflevector(h, h, 0, 1, 2, 3) +
+                __builtin_shufflevector(h, h, 4, 5, 6, 7);
 #else
     NAME(vec) q = v;
+#endif
 #endif
     return (q[0] + q[2]) + (q[1] + q[3]);
 }

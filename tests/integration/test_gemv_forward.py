@@ -64,7 +64,9 @@ for m in (2, 3, 4, 5, 7, 8, 13, 16):
 measure("2 to 16 rows", rows)
 a17 = r(17, 96)
 measure("17 rows", {"17 rows": (mx.array(a17) @ mx.array(w).T, a17.astype(float) @ w.T)})
-print(json.dumps({"errors": errors, "counts": counts}))
+isa = lib.mlxrouter_small_gemm_isa
+isa.restype = ctypes.c_char_p
+print(json.dumps({"errors": errors, "counts": counts, "isa": isa().decode()}))
 """
 
 # cblas_sgemm called straight (through ctypes) for what MLX never passes: leading dimensions
@@ -111,6 +113,9 @@ for m, n, k in ((1, 3000, 200), (3, 1000, 300), (8, 577, 131), (16, 1200, 96), (
 errors["a B, 4 rows, beta 0 over NaN"] = product(4, 70, 33, 1.5, 0.0, pad=2, trans_b=False,
                                                  nan_c=True)
 calls = lib.mlxrouter_small_gemm() - before
+# alpha 0: A and B are not to be read (BLAS), so OpenBLAS computes it, not the kernel.
+errors["alpha 0 beta 2"] = product(4, 80, 96, 0.0, 2.0, pad=1)
+assert lib.mlxrouter_small_gemm() - before == calls
 pid = os.fork()
 if pid == 0:  # the child has no helper threads: it must start its own, not wait for ghosts
     os._exit(0 if product(8, 3000, 300, 1.0, 0.0, pad=0) < 1e-5 else 1)
@@ -146,10 +151,24 @@ def run_child(code: str, forwarder: tuple[Path, str], **env: str) -> dict:
     return json.loads(out.stdout)
 
 
-@pytest.mark.parametrize("threads", ["1", "2"])
-def test_decode_products_skip_gemm_and_stay_exact(forwarder: tuple[Path, str],
-                                                  threads: str) -> None:
-    report = run_child(CHILD, forwarder, MLXROUTER_GEMM_THREADS=threads)
+def cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return next((set(line.split(":", 1)[1].split()) for line in f
+                     if line.startswith(("flags", "Features"))), set())
+
+
+@pytest.mark.parametrize(("threads", "isa"), [("1", ""), ("2", ""), ("2", "avx2"),
+                                              ("2", "generic")])
+def test_decode_products_skip_gemm_and_stay_exact(forwarder: tuple[Path, str], threads: str,
+                                                  isa: str) -> None:
+    flags = cpu_flags()
+    best = ("avx512" if {"avx512f", "avx512vl"} <= flags else
+            "avx2" if {"avx2", "fma"} <= flags else "generic")
+    if isa == "avx2" and best == "generic":
+        pytest.skip("no AVX2 on this CPU")
+    report = run_child(CHILD, forwarder, MLXROUTER_GEMM_THREADS=threads,
+                       MLXROUTER_SMALL_GEMM_ISA=isa)
+    assert report["isa"] == (isa or best)
     for case, err in report["errors"].items():
         assert err < 1e-5, (case, err)
     counts = report["counts"]
