@@ -105,7 +105,9 @@ struct task {
 
 /* The claim counter: generation (bits 40-63) | chunks in this call (20-39) | next chunk (0-19).
  * A claim is valid when its chunk is below its call's count; a late helper's stale claim is
- * not, so a call's task is never rewritten while a valid claim on it is running. */
+ * not, so a call's task is never rewritten while a valid claim on it is running. Each thread
+ * overshoots by at most one claim per call, so fewer than 2^19 chunks keep the next-chunk
+ * field from carrying into the count; generations only need to differ from the last one. */
 static unsigned long claims;
 static int done;  /* chunks of the current call computed */
 static int caller_asleep;
@@ -287,7 +289,7 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
     /* alpha 0 (A and B unread, by BLAS's rules) and products too wide for the pool's chunk
      * counter are OpenBLAS's. */
     int ours = order == ROW_MAJOR && trans_a == NO_TRANS && alpha != 0.0f && m >= 1 &&
-               m <= max_m && n >= 1 && n < (1 << 20) * CHUNK && k >= 1;
+               m <= max_m && n >= 1 && n < (1 << 19) * CHUNK && k >= 1;
     if (ours && trans_b == TRANS) {  /* x W^T: the kernel's own shape */
         small_gemm(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
         return;

@@ -116,6 +116,18 @@ calls = lib.mlxrouter_small_gemm() - before
 # alpha 0: A and B are not to be read (BLAS), so OpenBLAS computes it, not the kernel.
 errors["alpha 0 beta 2"] = product(4, 80, 96, 0.0, 2.0, pad=1)
 assert lib.mlxrouter_small_gemm() - before == calls
+# Several threads at once (ctypes releases the GIL): one gets the pool, the others run alone.
+import threading
+def hammer(worst):
+    for _ in range(40):
+        worst.append(product(8, 2000, 150, 1.0, 0.0, pad=1))
+results = [[] for _ in range(4)]
+threads = [threading.Thread(target=hammer, args=(r,)) for r in results]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+errors["4 threads at once"] = max(max(r) for r in results)
 pid = os.fork()
 if pid == 0:  # the child has no helper threads: it must start its own, not wait for ghosts
     os._exit(0 if product(8, 3000, 300, 1.0, 0.0, pad=0) < 1e-5 else 1)
