@@ -84,26 +84,20 @@ TARGET static inline __attribute__((always_inline)) void NAME(block)(
 }
 
 /* Every row block against the column block at bj (NR_ rows of B); the last row block
- * prefetches `next`. */
+ * prefetches `next`. The rows left over (fewer than MR) get a block of their own size: a
+ * constant in every case, as NAME(block) needs (R_ < MR ? R_ : 1 keeps the unreachable cases
+ * within the accumulator array). */
+_Static_assert(MR <= 8, "NAME_ROWS has cases for up to 7 leftover rows");
+#define NAME_REST(R_, NR_) \
+    case R_: NAME(block)(R_ < MR ? R_ : 1, NR_, k, alpha, a + (long)i * lda, lda, bj, ldb, \
+                         beta, c + (long)i * ldc + j, ldc, next); break;
 #define NAME_ROWS(NR_) \
     for (; i + MR <= m; i += MR) \
         NAME(block)(MR, NR_, k, alpha, a + (long)i * lda, lda, bj, ldb, beta, \
                     c + (long)i * ldc + j, ldc, i + MR == m ? next : NULL); \
     switch (m - i) { \
-    case 1: NAME(block)(1 < MR ? 1 : 1, NR_, k, alpha, a + (long)i * lda, lda, bj, ldb, \
-                        beta, c + (long)i * ldc + j, ldc, next); break; \
-    case 2: NAME(block)(2 < MR ? 2 : 1, NR_, k, alpha, a + (long)i * lda, lda, bj, ldb, \
-                        beta, c + (long)i * ldc + j, ldc, next); break; \
-    case 3: NAME(block)(3 < MR ? 3 : 1, NR_, k, alpha, a + (long)i * lda, lda, bj, ldb, \
-                        beta, c + (long)i * ldc + j, ldc, next); break; \
-    case 4: NAME(block)(4 < MR ? 4 : 1, NR_, k, alpha, a + (long)i * lda, lda, bj, ldb, \
-                        beta, c + (long)i * ldc + j, ldc, next); break; \
-    case 5: NAME(block)(5 < MR ? 5 : 1, NR_, k, alpha, a + (long)i * lda, lda, bj, ldb, \
-                        beta, c + (long)i * ldc + j, ldc, next); break; \
-    case 6: NAME(block)(6 < MR ? 6 : 1, NR_, k, alpha, a + (long)i * lda, lda, bj, ldb, \
-                        beta, c + (long)i * ldc + j, ldc, next); break; \
-    case 7: NAME(block)(7 < MR ? 7 : 1, NR_, k, alpha, a + (long)i * lda, lda, bj, ldb, \
-                        beta, c + (long)i * ldc + j, ldc, next); break; \
+        NAME_REST(1, NR_) NAME_REST(2, NR_) NAME_REST(3, NR_) NAME_REST(4, NR_) \
+        NAME_REST(5, NR_) NAME_REST(6, NR_) NAME_REST(7, NR_) \
     }
 
 TARGET static void NAME(kernel)(int m, int j0, int j1, int k, float alpha, const float *a,
@@ -126,6 +120,7 @@ TARGET static void NAME(kernel)(int m, int j0, int j1, int k, float alpha, const
 }
 
 #undef NAME_ROWS
+#undef NAME_REST
 
 /* C = alpha A B + beta C for row-major B (K x N): attention's weights times values, one query
  * row per head (small N and K). Each row of C is NB vectors wide at a time, summed over K. */
