@@ -414,6 +414,12 @@ def state_home() -> Path:
     return Path(os.environ.get("MLXROUTER_HOME", "~/.mlxrouter")).expanduser()
 
 
+def cache_home() -> Path:
+    """Where mlxrouter keeps what it builds (the gemv forwarder): $XDG_CACHE_HOME/mlxrouter,
+    else ~/.cache/mlxrouter."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "mlxrouter"
+
+
 def hf_cache_default() -> Path:
     """The Hugging Face hub cache as huggingface_hub finds it: HF_HUB_CACHE, HF_HOME/hub."""
     if os.environ.get("HF_HUB_CACHE"):
@@ -557,7 +563,9 @@ def worker_blas(config: Config) -> tuple[str, list[str]] | None:
         from . import gemv
 
         run_dir = config.run_dir if sup.run_dir else state_home() / "run"
-        shim = gemv.library(run_dir / "lib")
+        # One build per user and source version, shared by every run directory (it takes
+        # 1-3 s); the run directory when the cache is not writable.
+        shim = gemv.library(cache_home() / "lib", run_dir / "lib")
         if shim is not None:
             return "openblas", [str(shim), openblas[1]]
     found = find_system_blas(sup.system_blas)

@@ -2,9 +2,10 @@
 few-row matrix products of decode itself (a small-M kernel on a thread pool, or OpenBLAS's
 sgemv for one row) instead of OpenBLAS's gemm, which packs the weights on every call.
 
-Built by the daemon with the system C compiler the first time a worker needs it (about 1 s),
-into `<run_dir>/lib`, named by the sources' hash so an upgrade builds a new one; without a
-compiler workers fall back to the next BLAS choice (config.worker_blas).
+Built by the daemon with the system C compiler the first time it is needed (1-3 s), into the
+user's cache (`~/.cache/mlxrouter/lib`, else `<run_dir>/lib`), named by the sources' hash so an
+upgrade builds a new one and daemons with other run directories share it; without a compiler
+workers fall back to the next BLAS choice (config.worker_blas).
 """
 from __future__ import annotations
 
@@ -38,29 +39,34 @@ def compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-# Directories where a build failed: not tried again in this process (a worker's every start
-# would otherwise rerun the compiler), and the warning is logged once.
-_failed: set[Path] = set()
+# Directories where a build failed, and why: not tried again in this process (a worker's every
+# start would otherwise rerun the compiler), and the warning is logged once.
+_failed: dict[Path, str] = {}
 
 
-def library(cache_dir: Path) -> Path | None:
-    """The built library in `cache_dir`, building it when missing; None when it cannot be had
-    (logged once per directory). Looked for on disk each time, so a deleted copy is rebuilt."""
+def library(*dirs: Path) -> Path | None:
+    """The built library in the first of `dirs` that has it or where it can be built; None
+    when none can (logged once). Looked for on disk each time, so a deleted copy is rebuilt."""
     code = sources()
     digest = hashlib.sha256(b"".join(code.values())).hexdigest()[:12]
-    out = cache_dir / f"libmlxrouter-gemv-{digest}.so"
-    if out.exists():
-        return out
-    if cache_dir in _failed:
-        return None
-    why = _unusable(out) or _build(code, out)
-    if why:
-        _failed.add(cache_dir)
+    name = f"libmlxrouter-gemv-{digest}.so"
+    new_failures = False
+    for cache_dir in dirs:
+        out = cache_dir / name
+        if out.exists():
+            return out
+        if cache_dir in _failed:
+            continue
+        why = _unusable(out) or _build(code, out)
+        if not why:
+            log.info("built the gemv forwarder: %s", out)
+            return out
+        _failed[cache_dir] = why
+        new_failures = True
+    if new_failures:
         log.warning("no gemv forwarder, workers get BLIS or OpenBLAS alone "
-                    "(docs/performance.md): %s", why)
-        return None
-    log.info("built the gemv forwarder: %s", out)
-    return out
+                    "(docs/performance.md): %s", "; ".join(_failed[d] for d in dirs))
+    return None
 
 
 def _unusable(out: Path) -> str:

@@ -139,7 +139,7 @@ print(json.dumps({"errors": errors, "calls": calls, "forked child": os.waitstatu
 @pytest.fixture(autouse=True)
 def fresh_failures(monkeypatch: pytest.MonkeyPatch) -> None:
     """gemv.library remembers failed directories for the process: not across tests."""
-    monkeypatch.setattr(gemv, "_failed", set())
+    monkeypatch.setattr(gemv, "_failed", {})
 
 
 @pytest.fixture
@@ -230,6 +230,18 @@ def test_no_compiler_means_no_library(tmp_path: Path, monkeypatch: pytest.Monkey
     caplog.clear()
     assert gemv.library(tmp_path / "lib") is None  # not tried again, not logged again
     assert caplog.text == ""
+
+
+def test_the_first_directory_that_works_gets_the_library(forwarder: tuple[Path, str],
+                                                         tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    lib, _ = forwarder  # built in tmp_path / "lib"
+    (tmp_path / "home").write_text("a file where the cache directory should be")
+    assert gemv.library(tmp_path / "home" / "lib", tmp_path / "lib") == lib
+    assert caplog.text.count("WARNING") == 0  # the second directory served: nothing to warn of
+    other = tmp_path / "run2" / "lib"  # a fresh one: built there, the failing one not retried
+    found = gemv.library(tmp_path / "home" / "lib", other)
+    assert found == other / lib.name and found.exists()
 
 
 def test_an_unwritable_run_dir_means_no_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -3,6 +3,8 @@ limits, timeouts, idle unloading, pressure caps, stale workers and engine out-of
 
 from __future__ import annotations
 
+import hashlib
+
 import os
 import signal
 import sys
@@ -221,7 +223,9 @@ def test_restarted_daemon_reaps_a_stale_worker(start_daemon, tiny_model):
 
 def test_workers_run_with_the_system_blas_preloaded(start_daemon, tiny_model):
     from mlxrouter import gemv
-    from mlxrouter.config import find_system_blas
+    from mlxrouter.config import cache_home, find_system_blas
+
+    digest = hashlib.sha256(gemv.source()).hexdigest()[:12]  # this source's build
 
     blis, openblas = find_system_blas("blis"), find_system_blas("openblas")
     if not (blis and openblas and gemv.compiler()):
@@ -233,10 +237,10 @@ def test_workers_run_with_the_system_blas_preloaded(start_daemon, tiny_model):
         assert _chat(daemon, "tiny").status_code == 200
         return open(f"/proc/{daemon.worker_pid('tiny')}/maps").read()
 
-    # auto: the gemv forwarder, built in the run directory, ahead of OpenBLAS
+    # auto: the gemv forwarder, built in the user's cache, ahead of OpenBLAS
     daemon = start_daemon()
     mapped = maps(daemon)
-    forwarder = list((daemon.run_dir / "lib").glob("libmlxrouter-gemv-*.so"))
+    forwarder = list((cache_home() / "lib").glob(f"libmlxrouter-gemv-{digest}.so"))
     assert len(forwarder) == 1 and str(forwarder[0]) in mapped
     assert os.path.realpath(openblas[1]) in mapped and "libblis" not in mapped
     # BLIS when chosen, on every core

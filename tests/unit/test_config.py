@@ -518,14 +518,14 @@ def linux(monkeypatch: pytest.MonkeyPatch) -> None:
     """Linux, no preloads of the user's, and no gemv forwarder to be had."""
     monkeypatch.setattr(cfg.sys, "platform", "linux")
     monkeypatch.delenv("LD_PRELOAD", raising=False)
-    monkeypatch.setattr(gemv, "library", lambda cache_dir: None)
+    monkeypatch.setattr(gemv, "library", lambda *dirs: None)
 
 
 @pytest.fixture
 def forwarder(linux: None, monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """The gemv forwarder builds; returns the directories it was asked for."""
     asked: list[Path] = []
-    monkeypatch.setattr(gemv, "library", lambda cache_dir: asked.append(cache_dir) or FORWARDER)
+    monkeypatch.setattr(gemv, "library", lambda *dirs: asked.extend(dirs) or FORWARDER)
     return asked
 
 
@@ -621,7 +621,8 @@ def test_worker_environment_puts_the_gemv_forwarder_ahead_of_openblas(
     env = worker_environment(make_config(), spec())
     assert env["LD_PRELOAD"].split(":") == [str(FORWARDER), "/usr/lib/libopenblas.so.0"]
     assert "BLIS_NUM_THREADS" not in env
-    assert forwarder == [Path("/srv/mlxr/run/lib")]  # built in the daemon's run directory
+    # built in the user's cache, else in the daemon's run directory
+    assert forwarder == [cfg.cache_home() / "lib", Path("/srv/mlxr/run/lib")]
     monkeypatch.setenv("LD_PRELOAD", "/opt/libother.so")
     assert worker_environment(make_config(system_blas="openblas"), spec())["LD_PRELOAD"] == (
         f"{FORWARDER}:/usr/lib/libopenblas.so.0:/opt/libother.so")
