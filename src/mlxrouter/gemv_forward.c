@@ -19,6 +19,7 @@
 #include <dlfcn.h>
 #include <pthread.h>
 #include <sched.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -92,7 +93,8 @@ static int max_m = 16;
  * claim one at a time from a shared counter, so a helper the scheduler has not run yet costs
  * nothing: the caller takes the chunks itself and waits only for chunks already claimed.
  * Helpers spin briefly for the next call (decode issues product after product), then sleep on
- * a condition variable. */
+ * a condition variable. They keep the floating-point environment (rounding, flush-to-zero) of
+ * the thread that started them; MLX never changes it. */
 enum { MAX_THREADS = 64, SPIN = 1000, MIN_WORK = 1 << 16, CHUNK = 64 };
 
 struct task {
@@ -105,10 +107,11 @@ struct task {
 
 /* The claim counter: generation (bits 40-63) | chunks in this call (20-39) | next chunk (0-19).
  * A claim is valid when its chunk is below its call's count; a late helper's stale claim is
- * not, so a call's task is never rewritten while a valid claim on it is running. Each thread
- * overshoots by at most one claim per call, so fewer than 2^19 chunks keep the next-chunk
+ * not, so a call's task is never rewritten while a valid claim on it is running. A thread
+ * overshoots by at most two claims per call (one left from a pass over the previous call), so
+ * fewer than 2^19 chunks keep the next-chunk
  * field from carrying into the count; generations only need to differ from the last one. */
-static unsigned long claims;
+static uint64_t claims;
 static int done;  /* chunks of the current call computed */
 static int caller_asleep;
 static struct task task;
@@ -129,8 +132,8 @@ static inline void relax(void) {
 static int work_through(void) {
     int computed = 0;
     for (;;) {
-        unsigned long claim = __atomic_fetch_add(&claims, 1, __ATOMIC_ACQUIRE);
-        unsigned long chunk = claim & 0xfffff, chunks = (claim >> 20) & 0xfffff;
+        uint64_t claim = __atomic_fetch_add(&claims, 1, __ATOMIC_ACQUIRE);
+        uint64_t chunk = claim & 0xfffff, chunks = (claim >> 20) & 0xfffff;
         if (chunk >= chunks) return computed;
         int j0 = (int)chunk * CHUNK, j1 = j0 + CHUNK < task.n ? j0 + CHUNK : task.n;
         task.kernel(task.m, j0, j1, task.k, task.alpha, task.a, task.lda, task.b, task.ldb,
@@ -147,9 +150,9 @@ static int work_through(void) {
 
 static void *helper(void *arg) {
     (void)arg;
-    unsigned long seen = 0;
+    uint64_t seen = 0;
     for (;;) {
-        unsigned long now;
+        uint64_t now;
         int spins = 0;
         while ((now = __atomic_load_n(&claims, __ATOMIC_ACQUIRE) >> 40) == seen && spins < SPIN) {
             relax();
@@ -176,7 +179,7 @@ static void start_pool(void) {
     for (int i = 1; i < threads; i++) {
         pthread_t id;
         if (pthread_create(&id, &attr, helper, NULL) != 0) {
-            threads = i;  /* fewer helpers than asked: still correct */
+            __atomic_store_n(&threads, i, __ATOMIC_RELAXED);  /* fewer helpers: still right */
             break;
         }
     }
@@ -202,7 +205,7 @@ static void small_gemm(int m, int n, int k, float alpha, const float *a, int lda
     int chunks = (n + CHUNK - 1) / CHUNK;
     /* Small products, and a second thread calling while one is pooled (two MLX streams),
      * run on the calling thread alone. */
-    if (threads == 1 || chunks < 2 || (long)m * n * k < MIN_WORK ||
+    if (__atomic_load_n(&threads, __ATOMIC_RELAXED) == 1 || chunks < 2 || (long)m * n * k < MIN_WORK ||
         pthread_mutex_trylock(&caller) != 0) {
         kernel(m, 0, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
         return;
@@ -210,8 +213,8 @@ static void small_gemm(int m, int n, int k, float alpha, const float *a, int lda
     if (!started) start_pool();
     task = (struct task){kernel, m, n, k, lda, ldb, ldc, alpha, beta, a, b, c};
     __atomic_store_n(&done, 0, __ATOMIC_RELAXED);
-    unsigned long generation = (__atomic_load_n(&claims, __ATOMIC_RELAXED) >> 40) + 1;
-    __atomic_store_n(&claims, (generation << 40) | ((unsigned long)chunks << 20), __ATOMIC_SEQ_CST);
+    uint64_t generation = (__atomic_load_n(&claims, __ATOMIC_RELAXED) >> 40) + 1;
+    __atomic_store_n(&claims, (generation << 40) | ((uint64_t)chunks << 20), __ATOMIC_SEQ_CST);
     if (__atomic_load_n(&sleepers, __ATOMIC_SEQ_CST) > 0) {
         pthread_mutex_lock(&lock);
         pthread_cond_broadcast(&wake);
@@ -236,9 +239,13 @@ static void small_gemm(int m, int n, int k, float alpha, const float *a, int lda
     pthread_mutex_unlock(&caller);
 }
 
-__attribute__((constructor)) static void resolve(void) {
+static void resolve_next(void) {
     next_sgemm = (sgemm_fn)dlsym(RTLD_NEXT, "cblas_sgemm");
     next_sgemv = (sgemv_fn)dlsym(RTLD_NEXT, "cblas_sgemv");
+}
+
+__attribute__((constructor)) static void resolve(void) {
+    resolve_next();
     /* MLXROUTER_SMALL_GEMM_ISA=generic or avx2 caps the instruction set (the tests run each). */
     const char *cap = getenv("MLXROUTER_SMALL_GEMM_ISA");
     int generic_only = cap && strcmp(cap, "generic") == 0;
@@ -282,6 +289,8 @@ unsigned long mlxrouter_small_gemm(void) {
 void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
                  const float *a, int lda, const float *b, int ldb, float beta, float *c,
                  int ldc) {
+    if (next_sgemm == NULL)  /* OpenBLAS loaded after this library's constructor ran */
+        resolve_next();
     if (next_sgemm == NULL) {
         fputs("mlxrouter gemv_forward: no cblas_sgemm after this library\n", stderr);
         abort();
