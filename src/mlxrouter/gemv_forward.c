@@ -6,7 +6,8 @@
  * one query row per attention head. OpenBLAS 0.3.21 (Debian 12) runs those through its blocked
  * gemm, packing (copying) the weights on every call, which costs more than the arithmetic when
  * A has a handful of rows. Here:
- *   - x W^T with 1 to MLXROUTER_SMALL_GEMM_MAX_M rows (default 16; 0 turns it off) goes to the
+ *   - x W^T with 1 to MLXROUTER_SMALL_GEMM_MAX_M rows (default 16 with AVX2 or AVX-512, else 0;
+ *     0 turns it off) goes to the
  *     kernel of small_gemm.h, which streams each weight row once, split by columns over a pool
  *     of threads (MLXROUTER_GEMM_THREADS, default the cores this process may run on);
  *   - x W (W K x N) with as many rows and under 65536 multiply-adds (attention's weights times
@@ -260,6 +261,10 @@ __attribute__((constructor)) static void resolve(void) {
         kernel_tall = kernel_avx2_tall, kernel_wide = kernel_avx2_wide,
         kernel_nn = kernel_nn_avx2_tall, isa = "avx2";
 #endif
+    /* The portable kernel (no AVX2: ARM, older x86) is off unless asked for: on the x86 machine
+     * it was measured on, its batch-of-8 step was slower than OpenBLAS's, and it is unmeasured
+     * on ARM (docs/performance.md). */
+    if (strcmp(isa, "generic") == 0) max_m = 0;
     const char *env = getenv("MLXROUTER_SMALL_GEMM_MAX_M");
     if (env && *env) max_m = atoi(env);
     env = getenv("MLXROUTER_GEMM_THREADS");

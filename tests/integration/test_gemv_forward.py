@@ -178,8 +178,10 @@ def test_decode_products_skip_gemm_and_stay_exact(forwarder: tuple[Path, str], t
             "avx2" if {"avx2", "fma"} <= flags else "generic")
     if isa == "avx2" and best == "generic":
         pytest.skip("no AVX2 on this CPU")
+    # The portable kernel is off unless asked for (test_the_kernel_can_be_turned_off).
+    asked = {"MLXROUTER_SMALL_GEMM_MAX_M": "16"} if (isa or best) == "generic" else {}
     report = run_child(CHILD, forwarder, MLXROUTER_GEMM_THREADS=threads,
-                       MLXROUTER_SMALL_GEMM_ISA=isa)
+                       MLXROUTER_SMALL_GEMM_ISA=isa, **asked)
     assert report["isa"] == (isa or best)
     for case, err in report["errors"].items():
         assert err < 1e-5, (case, err)
@@ -192,8 +194,11 @@ def test_decode_products_skip_gemm_and_stay_exact(forwarder: tuple[Path, str], t
     assert counts["17 rows"] == {"sgemv": 0, "small": 0}  # OpenBLAS's gemm
 
 
-def test_the_kernel_can_be_turned_off(forwarder: tuple[Path, str]) -> None:
-    report = run_child(CHILD, forwarder, MLXROUTER_SMALL_GEMM_MAX_M="0")
+@pytest.mark.parametrize("how", [{"MLXROUTER_SMALL_GEMM_MAX_M": "0"},
+                                 {"MLXROUTER_SMALL_GEMM_ISA": "generic"}],
+                         ids=["turned off", "portable kernel, not asked for"])
+def test_the_kernel_can_be_turned_off(forwarder: tuple[Path, str], how: dict[str, str]) -> None:
+    report = run_child(CHILD, forwarder, **how)
     for case, err in report["errors"].items():
         assert err < 1e-5, (case, err)
     assert all(c["small"] == 0 for c in report["counts"].values())
