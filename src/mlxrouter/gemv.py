@@ -30,9 +30,10 @@ def sources() -> dict[str, bytes]:
     return {name: package.joinpath(name).read_bytes() for name in (SOURCE, *HEADERS)}
 
 
-def source() -> bytes:
-    """Every source file, in order: what the library's name is a hash of."""
-    return b"".join(sources().values())
+def source(code: dict[str, bytes] | None = None) -> bytes:
+    """Every source file (of `code`, else as installed), in order: what the library's name is
+    a hash of."""
+    return b"".join((sources() if code is None else code).values())
 
 
 def compiler() -> str | None:
@@ -48,7 +49,7 @@ def library(*dirs: Path) -> Path | None:
     """The built library in the first of `dirs` that has it or where it can be built; None
     when none can (logged once). Looked for on disk each time, so a deleted copy is rebuilt."""
     code = sources()
-    digest = hashlib.sha256(b"".join(code.values())).hexdigest()[:12]
+    digest = hashlib.sha256(source(code)).hexdigest()[:12]
     name = f"libmlxrouter-gemv-{digest}.so"
     new_failures = False
     for cache_dir in dirs:
