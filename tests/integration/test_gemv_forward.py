@@ -139,7 +139,7 @@ print(json.dumps({"errors": errors, "calls": calls, "forked child": os.waitstatu
 @pytest.fixture(autouse=True)
 def fresh_failures(monkeypatch: pytest.MonkeyPatch) -> None:
     """gemv.library remembers failed directories for the process: not across tests."""
-    monkeypatch.setattr(gemv, "_failed", {})
+    monkeypatch.setattr(gemv.RECIPE, "failed", {})
 
 
 @pytest.fixture
