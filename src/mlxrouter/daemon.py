@@ -30,7 +30,7 @@ from hypercorn.config import Config as HypercornConfig
 
 from .access import RequestIdFilter
 from .broker import Broker
-from .config import EMBEDDED_MODEL_ID, Config, ConfigError, worker_blas
+from .config import EMBEDDED_MODEL_ID, Config, ConfigError, worker_preloads
 from .discovery import Catalog
 from .errors import RouterError
 from .gateway import build_app
@@ -201,9 +201,9 @@ class Daemon:
         supervisor.on_loaded = metrics.load_finished
         state = AppState(config=config, broker=broker, supervisor=supervisor, metrics=metrics,
                          reload=self.reload, shutdown=self.stop_requested.set)
-        if sys.platform == "linux":  # builds the gemv forwarder now, not at a worker's start
-            blas = await asyncio.to_thread(worker_blas, config)
-            log.info("workers preload %s", ":".join(blas[1]) if blas else "no system BLAS")
+        if sys.platform == "linux":  # builds the native libraries now, not at a worker's start
+            _, preloads = await asyncio.to_thread(worker_preloads, config)
+            log.info("workers preload %s", ":".join(preloads) or "nothing")
         sock = _listen(config.server.host, config.server.port)
         port = sock.getsockname()[1]
         lock.write(boot_id=supervisor.boot_id, host=config.server.host, port=port)

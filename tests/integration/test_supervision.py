@@ -222,7 +222,7 @@ def test_restarted_daemon_reaps_a_stale_worker(start_daemon, tiny_model):
 
 
 def test_workers_run_with_the_system_blas_preloaded(start_daemon, tiny_model):
-    from mlxrouter import gemv
+    from mlxrouter import gemv, mlx_ops
     from mlxrouter.config import cache_home, find_system_blas
 
     digest = hashlib.sha256(gemv.source()).hexdigest()[:12]  # this source's build
@@ -237,11 +237,16 @@ def test_workers_run_with_the_system_blas_preloaded(start_daemon, tiny_model):
         assert _chat(daemon, "tiny").status_code == 200
         return open(f"/proc/{daemon.worker_pid('tiny')}/maps").read()
 
-    # auto: the gemv forwarder, built in the user's cache, ahead of OpenBLAS
+    # auto: the gemv forwarder, built in the user's cache, ahead of OpenBLAS; the MLX kernels
     daemon = start_daemon()
     mapped = maps(daemon)
     forwarder = list((cache_home() / "lib").glob(f"libmlxrouter-gemv-{digest}.so"))
     assert len(forwarder) == 1 and str(forwarder[0]) in mapped
+    kernels = cache_home() / "lib" / mlx_ops.RECIPE.name()
+    assert str(kernels) in mapped
+    preload = next(v for v in open(f"/proc/{daemon.worker_pid('tiny')}/environ", "rb").read()
+                   .split(b"\0") if v.startswith(b"LD_PRELOAD="))
+    assert preload.decode().split("=", 1)[1].split(":")[:2] == [str(kernels), str(forwarder[0])]
     assert os.path.realpath(openblas[1]) in mapped and "libblis" not in mapped
     # BLIS when chosen, on every core
     chosen = start_daemon(supervisor={"system_blas": "blis"})
@@ -253,10 +258,10 @@ def test_workers_run_with_the_system_blas_preloaded(start_daemon, tiny_model):
     plain = start_daemon(supervisor={"system_blas": "openblas", "gemv_forward": False})
     mapped = maps(plain)
     assert "libopenblas" in mapped and "libmlxrouter-gemv" not in mapped
-    off = start_daemon(supervisor={"use_system_blas": False})
+    off = start_daemon(supervisor={"use_system_blas": False, "mlx_cpu_kernels": False})
     mapped = maps(off)
     assert "libopenblas.so" not in mapped and "libblis.so" not in mapped
-    assert "libmlxrouter-gemv" not in mapped
+    assert "libmlxrouter-gemv" not in mapped and "libmlxrouter-mlx-ops" not in mapped
 
 
 def _thread_nices(pid: int) -> dict[str, list[int]]:

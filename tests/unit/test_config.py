@@ -14,7 +14,7 @@ import msgspec
 import pytest
 
 from mlxrouter import config as cfg
-from mlxrouter import gemv
+from mlxrouter import gemv, mlx_ops
 from mlxrouter.config import (
     Config,
     ConfigError,
@@ -501,24 +501,37 @@ def spec(**kwargs: object) -> ModelSpec:
 
 
 def make_config(use_system_blas: bool = True, system_blas: str = "auto",
-                gemv_forward: bool = True) -> Config:
+                gemv_forward: bool = True, mlx_cpu_kernels: bool = True) -> Config:
     return Config(server=ServerConfig(),
                   supervisor=SupervisorConfig(use_system_blas=use_system_blas,
                                               system_blas=system_blas,  # type: ignore[arg-type]
                                               gemv_forward=gemv_forward,
+                                              mlx_cpu_kernels=mlx_cpu_kernels,
                                               run_dir="/srv/mlxr/run"),
                   defaults=ModelOptions(), models={})
 
 
 FORWARDER = Path("/srv/mlxr/run/lib/libmlxrouter-gemv-0123456789ab.so")
+KERNELS = Path("/home/u/.cache/mlxrouter/lib/libmlxrouter-mlx-ops-0123456789ab.so")
 
 
 @pytest.fixture
 def linux(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Linux, no preloads of the user's, and no gemv forwarder to be had."""
+    """Linux on x86-64, no preloads of the user's, and neither the gemv forwarder nor the MLX
+    kernels to be had."""
     monkeypatch.setattr(cfg.sys, "platform", "linux")
+    monkeypatch.setattr(cfg.platform, "machine", lambda: "x86_64")
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     monkeypatch.setattr(gemv, "library", lambda *dirs: None)
+    monkeypatch.setattr(mlx_ops, "library", lambda *dirs: None)
+
+
+@pytest.fixture
+def kernels(linux: None, monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The MLX kernels build; returns the directories they were asked for."""
+    asked: list[Path] = []
+    monkeypatch.setattr(mlx_ops, "library", lambda *dirs: asked.extend(dirs) or KERNELS)
+    return asked
 
 
 @pytest.fixture
@@ -766,3 +779,30 @@ def test_seed_streaming_options_apply_per_model(tmp_path: Path) -> None:
     assert config.spec_for("m").streaming_format == "json_array"
     assert config.spec_for("n").streaming_format == "json_lines"
     assert config.spec_for("n").stream_chunk_size == 4
+
+
+def test_worker_environment_preloads_the_mlx_kernels_first(
+        kernels: list[Path], forwarder: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cfg, "find_system_blas", installed("blis", "openblas"))
+    env = worker_environment(make_config(), spec())
+    assert env["LD_PRELOAD"].split(":") == [str(KERNELS), str(FORWARDER),
+                                           "/usr/lib/libopenblas.so.0"]
+    assert kernels == [cfg.cache_home() / "lib", Path("/srv/mlxr/run/lib")]
+    # without a system BLAS, or with it turned off, the kernels still come
+    assert worker_environment(make_config(use_system_blas=False), spec())["LD_PRELOAD"] == (
+        str(KERNELS))
+
+
+def test_worker_environment_mlx_kernels_can_be_turned_off(
+        kernels: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cfg, "find_system_blas", installed("blis"))
+    env = worker_environment(make_config(mlx_cpu_kernels=False), spec())
+    assert env["LD_PRELOAD"] == "/usr/lib/libblis.so.4" and kernels == []
+
+
+def test_worker_environment_no_mlx_kernels_off_x86(
+        kernels: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cfg, "find_system_blas", lambda which: None)
+    monkeypatch.setattr(cfg.platform, "machine", lambda: "aarch64")
+    assert "LD_PRELOAD" not in worker_environment(make_config(), spec())
+    assert kernels == []

@@ -1,0 +1,174 @@
+"""The vectorized MLX CPU kernels (mlx_ops.cpp): built against the installed MLX and preloaded
+into a fresh interpreter, they compute sigmoid, softmax and logsumexp (and so SiLU, attention
+and a model's logits) bit for bit as MLX does without them, on each instruction set."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlxrouter import mlx_ops
+
+CHILD = r"""
+import ctypes, json, sys
+import numpy as np
+import mlx.core as mx
+import mlx.nn as nn
+
+rng = np.random.default_rng(0)
+out = {}
+bits = np.arange(0, 2**32, 65537, dtype=np.uint64).astype(np.uint32).view(np.float32)  # every
+special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 88.0, -88.0, 88.00001, -88.00001, 1e-45,
+                    3.4e38, -3.4e38, 0.34657359, -0.34657359, 1e30, -1e30], np.float32)
+x = np.concatenate([rng.standard_normal(20_011).astype(np.float32) * s for s in (1, 8, 60)]
+                   + [special, bits])
+out["sigmoid"] = mx.sigmoid(mx.array(x))
+out["silu"] = nn.silu(mx.array(x))
+out["sigmoid strided"] = mx.sigmoid(mx.array(x[:40_000].reshape(200, 200)).T)
+out["sigmoid short"] = mx.sigmoid(mx.array(x[:13]))
+logits = rng.standard_normal((5, 3001)).astype(np.float32) * 4
+edge = np.array([[1, 2, np.nan, 3], [-np.inf] * 4, [np.inf, 1, 2, 3], [0.0, -0.0, 0.0, -0.0],
+                 [1e30, -1e30, 5, 88], [-100, -200, -300, -400]], np.float32)
+for name, a in (("logits", logits), ("edge", edge), ("bits", bits[:65_000].reshape(65, 1000))):
+    out[f"logsumexp {name}"] = mx.logsumexp(mx.array(a), axis=-1, keepdims=True)
+    out[f"softmax {name}"] = mx.softmax(mx.array(a), axis=-1, precise=True)
+out["logsumexp strided"] = mx.logsumexp(mx.array(logits[:, :999]).T, axis=-1)
+out["logsumexp 3-d"] = mx.logsumexp(mx.array(logits[:4, :3000].reshape(2, 2, -1)[:, :, 5:]), axis=2)
+out["logsumexp axis 0"] = mx.logsumexp(mx.array(logits[:, :300]), axis=0)
+out["softmax strided"] = mx.softmax(mx.array(logits[:, :77]).T, axis=-1)
+out["softmax broadcast rows"] = mx.softmax(mx.broadcast_to(mx.array(logits[0, :130]), (4, 130)))
+out["softmax float16"] = mx.softmax(mx.array(logits).astype(mx.float16), axis=-1)
+q, k, v = (mx.array(rng.standard_normal(s).astype(np.float32))
+           for s in ((2, 9, 7, 64), (2, 3, 40, 64), (2, 3, 40, 64)))
+out["attention"] = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask="causal")
+out["gradients"] = mx.grad(lambda a: mx.logsumexp(a, axis=-1).sum() + nn.silu(a).sum()
+                           + (mx.softmax(a, axis=-1) * mx.arange(50)).sum())(
+                               mx.array(logits[:2, :50]))
+if len(sys.argv) > 2:  # a tiny model's logits and normalized log-probabilities
+    from mlx_lm import load
+    model, tok = load(sys.argv[2])
+    logits_ = model(mx.array([list(range(3, 40))]))
+    out["model logits"] = logits_
+    out["model logprobs"] = logits_ - mx.logsumexp(logits_, axis=-1, keepdims=True)
+np.savez(sys.argv[1], **{k: np.array(v.astype(mx.float32)) for k, v in out.items()})
+lib = ctypes.CDLL(None)
+try:
+    lib.mlxrouter_mlx_ops.restype = ctypes.c_char_p
+    lib.mlxrouter_mlx_ops_count.restype = ctypes.c_ulong
+    kernels = lib.mlxrouter_mlx_ops().decode()
+    counts = [lib.mlxrouter_mlx_ops_count(i) for i in range(3)]
+except AttributeError:
+    kernels, counts = None, None
+print(json.dumps({"kernels": kernels, "counts": counts}))
+"""
+
+
+@pytest.fixture(autouse=True)
+def fresh_failures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mlx_ops.library remembers failed directories for the process: not across tests."""
+    monkeypatch.setattr(mlx_ops.RECIPE, "failed", {})
+
+
+def cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return next((set(line.split(":", 1)[1].split()) for line in f
+                     if line.startswith("flags")), set())
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if (not sys.platform.startswith("linux") or platform.machine() != "x86_64"
+            or mlx_ops.compiler() is None or not {"avx2", "fma"} <= cpu_flags()):
+        # CI machines are x86-64 Linux with a C++ compiler (scripts/bootstrap.sh).
+        assert not os.environ.get("CI"), "CI ran without x86-64 Linux, AVX2 or a C++ compiler"
+        pytest.skip("needs Linux on x86-64 with AVX2 and a C++ compiler")
+    lib = mlx_ops.library(tmp_path_factory.mktemp("ops") / "lib")
+    assert lib is not None
+    return lib
+
+
+def run_child(tmp_path: Path, name: str, *args: str, **env: str) -> tuple[dict, dict]:
+    out = tmp_path / f"{name}.npz"
+    full_env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(out), *args],
+                          env={**full_env, **env}, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    with np.load(out) as arrays:
+        return json.loads(proc.stdout), {k: arrays[k] for k in arrays.files}
+
+
+def assert_bit_identical(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for name, expected in want.items():
+        actual = got[name]
+        assert actual.shape == expected.shape, name
+        same = ((actual.view(np.uint32) == expected.view(np.uint32))
+                | (np.isnan(actual) & np.isnan(expected)))
+        assert same.all(), (name, actual[~same][:5], expected[~same][:5])
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_kernels_give_mlx_own_results_bit_for_bit(kernels: Path, tmp_path: Path,
+                                                   tiny_model: Path, isa: str) -> None:
+    if isa == "avx512" and "avx512f" not in cpu_flags():
+        pytest.skip("no AVX-512 on this CPU")
+    report, reference = run_child(tmp_path, "mlx", str(tiny_model))
+    assert report["kernels"] is None  # nothing preloaded
+    env = {"LD_PRELOAD": str(kernels)}
+    if isa == "avx2":
+        env["MLXROUTER_FAST_OPS"] = "avx2"
+    report, ours = run_child(tmp_path, isa, str(tiny_model), **env)
+    assert report["kernels"] == isa
+    sigmoid, softmax, logsumexp = report["counts"]
+    # Ours ran, not MLX's under our name: 4 sigmoids, the gradient's and the 2 layers' SiLU;
+    # 5 softmaxes, the attention, the gradient's and the 2 layers' attention (the float16 one
+    # is MLX's); 5 logsumexps over the last axis and the model's log-probabilities (the
+    # gradient needs no logsumexp's value, so none is computed for it).
+    assert (sigmoid, softmax, logsumexp) == (4 + 1 + 2, 5 + 1 + 1 + 2, 5 + 1)
+    assert_bit_identical(ours, reference)
+    assert np.isfinite(ours["model logits"]).all() and ours["model logits"].std() > 0
+
+
+def test_kernels_can_be_turned_off(kernels: Path, tmp_path: Path) -> None:
+    report, reference = run_child(tmp_path, "mlx")
+    report, off = run_child(tmp_path, "off", LD_PRELOAD=str(kernels), MLXROUTER_FAST_OPS="0")
+    assert report == {"kernels": "off", "counts": [0, 0, 0]}
+    assert_bit_identical(off, reference)
+
+
+def test_the_library_is_named_by_its_source_and_the_mlx_it_links(kernels: Path,
+                                                                  tmp_path: Path) -> None:
+    source = (Path(mlx_ops.__file__).parent / mlx_ops.SOURCE).read_bytes()
+    salt = f"\0mlx {metadata.version('mlx')} at {mlx_ops.mlx_dir()}".encode()
+    assert kernels.name == (
+        f"libmlxrouter-mlx-ops-{hashlib.sha256(source + salt).hexdigest()[:12]}.so")
+    assert f"{mlx_ops.mlx_dir()}/lib" in subprocess.run(
+        ["readelf", "-d", str(kernels)], capture_output=True, text=True).stdout  # its rpath
+    assert mlx_ops.library(kernels.parent) == kernels  # found, not built again
+
+
+def test_no_cxx_compiler_means_no_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    if mlx_ops.RECIPE.unsupported():
+        pytest.skip(mlx_ops.RECIPE.unsupported())
+    monkeypatch.setenv("CXX", "/bin/false")
+    assert mlx_ops.library(tmp_path / "lib") is None
+    assert "no vectorized MLX CPU kernels, workers get MLX's own" in caplog.text
+    assert "building it with /bin/false failed" in caplog.text
+    assert not list((tmp_path / "lib").iterdir())
+
+
+def test_off_x86_there_is_no_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(mlx_ops.platform, "machine", lambda: "aarch64")
+    assert mlx_ops.library(tmp_path / "lib") is None
+    assert "only built for Linux on x86-64" in caplog.text
+    assert not (tmp_path / "lib").exists()
