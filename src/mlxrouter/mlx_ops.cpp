@@ -490,9 +490,11 @@ class FastSoftmax : public UnaryPrimitive {
 template <typename F>
 F next_definition(F ours) {
   Dl_info info;
-  if (!dladdr(reinterpret_cast<void*>(ours), &info) || !info.dli_sname) std::abort();
-  void* next = dlsym(RTLD_NEXT, info.dli_sname);
-  if (!next) std::abort();
+  void* next = nullptr;
+  if (dladdr(reinterpret_cast<void*>(ours), &info) && info.dli_sname) {
+    next = dlsym(RTLD_NEXT, info.dli_sname);
+  }
+  if (!next) throw std::runtime_error("[mlxrouter mlx_ops] MLX's own function is missing");
   return reinterpret_cast<F>(next);
 }
 
