@@ -418,7 +418,7 @@ class FastLogSumExp : public UnaryPrimitive {
 
 class FastSoftmax : public UnaryPrimitive {
  public:
-  explicit FastSoftmax(Stream stream) : UnaryPrimitive(stream) {}
+  FastSoftmax(Stream stream, bool precise) : UnaryPrimitive(stream), precise_(precise) {}
 
   void eval_cpu(const std::vector<array>& inputs, array& out) override {
     const array& in = inputs[0];
@@ -465,25 +465,30 @@ class FastSoftmax : public UnaryPrimitive {
   }
   std::vector<array> jvp(const std::vector<array>& primals, const std::vector<array>& tangents,
                          const std::vector<int>&) override {
-    auto s = softmax(primals[0], std::vector<int>{-1}, true, stream());
-    auto st = sum(multiply(tangents[0], s, stream()), std::vector<int>{-1}, true, stream());
-    return {multiply(s, subtract(tangents[0], st, stream()), stream())};
+    auto s = softmax(primals[0], std::vector<int>{-1}, precise_, stream());
+    auto sv = multiply(s, tangents[0], stream());  // s t - s sum(s t)
+    auto total = sum(sv, std::vector<int>{-1}, true, stream());
+    return {subtract(sv, multiply(s, total, stream()), stream())};
   }
   std::pair<std::vector<array>, std::vector<int>> vmap(const std::vector<array>& inputs,
                                                        const std::vector<int>& axes) override {
-    auto x = inputs[0];
-    int ax = axes[0];
-    if (ax == static_cast<int>(x.ndim()) - 1) {  // keep the softmax axis last
-      x = moveaxis(x, ax, 0, stream());
-      ax = 0;
-    }
-    return {{softmax(x, std::vector<int>{-1}, true, stream())}, {ax}};
+    // As MLX's: when the mapped axis is the last one, the softmax is over the one before it.
+    const int ax = axes[0];
+    const int axis = ax >= 0 && ax < static_cast<int>(inputs[0].ndim()) - 1 ? -1 : -2;
+    return {{softmax(inputs[0], std::vector<int>{axis}, precise_, stream())}, axes};
   }
   const char* name() const override { return "Softmax"; }
-  bool is_equivalent(const Primitive&) const override { return true; }
+  bool is_equivalent(const Primitive& other) const override {
+    return precise_ == static_cast<const FastSoftmax&>(other).precise_;
+  }
   std::vector<Shape> output_shapes(const std::vector<array>& inputs) override {
     return {inputs[0].shape()};
   }
+
+ private:
+  // What was asked for (float32 computes alike either way), where MLX's Softmax keeps it:
+  // mx.export_function takes a primitive by its name and reads this member.
+  bool precise_;
 };
 
 // MLX's own definitions, found under our own symbols' names after us in the search order.
@@ -544,9 +549,9 @@ array softmax(const array& a, const std::vector<int>& axes, bool precise, Stream
   Stream stream = to_stream(s);
   bool last_axis = axes.size() == 1 && (axes[0] == -1 || axes[0] == static_cast<int>(a.ndim()) - 1);
   if (!ours(a, stream) || !last_axis || a.ndim() == 0 || a.size() == 0) {
-    return mlx_softmax(a, axes, precise, s);  // float32 computes in float32 either way
+    return mlx_softmax(a, axes, precise, s);
   }
-  return array(a.shape(), float32, std::make_shared<FastSoftmax>(stream), {a});
+  return array(a.shape(), float32, std::make_shared<FastSoftmax>(stream, precise), {a});
 }
 
 }  // namespace mlx::core

@@ -52,6 +52,12 @@ out["attention"] = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, ma
 out["gradients"] = mx.grad(lambda a: mx.logsumexp(a, axis=-1).sum() + nn.silu(a).sum()
                            + (mx.softmax(a, axis=-1) * mx.arange(50)).sum())(
                                mx.array(logits[:2, :50]))
+small = mx.array(logits[:4, :7])
+out["vmap softmax over its axis"] = mx.vmap(lambda a: mx.softmax(a, axis=-1), in_axes=1)(small)
+out["vmap logsumexp over its axis"] = mx.vmap(lambda a: mx.logsumexp(a, axis=-1),
+                                              in_axes=1)(small)
+out["jvp softmax"] = mx.jvp(lambda a: mx.softmax(a, axis=-1), [small], [small * 0.5])[1][0]
+out["jvp sigmoid"] = mx.jvp(mx.sigmoid, [small], [small * 0.5])[1][0]
 if len(sys.argv) > 2:  # a tiny model's logits and normalized log-probabilities
     from mlx_lm import load
     model, tok = load(sys.argv[2])
@@ -128,11 +134,12 @@ def test_kernels_give_mlx_own_results_bit_for_bit(kernels: Path, tmp_path: Path,
     report, ours = run_child(tmp_path, isa, str(tiny_model), **env)
     assert report["kernels"] == isa
     sigmoid, softmax, logsumexp = report["counts"]
-    # Ours ran, not MLX's under our name: 4 sigmoids, the gradient's and the 2 layers' SiLU;
-    # 5 softmaxes, the attention, the gradient's and the 2 layers' attention (the float16 one
-    # is MLX's); 5 logsumexps over the last axis and the model's log-probabilities (the
+    # Ours ran, not MLX's under our name: 4 sigmoids, the gradient's, the jvp's and the 2
+    # layers' SiLU; 5 softmaxes, the attention, the gradient's, the jvp's and the 2 layers'
+    # attention (the float16 one is MLX's, and so is the vmap's over the second-last axis);
+    # 5 logsumexps over the last axis, the vmap's and the model's log-probabilities (the
     # gradient needs no logsumexp's value, so none is computed for it).
-    assert (sigmoid, softmax, logsumexp) == (4 + 1 + 2, 5 + 1 + 1 + 2, 5 + 1)
+    assert (sigmoid, softmax, logsumexp) == (4 + 1 + 1 + 2, 5 + 1 + 1 + 1 + 2, 5 + 1 + 1)
     assert_bit_identical(ours, reference)
     assert np.isfinite(ours["model logits"]).all() and ours["model logits"].std() > 0
 
