@@ -147,138 +147,105 @@ __attribute__((target("avx2,fma"))) void sigmoid256(const float* src, float* dst
   for (; i < n; i++) dst[i] = detail::Sigmoid{}(src[i]);
 }
 
-// ---- logsumexp of one row (logsumexp.cpp with one lane): the maximum, then the normalizer
-// sum(exp(x - max)) added up in order from 0, then log(normalizer) + max (max when it is
-// infinite). The exps are computed a block at a time; the sum stays sequential, which keeps
-// the result bit-identical (about 4 cycles a value, against ~60 for MLX's exp).
+// ---- rows (logsumexp.cpp and softmax.cpp with one lane): the maximum (NaN when any value is
+// NaN), exp(x - max) for every value, added up in order from 0; then log(sum) + max (max
+// when it is infinite), or every exp times 1 / sum. The exps are vectorized; the sum stays
+// sequential, which keeps the result bit-identical (about 4 cycles a value, against ~60 for
+// MLX's exp).
+
+// The maximum of `maximum` and x[0..n), then NaN if `nan` or any of them is.
+float finish_max(const float* x, size_t n, float maximum, bool nan) {
+  for (size_t i = 0; i < n; i++) {
+    nan |= std::isnan(x[i]);
+    maximum = x[i] > maximum ? x[i] : maximum;
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : maximum;
+}
+
+struct Avx512 {
+  __attribute__((target("avx512f"))) static float max(const float* x, size_t n) {
+    __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    __mmask16 nan = 0;
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      __m512 v = _mm512_loadu_ps(x + i);
+      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      vmax = _mm512_max_ps(v, vmax);
+    }
+    return finish_max(x + i, n - i, _mm512_reduce_max_ps(vmax), nan != 0);
+  }
+  __attribute__((target("avx512f"))) static void exp_minus(const float* x, float* out,
+                                                           size_t n, float m) {
+    const __m512 vm = _mm512_set1_ps(m);
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16)
+      _mm512_storeu_ps(out + i, exp512(_mm512_sub_ps(_mm512_loadu_ps(x + i), vm)));
+    for (; i < n; i++) out[i] = simd::exp(simd::Simd<float, 1>(x[i] - m)).value;
+  }
+  __attribute__((target("avx512f"))) static void scale(float* x, size_t n, float factor) {
+    const __m512 vf = _mm512_set1_ps(factor);
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16)
+      _mm512_storeu_ps(x + i, _mm512_mul_ps(_mm512_loadu_ps(x + i), vf));
+    for (; i < n; i++) x[i] *= factor;
+  }
+};
+
+struct Avx2 {
+  __attribute__((target("avx2,fma"))) static float max(const float* x, size_t n) {
+    __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    __m256 nan = _mm256_setzero_ps();
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      __m256 v = _mm256_loadu_ps(x + i);
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      vmax = _mm256_max_ps(v, vmax);
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, vmax);
+    float maximum = finish_max(lanes + 1, 7, lanes[0], false);
+    return finish_max(x + i, n - i, maximum, _mm256_movemask_ps(nan) != 0);
+  }
+  __attribute__((target("avx2,fma"))) static void exp_minus(const float* x, float* out,
+                                                            size_t n, float m) {
+    const __m256 vm = _mm256_set1_ps(m);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(out + i, exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm)));
+    for (; i < n; i++) out[i] = simd::exp(simd::Simd<float, 1>(x[i] - m)).value;
+  }
+  __attribute__((target("avx2,fma"))) static void scale(float* x, size_t n, float factor) {
+    const __m256 vf = _mm256_set1_ps(factor);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), vf));
+    for (; i < n; i++) x[i] *= factor;
+  }
+};
 
 constexpr size_t BLOCK = 512;
 
-float finish_row(float normalizer, float maximum) {
+template <typename V>
+float logsumexp_row(const float* x, size_t n) {
+  const float maximum = V::max(x, n);
+  alignas(64) float e[BLOCK];
+  float normalizer = 0.0f;
+  for (size_t start = 0; start < n; start += BLOCK) {
+    const size_t len = n - start < BLOCK ? n - start : BLOCK;
+    V::exp_minus(x + start, e, len, maximum);
+    for (size_t j = 0; j < len; j++) normalizer += e[j];
+  }
   return std::isinf(maximum) ? maximum : std::log(normalizer) + maximum;
 }
 
-__attribute__((target("avx512f"))) float logsumexp512(const float* x, size_t n) {
-  __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  __mmask16 nan = 0;
-  size_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    __m512 v = _mm512_loadu_ps(x + i);
-    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    vmax = _mm512_max_ps(v, vmax);
-  }
-  float maximum = _mm512_reduce_max_ps(vmax);
-  for (; i < n; i++) {
-    if (std::isnan(x[i])) nan = 1;
-    maximum = x[i] > maximum ? x[i] : maximum;
-  }
-  if (nan) maximum = std::numeric_limits<float>::quiet_NaN();
-  alignas(64) float e[BLOCK];
-  const __m512 vm = _mm512_set1_ps(maximum);
+// `out` may be `x`.
+template <typename V>
+void softmax_row(const float* x, float* out, size_t n) {
+  const float maximum = V::max(x, n);
+  V::exp_minus(x, out, n, maximum);
   float normalizer = 0.0f;
-  for (size_t start = 0; start < n; start += BLOCK) {
-    size_t len = n - start < BLOCK ? n - start : BLOCK, j = 0;
-    for (; j + 16 <= len; j += 16)
-      _mm512_store_ps(e + j, exp512(_mm512_sub_ps(_mm512_loadu_ps(x + start + j), vm)));
-    for (; j < len; j++) e[j] = simd::exp(simd::Simd<float, 1>(x[start + j] - maximum)).value;
-    for (j = 0; j < len; j++) normalizer += e[j];
-  }
-  return finish_row(normalizer, maximum);
-}
-
-__attribute__((target("avx2,fma"))) float logsumexp256(const float* x, size_t n) {
-  __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  __m256 nan = _mm256_setzero_ps();
-  size_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    __m256 v = _mm256_loadu_ps(x + i);
-    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    vmax = _mm256_max_ps(v, vmax);
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, vmax);
-  float maximum = lanes[0];
-  for (int l = 1; l < 8; l++) maximum = lanes[l] > maximum ? lanes[l] : maximum;
-  bool any_nan = _mm256_movemask_ps(nan) != 0;
-  for (; i < n; i++) {
-    if (std::isnan(x[i])) any_nan = true;
-    maximum = x[i] > maximum ? x[i] : maximum;
-  }
-  if (any_nan) maximum = std::numeric_limits<float>::quiet_NaN();
-  alignas(32) float e[BLOCK];
-  const __m256 vm = _mm256_set1_ps(maximum);
-  float normalizer = 0.0f;
-  for (size_t start = 0; start < n; start += BLOCK) {
-    size_t len = n - start < BLOCK ? n - start : BLOCK, j = 0;
-    for (; j + 8 <= len; j += 8)
-      _mm256_store_ps(e + j, exp256(_mm256_sub_ps(_mm256_loadu_ps(x + start + j), vm)));
-    for (; j < len; j++) e[j] = simd::exp(simd::Simd<float, 1>(x[start + j] - maximum)).value;
-    for (j = 0; j < len; j++) normalizer += e[j];
-  }
-  return finish_row(normalizer, maximum);
-}
-
-// ---- softmax of one row (softmax.cpp with one lane): the maximum, exp(x - max) stored and
-// added up in order from 0, then every value times 1 / that sum. `out` may be `x`.
-
-__attribute__((target("avx512f"))) void softmax512(const float* x, float* out, size_t n) {
-  __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  __mmask16 nan = 0;
-  size_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    __m512 v = _mm512_loadu_ps(x + i);
-    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    vmax = _mm512_max_ps(v, vmax);
-  }
-  float maximum = _mm512_reduce_max_ps(vmax);
-  for (; i < n; i++) {
-    if (std::isnan(x[i])) nan = 1;
-    maximum = x[i] > maximum ? x[i] : maximum;
-  }
-  if (nan) maximum = std::numeric_limits<float>::quiet_NaN();
-  const __m512 vm = _mm512_set1_ps(maximum);
-  for (i = 0; i + 16 <= n; i += 16)
-    _mm512_storeu_ps(out + i, exp512(_mm512_sub_ps(_mm512_loadu_ps(x + i), vm)));
-  for (; i < n; i++) out[i] = simd::exp(simd::Simd<float, 1>(x[i] - maximum)).value;
-  float normalizer = 0.0f;
-  for (i = 0; i < n; i++) normalizer += out[i];
-  normalizer = 1 / normalizer;
-  const __m512 vn = _mm512_set1_ps(normalizer);
-  for (i = 0; i + 16 <= n; i += 16)
-    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_loadu_ps(out + i), vn));
-  for (; i < n; i++) out[i] *= normalizer;
-}
-
-__attribute__((target("avx2,fma"))) void softmax256(const float* x, float* out, size_t n) {
-  __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  __m256 nan = _mm256_setzero_ps();
-  size_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    __m256 v = _mm256_loadu_ps(x + i);
-    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    vmax = _mm256_max_ps(v, vmax);
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, vmax);
-  float maximum = lanes[0];
-  for (int l = 1; l < 8; l++) maximum = lanes[l] > maximum ? lanes[l] : maximum;
-  bool any_nan = _mm256_movemask_ps(nan) != 0;
-  for (; i < n; i++) {
-    if (std::isnan(x[i])) any_nan = true;
-    maximum = x[i] > maximum ? x[i] : maximum;
-  }
-  if (any_nan) maximum = std::numeric_limits<float>::quiet_NaN();
-  const __m256 vm = _mm256_set1_ps(maximum);
-  for (i = 0; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(out + i, exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm)));
-  for (; i < n; i++) out[i] = simd::exp(simd::Simd<float, 1>(x[i] - maximum)).value;
-  float normalizer = 0.0f;
-  for (i = 0; i < n; i++) normalizer += out[i];
-  normalizer = 1 / normalizer;
-  const __m256 vn = _mm256_set1_ps(normalizer);
-  for (i = 0; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(out + i), vn));
-  for (; i < n; i++) out[i] *= normalizer;
+  for (size_t i = 0; i < n; i++) normalizer += out[i];
+  V::scale(out, n, 1 / normalizer);
 }
 
 // ---- the primitives
@@ -320,7 +287,9 @@ class FastSigmoid : public UnaryPrimitive {
         const float* src = in.data<float>();
         float* dst = out.data<float>();
         for_each_row(in, [&](size_t r, int64_t offset) {
-          for (size_t j = 0; j < n; j++) dst[r * n + j] = detail::Sigmoid{}(src[offset + j * stride]);
+          for (size_t j = 0; j < n; j++) {
+            dst[r * n + j] = detail::Sigmoid{}(src[offset + j * stride]);
+          }
         });
       } else if (isa == AVX512) {
         sigmoid512(in.data<float>(), out.data<float>(), in.data_size());
@@ -379,7 +348,7 @@ class FastLogSumExp : public UnaryPrimitive {
           for (size_t j = 0; j < n; j++) row[j] = x[j * stride];
           x = row.data();
         }
-        dst[r] = isa == AVX512 ? logsumexp512(x, n) : logsumexp256(x, n);
+        dst[r] = isa == AVX512 ? logsumexp_row<Avx512>(x, n) : logsumexp_row<Avx2>(x, n);
       });
     });
   }
@@ -446,9 +415,9 @@ class FastSoftmax : public UnaryPrimitive {
           x = y;
         }
         if (isa == AVX512) {
-          softmax512(x, y, n);
+          softmax_row<Avx512>(x, y, n);
         } else {
-          softmax256(x, y, n);
+          softmax_row<Avx2>(x, y, n);
         }
       });
     });
