@@ -269,6 +269,33 @@ class WorkerAlone:
         self._wait(protocol.End, 120, rid=self.rid)
         return time.perf_counter() - started
 
+    def stream(self, messages: list[dict[str, Any]], sampling: protocol.SamplingParams
+               ) -> dict[str, float]:
+        """One request, timed as the HTTP client times a stream: TTFT to the first Step
+        with content for it, decode tokens/s from there to its End."""
+        self.rid += 1
+        rid = self.rid
+        req = protocol.Request(rid=rid, sampling=sampling, messages=messages)
+        started = time.perf_counter()
+        self.router.send_multipart([self.identity.encode(), protocol.encode(req)])
+        first = last = None
+        tokens = 0
+        while True:
+            msg = self._recv(120)
+            if isinstance(msg, protocol.Error) and msg.rid == rid:
+                raise RuntimeError(f"worker error: {msg.code}: {msg.message}")
+            if isinstance(msg, protocol.Step):
+                for d in msg.deltas:
+                    if d.rid == rid and d.content:
+                        now = time.perf_counter()
+                        first = first if first is not None else now
+                        last = now
+                    tokens += d.tokens if d.rid == rid else 0
+            if isinstance(msg, protocol.End) and msg.rid == rid:
+                break
+        return {"ttft_s": first - started, "tokens": tokens,
+                "decode_tok_s": (tokens - 1) / (last - first)}
+
     def close(self) -> None:
         self.proc.terminate()
         try:
@@ -278,6 +305,63 @@ class WorkerAlone:
             self.proc.wait()
         self.router.close()
         self.ctx.term()
+
+
+PAIR_BASE = 50_000  # prompt indexes of the paired runs: no other run uses them
+
+
+def measure_pairs(direct: Direct, target: Target, alone: WorkerAlone,
+                  args: argparse.Namespace, bias: dict[str, Any]) -> dict[str, Any]:
+    """Single stream, request by request: direct `stream_generate`, the worker alone and the
+    router each answer the same prompt back to back (the order rotating), so the machine's
+    drift, which is larger here than the differences sought, hits all three alike. Figures:
+    medians over the triples of per-triple ratios and differences."""
+    sampling = protocol.SamplingParams(
+        max_tokens=args.max_tokens, temperature=0.0,
+        logit_bias={int(k): v for k, v in bias.get("logit_bias", {}).items()})
+
+    async def go() -> list[dict[str, dict[str, float]]]:
+        client = bench.Client(bench.BenchConfig(**target.common, concurrency=(1,)))
+        try:
+            await client.send(client.body(bench.make_messages(PAIR_BASE - 1, 8), 2, True))
+            triples = []
+            for k in range(args.pairs):
+                index = PAIR_BASE + k
+                messages = bench.make_messages(index, args.prompt_tokens, "direct")
+                runs: dict[str, dict[str, float]] = {}
+                order = ["direct", "alone", "router"]
+                for who in order[k % 3:] + order[:k % 3]:
+                    if who == "direct":
+                        direct.run(index)
+                        runs[who] = direct.runs.pop()
+                    elif who == "alone":
+                        runs[who] = alone.stream(messages, sampling)
+                    else:
+                        r = await client.send(client.body(messages, args.max_tokens, True))
+                        if not r.ok or r.itl_s is None:
+                            raise RuntimeError(f"router request failed: {r.error}")
+                        runs[who] = {"ttft_s": r.ttft_s, "decode_tok_s": 1 / r.itl_s,
+                                     "tokens": r.completion_tokens}
+                triples.append(runs)
+            return triples
+        finally:
+            await client.aclose()
+
+    triples = asyncio.run(go())
+
+    def med(values: list[float], digits: int = 3) -> float:
+        return round(statistics.median(values), digits)
+
+    out: dict[str, Any] = {"pairs": len(triples), "runs": triples}
+    for who in ("direct", "alone", "router"):
+        out[who] = {"ttft_ms_p50": med([t[who]["ttft_s"] * 1000 for t in triples], 1),
+                    "decode_tok_s_p50": med([t[who]["decode_tok_s"] for t in triples], 2)}
+    for who in ("alone", "router"):
+        out[f"{who}_ttft_minus_direct_ms"] = med(
+            [(t[who]["ttft_s"] - t["direct"]["ttft_s"]) * 1000 for t in triples], 1)
+        out[f"{who}_decode_over_direct"] = med(
+            [t[who]["decode_tok_s"] / t["direct"]["decode_tok_s"] for t in triples])
+    return out
 
 
 def measure_overhead(base_url: str, model_id: str, alone: WorkerAlone,
@@ -534,6 +618,13 @@ def measure_all(q4: Path, f32: Path, tiny: Path, env: dict[str, str], work: Path
             for c in args.concurrency:
                 for t in (servers if round_no % 2 == 0 else servers[::-1]):
                     t.level(c, round_no)
+        if args.pairs:
+            print("single stream, paired", file=sys.stderr)
+            alone = WorkerAlone(f"{MODEL_ID}-pairs", f32, env, work)
+            try:
+                res["paired"] = measure_pairs(direct, servers[0], alone, args, bias)
+            finally:
+                alone.close()
         res["direct"] = direct.summary()
         direct.close()
         res["direct_blas"] = {}
@@ -612,7 +703,18 @@ def targets(res: dict[str, Any], conc: list[int]) -> list[tuple[str, str, bool |
     r, d, m = res["mlxrouter"], res["direct"], res.get("mlx_lm_server")
     one = level(r, 1) if 1 in conc else None
     rows: list[tuple[str, str, bool | None]] = []
-    if one:
+    pr = res.get("paired")
+    if pr:
+        ratio, dt_ms = pr["router_decode_over_direct"], pr["router_ttft_minus_direct_ms"]
+        rows.append(("1 stream: router decode tok/s >= 95% of direct",
+                     f"{100 * ratio:.0f}% (median of {pr['pairs']} paired requests; "
+                     f"{pr['router']['decode_tok_s_p50']} vs {pr['direct']['decode_tok_s_p50']}"
+                     " tok/s)", ratio >= 0.95))
+        rows.append(("1 stream: router TTFT within 15 ms of direct",
+                     f"{dt_ms:+.1f} ms (median of paired differences; "
+                     f"{pr['router']['ttft_ms_p50']} vs {pr['direct']['ttft_ms_p50']} ms)",
+                     dt_ms <= 15))
+    elif one:
         tps = one["stream_tok_s"]["p50"]
         rows.append(("1 stream: router decode tok/s >= 95% of direct",
                      f"{tps} vs {d['decode_tok_s_p50']} ({100 * tps / d['decode_tok_s_p50']:.0f}%)",
@@ -673,7 +775,8 @@ def render(res: dict[str, Any], args: argparse.Namespace) -> str:
               "request and error counts are totals. All contenders are loaded at once and "
               "each level runs on each server back to back (order alternating by round); "
               f"the {args.direct_reps} direct runs per round run just before the router's "
-              "single stream.", "",
+              "single stream. The one-stream targets come from the paired runs below when "
+              "there are any.", "",
               "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for name, value, ok in targets(res, conc):
         lines.append(f"| {name} | {value} | {'yes' if ok else 'NO'} |")
@@ -695,6 +798,22 @@ def render(res: dict[str, Any], args: argparse.Namespace) -> str:
                          f"| {lv['ttft_ms']['p50']} | {lv['ttft_ms']['p99']} | "
                          f"{lv['itl_ms']['p50']} | {lv['stream_tok_s']['p50']} | "
                          f"{lv['aggregate_tok_s']} |")
+    pr = res.get("paired")
+    if pr:
+        lines += ["", "## Single stream, paired", "",
+                  f"{pr['pairs']} prompts, each answered by the three back to back (the order "
+                  "rotating), streaming, the same settings as the load levels; the router's "
+                  "TTFT and ITL as its HTTP client sees them, the worker alone's from its "
+                  "ZeroMQ driver. The last two columns are medians over the prompts of each "
+                  "one's difference and ratio, which the machine's drift mostly cancels out.",
+                  "", "| contender | TTFT p50 ms | decode tok/s p50 | TTFT - direct, paired "
+                  "| decode / direct, paired |", "|---|---|---|---|---|",
+                  f"| direct stream_generate | {pr['direct']['ttft_ms_p50']} | "
+                  f"{pr['direct']['decode_tok_s_p50']} | - | - |"]
+        for who, name in (("alone", "worker alone (ZeroMQ)"), ("router", "mlxrouter (HTTP)")):
+            lines.append(f"| {name} | {pr[who]['ttft_ms_p50']} | {pr[who]['decode_tok_s_p50']} "
+                         f"| {pr[f'{who}_ttft_minus_direct_ms']:+} ms "
+                         f"| {pr[f'{who}_decode_over_direct']} |")
     lines += ["", "## Multi-turn (next turn of a conversation with a long history)", "",
               "| server | prompt tokens | cached tokens | cold TTFT p50 ms "
               "| next-turn TTFT p50 ms | ratio |", "|---|---|---|---|---|---|"]
@@ -758,6 +877,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overhead-reps", type=int, default=30)
     p.add_argument("--overhead-prompt-tokens", type=int, default=40)
     p.add_argument("--direct-reps", type=int, default=2, help="direct runs per round")
+    p.add_argument("--pairs", type=int, default=9,
+                   help="single-stream requests answered by direct, the worker alone and the "
+                        "router back to back, for the one-stream targets (0: skip)")
     p.add_argument("--rounds", type=int, default=2,
                    help="times every level is run on every server (figures: median)")
     p.add_argument("--skip-mlx-server", action="store_true")
