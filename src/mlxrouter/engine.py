@@ -1,4 +1,5 @@
-"""Generation on mlx-lm: one BatchGenerator, continuous batching, structured deltas out.
+"""Generation on mlx-lm: one BatchGenerator, continuous batching, structured deltas out; a
+request alone decodes on a one-sequence fast path (`Solo`) until another joins.
 
 Runs in a worker process, on its engine thread only: MLX streams are thread-bound, so this
 thread loads the model and runs every step. Requests join and leave the batch between steps.
@@ -18,7 +19,7 @@ import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlx.core as mx
 import msgspec
@@ -26,7 +27,8 @@ from mlx.utils import tree_flatten
 from mlx_lm import load as mlx_load
 from mlx_lm.utils import dequantize_model
 from mlx_lm.generate import BatchGenerator, TextStateMachine
-from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import (LRUPromptCache, can_trim_prompt_cache, make_prompt_cache,
+                                 trim_prompt_cache)
 from mlx_lm.sample_utils import (apply_min_p, apply_top_k, apply_top_p, greedy_sampler,
                                  make_logits_processors)
 
@@ -125,6 +127,92 @@ class Sequence:
         return out["normal"], out["reasoning"]
 
 
+class SoloResponse(NamedTuple):
+    """What GenerationBatch.Response carries, for the one sequence on the fast path."""
+
+    uid: int
+    token: int
+    logprobs: mx.array
+    finish_reason: str | None
+    prompt_cache: list | None
+    all_tokens: list[int] | None
+
+
+class Solo:
+    """One sequence decoded on plain KV caches the way `mlx_lm.generate_step` decodes it,
+    while it is the only one: BatchGenerator's batch bookkeeping (a mask and per-row offsets
+    in every attention layer, per-row sampling and splits) made a one-stream step about 3%
+    slower here. The engine moves it into the batch (`handover`) when a second request comes.
+
+    Only for requests whose logits processors look at no context (logit_bias or none):
+    penalties and grammars see the token history, which the batch keeps its own way."""
+
+    def __init__(self, model: Any, uid: int, rest: list[int], cache: list, fed: list[int],
+                 eos: set[int], sampler: Callable, processors: list, max_tokens: int,
+                 prefill_step_size: int) -> None:
+        self.model = model
+        self.uid = uid
+        self.todo = list(rest)  # prompt tokens not run yet
+        self.cache = cache
+        self.fed = list(fed)  # the tokens the cache holds
+        self.eos = eos
+        self.sampler = sampler
+        self.processors = processors
+        self.max_tokens = max_tokens
+        self.prefill_step_size = prefill_step_size
+        self.made = 0  # tokens handed out
+        self._next: tuple[mx.array, mx.array] | None = None  # sampled, not handed out yet
+
+    def _forward(self, tokens: mx.array) -> tuple[mx.array, mx.array]:
+        logits = self.model(tokens[None], cache=self.cache)[:, -1, :]
+        for processor in self.processors:
+            logits = processor(None, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        out = (self.sampler(logprobs), logprobs.squeeze(0))
+        mx.async_eval(*out)
+        return out
+
+    def next(self) -> SoloResponse | None:
+        """One prompt chunk (None) or one token, the step after it already under way."""
+        if len(self.todo) > 1:
+            n = min(self.prefill_step_size, len(self.todo) - 1)
+            self.model(mx.array(self.todo[:n])[None], cache=self.cache)
+            mx.eval([c.state for c in self.cache])
+            self.fed += self.todo[:n]
+            del self.todo[:n]
+            return None
+        if self._next is None:
+            self._next = self._forward(mx.array(self.todo))
+            self.fed += self.todo
+            self.todo = []
+        token, logprobs = self._next
+        self.made += 1
+        self._next = self._forward(token) if self.made < self.max_tokens else None
+        return self._respond(token, logprobs, fed=self._next is not None)
+
+    def take_pending(self) -> SoloResponse | None:
+        """The token already sampled, handed out without starting another step, before a
+        handover; it becomes the batch's first input. None while the prompt is still running."""
+        if self._next is None:
+            return None
+        token, logprobs = self._next
+        self._next = None
+        self.made += 1
+        response = self._respond(token, logprobs, fed=False)
+        self.todo = [response.token]
+        return response
+
+    def _respond(self, token: mx.array, logprobs: mx.array, fed: bool) -> SoloResponse:
+        value = token.item()
+        if fed:
+            self.fed.append(value)
+        finish = ("stop" if value in self.eos else
+                  "length" if self.made >= self.max_tokens else None)
+        done = finish is not None
+        return SoloResponse(self.uid, value, logprobs, finish, self.cache if done else None,
+                            self.fed if done else None)
+
+
 class FaultPlan:
     """Test aid: faults injected into the real engine path (never a feature's only proof)."""
 
@@ -159,6 +247,12 @@ def fit_max_tokens(sampling: protocol.SamplingParams, prompt_tokens: int, max_co
         f"{prompt_tokens} {what} and asks for {max_tokens} more")
 
 
+def _context_free(p: protocol.SamplingParams) -> bool:
+    """No logits processor that reads the token history (logit_bias reads none)."""
+    return (p.repetition_penalty == 1.0 and not p.presence_penalty
+            and not p.frequency_penalty)
+
+
 class TextEngine:
     def __init__(self, spec: ModelSpec, emit: Emit, fault: FaultPlan,
                  memory_limit: int = 0) -> None:
@@ -170,6 +264,8 @@ class TextEngine:
         self.tokens_generated = 0
         self._seqs: dict[int, Sequence] = {}  # by BatchGenerator uid
         self._uid_of: dict[int, int] = {}  # rid -> uid
+        self._solo: Solo | None = None  # the one sequence, while it is the only one
+        self._solo_uids = 0  # negative uids for it: never a BatchGenerator's
         self.max_context = 0
         self.weights_bytes = 0
         self._texts: dict[int, tuple[str, bytes]] = {}  # token id -> text, bytes (logprobs)
@@ -288,10 +384,19 @@ class TextEngine:
             [constraint] if constraint is not None else [])
         cache, rest = self._cached_prefix(prompt)
         cached = len(prompt) - len(rest)
-        (uid,) = self.gen.insert([rest], max_tokens=[max_tokens], caches=[cache],
-                                 all_tokens=[prompt[:cached]],
-                                 samplers=[make_sampler(sampling)],
-                                 logits_processors=[processors])
+        if (self.spec.solo_fast_path and not self._seqs and constraint is None
+                and _context_free(sampling)):
+            self._solo_uids -= 1
+            uid = self._solo_uids
+            self._solo = Solo(self.model, uid, rest, cache or make_prompt_cache(self.model),
+                              prompt[:cached], set(self.tokenizer.eos_token_ids),
+                              make_sampler(sampling), processors, max_tokens,
+                              self.gen.prefill_step_size)
+        else:
+            (uid,) = self.gen.insert([rest], max_tokens=[max_tokens], caches=[cache],
+                                     all_tokens=[prompt[:cached]],
+                                     samplers=[make_sampler(sampling)],
+                                     logits_processors=[processors])
         seq = Sequence(req, uid, self.tokenizer.detokenizer, len(prompt))
         seq.cached_tokens = cached
         seq.constraint = constraint
@@ -383,7 +488,7 @@ class TextEngine:
         uid = self._uid_of.get(rid)
         if uid is None:
             return  # unknown or already finished: ignored by the protocol
-        self.gen.remove([uid])  # a cancelled sequence's cache is not worth keeping
+        self._drop(uid)  # a cancelled sequence's cache is not worth keeping
         seq = self._seqs[uid]
         self._end(seq, "cancelled")
 
@@ -407,11 +512,49 @@ class TextEngine:
 
     # ---- the batch step
 
+    def _drop(self, uid: int) -> None:
+        """Take a sequence out of the batch (or off the fast path), its cache discarded."""
+        if self._solo is not None and self._solo.uid == uid:
+            self._solo = None
+        else:
+            self.gen.remove([uid])
+
+    def _handover(self) -> None:
+        """A second sequence came: the one on the fast path joins the batch where it is,
+        with its KV cache, sampler (its random key included) and the tokens it has left."""
+        solo, self._solo = self._solo, None
+        assert solo is not None
+        seq = self._seqs.pop(solo.uid)
+        (uid,) = self.gen.insert([solo.todo], max_tokens=[solo.max_tokens - solo.made],
+                                 caches=[solo.cache], all_tokens=[solo.fed],
+                                 samplers=[solo.sampler], logits_processors=[solo.processors])
+        seq.uid = uid
+        self._seqs[uid] = seq
+        self._uid_of[seq.rid] = uid
+
     def step(self) -> None:
-        _, responses = self.gen.next()
         self.steps += 1
         deltas: list[protocol.Delta] = []
         ended: list[tuple[Sequence, str]] = []
+        with mx.stream(self.gen.stream):
+            if (solo := self._solo) is not None:
+                joined = len(self._seqs) > 1
+                r = solo.take_pending() if joined else solo.next()
+                if r is not None:
+                    self._handle([r], deltas, ended)
+                if joined and self._solo is not None:
+                    self._handover()
+            if any(uid >= 0 for uid in self._seqs):  # the batch has sequences
+                _, responses = self.gen.next()
+                self._handle(responses, deltas, ended)
+        if deltas:
+            self.emit(protocol.Step(deltas=deltas))
+        for seq, finish in ended:
+            self._end(seq, finish)
+        self._inject_faults()
+
+    def _handle(self, responses: list, deltas: list[protocol.Delta],
+                ended: list[tuple[Sequence, str]]) -> None:
         for r in responses:
             seq = self._seqs.get(r.uid)
             if seq is None:
@@ -424,17 +567,14 @@ class TextEngine:
             deltas.append(delta)
             if finish is not None:
                 ended.append((seq, finish))
-        if deltas:
-            self.emit(protocol.Step(deltas=deltas))
-        for seq, finish in ended:
-            self._end(seq, finish)
-        self._inject_faults()
+                if self._solo is not None and self._solo.uid == seq.uid:
+                    self._solo = None  # done: its cache went to _remember
 
     def _fail_one(self, seq: Sequence, running: bool, exc: Exception) -> None:
         """What went wrong handling one sequence's output fails that request, not the batch."""
         log.error("request failed request_id=%s rid=%d: %r", seq.request_id, seq.rid, exc)
-        if running:
-            self.gen.remove([seq.uid])
+        if running or (self._solo is not None and self._solo.uid == seq.uid):
+            self._drop(seq.uid)
         del self._seqs[seq.uid]
         del self._uid_of[seq.rid]
         self.emit(protocol.Error(rid=seq.rid, code="internal_error",
@@ -481,6 +621,10 @@ class TextEngine:
 
     def _retire(self, uid: int) -> None:
         """Take a sequence out of the batch before it ends by itself, keeping its KV cache."""
+        if self._solo is not None and self._solo.uid == uid:
+            self._solo, solo = None, self._solo
+            self._remember(solo.fed, solo.cache)
+            return
         kept = self.gen.remove([uid], return_prompt_caches=True)
         for cache, tokens in kept.values():
             self._remember(tokens, cache)
@@ -538,6 +682,7 @@ class TextEngine:
             self.emit(protocol.Error(rid=seq.rid, code=code, message=message))
         self._seqs.clear()
         self._uid_of.clear()
+        self._solo = None
 
 
 def _gpt2_byte_decoder() -> dict[str, int]:

@@ -1,0 +1,164 @@
+"""The one-sequence fast path and its handover to the batch, driven in-process on the tiny
+model: a request that starts alone and is joined by another mid-prompt or mid-answer gives
+the same tokens as when it runs alone all the way, greedy or seeded, and so does the one that
+joined; cancels, stop strings and the prompt cache work on the fast path too."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mlxrouter import protocol
+from mlxrouter.config import ModelSpec
+from mlxrouter.engine import FaultPlan, TextEngine
+
+LONG_SYSTEM = {"role": "system", "content": "You answer questions about the sea. " * 12}
+
+
+def _messages(question: str) -> list[dict[str, str]]:
+    return [LONG_SYSTEM, {"role": "user", "content": question}]
+
+
+class Driver:
+    """A TextEngine with its messages collected per request."""
+
+    def __init__(self, model: Path, **spec: object) -> None:
+        self.out: list[protocol.Message] = []
+        # A small prefill step, so the 100-token prompt takes several steps on the fast path.
+        self.engine = TextEngine(ModelSpec(id="tiny", path=str(model), **spec), self.out.append,
+                                 FaultPlan({}))
+        self.engine.load()
+        self.engine.gen.prefill_step_size = 32
+
+    def submit(self, rid: int, question: str, **sampling: object) -> None:
+        params = protocol.SamplingParams(**{"max_tokens": 24, "temperature": 0.0, **sampling})
+        self.engine.submit(protocol.Request(rid=rid, sampling=params,
+                                            messages=_messages(question)))
+
+    def run(self, steps: int | None = None) -> None:
+        while self.engine.active and (steps is None or steps > 0):
+            self.engine.step()
+            steps = None if steps is None else steps - 1
+
+    def tokens(self, rid: int) -> list[int]:
+        """The bytes of each token as the logprobs report them, in order, for one request."""
+        return [lp.raw for m in self.out if isinstance(m, protocol.Step)
+                for d in m.deltas if d.rid == rid for lp in d.logprobs]
+
+    def text(self, rid: int) -> str:
+        return "".join(d.content for m in self.out if isinstance(m, protocol.Step)
+                       for d in m.deltas if d.rid == rid)
+
+    def end(self, rid: int) -> protocol.End | protocol.Error:
+        (end,) = [m for m in self.out if isinstance(m, (protocol.End, protocol.Error))
+                  and m.rid == rid]
+        return end
+
+
+@pytest.fixture(scope="module")
+def driver_factory(tiny_model: Path):
+    return lambda **spec: Driver(tiny_model, prompt_cache_bytes=0, **spec)
+
+
+def _alone(make, question: str, **sampling: object) -> tuple[str, list[bytes]]:
+    d = make()
+    d.submit(1, question, logprobs=True, **sampling)
+    d.run()
+    assert isinstance(d.end(1), protocol.End)
+    return d.text(1), d.tokens(1)
+
+
+@pytest.mark.parametrize("join_after_steps", [0, 1, 3, 6, 12])
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 1.0, "seed": 11}],
+                         ids=["greedy", "seeded"])
+def test_a_request_joined_midway_answers_as_it_does_alone(driver_factory, join_after_steps,
+                                                          sampling):
+    first = _alone(driver_factory, "Why is the sea salty?", **sampling)
+    second = _alone(driver_factory, "What is a tide?", **sampling)
+    d = driver_factory()
+    d.submit(1, "Why is the sea salty?", logprobs=True, **sampling)
+    assert d.engine._solo is not None  # alone: the fast path
+    d.run(join_after_steps)  # the prompt takes 4 steps at 32 tokens a step
+    d.submit(2, "What is a tide?", logprobs=True, **sampling)
+    d.run(1)
+    assert d.engine._solo is None and d.engine.active == 2  # both in the batch now
+    d.run()
+    assert (d.text(1), d.tokens(1)) == first
+    assert (d.text(2), d.tokens(2)) == second
+    for rid in (1, 2):
+        end = d.end(rid)
+        assert isinstance(end, protocol.End) and end.completion_tokens == 24
+        assert end.finish_reason == "length"
+
+
+def test_a_request_after_a_batch_emptied_takes_the_fast_path_again(driver_factory):
+    d = driver_factory()
+    d.submit(1, "Why is the sea salty?")
+    d.submit(2, "What is a tide?")  # joins: both in the batch
+    assert d.engine._solo is not None and d.engine.active == 2
+    d.run()
+    d.submit(3, "Why is the sea salty?")
+    assert d.engine._solo is not None
+    d.run()
+    assert d.text(3) == d.text(1)
+    assert d.engine.active == 0
+
+
+def test_cancel_on_the_fast_path_ends_it_and_frees_the_way(driver_factory):
+    d = driver_factory()
+    d.submit(1, "Why is the sea salty?")
+    d.run(6)
+    d.engine.cancel(1)
+    assert d.end(1).finish_reason == "cancelled"
+    assert d.engine.active == 0 and d.engine._solo is None
+    d.submit(2, "What is a tide?")
+    d.run()
+    assert d.end(2).completion_tokens == 24
+
+
+def test_stop_text_and_eos_on_the_fast_path(driver_factory, tiny_model):
+    d = driver_factory()
+    d.submit(1, "Why is the sea salty?")
+    d.run()
+    full = d.text(1)
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    d.submit(2, "Why is the sea salty?", stop=[stop])
+    d.run()
+    assert d.text(2) == full[:full.index(stop)]
+    assert d.end(2).finish_reason == "stop"
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    eos = load_tokenizer(tiny_model).eos_token_id
+    d.submit(3, "Why is the sea salty?", logit_bias={eos: 100.0})
+    d.run()
+    assert d.end(3).finish_reason == "stop" and d.end(3).completion_tokens == 1
+    assert d.engine.active == 0
+
+
+def test_the_fast_path_leaves_its_cache_for_the_next_turn(tiny_model):
+    d = Driver(tiny_model)  # the prompt cache on
+    d.submit(1, "Why is the sea salty?")
+    d.run()
+    d.submit(2, "Why is the sea salty?")
+    d.run()
+    end = d.end(2)
+    assert end.cached_tokens >= end.prompt_tokens - 1 > 0
+    assert d.text(2) == d.text(1)
+
+
+def test_penalties_go_to_the_batch_and_answer_the_same_there(driver_factory):
+    d = driver_factory()
+    d.submit(1, "Why is the sea salty?", frequency_penalty=1.5)
+    assert d.engine._solo is None  # a processor that reads the history: the batch
+    d.run()
+    assert d.end(1).completion_tokens == 24
+
+
+def test_the_fast_path_can_be_turned_off_and_the_batch_answers_the_same(driver_factory):
+    first = _alone(driver_factory, "Why is the sea salty?")
+    d = driver_factory(solo_fast_path=False)
+    d.submit(1, "Why is the sea salty?", logprobs=True)
+    assert d.engine._solo is None
+    d.run()
+    assert (d.text(1), d.tokens(1)) == first
