@@ -384,19 +384,19 @@ class TextEngine:
             [constraint] if constraint is not None else [])
         cache, rest = self._cached_prefix(prompt)
         cached = len(prompt) - len(rest)
+        sampler = make_sampler(sampling)
         if (self.spec.solo_fast_path and not self._seqs and constraint is None
                 and _context_free(sampling)):
             self._solo_uids -= 1
             uid = self._solo_uids
             self._solo = Solo(self.model, uid, rest, cache or make_prompt_cache(self.model),
                               prompt[:cached], set(self.tokenizer.eos_token_ids),
-                              make_sampler(sampling), processors, max_tokens,
+                              sampler, processors, max_tokens,
                               self.gen.prefill_step_size)
         else:
             (uid,) = self.gen.insert([rest], max_tokens=[max_tokens], caches=[cache],
                                      all_tokens=[prompt[:cached]],
-                                     samplers=[make_sampler(sampling)],
-                                     logits_processors=[processors])
+                                     samplers=[sampler], logits_processors=[processors])
         seq = Sequence(req, uid, self.tokenizer.detokenizer, len(prompt))
         seq.cached_tokens = cached
         seq.constraint = constraint
@@ -512,9 +512,12 @@ class TextEngine:
 
     # ---- the batch step
 
+    def _is_solo(self, uid: int) -> bool:
+        return self._solo is not None and self._solo.uid == uid
+
     def _drop(self, uid: int) -> None:
         """Take a sequence out of the batch (or off the fast path), its cache discarded."""
-        if self._solo is not None and self._solo.uid == uid:
+        if self._is_solo(uid):
             self._solo = None
         else:
             self.gen.remove([uid])
@@ -567,13 +570,13 @@ class TextEngine:
             deltas.append(delta)
             if finish is not None:
                 ended.append((seq, finish))
-                if self._solo is not None and self._solo.uid == seq.uid:
+                if self._is_solo(seq.uid):
                     self._solo = None  # done: its cache went to _remember
 
     def _fail_one(self, seq: Sequence, running: bool, exc: Exception) -> None:
         """What went wrong handling one sequence's output fails that request, not the batch."""
         log.error("request failed request_id=%s rid=%d: %r", seq.request_id, seq.rid, exc)
-        if running or (self._solo is not None and self._solo.uid == seq.uid):
+        if running or self._is_solo(seq.uid):
             self._drop(seq.uid)
         del self._seqs[seq.uid]
         del self._uid_of[seq.rid]
@@ -621,7 +624,7 @@ class TextEngine:
 
     def _retire(self, uid: int) -> None:
         """Take a sequence out of the batch before it ends by itself, keeping its KV cache."""
-        if self._solo is not None and self._solo.uid == uid:
+        if self._is_solo(uid):
             self._solo, solo = None, self._solo
             self._remember(solo.fed, solo.cache)
             return
