@@ -70,13 +70,28 @@ static unsigned long forwarded, small;
 #define NR 2
 #define TARGET __attribute__((target("avx2,fma")))
 #include "small_gemm.h"
+/* With AVX-512, 256-bit vectors but its 32 registers: on the Zen 4 machine of
+ * docs/performance.md they streamed the weights 5-15% faster than 512-bit ones at 1 to 16
+ * rows (benchmarks/small_gemm.py); MLXROUTER_SMALL_GEMM_ISA=zmm picks the 512-bit ones. */
 #define NAME(x) x##_avx512_tall
-#define LANES 16
+#define LANES 8
 #define MR 8
 #define NR 1
 #define TARGET __attribute__((target("avx512f,avx512vl,fma")))
 #include "small_gemm.h"
 #define NAME(x) x##_avx512_wide
+#define LANES 8
+#define MR 4
+#define NR 4
+#define TARGET __attribute__((target("avx512f,avx512vl,fma")))
+#include "small_gemm.h"
+#define NAME(x) x##_zmm_tall
+#define LANES 16
+#define MR 8
+#define NR 1
+#define TARGET __attribute__((target("avx512f,avx512vl,fma")))
+#include "small_gemm.h"
+#define NAME(x) x##_zmm_wide
 #define LANES 16
 #define MR 4
 #define NR 4
@@ -247,17 +262,23 @@ static void resolve_next(void) {
 
 __attribute__((constructor)) static void resolve(void) {
     resolve_next();
-    /* MLXROUTER_SMALL_GEMM_ISA=generic or avx2 caps the instruction set (the tests run each). */
+    /* MLXROUTER_SMALL_GEMM_ISA=generic or avx2 caps the instruction set (the tests run each);
+     * zmm asks for AVX-512's 512-bit vectors. */
     const char *cap = getenv("MLXROUTER_SMALL_GEMM_ISA");
     int generic_only = cap && strcmp(cap, "generic") == 0;
     int no_avx512 = generic_only || (cap && strcmp(cap, "avx2") == 0);
-    (void)no_avx512;
+    int zmm = cap && strcmp(cap, "zmm") == 0;
+    (void)no_avx512, (void)zmm;
 #if defined(__x86_64__)
     __builtin_cpu_init();
-    if (!no_avx512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
-        kernel_tall = kernel_avx512_tall, kernel_wide = kernel_avx512_wide,
-        kernel_nn = kernel_nn_avx512_tall, isa = "avx512";
-    else if (!generic_only && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    if (!no_avx512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) {
+        if (zmm)
+            kernel_tall = kernel_zmm_tall, kernel_wide = kernel_zmm_wide,
+            kernel_nn = kernel_nn_zmm_tall, isa = "zmm";
+        else
+            kernel_tall = kernel_avx512_tall, kernel_wide = kernel_avx512_wide,
+            kernel_nn = kernel_nn_avx512_tall, isa = "avx512";
+    } else if (!generic_only && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
         kernel_tall = kernel_avx2_tall, kernel_wide = kernel_avx2_wide,
         kernel_nn = kernel_nn_avx2_tall, isa = "avx2";
 #endif

@@ -170,7 +170,7 @@ def cpu_flags() -> set[str]:
 
 
 @pytest.mark.parametrize(("threads", "isa"), [("1", ""), ("2", ""), ("2", "avx2"),
-                                              ("2", "generic")])
+                                              ("2", "zmm"), ("2", "generic")])
 def test_decode_products_skip_gemm_and_stay_exact(forwarder: tuple[Path, str], threads: str,
                                                   isa: str) -> None:
     flags = cpu_flags()
@@ -178,6 +178,8 @@ def test_decode_products_skip_gemm_and_stay_exact(forwarder: tuple[Path, str], t
             "avx2" if {"avx2", "fma"} <= flags else "generic")
     if isa == "avx2" and best == "generic":
         pytest.skip("no AVX2 on this CPU")
+    if isa == "zmm" and best != "avx512":
+        pytest.skip("no AVX-512 on this CPU")
     # The portable kernel is off unless asked for (test_the_kernel_can_be_turned_off).
     asked = {"MLXROUTER_SMALL_GEMM_MAX_M": "16"} if (isa or best) == "generic" else {}
     report = run_child(CHILD, forwarder, MLXROUTER_GEMM_THREADS=threads,

@@ -1,0 +1,154 @@
+#!/usr/bin/env python
+"""The gemv forwarder's small-M kernel (gemv_forward.c) on the weight products of one
+SmolLM2-135M decode step, per instruction set.
+
+A C driver calls cblas_sgemm through the preloaded forwarder the way MLX does in decode
+(x Wᵀ, row-major, M rows of x) for every weight matrix of SmolLM2-135M's 30 layers and its
+tied 49,152 x 576 output head: 538 MB of float32 weights, far more than the caches, so each
+pass streams them from memory as a decode step does. It reports the time of one pass, and the
+weight bytes per second, at each number of rows M (the streams of a batch), with the kernel's
+instruction set forced by MLXROUTER_SMALL_GEMM_ISA. Runs alternate between the instruction
+sets, round after round; each cell is the median over rounds of each run's best pass.
+
+Usage:
+    .venv/bin/python benchmarks/small_gemm.py [--rows 1,4,8,16] [--isa avx512,zmm,avx2]
+        [--rounds 3] [--passes 5] [--threads N] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+DRIVER = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int,
+                         const float *, int, float, float *, int);
+typedef const char *(*isa_fn)(void);
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+/* One SmolLM2-135M layer (N x K): q, k, v, o, gate, up, down; then the output head. */
+static const int SHAPES[7][2] = {{576, 576}, {192, 576}, {192, 576}, {576, 576},
+                                 {1536, 576}, {1536, 576}, {576, 1536}};
+enum { LAYERS = 30, VOCAB = 49152, HIDDEN = 576 };
+int main(int argc, char **argv) {
+    int m = atoi(argv[1]), passes = atoi(argv[2]);
+    sgemm_fn sgemm = (sgemm_fn)dlsym(RTLD_DEFAULT, "cblas_sgemm");
+    isa_fn isa = (isa_fn)dlsym(RTLD_DEFAULT, "mlxrouter_small_gemm_isa");
+    if (!sgemm || !isa) { fputs("no forwarder preloaded\n", stderr); return 2; }
+    float *w[LAYERS * 7 + 1];
+    size_t bytes = 0;
+    for (int i = 0; i <= LAYERS * 7; i++) {
+        size_t n = i == LAYERS * 7 ? (size_t)VOCAB * HIDDEN
+                                   : (size_t)SHAPES[i % 7][0] * SHAPES[i % 7][1];
+        w[i] = aligned_alloc(64, n * sizeof(float));
+        for (size_t j = 0; j < n; j++) w[i][j] = (float)((j * 7 + i) % 13) * 0.01f - 0.06f;
+        bytes += n * sizeof(float);
+    }
+    float *x = aligned_alloc(64, 16 * 1536 * sizeof(float));
+    float *c = aligned_alloc(64, 16 * (size_t)VOCAB * sizeof(float));
+    for (int j = 0; j < 16 * 1536; j++) x[j] = (float)(j % 11) * 0.1f;
+    double best = 1e9;
+    for (int p = 0; p < passes; p++) {
+        double t0 = now();
+        for (int i = 0; i < LAYERS * 7; i++)
+            sgemm(101, 111, 112, m, SHAPES[i % 7][0], SHAPES[i % 7][1], 1.0f, x,
+                  SHAPES[i % 7][1], w[i], SHAPES[i % 7][1], 0.0f, c, SHAPES[i % 7][0]);
+        sgemm(101, 111, 112, m, VOCAB, HIDDEN, 1.0f, x, HIDDEN, w[LAYERS * 7], HIDDEN, 0.0f,
+              c, VOCAB);
+        double dt = now() - t0;
+        if (dt < best) best = dt;
+    }
+    printf("{\"isa\": \"%s\", \"ms\": %.3f, \"bytes\": %zu}\n", isa(), best * 1e3, bytes);
+    return 0;
+}
+"""
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", default="1,4,8,16")
+    p.add_argument("--isa", default="avx512,zmm,avx2")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--passes", type=int, default=5)
+    p.add_argument("--threads", default="", help="MLXROUTER_GEMM_THREADS (default: all cores)")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+
+    from mlxrouter import gemv
+    from mlxrouter.config import find_system_blas
+
+    work = Path(tempfile.mkdtemp(prefix="small-gemm-"))
+    forwarder = gemv.library(work / "lib")
+    found = find_system_blas("openblas")
+    openblas = found[1] if found else None
+    cc = gemv.compiler()
+    if forwarder is None or openblas is None or cc is None:
+        sys.exit("needs a C compiler and the system OpenBLAS (scripts/bootstrap.sh)")
+    driver = work / "driver"
+    (work / "driver.c").write_text(DRIVER)
+    subprocess.run([cc, "-O2", "-o", str(driver), str(work / "driver.c"), "-ldl"], check=True)
+
+    rows = [int(r) for r in args.rows.split(",")]
+    isas = args.isa.split(",")
+    results: dict[str, dict[int, list[float]]] = {i: {m: [] for m in rows} for i in isas}
+    got_isa: dict[str, str] = {}
+    bytes_ = 0
+    for r in range(args.rounds):
+        order = isas if r % 2 == 0 else isas[::-1]
+        for m in rows:
+            for isa in order:
+                env = {**os.environ, "LD_PRELOAD": f"{forwarder} {openblas}",
+                       "MLXROUTER_SMALL_GEMM_ISA": isa, "MLXROUTER_SMALL_GEMM_MAX_M": "16"}
+                if args.threads:
+                    env["MLXROUTER_GEMM_THREADS"] = args.threads
+                out = subprocess.run([str(driver), str(m), str(args.passes)], env=env,
+                                     capture_output=True, text=True, check=True)
+                run = json.loads(out.stdout)
+                got_isa[isa] = run["isa"]
+                bytes_ = run["bytes"]
+                results[isa][m].append(run["ms"])
+                print(f"round {r + 1} M={m} {isa}: {run['ms']:.2f} ms", file=sys.stderr)
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    print(f"\n{cpu}, {os.cpu_count()} cores; {bytes_ / 1e6:.0f} MB of weights per pass; "
+          f"median of {args.rounds} rounds (best of {args.passes} passes each)\n")
+    print("| kernel (MLXROUTER_SMALL_GEMM_ISA) | " + " | ".join(f"M={m}" for m in rows) + " |")
+    print("|---|" + "---|" * len(rows))
+    table = {}
+    for isa in isas:
+        cells = []
+        for m in rows:
+            ms = statistics.median(results[isa][m])
+            table.setdefault(isa, {})[m] = ms
+            cells.append(f"{ms:.1f} ms ({bytes_ / ms / 1e6:.1f} GB/s)")
+        print(f"| {isa} ({got_isa[isa]}) | " + " | ".join(cells) + " |")
+    if args.json:
+        args.json.write_text(json.dumps({"cpu": cpu, "bytes": bytes_, "runs": results,
+                                         "median_ms": table, "isa": got_isa}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
