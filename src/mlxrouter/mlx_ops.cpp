@@ -26,16 +26,21 @@
 #include <dlfcn.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
+#include <string>
+#include <vector>
 
 #include "mlx/backend/common/unary.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/backend/cpu/simd/simd.h"
 #include "mlx/backend/cpu/unary_ops.h"
+#include "mlx/fast.h"
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 
@@ -59,8 +64,8 @@ Isa pick_isa() {
 const Isa isa = pick_isa();
 
 // Rows or arrays computed by each kernel, for tests (mlxrouter_mlx_ops_count).
-enum Op { SIGMOID = 0, SOFTMAX = 1, LOGSUMEXP = 2 };
-std::atomic<unsigned long> counts[3];
+enum Op { SIGMOID = 0, SOFTMAX = 1, LOGSUMEXP = 2, ATTENTION = 3, ROPE = 4 };
+std::atomic<unsigned long> counts[5];
 
 // ---- exp as MLX computes it (simd/math.h): 2^(x log2 e), the integer part by moving bits,
 // the fraction by a degree-6 polynomial in fused multiply-adds; NaN kept, +inf above 88,
@@ -460,6 +465,232 @@ class FastSoftmax : public UnaryPrimitive {
   bool precise_;
 };
 
+// ---- attention for one query position (decode): softmax(q K^T scale + mask) V per head.
+// MLX's CPU has no fused attention: its fallback builds about a dozen ops per layer (scale,
+// broadcast of K and V to every query head of a group, two batched matrix products, the
+// mask, the softmax), which at 8 sequences of a few hundred tokens took a quarter of a
+// SmolLM2 decode step. Here one pass per (sequence, key-value head) reads K and V once for
+// all the query heads that share them. The softmax is the one above (vectorized exps, the
+// sum in order from the first key); masked keys are skipped, so a sequence's result does not
+// depend on the left padding or the other sequences of a batch. Not bit-identical to MLX's
+// fallback (the dot products are summed in another order): tests/integration/test_mlx_ops.py
+// bounds the difference.
+
+struct Strided4 {  // element offsets of a 4-d array, broadcast dimensions stride 0
+  int64_t s[4];
+  explicit Strided4(const array& a) {
+    const int pad = 4 - static_cast<int>(a.ndim());
+    for (int d = 0; d < 4; d++) {
+      s[d] = d < pad || a.shape(d - pad) == 1 ? 0 : a.strides()[d - pad];
+    }
+  }
+  int64_t at(int64_t i0, int64_t i1, int64_t i2, int64_t i3) const {
+    return i0 * s[0] + i1 * s[1] + i2 * s[2] + i3 * s[3];
+  }
+};
+
+// What the mask of an attention is.
+enum MaskKind { NO_MASK = 0, BOOL_MASK = 1, ADDITIVE_MASK = 2 };
+
+#define NAME(x) x##_avx512
+#define LANES 16
+#define TARGET __attribute__((target("avx512f,avx512dq")))
+#define ROWS Avx512
+#include "decode_attention.h"
+#define NAME(x) x##_avx2
+#define LANES 8
+#define TARGET __attribute__((target("avx2,fma")))
+#define ROWS Avx2
+#include "decode_attention.h"
+
+// Every (sequence, key-value head) of a decode attention.
+void decode_attention(const array& q, const array& k, const array& v, const array* mask,
+                      MaskKind kind, float scale, array& out) {
+  const int B = q.shape(0), Hq = q.shape(1), Hkv = k.shape(1), T = k.shape(2);
+  const int dk = q.shape(3), dv = v.shape(3), group = Hq / Hkv;
+  const Strided4 qs(q), ks(k), vs(v);
+  const Strided4 ms = mask ? Strided4(*mask) : Strided4(q);
+  const float* qd = q.data<float>();
+  const float* kd = k.data<float>();
+  const float* vd = v.data<float>();
+  const char* md = mask ? mask->data<char>() : nullptr;
+  const size_t item = mask ? mask->itemsize() : 0;
+  float* od = out.data<float>();
+  std::vector<float> rows(static_cast<size_t>(group) * dk);
+  std::vector<float> scores(static_cast<size_t>(group) * T);
+  std::vector<const void*> masks(group);
+  // Keys or values whose rows are not contiguous are copied first (the slices and transposes
+  // of mlx-lm's caches keep them contiguous).
+  std::vector<float> kcopy(ks.s[3] == 1 ? 0 : static_cast<size_t>(T) * dk);
+  std::vector<float> vcopy(vs.s[3] == 1 ? 0 : static_cast<size_t>(T) * dv);
+  for (int b = 0; b < B; b++) {
+    for (int g = 0; g < Hkv; g++) {
+      for (int r = 0; r < group; r++) {  // q times the scale, as MLX's fallback rounds it
+        const int64_t base = qs.at(b, g * group + r, 0, 0);
+        for (int d = 0; d < dk; d++) rows[r * dk + d] = scale * qd[base + d * qs.s[3]];
+        if (mask) masks[r] = md + ms.at(b, g * group + r, 0, 0) * item;
+      }
+      const float* kb = kd + ks.at(b, g, 0, 0);
+      const float* vb = vd + vs.at(b, g, 0, 0);
+      int64_t k_step = ks.s[2], v_step = vs.s[2];
+      if (!kcopy.empty()) {
+        for (int t = 0; t < T; t++)
+          for (int d = 0; d < dk; d++) kcopy[t * dk + d] = kb[t * k_step + d * ks.s[3]];
+        kb = kcopy.data(), k_step = dk;
+      }
+      if (!vcopy.empty()) {
+        for (int t = 0; t < T; t++)
+          for (int d = 0; d < dv; d++) vcopy[t * dv + d] = vb[t * v_step + d * vs.s[3]];
+        vb = vcopy.data(), v_step = dv;
+      }
+      float* o = od + (static_cast<int64_t>(b) * Hq + g * group) * dv;
+      if (isa == AVX512) {
+        attend_avx512(group, T, dk, dv, rows.data(), kb, k_step, vb, v_step, kind,
+                      masks.data(), ms.s[3], scores.data(), o);
+      } else {
+        attend_avx2(group, T, dk, dv, rows.data(), kb, k_step, vb, v_step, kind, masks.data(),
+                    ms.s[3], scores.data(), o);
+      }
+    }
+  }
+}
+
+class DecodeAttention : public UnaryPrimitive {
+ public:
+  DecodeAttention(Stream stream, float scale, MaskKind kind)
+      : UnaryPrimitive(stream), scale_(scale), kind_(kind) {}
+
+  void eval_cpu(const std::vector<array>& inputs, array& out) override {
+    out.set_data(allocator::malloc(out.nbytes()));
+    auto& encoder = cpu::get_command_encoder(stream());
+    for (const auto& in : inputs) encoder.set_input_array(in);
+    encoder.set_output_array(out);
+    std::vector<array> held;
+    for (const auto& in : inputs) held.push_back(array::unsafe_weak_copy(in));
+    encoder.dispatch([held = std::move(held), out = array::unsafe_weak_copy(out),
+                      scale = scale_, kind = kind_]() mutable {
+      counts[ATTENTION]++;
+      const array &q = held[0], &k = held[1], &v = held[2];
+      const array* mask = held.size() > 3 ? &held[3] : nullptr;
+      decode_attention(q, k, v, mask, kind, scale, out);
+    });
+  }
+  void eval_gpu(const std::vector<array>&, array&) override {
+    throw std::runtime_error("[mlxrouter attention] CPU only");
+  }
+  const char* name() const override { return "DecodeAttention"; }
+  bool is_equivalent(const Primitive& other) const override {
+    const auto& o = static_cast<const DecodeAttention&>(other);
+    return scale_ == o.scale_ && kind_ == o.kind_;
+  }
+  std::vector<Shape> output_shapes(const std::vector<array>& inputs) override {
+    return {{inputs[0].shape(0), inputs[0].shape(1), 1, inputs[2].shape(3)}};
+  }
+
+ private:
+  float scale_;
+  MaskKind kind_;
+};
+
+// ---- rotary position embedding (fast::rope), forward, float32. MLX's CPU composes it from
+// about 15 ops per call (positions, frequencies, cos, sin, products, slices, a concatenate),
+// twice per layer: with 8 sequences a tenth of a SmolLM2 decode step. Here one pass computes
+// the same values in the same order with the same functions (MLX's exp, std::cos, std::sin,
+// each product and sum rounded on its own), so the result is bit-identical to MLX's.
+
+class FastRope : public UnaryPrimitive {
+ public:
+  FastRope(Stream stream, int dims, bool traditional, float base, float scale, bool freqs)
+      : UnaryPrimitive(stream),
+        dims_(dims),
+        traditional_(traditional),
+        base_(base),
+        scale_(scale),
+        freqs_(freqs) {}
+
+  void eval_cpu(const std::vector<array>& inputs, array& out) override {
+    out.set_data(allocator::malloc(out.nbytes()));
+    auto& encoder = cpu::get_command_encoder(stream());
+    for (const auto& in : inputs) encoder.set_input_array(in);
+    encoder.set_output_array(out);
+    std::vector<array> held;
+    for (const auto& in : inputs) held.push_back(array::unsafe_weak_copy(in));
+    encoder.dispatch([held = std::move(held), out = array::unsafe_weak_copy(out), dims = dims_,
+                      traditional = traditional_, base = base_, scale = scale_,
+                      freqs = freqs_]() mutable {
+      counts[ROPE]++;
+      const array &x = held[0], &offset = held[1];
+      const int B = x.shape(0), N = x.shape(1), T = x.shape(2), D = x.shape(3);
+      const int half = dims / 2;
+      // The inverse frequencies: 1 / freqs, or exp(-j log(base) / half) as MLX builds them.
+      std::vector<float> inv(half);
+      if (freqs) {
+        const array& f = held[2];
+        for (int j = 0; j < half; j++) inv[j] = 1.0f / f.data<float>()[j * f.strides()[0]];
+      } else {
+        const float step = std::log(base) / half;
+        for (int j = 0; j < half; j++) inv[j] = detail::Exp{}(static_cast<float>(-j) * step);
+      }
+      // cos and sin of every (offset row, position, frequency).
+      const int rows = offset.size() > 1 ? B : 1;
+      std::vector<float> cs(static_cast<size_t>(rows) * T * half), sn(cs.size());
+      for (int b = 0; b < rows; b++) {
+        const int32_t o = offset.data<int32_t>()[offset.ndim() ? b * offset.strides()[0] : 0];
+        for (int t = 0; t < T; t++) {
+          const float position = (static_cast<float>(t) + static_cast<float>(o)) * scale;
+          for (int j = 0; j < half; j++) {
+            const float theta = position * inv[j];
+            const size_t at = (static_cast<size_t>(b) * T + t) * half + j;
+            cs[at] = detail::Cos{}(theta);
+            sn[at] = detail::Sin{}(theta);
+          }
+        }
+      }
+      const float* src = x.data<float>();
+      float* dst = out.data<float>();
+      const auto& st = x.strides();
+      const int64_t sd = st[3];
+      for (int b = 0; b < B; b++) {
+        for (int n = 0; n < N; n++) {
+          for (int t = 0; t < T; t++) {
+            const float* in = src + b * st[0] + n * st[1] + t * st[2];
+            float* o = dst + ((static_cast<int64_t>(b) * N + n) * T + t) * D;
+            const size_t at = (static_cast<size_t>(rows > 1 ? b : 0) * T + t) * half;
+            const float* c = cs.data() + at;
+            const float* s = sn.data() + at;
+            for (int j = 0; j < half; j++) {
+              const int i1 = traditional ? 2 * j : j, i2 = traditional ? 2 * j + 1 : half + j;
+              const float x1 = in[i1 * sd], x2 = in[i2 * sd];
+              o[i1] = x1 * c[j] - x2 * s[j];
+              o[i2] = x1 * s[j] + x2 * c[j];
+            }
+            for (int d = dims; d < D; d++) o[d] = in[d * sd];
+          }
+        }
+      }
+    });
+  }
+  void eval_gpu(const std::vector<array>&, array&) override {
+    throw std::runtime_error("[mlxrouter rope] CPU only");
+  }
+  const char* name() const override { return "RoPE"; }
+  bool is_equivalent(const Primitive& other) const override {
+    const auto& o = static_cast<const FastRope&>(other);
+    return dims_ == o.dims_ && traditional_ == o.traditional_ && base_ == o.base_ &&
+           scale_ == o.scale_ && freqs_ == o.freqs_;
+  }
+  std::vector<Shape> output_shapes(const std::vector<array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+
+ private:
+  int dims_;
+  bool traditional_;
+  float base_;
+  float scale_;
+  bool freqs_;
+};
+
 // MLX's own definitions, found under our own symbols' names after us in the search order.
 template <typename F>
 F next_definition(F ours) {
@@ -482,9 +713,10 @@ extern "C" {
 __attribute__((visibility("default"))) const char* mlxrouter_mlx_ops() {
   return isa == AVX512 ? "avx512" : isa == AVX2 ? "avx2" : "off";
 }
-// Arrays computed so far by one kernel: 0 sigmoid, 1 softmax, 2 logsumexp.
+// Arrays computed so far by one kernel: 0 sigmoid, 1 softmax, 2 logsumexp, 3 attention,
+// 4 rope.
 __attribute__((visibility("default"))) unsigned long mlxrouter_mlx_ops_count(int op) {
-  return op >= 0 && op < 3 ? counts[op].load() : 0;
+  return op >= 0 && op < 5 ? counts[op].load() : 0;
 }
 }
 
@@ -524,3 +756,87 @@ array softmax(const array& a, const std::vector<int>& axes, bool precise, Stream
 }
 
 }  // namespace mlx::core
+
+namespace mlx::core::fast {
+
+// One query position against float32 keys and values on the CPU, without sinks: ours (above).
+// Everything else, and every malformed call (MLX's checks and messages), is MLX's.
+array scaled_dot_product_attention(const array& queries, const array& keys,
+                                   const array& values, const float scale,
+                                   const std::string& mask_mode, std::optional<array> mask_arr,
+                                   const std::optional<array>& sinks, bool force_fused,
+                                   StreamOrDevice s) {
+  using Fn = array (*)(const array&, const array&, const array&, const float,
+                       const std::string&, std::optional<array>, const std::optional<array>&,
+                       bool, StreamOrDevice);
+  static const Fn mlx_sdpa = next_definition<Fn>(&scaled_dot_product_attention);
+  Stream stream = to_stream(s);
+  const auto& q = queries;
+  const auto& k = keys;
+  const auto& v = values;
+  const int lanes = isa == AVX512 ? 16 : 8;
+  bool fits = ours(q, stream) && k.dtype() == float32 && v.dtype() == float32 && !sinks &&
+              q.ndim() == 4 && k.ndim() == 4 && v.ndim() == 4 && q.shape(2) == 1 &&
+              k.shape(0) == q.shape(0) && v.shape(0) == q.shape(0) &&
+              k.shape(1) == v.shape(1) && k.shape(2) == v.shape(2) && k.shape(2) > 0 &&
+              k.shape(1) > 0 && q.shape(1) % k.shape(1) == 0 && q.shape(3) == k.shape(3) &&
+              q.shape(3) % lanes == 0 && v.shape(3) % lanes == 0 && q.shape(0) > 0;
+  MaskKind kind = NO_MASK;
+  if (fits && mask_mode == "causal") {
+    fits = !mask_arr;  // one query, the last position: it sees every key
+  } else if (fits && (mask_mode.empty() || mask_mode == "array") && mask_arr) {
+    const array& m = *mask_arr;
+    const Shape want = {q.shape(0), q.shape(1), 1, k.shape(2)};
+    fits = m.ndim() <= 4 && (m.dtype() == bool_ || m.dtype() == float32);
+    for (int d = 0; fits && d < static_cast<int>(m.ndim()); d++) {
+      const int w = want[4 - m.ndim() + d];
+      fits = m.shape(d) == 1 || m.shape(d) == w;
+    }
+    kind = m.dtype() == bool_ ? BOOL_MASK : ADDITIVE_MASK;
+  } else if (fits && !mask_mode.empty()) {
+    fits = false;
+  }
+  if (!fits) {
+    return mlx_sdpa(queries, keys, values, scale, mask_mode, std::move(mask_arr), sinks,
+                    force_fused, s);
+  }
+  std::vector<array> inputs = {q, k, v};
+  if (kind != NO_MASK) inputs.push_back(*mask_arr);
+  return array({q.shape(0), q.shape(1), 1, v.shape(3)}, float32,
+               std::make_shared<DecodeAttention>(stream, scale, kind), std::move(inputs));
+}
+
+// A float32 array of 4 dimensions on the CPU, rotated forward: ours (above). Everything else,
+// and every malformed call (MLX's checks and messages), is MLX's.
+array rope(const array& x, int dims, bool traditional, std::optional<float> base, float scale,
+           const array& offset, const std::optional<array>& freqs, StreamOrDevice s) {
+  using Fn = array (*)(const array&, int, bool, std::optional<float>, float, const array&,
+                       const std::optional<array>&, StreamOrDevice);
+  static const Fn mlx_rope = next_definition<Fn>(&rope);
+  Stream stream = to_stream(s);
+  const bool fits =
+      ours(x, stream) && x.ndim() == 4 && dims > 0 && dims % 2 == 0 && dims <= x.shape(-1) &&
+      base.has_value() != freqs.has_value() && offset.ndim() <= 1 &&
+      (offset.size() == 1 || offset.size() == static_cast<size_t>(x.shape(0))) &&
+      issubdtype(offset.dtype(), integer) &&
+      (!freqs || (freqs->ndim() == 1 && freqs->shape(0) == dims / 2 &&
+                  issubdtype(freqs->dtype(), floating)));
+  if (!fits) return mlx_rope(x, dims, traditional, base, scale, offset, freqs, s);
+  std::vector<array> inputs = {x, astype(offset, int32, s)};
+  if (freqs) inputs.push_back(astype(*freqs, float32, s));
+  return array(x.shape(), float32,
+               std::make_shared<FastRope>(stream, dims, traditional, base.value_or(1.0f), scale,
+                                          freqs.has_value()),
+               std::move(inputs));
+}
+
+array rope(const array& x, int dims, bool traditional, std::optional<float> base, float scale,
+           int offset, const std::optional<array>& freqs, StreamOrDevice s) {
+  using Fn = array (*)(const array&, int, bool, std::optional<float>, float, int,
+                       const std::optional<array>&, StreamOrDevice);
+  static const Fn mlx_rope = next_definition<Fn>(&rope);
+  if (!ours(x, to_stream(s))) return mlx_rope(x, dims, traditional, base, scale, offset, freqs, s);
+  return rope(x, dims, traditional, base, scale, array(offset, int32), freqs, s);
+}
+
+}  // namespace mlx::core::fast

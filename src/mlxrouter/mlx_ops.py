@@ -21,6 +21,7 @@ from pathlib import Path
 from .native import Recipe
 
 SOURCE = "mlx_ops.cpp"
+HEADERS = ("decode_attention.h",)  # included by SOURCE
 
 
 def mlx_dir() -> Path | None:
@@ -70,7 +71,7 @@ def _command(cxx: str, source: Path, out: Path) -> list[str]:
 
 
 RECIPE = Recipe(label="libmlxrouter-mlx-ops", what="vectorized MLX CPU kernels",
-                without="MLX's own", files=(SOURCE,), command=_command, compiler=compiler,
+                without="MLX's own", files=(SOURCE, *HEADERS), command=_command, compiler=compiler,
                 no_compiler="no C++ compiler (c++, g++ or $CXX)",
                 salt=_salt, unsupported=_unsupported)
 

@@ -49,6 +49,22 @@ out["softmax float16"] = mx.softmax(mx.array(logits).astype(mx.float16), axis=-1
 q, k, v = (mx.array(rng.standard_normal(s).astype(np.float32))
            for s in ((2, 9, 7, 64), (2, 3, 40, 64), (2, 3, 40, 64)))
 out["attention"] = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask="causal")
+x = mx.array(rng.standard_normal((3, 5, 9, 64)).astype(np.float32) * 3)
+offsets = mx.array(np.array([0, 100, 250_000], np.int32))
+freqs = mx.array(np.linspace(1, 2000, 16).astype(np.float32))
+for name, a in (("", x), (" strided", x.transpose(0, 2, 1, 3))):  # (3, 9, 5, 64) views
+    for trad in (False, True):
+        t = " traditional" if trad else ""
+        out[f"rope{name}{t}"] = mx.fast.rope(a, 64, traditional=trad, base=1e4, scale=1.0,
+                                             offset=17)
+        out[f"rope{name}{t} offsets"] = mx.fast.rope(a, 64, traditional=trad, base=5e5,
+                                                     scale=0.25, offset=offsets)
+        out[f"rope{name}{t} partial freqs"] = mx.fast.rope(a, 32, traditional=trad, base=None,
+                                                           scale=1.0, offset=mx.array(5),
+                                                           freqs=freqs)
+out["rope 3-d"] = mx.fast.rope(x[0], 64, traditional=False, base=1e4, scale=1.0, offset=3)
+out["rope float16"] = mx.fast.rope(x.astype(mx.float16), 64, traditional=False, base=1e4,
+                                   scale=1.0, offset=3)
 out["gradients"] = mx.grad(lambda a: mx.logsumexp(a, axis=-1).sum() + nn.silu(a).sum()
                            + (mx.softmax(a, axis=-1) * mx.arange(50)).sum())(
                                mx.array(logits[:2, :50]))
@@ -70,10 +86,55 @@ try:
     lib.mlxrouter_mlx_ops.restype = ctypes.c_char_p
     lib.mlxrouter_mlx_ops_count.restype = ctypes.c_ulong
     kernels = lib.mlxrouter_mlx_ops().decode()
-    counts = [lib.mlxrouter_mlx_ops_count(i) for i in range(3)]
+    counts = [lib.mlxrouter_mlx_ops_count(i) for i in range(5)]
 except AttributeError:
     kernels, counts = None, None
 print(json.dumps({"kernels": kernels, "counts": counts}))
+"""
+
+
+# Attention for one query position (decode), as mlx-lm calls it: queries (B, Hq, 1, D) against
+# a cache's keys and values (B, Hkv, T, D), sliced out of a longer buffer.
+ATTENTION_CHILD = r"""
+import ctypes, json, sys
+import numpy as np
+import mlx.core as mx
+
+rng = np.random.default_rng(1)
+def arr(*shape):
+    return mx.array(rng.standard_normal(shape).astype(np.float32))
+out, same = {}, {}
+B, T = 3, 37
+q, q8 = arr(B, 6, 1, 64), arr(B, 8, 1, 128)
+k, v = arr(B, 2, 64, 64)[:, :, :T], arr(B, 2, 64, 64)[:, :, :T]
+pad = [0, 5, 36]  # left padding of each sequence: the third has one key
+keep = mx.array(np.arange(T)[None, None, None, :] >= np.array(pad)[:, None, None, None])
+sdpa = mx.fast.scaled_dot_product_attention
+out["no mask"] = sdpa(q, k, v, scale=0.125)
+out["causal"] = sdpa(q, k, v, scale=0.125, mask="causal")
+out["left padding"] = sdpa(q, k, v, scale=0.125, mask=keep)
+out["additive"] = sdpa(q, k, v, scale=0.125, mask=arr(B, 6, 1, T))
+out["one head per group"] = sdpa(arr(B, 2, 1, 64), k, v, scale=0.125, mask=keep)
+out["8 heads per group, 128 wide, values 64"] = sdpa(q8, arr(B, 1, T, 128), arr(B, 1, T, 64),
+                                                       scale=0.09)
+out["keys transposed"] = sdpa(q, arr(B, 2, 64, T).swapaxes(-1, -2), v, scale=0.125)
+none = mx.array(np.zeros((B, 1, 1, T), bool))
+out["every key masked"] = sdpa(q, k, v, scale=0.125, mask=none)
+out["two queries"] = sdpa(arr(B, 6, 2, 64), k, v, scale=0.125)  # MLX's: not one query
+out["float16"] = sdpa(q.astype(mx.float16), k.astype(mx.float16), v.astype(mx.float16),
+                      scale=0.125).astype(mx.float32)
+# Each padded sequence alone, without its padding or a mask, gives its batch row exactly.
+for b in range(B):
+    alone = sdpa(q[b:b + 1], k[b:b + 1, :, pad[b]:], v[b:b + 1, :, pad[b]:], scale=0.125)
+    same[b] = bool(mx.array_equal(alone[0], out["left padding"][b]).item())
+np.savez(sys.argv[1], **{k_: np.array(v_.astype(mx.float32)) for k_, v_ in out.items()})
+lib = ctypes.CDLL(None)
+try:
+    lib.mlxrouter_mlx_ops_count.restype = ctypes.c_ulong
+    count = lib.mlxrouter_mlx_ops_count(3)
+except AttributeError:
+    count = None
+print(json.dumps({"attention": count, "alone equals batch": same}))
 """
 
 
@@ -101,10 +162,11 @@ def kernels(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return lib
 
 
-def run_child(tmp_path: Path, name: str, *args: str, **env: str) -> tuple[dict, dict]:
+def run_child(tmp_path: Path, name: str, *args: str, code: str = CHILD,
+              **env: str) -> tuple[dict, dict]:
     out = tmp_path / f"{name}.npz"
     full_env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(out), *args],
+    proc = subprocess.run([sys.executable, "-c", code, str(out), *args],
                           env={**full_env, **env}, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     with np.load(out) as arrays:
@@ -133,27 +195,58 @@ def test_kernels_give_mlx_own_results_bit_for_bit(kernels: Path, tmp_path: Path,
         env["MLXROUTER_FAST_OPS"] = "avx2"
     report, ours = run_child(tmp_path, isa, str(tiny_model), **env)
     assert report["kernels"] == isa
-    sigmoid, softmax, logsumexp = report["counts"]
+    sigmoid, softmax, logsumexp, attention, rope = report["counts"]
     # Ours ran, not MLX's under our name: 4 sigmoids, the gradient's, the jvp's and the 2
     # layers' SiLU; 5 softmaxes, the attention, the gradient's, the jvp's and the 2 layers'
     # attention (the float16 one is MLX's, and so is the vmap's over the second-last axis);
     # 5 logsumexps over the last axis, the vmap's and the model's log-probabilities (the
-    # gradient needs no logsumexp's value, so none is computed for it).
+    # gradient needs no logsumexp's value, so none is computed for it); 12 ropes of 4-d
+    # float32 arrays and the 2 layers' queries and keys (the 3-d and float16 ones are MLX's).
+    # No decode attention: every attention here has several queries.
     assert (sigmoid, softmax, logsumexp) == (4 + 1 + 1 + 2, 5 + 1 + 1 + 1 + 2, 5 + 1 + 1)
+    assert (attention, rope) == (0, 12 + 4)
     assert_bit_identical(ours, reference)
     assert np.isfinite(ours["model logits"]).all() and ours["model logits"].std() > 0
+
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_decode_attention_is_mlx_own_up_to_rounding(kernels: Path, tmp_path: Path,
+                                                    isa: str) -> None:
+    if isa == "avx512" and "avx512f" not in cpu_flags():
+        pytest.skip("no AVX-512 on this CPU")
+    report, reference = run_child(tmp_path, "mlx", code=ATTENTION_CHILD)
+    assert report["attention"] is None
+    env = {"LD_PRELOAD": str(kernels)}
+    if isa == "avx2":
+        env["MLXROUTER_FAST_OPS"] = "avx2"
+    report, ours = run_child(tmp_path, isa, code=ATTENTION_CHILD, **env)
+    # Ours computed the 8 one-query float32 attentions and the 3 sequences alone; the
+    # two-query and float16 ones are MLX's. Dot products are summed in another order: within a
+    # few units in the last place. With every key masked MLX weighs all keys equally (its
+    # masked scores are all the lowest float), and so does ours.
+    assert report["attention"] == 8 + 3
+    assert ours.keys() == reference.keys()
+    for name, expected in reference.items():
+        np.testing.assert_allclose(ours[name], expected, rtol=2e-5, atol=2e-6, err_msg=name)
+    assert_bit_identical({k: ours[k] for k in ("two queries", "float16")},
+                         {k: reference[k] for k in ("two queries", "float16")})
+    # A masked key counts for nothing: a sequence's row of a left-padded batch is the
+    # sequence alone, bit for bit (so a request decodes alike alone and in a batch).
+    assert report["alone equals batch"] == {"0": True, "1": True, "2": True}
 
 
 def test_kernels_can_be_turned_off(kernels: Path, tmp_path: Path) -> None:
     report, reference = run_child(tmp_path, "mlx")
     report, off = run_child(tmp_path, "off", LD_PRELOAD=str(kernels), MLXROUTER_FAST_OPS="0")
-    assert report == {"kernels": "off", "counts": [0, 0, 0]}
+    assert report == {"kernels": "off", "counts": [0, 0, 0, 0, 0]}
     assert_bit_identical(off, reference)
 
 
 def test_the_library_is_named_by_its_source_and_the_mlx_it_links(kernels: Path,
                                                                   tmp_path: Path) -> None:
-    source = (Path(mlx_ops.__file__).parent / mlx_ops.SOURCE).read_bytes()
+    here = Path(mlx_ops.__file__).parent
+    source = b"".join((here / name).read_bytes() for name in (mlx_ops.SOURCE, *mlx_ops.HEADERS))
     salt = f"\0mlx {metadata.version('mlx')} at {mlx_ops.mlx_dir()}".encode()
     assert kernels.name == (
         f"libmlxrouter-mlx-ops-{hashlib.sha256(source + salt).hexdigest()[:12]}.so")
