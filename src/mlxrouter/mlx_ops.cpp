@@ -25,15 +25,21 @@
 
 #include <dlfcn.h>
 #include <immintrin.h>
+#include <sched.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <limits>
+#include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "mlx/backend/common/unary.h"
@@ -503,6 +509,109 @@ enum MaskKind { NO_MASK = 0, BOOL_MASK = 1, ADDITIVE_MASK = 2 };
 #define ROWS Avx2
 #include "decode_attention.h"
 
+// ---- a pool for the attention: its (sequence, key-value head) items are split between the
+// calling thread (MLX's stream) and a helper per other core this process may run on. Helpers
+// spin briefly for the next call (the next layer's attention follows within a millisecond),
+// then sleep. Items are claimed from a counter tagged with the call's generation, so a helper
+// the scheduler has not run yet costs nothing and a late one never claims an item of another
+// call. One call at a time (MLX has one CPU stream); a second caller meanwhile runs its items
+// itself. MLXROUTER_ATTENTION_THREADS sets the number of threads (1: the caller alone).
+
+class Pool {
+ public:
+  // f(i) for every i in [0, n), on the pool's threads; returns when all are done.
+  void run(int n, const std::function<void(int)>& f) {
+    std::unique_lock<std::mutex> caller(caller_, std::try_to_lock);
+    if (threads() == 1 || n < 2 || !caller.owns_lock()) {
+      for (int i = 0; i < n; i++) f(i);
+      return;
+    }
+    start();
+    uint64_t generation;
+    {
+      std::lock_guard<std::mutex> hold(lock_);
+      generation = generation_.load() + 1;
+      job_ = &f;
+      items_ = n;
+      done_.store(0);
+      claims_.store(generation << 32);
+      generation_.store(generation, std::memory_order_release);
+    }
+    wake_.notify_all();
+    work(generation, &f, n);
+    for (int spins = 0; done_.load(std::memory_order_acquire) < n; spins++) {
+      if (spins < SPIN) {
+        _mm_pause();
+        continue;
+      }
+      std::unique_lock<std::mutex> hold(lock_);
+      finished_.wait(hold, [&] { return done_.load() >= n; });
+    }
+  }
+
+ private:
+  static constexpr int SPIN = 2000;
+
+  static int threads() {
+    static const int n = [] {
+      const char* env = std::getenv("MLXROUTER_ATTENTION_THREADS");
+      if (env && *env) return std::max(1, std::atoi(env));
+      cpu_set_t set;
+      return sched_getaffinity(0, sizeof set, &set) == 0 ? std::max(1, CPU_COUNT(&set)) : 1;
+    }();
+    return std::min(n, 64);
+  }
+
+  void start() {
+    if (started_ == getpid()) return;  // a forked child starts its own
+    started_ = getpid();
+    for (int i = 1; i < threads(); i++) std::thread([this] { helper(); }).detach();
+  }
+
+  // Items of call `generation` until none is left.
+  void work(uint64_t generation, const std::function<void(int)>* f, int n) {
+    for (;;) {
+      uint64_t claim = claims_.load();
+      do {
+        if (claim >> 32 != generation || static_cast<int>(claim & 0xffffffff) >= n) return;
+      } while (!claims_.compare_exchange_weak(claim, claim + 1));
+      (*f)(static_cast<int>(claim & 0xffffffff));
+      if (done_.fetch_add(1) + 1 == n) {
+        std::lock_guard<std::mutex> hold(lock_);
+        finished_.notify_all();
+      }
+    }
+  }
+
+  void helper() {
+    uint64_t seen = 0;
+    for (;;) {
+      for (int spins = 0; generation_.load(std::memory_order_acquire) == seen && spins < SPIN;
+           spins++) {
+        _mm_pause();
+      }
+      std::unique_lock<std::mutex> hold(lock_);
+      wake_.wait(hold, [&] { return generation_.load() != seen; });
+      seen = generation_.load();
+      const std::function<void(int)>* f = job_;
+      const int n = items_;
+      hold.unlock();
+      work(seen, f, n);
+    }
+  }
+
+  std::mutex caller_, lock_;
+  std::condition_variable wake_, finished_;
+  const std::function<void(int)>* job_ = nullptr;
+  int items_ = 0;
+  std::atomic<int> done_{0};
+  std::atomic<uint64_t> claims_{0}, generation_{0};
+  pid_t started_ = 0;
+};
+
+// Never destroyed: at exit its helpers still wait on its condition variable.
+Pool& attention_pool = *new Pool;
+
 // Every (sequence, key-value head) of a decode attention.
 void decode_attention(const array& q, const array& k, const array& v, const array* mask,
                       MaskKind kind, float scale, array& out) {
@@ -516,42 +625,51 @@ void decode_attention(const array& q, const array& k, const array& v, const arra
   const char* md = mask ? mask->data<char>() : nullptr;
   const size_t item = mask ? mask->itemsize() : 0;
   float* od = out.data<float>();
-  std::vector<float> rows(static_cast<size_t>(group) * dk);
-  std::vector<float> scores(static_cast<size_t>(group) * T);
-  std::vector<const void*> masks(group);
-  // Keys or values whose rows are not contiguous are copied first (the slices and transposes
-  // of mlx-lm's caches keep them contiguous).
-  std::vector<float> kcopy(ks.s[3] == 1 ? 0 : static_cast<size_t>(T) * dk);
-  std::vector<float> vcopy(vs.s[3] == 1 ? 0 : static_cast<size_t>(T) * dv);
-  for (int b = 0; b < B; b++) {
-    for (int g = 0; g < Hkv; g++) {
-      for (int r = 0; r < group; r++) {  // q times the scale, as MLX's fallback rounds it
-        const int64_t base = qs.at(b, g * group + r, 0, 0);
-        for (int d = 0; d < dk; d++) rows[r * dk + d] = scale * qd[base + d * qs.s[3]];
-        if (mask) masks[r] = md + ms.at(b, g * group + r, 0, 0) * item;
-      }
-      const float* kb = kd + ks.at(b, g, 0, 0);
-      const float* vb = vd + vs.at(b, g, 0, 0);
-      int64_t k_step = ks.s[2], v_step = vs.s[2];
-      if (!kcopy.empty()) {
-        for (int t = 0; t < T; t++)
-          for (int d = 0; d < dk; d++) kcopy[t * dk + d] = kb[t * k_step + d * ks.s[3]];
-        kb = kcopy.data(), k_step = dk;
-      }
-      if (!vcopy.empty()) {
-        for (int t = 0; t < T; t++)
-          for (int d = 0; d < dv; d++) vcopy[t * dv + d] = vb[t * v_step + d * vs.s[3]];
-        vb = vcopy.data(), v_step = dv;
-      }
-      float* o = od + (static_cast<int64_t>(b) * Hq + g * group) * dv;
-      if (isa == AVX512) {
-        attend_avx512(group, T, dk, dv, rows.data(), kb, k_step, vb, v_step, kind,
-                      masks.data(), ms.s[3], scores.data(), o);
-      } else {
-        attend_avx2(group, T, dk, dv, rows.data(), kb, k_step, vb, v_step, kind, masks.data(),
-                    ms.s[3], scores.data(), o);
-      }
+  auto one = [&](int i) {
+    const int b = i / Hkv, g = i % Hkv;
+    thread_local std::vector<float> rows, scores, kcopy, vcopy;
+    thread_local std::vector<const void*> masks;
+    rows.resize(static_cast<size_t>(group) * dk);
+    scores.resize(static_cast<size_t>(group) * T);
+    masks.resize(group);
+    for (int r = 0; r < group; r++) {  // q times the scale, as MLX's fallback rounds it
+      const int64_t base = qs.at(b, g * group + r, 0, 0);
+      for (int d = 0; d < dk; d++) rows[r * dk + d] = scale * qd[base + d * qs.s[3]];
+      if (mask) masks[r] = md + ms.at(b, g * group + r, 0, 0) * item;
     }
+    // Keys or values whose rows are not contiguous are copied first (the slices and
+    // transposes of mlx-lm's caches keep them contiguous).
+    const float* kb = kd + ks.at(b, g, 0, 0);
+    const float* vb = vd + vs.at(b, g, 0, 0);
+    int64_t k_step = ks.s[2], v_step = vs.s[2];
+    if (ks.s[3] != 1) {
+      kcopy.resize(static_cast<size_t>(T) * dk);
+      for (int t = 0; t < T; t++)
+        for (int d = 0; d < dk; d++) kcopy[t * dk + d] = kb[t * k_step + d * ks.s[3]];
+      kb = kcopy.data(), k_step = dk;
+    }
+    if (vs.s[3] != 1) {
+      vcopy.resize(static_cast<size_t>(T) * dv);
+      for (int t = 0; t < T; t++)
+        for (int d = 0; d < dv; d++) vcopy[t * dv + d] = vb[t * v_step + d * vs.s[3]];
+      vb = vcopy.data(), v_step = dv;
+    }
+    float* o = od + (static_cast<int64_t>(b) * Hq + g * group) * dv;
+    if (isa == AVX512) {
+      attend_avx512(group, T, dk, dv, rows.data(), kb, k_step, vb, v_step, kind, masks.data(),
+                    ms.s[3], scores.data(), o);
+    } else {
+      attend_avx2(group, T, dk, dv, rows.data(), kb, k_step, vb, v_step, kind, masks.data(),
+                  ms.s[3], scores.data(), o);
+    }
+  };
+  // Spread over the pool when there is enough to share (8 sequences of SmolLM2 from 64 keys
+  // on, one from about 500): waking a helper costs a few microseconds.
+  const int64_t work = static_cast<int64_t>(B) * Hq * T * (dk + dv);
+  if (work >= (1 << 19)) {
+    attention_pool.run(B * Hkv, one);
+  } else {
+    for (int i = 0; i < B * Hkv; i++) one(i);
   }
 }
 

@@ -127,6 +127,14 @@ out["float16"] = sdpa(q.astype(mx.float16), k.astype(mx.float16), v.astype(mx.fl
 for b in range(B):
     alone = sdpa(q[b:b + 1], k[b:b + 1, :, pad[b]:], v[b:b + 1, :, pad[b]:], scale=0.125)
     same[b] = bool(mx.array_equal(alone[0], out["left padding"][b]).item())
+# Enough work to be shared between threads: 8 sequences of up to 300 keys.
+qb, kb, vb = arr(8, 9, 1, 64), arr(8, 3, 300, 64), arr(8, 3, 300, 64)
+padb = [0, 1, 17, 100, 299, 3, 250, 64]
+keepb = mx.array(np.arange(300)[None, None, None, :] >= np.array(padb)[:, None, None, None])
+out["8 sequences"] = sdpa(qb, kb, vb, scale=0.125, mask=keepb)
+for b in (2, 4):
+    alone = sdpa(qb[b:b + 1], kb[b:b + 1, :, padb[b]:], vb[b:b + 1, :, padb[b]:], scale=0.125)
+    same[f"8 sequences {b}"] = bool(mx.array_equal(alone[0], out["8 sequences"][b]).item())
 np.savez(sys.argv[1], **{k_: np.array(v_.astype(mx.float32)) for k_, v_ in out.items()})
 lib = ctypes.CDLL(None)
 try:
@@ -210,22 +218,22 @@ def test_kernels_give_mlx_own_results_bit_for_bit(kernels: Path, tmp_path: Path,
 
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+@pytest.mark.parametrize(("isa", "threads"), [("avx512", "2"), ("avx2", "2"), ("avx512", "1")])
 def test_decode_attention_is_mlx_own_up_to_rounding(kernels: Path, tmp_path: Path,
-                                                    isa: str) -> None:
+                                                    isa: str, threads: str) -> None:
     if isa == "avx512" and "avx512f" not in cpu_flags():
         pytest.skip("no AVX-512 on this CPU")
     report, reference = run_child(tmp_path, "mlx", code=ATTENTION_CHILD)
     assert report["attention"] is None
-    env = {"LD_PRELOAD": str(kernels)}
+    env = {"LD_PRELOAD": str(kernels), "MLXROUTER_ATTENTION_THREADS": threads}
     if isa == "avx2":
         env["MLXROUTER_FAST_OPS"] = "avx2"
     report, ours = run_child(tmp_path, isa, code=ATTENTION_CHILD, **env)
-    # Ours computed the 8 one-query float32 attentions and the 3 sequences alone; the
+    # Ours computed the 9 one-query float32 attentions and the 5 sequences alone; the
     # two-query and float16 ones are MLX's. Dot products are summed in another order: within a
     # few units in the last place. With every key masked MLX weighs all keys equally (its
     # masked scores are all the lowest float), and so does ours.
-    assert report["attention"] == 8 + 3
+    assert report["attention"] == 9 + 5
     assert ours.keys() == reference.keys()
     for name, expected in reference.items():
         np.testing.assert_allclose(ours[name], expected, rtol=2e-5, atol=2e-6, err_msg=name)
@@ -233,7 +241,9 @@ def test_decode_attention_is_mlx_own_up_to_rounding(kernels: Path, tmp_path: Pat
                          {k: reference[k] for k in ("two queries", "float16")})
     # A masked key counts for nothing: a sequence's row of a left-padded batch is the
     # sequence alone, bit for bit (so a request decodes alike alone and in a batch).
-    assert report["alone equals batch"] == {"0": True, "1": True, "2": True}
+    # The 8 sequences' items are shared between threads (MLXROUTER_ATTENTION_THREADS).
+    assert report["alone equals batch"] == {"0": True, "1": True, "2": True,
+                                            "8 sequences 2": True, "8 sequences 4": True}
 
 
 def test_kernels_can_be_turned_off(kernels: Path, tmp_path: Path) -> None:
