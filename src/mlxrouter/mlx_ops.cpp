@@ -821,8 +821,27 @@ F next_definition(F ours) {
   return reinterpret_cast<F>(next);
 }
 
-bool ours(const array& a, const Stream& s) {
-  return isa != NONE && a.dtype() == float32 && s.device.type == Device::DeviceType::cpu;
+// MLXROUTER_FAST_OPS_EXCEPT: kernels left to MLX by name (sigmoid, softmax, logsumexp,
+// attention, rope; comma-separated), for comparisons and to rule one out.
+bool excepted(Op op) {
+  static const unsigned mask = [] {
+    static const char* names[] = {"sigmoid", "softmax", "logsumexp", "attention", "rope"};
+    const char* env = std::getenv("MLXROUTER_FAST_OPS_EXCEPT");
+    unsigned m = 0;
+    for (std::string list = env ? env : ""; !list.empty();) {
+      const size_t comma = list.find(',');
+      const std::string name = list.substr(0, comma);
+      for (unsigned i = 0; i < 5; i++) m |= name == names[i] ? 1u << i : 0;
+      list = comma == std::string::npos ? "" : list.substr(comma + 1);
+    }
+    return m;
+  }();
+  return mask & (1u << op);
+}
+
+bool ours(const array& a, const Stream& s, Op op) {
+  return isa != NONE && a.dtype() == float32 && s.device.type == Device::DeviceType::cpu &&
+         !excepted(op);
 }
 
 }  // namespace
@@ -844,7 +863,7 @@ array sigmoid(const array& a, StreamOrDevice s) {
   using Fn = array (*)(const array&, StreamOrDevice);
   static const Fn mlx_sigmoid = next_definition<Fn>(&sigmoid);
   Stream stream = to_stream(s);
-  if (!ours(a, stream)) return mlx_sigmoid(a, s);
+  if (!ours(a, stream, SIGMOID)) return mlx_sigmoid(a, s);
   return array(a.shape(), float32, std::make_shared<FastSigmoid>(stream), {a});
 }
 
@@ -853,7 +872,7 @@ array logsumexp(const array& a, const std::vector<int>& axes, bool keepdims, Str
   static const Fn mlx_logsumexp = next_definition<Fn>(&logsumexp);
   Stream stream = to_stream(s);
   bool last_axis = axes.size() == 1 && (axes[0] == -1 || axes[0] == static_cast<int>(a.ndim()) - 1);
-  if (!ours(a, stream) || !last_axis || a.ndim() == 0 || a.size() == 0) {
+  if (!ours(a, stream, LOGSUMEXP) || !last_axis || a.ndim() == 0 || a.size() == 0) {
     return mlx_logsumexp(a, axes, keepdims, s);
   }
   auto shape = a.shape();
@@ -867,7 +886,7 @@ array softmax(const array& a, const std::vector<int>& axes, bool precise, Stream
   static const Fn mlx_softmax = next_definition<Fn>(&softmax);
   Stream stream = to_stream(s);
   bool last_axis = axes.size() == 1 && (axes[0] == -1 || axes[0] == static_cast<int>(a.ndim()) - 1);
-  if (!ours(a, stream) || !last_axis || a.ndim() == 0 || a.size() == 0) {
+  if (!ours(a, stream, SOFTMAX) || !last_axis || a.ndim() == 0 || a.size() == 0) {
     return mlx_softmax(a, axes, precise, s);
   }
   return array(a.shape(), float32, std::make_shared<FastSoftmax>(stream, precise), {a});
@@ -893,8 +912,8 @@ array scaled_dot_product_attention(const array& queries, const array& keys,
   const auto& k = keys;
   const auto& v = values;
   const int lanes = isa == AVX512 ? 16 : 8;
-  bool fits = ours(q, stream) && k.dtype() == float32 && v.dtype() == float32 && !sinks &&
-              q.ndim() == 4 && k.ndim() == 4 && v.ndim() == 4 && q.shape(2) == 1 &&
+  bool fits = ours(q, stream, ATTENTION) && k.dtype() == float32 && v.dtype() == float32 &&
+              !sinks && q.ndim() == 4 && k.ndim() == 4 && v.ndim() == 4 && q.shape(2) == 1 &&
               k.shape(0) == q.shape(0) && v.shape(0) == q.shape(0) &&
               k.shape(1) == v.shape(1) && k.shape(2) == v.shape(2) && k.shape(2) > 0 &&
               k.shape(1) > 0 && q.shape(1) % k.shape(1) == 0 && q.shape(3) == k.shape(3) &&
@@ -933,7 +952,7 @@ array rope(const array& x, int dims, bool traditional, std::optional<float> base
   static const Fn mlx_rope = next_definition<Fn>(&rope);
   Stream stream = to_stream(s);
   const bool fits =
-      ours(x, stream) && x.ndim() == 4 && dims > 0 && dims % 2 == 0 && dims <= x.shape(-1) &&
+      ours(x, stream, ROPE) && x.ndim() == 4 && dims > 0 && dims % 2 == 0 && dims <= x.shape(-1) &&
       base.has_value() != freqs.has_value() && offset.ndim() <= 1 &&
       (offset.size() == 1 || offset.size() == static_cast<size_t>(x.shape(0))) &&
       issubdtype(offset.dtype(), integer) &&
@@ -953,7 +972,9 @@ array rope(const array& x, int dims, bool traditional, std::optional<float> base
   using Fn = array (*)(const array&, int, bool, std::optional<float>, float, int,
                        const std::optional<array>&, StreamOrDevice);
   static const Fn mlx_rope = next_definition<Fn>(&rope);
-  if (!ours(x, to_stream(s))) return mlx_rope(x, dims, traditional, base, scale, offset, freqs, s);
+  if (!ours(x, to_stream(s), ROPE)) {
+    return mlx_rope(x, dims, traditional, base, scale, offset, freqs, s);
+  }
   return rope(x, dims, traditional, base, scale, array(offset, int32), freqs, s);
 }
 

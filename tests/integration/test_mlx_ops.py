@@ -253,6 +253,16 @@ def test_kernels_can_be_turned_off(kernels: Path, tmp_path: Path) -> None:
     assert_bit_identical(off, reference)
 
 
+
+def test_kernels_can_be_left_to_mlx_one_by_one(kernels: Path, tmp_path: Path,
+                                               tiny_model: Path) -> None:
+    report, reference = run_child(tmp_path, "mlx", str(tiny_model))
+    report, some = run_child(tmp_path, "some", str(tiny_model), LD_PRELOAD=str(kernels),
+                             MLXROUTER_FAST_OPS_EXCEPT="softmax,rope,nonsense")
+    sigmoid, softmax, logsumexp, attention, rope = report["counts"]
+    assert softmax == rope == 0 and sigmoid > 0 and logsumexp > 0
+    assert_bit_identical(some, reference)
+
 def test_the_library_is_named_by_its_source_and_the_mlx_it_links(kernels: Path,
                                                                   tmp_path: Path) -> None:
     here = Path(mlx_ops.__file__).parent
