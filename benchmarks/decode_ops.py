@@ -13,9 +13,13 @@ and the 60 rotary embeddings of the queries and keys. Every layer has its own ca
 keys and values stream from memory as in a real step. Runs alternate between the
 configurations, round after round; cells are medians over rounds of each run's median step.
 
+With --model (a float32 mlx-lm model, such as the throughput benchmark's SmolLM2 copy in
+its work directory), each run also times whole decode steps of mlx-lm's BatchGenerator on that
+model: the batch's prompts of --keys tokens, then the median of 40 steps after 10.
+
 Usage:
     .venv/bin/python benchmarks/decode_ops.py [--batch 1,8] [--keys 200] [--rounds 3]
-        [--json out.json]
+        [--model DIR] [--json out.json]
 """
 
 from __future__ import annotations
@@ -55,6 +59,21 @@ def rope():
     return [mx.fast.rope(x, 64, traditional=False, base=10000.0, scale=1.0, offset=offset)
             for q, _, _, kx in layers for x in (q, kx)]
 out = {}
+if len(sys.argv) > 4:  # whole decode steps of a model
+    from mlx_lm import load
+    from mlx_lm.generate import BatchGenerator
+    model, _ = load(sys.argv[4])
+    gen = BatchGenerator(model, stop_tokens=set(), max_tokens=10_000)
+    gen.insert([[(7 * i + 13 * j) % 20_000 + 100 for j in range(T)] for i in range(B)],
+               max_tokens=[10_000] * B)
+    while not any(r for r in gen.next()):  # until the prompts are in
+        pass
+    times = []
+    for i in range(50):
+        t = time.perf_counter()
+        gen.next()
+        times.append(time.perf_counter() - t)
+    out["step"] = statistics.median(times[10:]) * 1e3
 for name, f in (("attention", attention), ("rope", rope)):
     times = []
     for _ in range(reps):
@@ -89,22 +108,25 @@ def main() -> None:
     p.add_argument("--keys", type=int, default=200)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--reps", type=int, default=12)
+    p.add_argument("--model", type=Path, help="a float32 mlx-lm model: also time decode steps")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
 
     workers = worker_env(Path(tempfile.mkdtemp(prefix="decode-ops-")))
     batches = [int(b) for b in args.batch.split(",")]
+    ops = ["attention", "rope"] + (["step"] if args.model else [])
     runs: dict[str, dict[int, dict[str, list[float]]]] = {
-        c: {b: {"attention": [], "rope": []} for b in batches} for c in CONFIGS}
+        c: {b: {op: [] for op in ops} for b in batches} for c in CONFIGS}
     base = {k: v for k, v in os.environ.items() if not k.startswith("MLXROUTER_")}
     for r in range(args.rounds):
         order = list(CONFIGS) if r % 2 == 0 else list(CONFIGS)[::-1]
         for b in batches:
             for name in order:
                 env = {**base, **workers, **CONFIGS[name]}
+                model = [str(args.model)] if args.model else []
                 out = subprocess.run([sys.executable, "-c", CHILD, str(b), str(args.keys),
-                                      str(args.reps)], env=env, capture_output=True, text=True,
-                                     check=True, timeout=600)
+                                      str(args.reps), *model], env=env, capture_output=True,
+                                     text=True, check=True, timeout=600)
                 got = json.loads(out.stdout)
                 for op, ms in got.items():
                     runs[name][b][op].append(ms)
@@ -112,14 +134,14 @@ def main() -> None:
 
     print(f"\nOne SmolLM2-135M decode step's ops, {args.keys} keys, {os.cpu_count()} cores; "
           f"median of {args.rounds} rounds\n")
-    print("| | " + " | ".join(f"attention ×30, batch {b} | rope ×60, batch {b}"
-                               for b in batches) + " |")
-    print("|---|" + "---|---|" * len(batches))
+    label = {"attention": "attention ×30", "rope": "rope ×60", "step": "decode step"}
+    print("| | " + " | ".join(f"{label[op]}, batch {b}" for b in batches for op in ops) + " |")
+    print("|---|" + "---|" * len(ops) * len(batches))
     table: dict[str, dict[str, float]] = {}
     for name in CONFIGS:
         cells = []
         for b in batches:
-            for op in ("attention", "rope"):
+            for op in ops:
                 ms = statistics.median(runs[name][b][op])
                 table.setdefault(name, {})[f"{op} batch {b}"] = ms
                 cells.append(f"{ms:.2f} ms")
