@@ -673,6 +673,21 @@ void decode_attention(const array& q, const array& k, const array& v, const arra
   }
 }
 
+// The stream's encoder, told of a primitive's inputs and output.
+cpu::CommandEncoder& encode(Stream stream, const std::vector<array>& inputs, array& out) {
+  auto& encoder = cpu::get_command_encoder(stream);
+  for (const auto& in : inputs) encoder.set_input_array(in);
+  encoder.set_output_array(out);
+  return encoder;
+}
+
+// Copies of arrays for a dispatched task, which must not hold references to them.
+std::vector<array> weak_copies(const std::vector<array>& arrays) {
+  std::vector<array> held;
+  for (const auto& a : arrays) held.push_back(array::unsafe_weak_copy(a));
+  return held;
+}
+
 class DecodeAttention : public UnaryPrimitive {
  public:
   DecodeAttention(Stream stream, float scale, MaskKind kind)
@@ -680,12 +695,8 @@ class DecodeAttention : public UnaryPrimitive {
 
   void eval_cpu(const std::vector<array>& inputs, array& out) override {
     out.set_data(allocator::malloc(out.nbytes()));
-    auto& encoder = cpu::get_command_encoder(stream());
-    for (const auto& in : inputs) encoder.set_input_array(in);
-    encoder.set_output_array(out);
-    std::vector<array> held;
-    for (const auto& in : inputs) held.push_back(array::unsafe_weak_copy(in));
-    encoder.dispatch([held = std::move(held), out = array::unsafe_weak_copy(out),
+    auto& encoder = encode(stream(), inputs, out);
+    encoder.dispatch([held = weak_copies(inputs), out = array::unsafe_weak_copy(out),
                       scale = scale_, kind = kind_]() mutable {
       counts[ATTENTION]++;
       const array &q = held[0], &k = held[1], &v = held[2];
@@ -728,12 +739,8 @@ class FastRope : public UnaryPrimitive {
 
   void eval_cpu(const std::vector<array>& inputs, array& out) override {
     out.set_data(allocator::malloc(out.nbytes()));
-    auto& encoder = cpu::get_command_encoder(stream());
-    for (const auto& in : inputs) encoder.set_input_array(in);
-    encoder.set_output_array(out);
-    std::vector<array> held;
-    for (const auto& in : inputs) held.push_back(array::unsafe_weak_copy(in));
-    encoder.dispatch([held = std::move(held), out = array::unsafe_weak_copy(out), dims = dims_,
+    auto& encoder = encode(stream(), inputs, out);
+    encoder.dispatch([held = weak_copies(inputs), out = array::unsafe_weak_copy(out), dims = dims_,
                       traditional = traditional_, base = base_, scale = scale_,
                       freqs = freqs_]() mutable {
       counts[ROPE]++;
