@@ -70,8 +70,9 @@ Isa pick_isa() {
 const Isa isa = pick_isa();
 
 // Rows or arrays computed by each kernel, for tests (mlxrouter_mlx_ops_count).
-enum Op { SIGMOID = 0, SOFTMAX = 1, LOGSUMEXP = 2, ATTENTION = 3, ROPE = 4 };
-std::atomic<unsigned long> counts[5];
+enum Op { SIGMOID = 0, SOFTMAX = 1, LOGSUMEXP = 2, ATTENTION = 3, ROPE = 4, RMS_NORM = 5 };
+constexpr int OPS = 6;
+std::atomic<unsigned long> counts[OPS];
 
 // ---- exp as MLX computes it (simd/math.h): 2^(x log2 e), the integer part by moving bits,
 // the fraction by a degree-6 polynomial in fused multiply-adds; NaN kept, +inf above 88,
@@ -816,6 +817,66 @@ class FastRope : public UnaryPrimitive {
   bool freqs_;
 };
 
+// ---- RMS normalization (fast::rms_norm), float32. MLX's CPU composes it from 6 ops per call
+// (square, sum, times 1/n, plus eps, rsqrt, times x, times the weight), each one more array,
+// more graph to build and more work for the scheduler: twice per layer and once at the end,
+// 61 calls per SmolLM2 step. Here one pass per row computes the same values in the same
+// order: the squares added one after the other from 0 (MLX's one-lane sum), times the float
+// 1/n, plus eps, 1 / sqrt, then x times that, times the weight, each rounded on its own.
+
+class FastRmsNorm : public UnaryPrimitive {
+ public:
+  FastRmsNorm(Stream stream, float eps, bool weighted)
+      : UnaryPrimitive(stream), eps_(eps), weighted_(weighted) {}
+
+  void eval_cpu(const std::vector<array>& inputs, array& out) override {
+    out.set_data(allocator::malloc(out.nbytes()));
+    auto& encoder = encode(stream(), inputs, out);
+    encoder.dispatch([held = weak_copies(inputs), out = array::unsafe_weak_copy(out), eps = eps_,
+                      weighted = weighted_]() mutable {
+      counts[RMS_NORM]++;
+      const array& x = held[0];
+      const size_t n = x.shape(-1);
+      const int64_t sx = x.strides().back();
+      const float inverse_n = static_cast<float>(1.0 / static_cast<double>(n));
+      const float* w = weighted ? held[1].data<float>() : nullptr;
+      const int64_t sw = weighted ? held[1].strides()[0] : 0;
+      const float* src = x.data<float>();
+      float* dst = out.data<float>();
+      for_each_row(x, [&](size_t r, int64_t offset) {
+        const float* in = src + offset;
+        float sum = 0.0f;
+        for (size_t i = 0; i < n; i++) {
+          const float square = in[i * sx] * in[i * sx];
+          sum = sum + square;
+        }
+        const float scale = 1.0f / std::sqrt(sum * inverse_n + eps);
+        float* o = dst + r * n;
+        if (w) {
+          for (size_t i = 0; i < n; i++) o[i] = (in[i * sx] * scale) * w[i * sw];
+        } else {
+          for (size_t i = 0; i < n; i++) o[i] = in[i * sx] * scale;
+        }
+      });
+    });
+  }
+  void eval_gpu(const std::vector<array>&, array&) override {
+    throw std::runtime_error("[mlxrouter rms_norm] CPU only");
+  }
+  const char* name() const override { return "RMSNorm"; }
+  bool is_equivalent(const Primitive& other) const override {
+    const auto& o = static_cast<const FastRmsNorm&>(other);
+    return eps_ == o.eps_ && weighted_ == o.weighted_;
+  }
+  std::vector<Shape> output_shapes(const std::vector<array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+
+ private:
+  float eps_;
+  bool weighted_;
+};
+
 // MLX's own definitions, found under our own symbols' names after us in the search order.
 template <typename F>
 F next_definition(F ours) {
@@ -829,16 +890,17 @@ F next_definition(F ours) {
 }
 
 // MLXROUTER_FAST_OPS_EXCEPT: kernels left to MLX by name (sigmoid, softmax, logsumexp,
-// attention, rope; comma-separated), for comparisons and to rule one out.
+// attention, rope, rms_norm; comma-separated), for comparisons and to rule one out.
 bool excepted(Op op) {
   static const unsigned mask = [] {
-    static const char* names[] = {"sigmoid", "softmax", "logsumexp", "attention", "rope"};
+    static const char* names[OPS] = {"sigmoid", "softmax", "logsumexp",
+                                     "attention", "rope", "rms_norm"};
     const char* env = std::getenv("MLXROUTER_FAST_OPS_EXCEPT");
     unsigned m = 0;
     for (std::string list = env ? env : ""; !list.empty();) {
       const size_t comma = list.find(',');
       const std::string name = list.substr(0, comma);
-      for (unsigned i = 0; i < 5; i++) m |= name == names[i] ? 1u << i : 0;
+      for (unsigned i = 0; i < OPS; i++) m |= name == names[i] ? 1u << i : 0;
       list = comma == std::string::npos ? "" : list.substr(comma + 1);
     }
     return m;
@@ -858,9 +920,9 @@ __attribute__((visibility("default"))) const char* mlxrouter_mlx_ops() {
   return isa == AVX512 ? "avx512" : isa == AVX2 ? "avx2" : "off";
 }
 // Arrays computed so far by one kernel: 0 sigmoid, 1 softmax, 2 logsumexp, 3 attention,
-// 4 rope.
+// 4 rope, 5 rms_norm.
 __attribute__((visibility("default"))) unsigned long mlxrouter_mlx_ops_count(int op) {
-  return op >= 0 && op < 5 ? counts[op].load() : 0;
+  return op >= 0 && op < OPS ? counts[op].load() : 0;
 }
 }
 
@@ -983,6 +1045,23 @@ array rope(const array& x, int dims, bool traditional, std::optional<float> base
     return mlx_rope(x, dims, traditional, base, scale, offset, freqs, s);
   }
   return rope(x, dims, traditional, base, scale, array(offset, int32), freqs, s);
+}
+
+// A float32 array normalized by a float32 weight of its last axis's size, or by none, on the
+// CPU: ours (above). Everything else, and every malformed call, is MLX's.
+array rms_norm(const array& x, const std::optional<array>& weight, float eps, StreamOrDevice s) {
+  using Fn = array (*)(const array&, const std::optional<array>&, float, StreamOrDevice);
+  static const Fn mlx_rms_norm = next_definition<Fn>(&rms_norm);
+  Stream stream = to_stream(s);
+  const bool fits = ours(x, stream, RMS_NORM) && x.ndim() >= 1 && x.size() > 0 &&
+                    (!weight || (weight->dtype() == float32 && weight->ndim() == 1 &&
+                                 weight->shape(0) == x.shape(-1)));
+  if (!fits) return mlx_rms_norm(x, weight, eps, s);
+  std::vector<array> inputs = {x};
+  if (weight) inputs.push_back(*weight);
+  return array(x.shape(), float32,
+               std::make_shared<FastRmsNorm>(stream, eps, weight.has_value()),
+               std::move(inputs));
 }
 
 }  // namespace mlx::core::fast

@@ -65,6 +65,11 @@ for name, a in (("", x), (" strided", x.transpose(0, 2, 1, 3))):  # (3, 9, 5, 64
 out["rope 3-d"] = mx.fast.rope(x[0], 64, traditional=False, base=1e4, scale=1.0, offset=3)
 out["rope float16"] = mx.fast.rope(x.astype(mx.float16), 64, traditional=False, base=1e4,
                                    scale=1.0, offset=3)
+h = mx.array(rng.standard_normal((8, 1, 576)).astype(np.float32) * 3)
+out["rms_norm"] = mx.fast.rms_norm(h, mx.array(rng.standard_normal(576).astype(np.float32)), 1e-5)
+out["rms_norm no weight"] = mx.fast.rms_norm(h, None, 1e-6)
+out["rms_norm strided"] = mx.fast.rms_norm(h[:, 0, :40].T, h[0, 0, 100:108], 1e-5)
+out["rms_norm float16"] = mx.fast.rms_norm(h.astype(mx.float16), None, 1e-5)
 out["gradients"] = mx.grad(lambda a: mx.logsumexp(a, axis=-1).sum() + nn.silu(a).sum()
                            + (mx.softmax(a, axis=-1) * mx.arange(50)).sum())(
                                mx.array(logits[:2, :50]))
@@ -86,7 +91,7 @@ try:
     lib.mlxrouter_mlx_ops.restype = ctypes.c_char_p
     lib.mlxrouter_mlx_ops_count.restype = ctypes.c_ulong
     kernels = lib.mlxrouter_mlx_ops().decode()
-    counts = [lib.mlxrouter_mlx_ops_count(i) for i in range(5)]
+    counts = [lib.mlxrouter_mlx_ops_count(i) for i in range(6)]
 except AttributeError:
     kernels, counts = None, None
 print(json.dumps({"kernels": kernels, "counts": counts}))
@@ -203,7 +208,7 @@ def test_kernels_give_mlx_own_results_bit_for_bit(kernels: Path, tmp_path: Path,
         env["MLXROUTER_FAST_OPS"] = "avx2"
     report, ours = run_child(tmp_path, isa, str(tiny_model), **env)
     assert report["kernels"] == isa
-    sigmoid, softmax, logsumexp, attention, rope = report["counts"]
+    sigmoid, softmax, logsumexp, attention, rope, rms_norm = report["counts"]
     # Ours ran, not MLX's under our name: 4 sigmoids, the gradient's, the jvp's and the 2
     # layers' SiLU; 5 softmaxes, the attention, the gradient's, the jvp's and the 2 layers'
     # attention (the float16 one is MLX's, and so is the vmap's over the second-last axis);
@@ -213,6 +218,8 @@ def test_kernels_give_mlx_own_results_bit_for_bit(kernels: Path, tmp_path: Path,
     # No decode attention: every attention here has several queries.
     assert (sigmoid, softmax, logsumexp) == (4 + 1 + 1 + 2, 5 + 1 + 1 + 1 + 2, 5 + 1 + 1)
     assert (attention, rope) == (0, 12 + 4)
+    # 3 float32 RMS norms and the model's 2 per layer and its last (float16 is MLX's).
+    assert rms_norm == 3 + 5
     assert_bit_identical(ours, reference)
     assert np.isfinite(ours["model logits"]).all() and ours["model logits"].std() > 0
 
@@ -249,7 +256,7 @@ def test_decode_attention_is_mlx_own_up_to_rounding(kernels: Path, tmp_path: Pat
 def test_kernels_can_be_turned_off(kernels: Path, tmp_path: Path) -> None:
     report, reference = run_child(tmp_path, "mlx")
     report, off = run_child(tmp_path, "off", LD_PRELOAD=str(kernels), MLXROUTER_FAST_OPS="0")
-    assert report == {"kernels": "off", "counts": [0, 0, 0, 0, 0]}
+    assert report == {"kernels": "off", "counts": [0, 0, 0, 0, 0, 0]}
     assert_bit_identical(off, reference)
 
 
@@ -258,9 +265,9 @@ def test_kernels_can_be_left_to_mlx_one_by_one(kernels: Path, tmp_path: Path,
                                                tiny_model: Path) -> None:
     report, reference = run_child(tmp_path, "mlx", str(tiny_model))
     report, some = run_child(tmp_path, "some", str(tiny_model), LD_PRELOAD=str(kernels),
-                             MLXROUTER_FAST_OPS_EXCEPT="softmax,rope,nonsense")
-    sigmoid, softmax, logsumexp, attention, rope = report["counts"]
-    assert softmax == rope == 0 and sigmoid > 0 and logsumexp > 0
+                             MLXROUTER_FAST_OPS_EXCEPT="softmax,rope,rms_norm,nonsense")
+    sigmoid, softmax, logsumexp, attention, rope, rms_norm = report["counts"]
+    assert softmax == rope == rms_norm == 0 and sigmoid > 0 and logsumexp > 0
     assert_bit_identical(some, reference)
 
 def test_the_library_is_named_by_its_source_and_the_mlx_it_links(kernels: Path,
