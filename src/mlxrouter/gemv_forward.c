@@ -42,9 +42,10 @@ static sgemv_fn next_sgemv;
 static unsigned long forwarded, small;
 
 /* The kernel once per instruction set and register block: "tall" blocks (8 rows of A by one
- * weight row) for up to 8 rows, one pass over the weights; "wide" ones (4 x 4) above that.
- * Measured on 2 cores (docs/performance.md): 8 x 1 streamed the weights fastest from 1 to 8
- * rows, 4 x 4 at 16. small_gemm.h undefines the parameters. */
+ * weight row, two with AVX-512's 32 registers) for up to 8 rows, one pass over the weights;
+ * "wide" ones (4 x 4) above that. Measured on 2 cores (docs/performance.md): these streamed
+ * the weights fastest from 1 to 8 rows, 4 x 4 at 12 and 16. small_gemm.h undefines the
+ * parameters. */
 #define NAME(x) x##_generic_tall
 #define LANES 4
 #define MR 8
@@ -76,7 +77,7 @@ static unsigned long forwarded, small;
 #define NAME(x) x##_avx512_tall
 #define LANES 8
 #define MR 8
-#define NR 1
+#define NR 2
 #define TARGET __attribute__((target("avx512f,avx512vl,fma")))
 #include "small_gemm.h"
 #define NAME(x) x##_avx512_wide

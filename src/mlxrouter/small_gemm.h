@@ -52,7 +52,11 @@ TARGET static inline __attribute__((always_inline)) float NAME(hsum)(NAME(vec) v
  * unroll and the accumulators stay in registers. With `next`, also prefetches the NR weight
  * rows there: the last row block of a column block, which reads its weights from L1, fetches
  * the next column block's from memory meanwhile (without it the arithmetic and the memory
- * traffic of several row blocks took turns, and M = 8 streamed half as fast as M = 1). */
+ * traffic of several row blocks took turns, and M = 8 streamed half as fast as M = 1).
+ * Into L2 (prefetcht1), not L1: prefetches into L1 hold its few miss buffers for a whole
+ * trip to memory, and an 8-row block, which also loads 8 vectors of A per step, then
+ * waited on them: its pass over SmolLM2's weights took 26.5 ms against 23 into L2
+ * (benchmarks/small_gemm.py, 2 cores, Zen 4). */
 TARGET static inline __attribute__((always_inline)) void NAME(block)(
     int mr, int nr, int k, float alpha, const float *a, int lda, const float *b, int ldb,
     float beta, float *c, int ldc, const float *next) {
@@ -66,7 +70,7 @@ TARGET static inline __attribute__((always_inline)) void NAME(block)(
             bv[s] = *(const NAME(vec) *)(b + (long)s * ldb + p);
         if (next)
             _Pragma("GCC unroll 8") for (int s = 0; s < NR; s++)
-                __builtin_prefetch(next + (long)s * ldb + p);
+                __builtin_prefetch(next + (long)s * ldb + p, 0, 2);
         _Pragma("GCC unroll 8") for (int r = 0; r < mr; r++)
             _Pragma("GCC unroll 8") for (int s = 0; s < nr; s++)
                 acc[r][s] += av[r] * bv[s];
