@@ -167,6 +167,7 @@ class ModelOptions(_Section):
     load_dtype: Literal["auto", "native", "float32", "float16", "bfloat16"] | None = None
     compute_nice: Annotated[int, msgspec.Meta(ge=0, le=19)] | None = None
     solo_fast_path: bool | None = None
+    batch_wait_ms: Annotated[float, msgspec.Meta(ge=0, le=1000)] | None = None
     prompt_cache_bytes: NonNeg | None = None
     prompt_cache_size: Pos | None = None
     reasoning_response: Literal["enable", "disable"] | None = None
@@ -257,6 +258,10 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     # A request alone decodes without BatchGenerator's bookkeeping (~3% faster here) and
     # joins the batch unchanged when another comes (engine.Solo); false = always the batch.
     solo_fast_path: bool = True
+    # When the last busy spell ran N sequences at once, an idle worker that gets a request
+    # waits up to this long for each next one until N have come, so requests sent together
+    # are prefilled together; 0 = start at once (worker.py).
+    batch_wait_ms: float = 20.0
     # KV caches of finished sequences kept for the next turn of a conversation (mlx-lm's
     # LRUPromptCache), bounded by bytes (counted in the memory budget) and entries; 0 = off.
     prompt_cache_bytes: int = 256 * 1024 * 1024

@@ -124,9 +124,18 @@ class EngineThread(threading.Thread):
             backend=engine_mod.describe_backend()))
         log.info("ready model=%s load_s=%.2f weights_mb=%.0f load_dtype=%s", self.spec.id,
                  time.monotonic() - started, engine.weights_bytes / 2**20, engine.load_dtype)
+        # Requests that reach an idle worker together (a client's parallel calls, the next
+        # round of a closed loop) arrive a few milliseconds apart. When the last busy spell
+        # ran several sequences at once, the worker waits up to batch_wait_ms for each next
+        # one until as many have come, so they are prefilled as one batch instead of the
+        # first alone and the rest after it; a client that sends one request at a time never
+        # waits.
+        wait_s = self.spec.batch_wait_ms / 1000
+        expected = peak = 1  # sequences at once: in the last busy spell, in this one
         while True:
+            idle = engine.active == 0
             try:
-                item = self.inbox.get(timeout=None if engine.active == 0 else 0)
+                item = self.inbox.get(timeout=None if idle else 0)
             except queue.Empty:
                 item = None
             while item is not None:
@@ -140,13 +149,21 @@ class EngineThread(threading.Thread):
                     item = self.inbox.get_nowait()
                 except queue.Empty:
                     item = None
+                    if idle and wait_s > 0 and 0 < engine.active < expected:
+                        try:
+                            item = self.inbox.get(timeout=wait_s)
+                        except queue.Empty:
+                            pass
             if engine.active:
+                peak = max(peak, engine.active)
                 try:
                     engine.step()
                 except (RuntimeError, MemoryError) as exc:
                     if not engine_mod.is_allocation_failure(exc):
                         raise
                     engine.recover_from_oom(exc)
+                if engine.active == 0:
+                    expected, peak = peak, 1
 
 
 class Worker:

@@ -251,6 +251,57 @@ def test_second_request_is_batched_not_queued_behind_the_first(start_daemon, tin
     assert done["short"] < done["long"]
 
 
+def test_requests_sent_together_to_an_idle_worker_start_in_one_batch(start_daemon, tiny_model):
+    # batch_wait_ms: once a worker has run several sequences at once, when it is idle again and
+    # gets a request it waits up to that long for each next one until as many have come. Here
+    # 600 ms, and the second request comes 300 ms after the first: both are prefilled
+    # together, so their first tokens come in the same step, when the second arrived. With
+    # 0, or for a client that has only ever sent one request at a time, nothing waits.
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "batch_wait_ms": 600},
+                           "tiny-now": {"path": str(tiny_model), "batch_wait_ms": 0}})
+    client = daemon.openai()
+
+    def ask(model: str, question: str, max_tokens: int, firsts: dict[str, float]) -> None:
+        stream = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": question}],
+            max_tokens=max_tokens, stream=True)
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content and question not in firsts:
+                firsts[question] = time.monotonic()
+
+    def staggered(model: str, gap: float, max_tokens: int = 4) -> tuple[float, list[float]]:
+        """Two requests, the second `gap` seconds after the first: their first tokens' times."""
+        firsts: dict[str, float] = {}
+        t0 = time.monotonic()
+        threads = []
+        for question in ("Where is Paris?", "Where is Rome?"):
+            threads.append(threading.Thread(target=ask, args=(model, question, max_tokens,
+                                                              firsts)))
+            threads[-1].start()
+            time.sleep(gap)
+        for thread in threads:
+            thread.join(60)
+        return t0, [firsts["Where is Paris?"], firsts["Where is Rome?"]]
+
+    for model in ("tiny", "tiny-now"):
+        ask(model, "Hello?", 1, {})  # loaded, and one request at a time so far
+        t0, (a, b) = staggered(model, 0.3)
+        assert a - t0 < 0.3, model  # nothing waited: the first answered before the second came
+        staggered(model, 0.0, max_tokens=200)  # two at once
+        t0, (a, b) = staggered(model, 0.3)
+        if model == "tiny":
+            assert a - t0 >= 0.29  # waited for the second (and no longer: two had come)
+            assert abs(a - b) < 0.1
+        else:
+            assert a - t0 < 0.3
+    # Two ran at once last; one comes alone: it waits the 600 ms for the other, once.
+    for expected_wait in (True, False):
+        firsts: dict[str, float] = {}
+        t0 = time.monotonic()
+        ask("tiny", "Where is Oslo?", 2, firsts)
+        assert (firsts["Where is Oslo?"] - t0 >= 0.55) is expected_wait
+
+
 def test_health_endpoints(daemon):
     assert daemon.http.get("/health").json() == {"status": "ok"}
     daemon.openai().chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=1)
