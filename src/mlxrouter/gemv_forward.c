@@ -18,6 +18,9 @@
  * measurements. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <pthread.h>
 #include <sched.h>
 #include <stdint.h>
@@ -32,7 +35,7 @@ typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int
                          const float *, int, float, float *, int);
 typedef void (*sgemv_fn)(int, int, int, int, float, const float *, int, const float *, int,
                          float, float *, int);
-typedef void (*kernel_fn)(int, int, int, int, float, const float *, int, const float *, int,
+typedef void (*kernel_fn)(int, int, int, int, float, const float *, int, const void *, int,
                           float, float *, int);
 typedef void (*kernel_nn_fn)(int, int, int, float, const float *, int, const float *, int,
                              float, float *, int);
@@ -98,10 +101,98 @@ static unsigned long forwarded, small;
 #define NR 4
 #define TARGET __attribute__((target("avx512f,avx512vl,fma")))
 #include "small_gemm.h"
+
+/* The same kernels over half copies of the weights (see "Shadows" below): float16 widened
+ * by F16C's vcvtph2ps, bfloat16 by a 16-bit shift. 8 lanes, with AVX2 or AVX-512's
+ * registers. */
+#define F16_LOAD(p) (_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p))))
+#define F16_LOAD1(p) (_cvtsh_ss(*(p)))
+#define BF16_LOAD(p) (_mm256_castsi256_ps(_mm256_slli_epi32( \
+    _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16)))
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+#define NAME(x) x##_avx2_tall_f16
+#define LANES 8
+#define MR 8
+#define NR 1
+#define TARGET __attribute__((target("avx2,fma,f16c")))
+#define BTYPE uint16_t
+#define LOADB(p) ((NAME(vec))F16_LOAD(p))
+#define LOADB1(p) F16_LOAD1(p)
+#include "small_gemm.h"
+#define NAME(x) x##_avx2_wide_f16
+#define LANES 8
+#define MR 4
+#define NR 2
+#define TARGET __attribute__((target("avx2,fma,f16c")))
+#define BTYPE uint16_t
+#define LOADB(p) ((NAME(vec))F16_LOAD(p))
+#define LOADB1(p) F16_LOAD1(p)
+#include "small_gemm.h"
+#define NAME(x) x##_avx2_tall_bf16
+#define LANES 8
+#define MR 8
+#define NR 1
+#define TARGET __attribute__((target("avx2,fma")))
+#define BTYPE uint16_t
+#define LOADB(p) ((NAME(vec))BF16_LOAD(p))
+#define LOADB1(p) bf16_to_float(*(p))
+#include "small_gemm.h"
+#define NAME(x) x##_avx2_wide_bf16
+#define LANES 8
+#define MR 4
+#define NR 2
+#define TARGET __attribute__((target("avx2,fma")))
+#define BTYPE uint16_t
+#define LOADB(p) ((NAME(vec))BF16_LOAD(p))
+#define LOADB1(p) bf16_to_float(*(p))
+#include "small_gemm.h"
+#define NAME(x) x##_avx512_tall_f16
+#define LANES 8
+#define MR 8
+#define NR 2
+#define TARGET __attribute__((target("avx512f,avx512vl,fma,f16c")))
+#define BTYPE uint16_t
+#define LOADB(p) ((NAME(vec))F16_LOAD(p))
+#define LOADB1(p) F16_LOAD1(p)
+#include "small_gemm.h"
+#define NAME(x) x##_avx512_wide_f16
+#define LANES 8
+#define MR 4
+#define NR 4
+#define TARGET __attribute__((target("avx512f,avx512vl,fma,f16c")))
+#define BTYPE uint16_t
+#define LOADB(p) ((NAME(vec))F16_LOAD(p))
+#define LOADB1(p) F16_LOAD1(p)
+#include "small_gemm.h"
+#define NAME(x) x##_avx512_tall_bf16
+#define LANES 8
+#define MR 8
+#define NR 2
+#define TARGET __attribute__((target("avx512f,avx512vl,avx2,fma")))
+#define BTYPE uint16_t
+#define LOADB(p) ((NAME(vec))BF16_LOAD(p))
+#define LOADB1(p) bf16_to_float(*(p))
+#include "small_gemm.h"
+#define NAME(x) x##_avx512_wide_bf16
+#define LANES 8
+#define MR 4
+#define NR 4
+#define TARGET __attribute__((target("avx512f,avx512vl,avx2,fma")))
+#define BTYPE uint16_t
+#define LOADB(p) ((NAME(vec))BF16_LOAD(p))
+#define LOADB1(p) bf16_to_float(*(p))
+#include "small_gemm.h"
 #endif
 
 enum { TALL_MAX_M = 8 };
 static kernel_fn kernel_tall = kernel_generic_tall, kernel_wide = kernel_generic_wide;
+/* By shadow kind (1 float16, 2 bfloat16): NULL where this CPU or ISA has none. */
+static kernel_fn half_tall[3], half_wide[3];
 static kernel_nn_fn kernel_nn = kernel_nn_generic_tall;
 static const char *isa = "generic";
 static int max_m = 16;
@@ -118,7 +209,8 @@ struct task {
     kernel_fn kernel;
     int m, n, k, lda, ldb, ldc;
     float alpha, beta;
-    const float *a, *b;
+    const float *a;
+    const void *b;
     float *c;
 };
 
@@ -216,9 +308,10 @@ static void after_fork_in_child(void) {
 }
 
 static void small_gemm(int m, int n, int k, float alpha, const float *a, int lda,
-                       const float *b, int ldb, float beta, float *c, int ldc) {
+                       const void *b, int ldb, float beta, float *c, int ldc, kernel_fn tall,
+                       kernel_fn wide) {
     __atomic_fetch_add(&small, 1, __ATOMIC_RELAXED);
-    kernel_fn kernel = m <= TALL_MAX_M ? kernel_tall : kernel_wide;
+    kernel_fn kernel = m <= TALL_MAX_M ? tall : wide;
     int chunks = (n + CHUNK - 1) / CHUNK;
     /* Small products, and a second thread calling while one is pooled (two MLX streams),
      * run on the calling thread alone. */
@@ -256,6 +349,65 @@ static void small_gemm(int m, int n, int k, float alpha, const float *a, int lda
     pthread_mutex_unlock(&caller);
 }
 
+/* Shadows: half copies (float16 or bfloat16) of float32 weights that the half type holds
+ * exactly, which is every weight of a model published in float16 or bfloat16, or dequantized
+ * from one whose scales are (what workers run on the CPU). The worker registers them after
+ * loading (gemv.py); a product x W^T over a registered W then reads the half copy, half the
+ * bytes per pass over the weights, which is what a decode step waits on, with the same
+ * results bit for bit (small_gemm.h). Registration happens before the model's first product
+ * and the arrays stay alive for the life of the process, so lookups need no lock and a
+ * registered address is never reused for another array. */
+enum { SHADOW_F16 = 1, SHADOW_BF16 = 2, MAX_SHADOWS = 1 << 16 };
+struct shadow {
+    const float *w;
+    const void *half;
+    long rows, cols;
+    int kind;
+};
+static struct shadow shadows[MAX_SHADOWS];  /* sorted by w */
+static int n_shadows;
+static unsigned long shadow_products;
+
+static int shadow_index(const float *w) {  /* the first entry not below w */
+    int lo = 0, hi = n_shadows;
+    while (lo < hi) {
+        int mid = (lo + hi) / 2;
+        if (shadows[mid].w < w) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
+/* 0 when registered; -1 for a kind this CPU has no kernel for (the caller frees the copy),
+ * -2 when the table is full or the arguments are wrong. */
+int mlxrouter_gemv_shadow(const float *w, long rows, long cols, const void *half, int kind) {
+    if (kind != SHADOW_F16 && kind != SHADOW_BF16) return -2;
+    if (half_tall[kind] == NULL) return -1;
+    if (w == NULL || half == NULL || rows < 1 || cols < 1) return -2;
+    int i = shadow_index(w);
+    if (i < n_shadows && shadows[i].w == w) {
+        shadows[i] = (struct shadow){w, half, rows, cols, kind};
+        return 0;
+    }
+    if (n_shadows == MAX_SHADOWS) return -2;
+    memmove(shadows + i + 1, shadows + i, (size_t)(n_shadows - i) * sizeof *shadows);
+    shadows[i] = (struct shadow){w, half, rows, cols, kind};
+    n_shadows++;
+    return 0;
+}
+
+/* How many products read a shadow (the tests read it). */
+unsigned long mlxrouter_gemv_shadow_products(void) {
+    return __atomic_load_n(&shadow_products, __ATOMIC_RELAXED);
+}
+
+static const struct shadow *find_shadow(const float *b, int n, int k, int ldb) {
+    if (n_shadows == 0) return NULL;
+    int i = shadow_index(b);
+    if (i == n_shadows || shadows[i].w != b) return NULL;
+    const struct shadow *sh = &shadows[i];
+    return ldb == sh->cols && n <= sh->rows && k <= sh->cols ? sh : NULL;
+}
+
 static void resolve_next(void) {
     next_sgemm = (sgemm_fn)dlsym(RTLD_NEXT, "cblas_sgemm");
     next_sgemv = (sgemv_fn)dlsym(RTLD_NEXT, "cblas_sgemv");
@@ -273,15 +425,28 @@ __attribute__((constructor)) static void resolve(void) {
 #if defined(__x86_64__)
     __builtin_cpu_init();
     if (!no_avx512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) {
-        if (zmm)
+        int f16c = __builtin_cpu_supports("f16c");
+        if (zmm) {
             kernel_tall = kernel_zmm_tall, kernel_wide = kernel_zmm_wide,
             kernel_nn = kernel_nn_zmm_tall, isa = "zmm";
-        else
+        } else {
             kernel_tall = kernel_avx512_tall, kernel_wide = kernel_avx512_wide,
             kernel_nn = kernel_nn_avx512_tall, isa = "avx512";
-    } else if (!generic_only && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+            half_tall[SHADOW_BF16] = kernel_avx512_tall_bf16;
+            half_wide[SHADOW_BF16] = kernel_avx512_wide_bf16;
+            if (f16c)
+                half_tall[SHADOW_F16] = kernel_avx512_tall_f16,
+                half_wide[SHADOW_F16] = kernel_avx512_wide_f16;
+        }
+    } else if (!generic_only && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
         kernel_tall = kernel_avx2_tall, kernel_wide = kernel_avx2_wide,
         kernel_nn = kernel_nn_avx2_tall, isa = "avx2";
+        half_tall[SHADOW_BF16] = kernel_avx2_tall_bf16;
+        half_wide[SHADOW_BF16] = kernel_avx2_wide_bf16;
+        if (__builtin_cpu_supports("f16c"))
+            half_tall[SHADOW_F16] = kernel_avx2_tall_f16,
+            half_wide[SHADOW_F16] = kernel_avx2_wide_f16;
+    }
 #endif
     /* The portable kernel (no AVX2: ARM, older x86) is off unless asked for: on the x86 machine
      * it was measured on, its batch-of-8 step was slower than OpenBLAS's, and it is unmeasured
@@ -327,7 +492,14 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
     int ours = order == ROW_MAJOR && trans_a == NO_TRANS && alpha != 0.0f && m >= 1 &&
                m <= max_m && n >= 1 && n < (1 << 19) * CHUNK && k >= 1;
     if (ours && trans_b == TRANS) {  /* x W^T: the kernel's own shape */
-        small_gemm(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+        const struct shadow *sh = find_shadow(b, n, k, ldb);
+        if (sh != NULL) {
+            __atomic_fetch_add(&shadow_products, 1, __ATOMIC_RELAXED);
+            small_gemm(m, n, k, alpha, a, lda, sh->half, ldb, beta, c, ldc,
+                       half_tall[sh->kind], half_wide[sh->kind]);
+        } else {
+            small_gemm(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, kernel_tall, kernel_wide);
+        }
         return;
     }
     if (ours && trans_b == NO_TRANS && (long)m * n * k < MIN_WORK) {  /* attention: a V */

@@ -3,6 +3,11 @@
  *   NAME(x)  the instance's names      LANES  floats per vector
  *   MR, NR   rows of A and of B per register block (MR * NR accumulators)
  *   TARGET   a function attribute naming the instruction set, or nothing
+ * and optionally, for weights kept as 16-bit halves (see gemv_forward.c's shadows):
+ *   BTYPE    the element type of B (float when not defined)
+ *   LOADB(p) LANES elements of B at p as a vector of floats; LOADB1(p) one as a float
+ * Widening a half is exact, and the arithmetic is the same in every instance, so products
+ * over a half copy equal those over the float32 weights it was made from, bit for bit.
  *
  * Computes C = alpha A B^T + beta C for row-major A (M x K), B (N x K) and C (M x N): a
  * block of MR rows of A against NR rows of B keeps its MR * NR dot products in vector
@@ -12,6 +17,12 @@
 
 typedef float NAME(vec) __attribute__((vector_size(LANES * sizeof(float)), aligned(4),
                                         may_alias));
+#ifndef BTYPE
+#define BTYPE float
+#define LOADB(p) (*(const NAME(vec) *)(p))
+#define LOADB1(p) (*(p))
+#define SMALL_GEMM_FLOAT_B
+#endif
 
 /* The sum of a vector's lanes: halves added in registers. __builtin_shufflevector (clang, GCC
  * 12 and newer) narrows the vector; older GCC has __builtin_shuffle, which keeps its width. */
@@ -58,8 +69,8 @@ TARGET static inline __attribute__((always_inline)) float NAME(hsum)(NAME(vec) v
  * waited on them: its pass over SmolLM2's weights took 26.5 ms against 23 into L2
  * (benchmarks/small_gemm.py, 2 cores, Zen 4). */
 TARGET static inline __attribute__((always_inline)) void NAME(block)(
-    int mr, int nr, int k, float alpha, const float *a, int lda, const float *b, int ldb,
-    float beta, float *c, int ldc, const float *next) {
+    int mr, int nr, int k, float alpha, const float *a, int lda, const BTYPE *b, int ldb,
+    float beta, float *c, int ldc, const BTYPE *next) {
     NAME(vec) acc[MR][NR] = {{{0}}};
     int p = 0;
     for (; p + LANES <= k; p += LANES) {
@@ -67,7 +78,7 @@ TARGET static inline __attribute__((always_inline)) void NAME(block)(
         _Pragma("GCC unroll 8") for (int r = 0; r < mr; r++)
             av[r] = *(const NAME(vec) *)(a + (long)r * lda + p);
         _Pragma("GCC unroll 8") for (int s = 0; s < nr; s++)
-            bv[s] = *(const NAME(vec) *)(b + (long)s * ldb + p);
+            bv[s] = LOADB(b + (long)s * ldb + p);
         if (next)
             _Pragma("GCC unroll 8") for (int s = 0; s < NR; s++)
                 __builtin_prefetch(next + (long)s * ldb + p, 0, 2);
@@ -79,7 +90,7 @@ TARGET static inline __attribute__((always_inline)) void NAME(block)(
         _Pragma("GCC unroll 8") for (int s = 0; s < nr; s++) {
             float sum = NAME(hsum)(acc[r][s]);
             for (int q = p; q < k; q++)
-                sum += a[(long)r * lda + q] * b[(long)s * ldb + q];
+                sum += a[(long)r * lda + q] * LOADB1(b + (long)s * ldb + q);
             float *out = c + (long)r * ldc + s;
             /* beta 0 never reads C: it may hold NaN (BLAS semantics). */
             *out = beta == 0.0f ? alpha * sum : alpha * sum + beta * *out;
@@ -105,19 +116,20 @@ _Static_assert(MR <= 8, "NAME_ROWS has cases for up to 7 leftover rows");
     }
 
 TARGET static void NAME(kernel)(int m, int j0, int j1, int k, float alpha, const float *a,
-                                int lda, const float *b, int ldb, float beta, float *c,
+                                int lda, const void *bv, int ldb, float beta, float *c,
                                 int ldc) {
+    const BTYPE *b = (const BTYPE *)bv;
     int j = j0;
     /* Column blocks outermost: NR weight rows stay in L1 while every row block of A uses
      * them; A itself (M x K, at most a few hundred KB) stays in L2. */
     for (; j + NR <= j1; j += NR) {
-        const float *bj = b + (long)j * ldb;
-        const float *next = j + 2 * NR <= j1 ? bj + (long)NR * ldb : NULL;
+        const BTYPE *bj = b + (long)j * ldb;
+        const BTYPE *next = j + 2 * NR <= j1 ? bj + (long)NR * ldb : NULL;
         int i = 0;
         NAME_ROWS(NR)
     }
     for (; j < j1; j++) {
-        const float *bj = b + (long)j * ldb, *next = NULL;
+        const BTYPE *bj = b + (long)j * ldb, *next = NULL;
         int i = 0;
         NAME_ROWS(1)
     }
@@ -125,6 +137,12 @@ TARGET static void NAME(kernel)(int m, int j0, int j1, int k, float alpha, const
 
 #undef NAME_ROWS
 #undef NAME_REST
+#undef BTYPE
+#undef LOADB
+#undef LOADB1
+
+#ifdef SMALL_GEMM_FLOAT_B
+#undef SMALL_GEMM_FLOAT_B
 
 /* C = alpha A B + beta C for row-major B (K x N): attention's weights times values, one query
  * row per head (small N and K). Each row of C is NB vectors wide at a time, summed over K. */
@@ -159,6 +177,7 @@ TARGET __attribute__((unused)) static void NAME(kernel_nn)(int m, int n, int k, 
         }
     }
 }
+#endif /* SMALL_GEMM_FLOAT_B: kernel_nn only for float weights */
 #undef NAME
 #undef LANES
 #undef MR

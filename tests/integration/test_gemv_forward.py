@@ -136,6 +136,53 @@ print(json.dumps({"errors": errors, "calls": calls, "forked child": os.waitstatu
 """
 
 
+# Half copies (gemv.shadow_weights) of float32 weights that float16 or bfloat16 holds exactly:
+# the products read them and give the same bits as the float32 weights did.
+SHADOW_CHILD = r"""
+import ctypes, json
+import numpy as np
+import mlx.core as mx
+import mlx.nn as nn
+from mlxrouter import gemv
+
+lib = ctypes.CDLL(None)
+shadowed = lib.mlxrouter_gemv_shadow_products
+shadowed.restype = ctypes.c_ulong
+rng = np.random.default_rng(2)
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f16 = nn.Linear(203, 300, bias=False)  # 203: every kernel's leftover columns
+        self.bf16 = nn.Linear(99, 80)  # with a bias: addmm, beta 1
+        self.f32 = nn.Linear(96, 80)
+
+model = Model()
+model.f16.weight = mx.array(rng.standard_normal((300, 203)).astype(np.float16).astype(np.float32))
+# bfloat16's range, past float16's: these only bfloat16 holds exactly
+bits = rng.standard_normal((80, 99)).astype(np.float32).view(np.uint32) & 0xFFFF0000
+model.bf16.weight = mx.array(bits.view(np.float32) * np.float32(2.0 ** 20))
+mx.eval(model.parameters())
+layers = {"f16": model.f16, "bf16": model.bf16, "f32": model.f32}
+inputs = {m: {name: mx.array(rng.standard_normal((m, layer.weight.shape[1])).astype(np.float32))
+              for name, layer in layers.items()} for m in (1, 2, 3, 4, 5, 7, 8, 9, 13, 16)}
+
+def run():
+    return {f"{m} rows {name}": np.array(layers[name](x)) for m, xs in inputs.items()
+            for name, x in xs.items()}
+
+before = run()
+count, size = gemv.shadow_weights(model, min_size=1)
+start = shadowed()
+after = run()
+print(json.dumps({
+    "count": count, "size": size, "products": shadowed() - start,
+    "differ": [case for case in before if not np.array_equal(before[case], after[case])],
+    "finite": bool(all(np.isfinite(v).all() for v in after.values())),
+    "again": list(gemv.shadow_weights(model, min_size=1)),
+}))
+"""
+
 @pytest.fixture(autouse=True)
 def fresh_failures(monkeypatch: pytest.MonkeyPatch) -> None:
     """gemv.library remembers failed directories for the process: not across tests."""
@@ -264,3 +311,28 @@ def test_a_path_ld_preload_would_split_gets_no_library(tmp_path: Path,
     assert gemv.library(tmp_path / "my run") is None
     assert "would not survive LD_PRELOAD" in caplog.text
     assert not (tmp_path / "my run").exists()
+
+
+@pytest.mark.parametrize("isa", ["", "avx2"])
+def test_half_copies_of_exact_weights_give_the_same_products(forwarder: tuple[Path, str],
+                                                             isa: str) -> None:
+    if not {"avx2", "fma", "f16c"} <= cpu_flags():
+        pytest.skip("no AVX2 with F16C on this CPU")
+    report = run_child(SHADOW_CHILD, forwarder, MLXROUTER_GEMM_THREADS="2",
+                       MLXROUTER_SMALL_GEMM_ISA=isa)
+    assert report["differ"] == [] and report["finite"]
+    # float16 and bfloat16 copies; the float32-only weights (and the bias vector) get none.
+    assert report["count"] == 2 and report["size"] == (300 * 203 + 80 * 99) * 2
+    assert report["products"] == 2 * 10  # both layers, 1 to 16 rows
+    assert report["again"] == [2, (300 * 203 + 80 * 99) * 2]  # registered again, not twice
+
+
+@pytest.mark.parametrize("how", [{"MLXROUTER_SMALL_GEMM_ISA": "generic"},
+                                 {"MLXROUTER_SMALL_GEMM_ISA": "zmm"}],
+                         ids=["portable kernel", "512-bit vectors"])
+def test_no_half_copies_where_no_kernel_reads_them(forwarder: tuple[Path, str],
+                                                   how: dict[str, str]) -> None:
+    if how["MLXROUTER_SMALL_GEMM_ISA"] == "zmm" and not {"avx512f", "avx512vl"} <= cpu_flags():
+        pytest.skip("no AVX-512 on this CPU")
+    report = run_child(SHADOW_CHILD, forwarder, MLXROUTER_SMALL_GEMM_MAX_M="16", **how)
+    assert report["differ"] == [] and report["count"] == 0 and report["products"] == 0
