@@ -167,6 +167,7 @@ class ModelOptions(_Section):
     load_dtype: Literal["auto", "native", "float32", "float16", "bfloat16"] | None = None
     compute_nice: Annotated[int, msgspec.Meta(ge=0, le=19)] | None = None
     solo_fast_path: bool | None = None
+    half_weights: bool | None = None
     batch_wait_ms: Annotated[float, msgspec.Meta(ge=0, le=1000)] | None = None
     prompt_cache_bytes: NonNeg | None = None
     prompt_cache_size: Pos | None = None
@@ -258,6 +259,11 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     # A request alone decodes without BatchGenerator's bookkeeping (~3% faster here) and
     # joins the batch unchanged when another comes (engine.Solo); false = always the batch.
     solo_fast_path: bool = True
+    # Float32 weights that float16 or bfloat16 holds exactly (a 16-bit or quantized model
+    # loaded as float32) get a half copy that decode's products read instead, with the same
+    # results: half the bytes per step (gemv_forward.c, "Shadows"; Linux with the gemv
+    # forwarder). Costs half the float32 weights' size again in memory (budgeted).
+    half_weights: bool = True
     # When the last busy spell ran N sequences at once, an idle worker that gets a request
     # waits up to this long for each next one until N have come, so requests sent together
     # are prefilled together; 0 = start at once (worker.py).

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from .native import Recipe
 
@@ -46,3 +47,55 @@ def library(*dirs: Path) -> Path | None:
     """The built forwarder in the first of `dirs` that has it or where it can be built, else
     None (Recipe.library)."""
     return RECIPE.library(*dirs)
+
+
+# ---- shadows (in a worker, with the forwarder preloaded)
+
+SHADOW_KINDS = (("float16", 1), ("bfloat16", 2))  # gemv_forward.c's SHADOW_F16, SHADOW_BF16
+_kept: list[Any] = []  # (weight, copy) pairs: alive as long as the process, as the C side needs
+
+
+def shadow_weights(model: Any, min_size: int = 4096) -> tuple[int, int]:
+    """Give the forwarder a half copy of every float32 matrix the half type holds exactly
+    (all of them, for a model published in float16 or bfloat16 or dequantized from one), so
+    decode's products read half the bytes with the same results (gemv_forward.c, "Shadows").
+    Returns how many matrices got one and the copies' bytes; (0, 0) without the forwarder.
+    Call once, after the weights are final: the copies and the weights are kept for the life
+    of the process."""
+    import ctypes
+
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    try:
+        register = ctypes.CDLL(None).mlxrouter_gemv_shadow
+    except AttributeError:
+        return 0, 0
+    register.restype = ctypes.c_int
+    register.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
+                         ctypes.c_int]
+    count = size = 0
+    seen: set[int] = set()
+    for _, w in tree_flatten(model.parameters()):
+        if w.ndim != 2 or w.dtype != mx.float32 or w.size < min_size:
+            continue
+        view = np.array(w, copy=False)  # the buffer MLX hands to cblas_sgemm
+        if not view.flags["C_CONTIGUOUS"] or view.ctypes.data in seen:
+            continue
+        for name, kind in SHADOW_KINDS:
+            half = w.astype(getattr(mx, name))
+            if mx.array_equal(half.astype(mx.float32), w).item():
+                break
+        else:
+            continue
+        copy = np.array(half.view(mx.uint16))
+        code = register(view.ctypes.data, w.shape[0], w.shape[1], copy.ctypes.data, kind)
+        if code != 0:
+            if code == -1:  # no kernel for this kind on this CPU
+                continue
+            break
+        seen.add(view.ctypes.data)
+        _kept.append((w, copy))
+        count, size = count + 1, size + copy.nbytes
+    return count, size

@@ -110,9 +110,12 @@ def effective_context(configured: int, model_max: int) -> int:
     return min(configured, model_max) if configured else model_max
 
 
-def loaded_weights_bytes(path: Path, config: dict, load_dtype: str) -> int:
+def loaded_weights_bytes(path: Path, config: dict, load_dtype: str,
+                         half_weights: bool = False) -> int:
     """Weights as they will sit in memory. "auto" means float32 on the CPU backend, which the
-    daemon (no mlx here) assumes everywhere but macOS; quantized weights grow by 32/bits."""
+    daemon (no mlx here) assumes everywhere but macOS; quantized weights grow by 32/bits.
+    With `half_weights` (a Linux worker's half copies, gemv.shadow_weights) float32 weights
+    made from 16-bit or quantized ones count half again."""
     stored = weights_bytes(path)
     to_f32 = load_dtype == "float32" or (load_dtype == "auto" and sys.platform != "darwin")
     to_16 = load_dtype in ("float16", "bfloat16")
@@ -121,7 +124,8 @@ def loaded_weights_bytes(path: Path, config: dict, load_dtype: str) -> int:
     bits = (config.get("quantization") or {}).get("bits")
     stored_bits = bits if bits else (32 if str(config.get("torch_dtype")).endswith("32")
                                      else 16)
-    return int(stored * (32 if to_f32 else 16) / stored_bits)
+    copies = 1.5 if to_f32 and half_weights and stored_bits <= 16 else 1.0
+    return int(stored * (32 if to_f32 else 16) / stored_bits * copies)
 
 
 def budgeted_bytes(spec: Any, overhead_bytes: int) -> int:
@@ -130,17 +134,18 @@ def budgeted_bytes(spec: Any, overhead_bytes: int) -> int:
     if spec.required_memory_gb is not None:
         return int(spec.required_memory_gb * spec.safety_margin * GB)
     return estimate_cost(spec.path, max_context=spec.max_context, max_batch=spec.max_running,
-                         overhead_bytes=overhead_bytes,
-                         load_dtype=spec.load_dtype) + spec.prompt_cache_bytes
+                         overhead_bytes=overhead_bytes, load_dtype=spec.load_dtype,
+                         half_weights=spec.half_weights and sys.platform.startswith("linux")
+                         ) + spec.prompt_cache_bytes
 
 
 def estimate_cost(path: str, *, max_context: int, max_batch: int, overhead_bytes: int,
-                  load_dtype: str = "native") -> int:
+                  load_dtype: str = "native", half_weights: bool = False) -> int:
     """Weights as loaded + a full KV cache for every batch slot + the process itself."""
     p = Path(path)
     config = _model_config(p)
     context = effective_context(max_context, model_max_context(config))
-    return (loaded_weights_bytes(p, config, load_dtype)
+    return (loaded_weights_bytes(p, config, load_dtype, half_weights)
             + kv_bytes_per_token(config) * context * max_batch + overhead_bytes)
 
 

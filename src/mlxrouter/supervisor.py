@@ -43,7 +43,8 @@ CRASH_LOOP_WINDOW_S = 600.0
 COLD_FIELDS = ("path", "engine", "load_dtype", "compute_nice", "max_running", "max_context",
                "env", "fault", "prompt_cache_bytes", "prompt_cache_size", "chat_template",
                "tool_call_format", "supports_vision", "supports_tools",
-               "enable_function_calling", "solo_fast_path", "batch_wait_ms")
+               "enable_function_calling", "solo_fast_path", "batch_wait_ms",
+               "half_weights")
 MEASURE_INTERVAL_S = 1.0
 PSS_AFTER_GROWTH_BYTES = 2**20
 PSS_MAX_AGE_S = 30.0

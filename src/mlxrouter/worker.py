@@ -116,14 +116,20 @@ class EngineThread(threading.Thread):
         started = time.monotonic()
         emit(protocol.Progress(message=f"loading {self.spec.path}"))
         engine.load()
+        half = (0, 0)
+        if engine.load_dtype == "float32" and self.spec.half_weights:
+            from .gemv import shadow_weights  # a no-op without the forwarder
+
+            half = shadow_weights(engine.model)
         self.engine = engine
         lower_compute_priority(self.spec.compute_nice)
         emit(protocol.Ready(
             load_s=round(time.monotonic() - started, 3), weights_bytes=engine.weights_bytes,
             memory_bytes=measure_memory_bytes(), max_context=engine.max_context,
             backend=engine_mod.describe_backend()))
-        log.info("ready model=%s load_s=%.2f weights_mb=%.0f load_dtype=%s", self.spec.id,
-                 time.monotonic() - started, engine.weights_bytes / 2**20, engine.load_dtype)
+        log.info("ready model=%s load_s=%.2f weights_mb=%.0f load_dtype=%s half_copies=%d "
+                 "half_mb=%.0f", self.spec.id, time.monotonic() - started,
+                 engine.weights_bytes / 2**20, engine.load_dtype, half[0], half[1] / 2**20)
         # Requests that reach an idle worker together (a client's parallel calls, the next
         # round of a closed loop) arrive a few milliseconds apart. When the last busy spell
         # ran several sequences at once, the worker waits up to batch_wait_ms for each next

@@ -111,3 +111,17 @@ def test_weights_are_budgeted_as_loaded(tmp_path, monkeypatch, load_dtype, platf
     monkeypatch.setattr(memory.sys, "platform", platform)
     (tmp_path / "model.safetensors").write_bytes(b"\0" * 1000)
     assert memory.loaded_weights_bytes(tmp_path, config, load_dtype) == expected
+
+
+@pytest.mark.parametrize("config, half_weights, expected", [
+    ({"quantization": {"bits": 4}}, True, 12000),  # float32 from 4-bit, and a half copy
+    ({"torch_dtype": "bfloat16"}, True, 3000),
+    ({"torch_dtype": "bfloat16"}, False, 2000),
+    ({"torch_dtype": "float32"}, True, 1000),  # float32 weights: no half copy expected
+])
+def test_half_copies_are_budgeted(tmp_path, monkeypatch, config, half_weights, expected):
+    import mlxrouter.memory as memory
+
+    monkeypatch.setattr(memory.sys, "platform", "linux")
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 1000)
+    assert memory.loaded_weights_bytes(tmp_path, config, "auto", half_weights) == expected
