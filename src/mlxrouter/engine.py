@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import secrets
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -78,6 +79,87 @@ def make_sampler(params: protocol.SamplingParams) -> Callable[[mx.array], mx.arr
         return mx.random.categorical(logprobs * inv_temp, key=sub)
 
     return sample
+
+
+class LogitBias:
+    """logit_bias as mlx-lm's processor applies it (a scatter-add of the values at the ids),
+    marked so that a batch whose processors are all biases adds them as one (batch, vocab)
+    array instead (`batched_bias`): the same float additions, as one operation where
+    GenerationBatch otherwise slices, scatters and concatenates row by row."""
+
+    def __init__(self, bias: dict[int, float]) -> None:
+        self.bias = dict(bias)
+        self._ids = mx.array(list(self.bias))
+        self._values = mx.array(list(self.bias.values()))
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        return logits.at[:, self._ids].add(self._values)
+
+
+class _BiasedModel:
+    """The batch's model with each row's bias added to its logits."""
+
+    def __init__(self, model: Any, rows: list, cache: _BiasRows) -> None:
+        self.model, self.rows, self.cache = model, rows, cache
+
+    def __call__(self, *args: Any, **kwargs: Any) -> mx.array:
+        logits = self.model(*args, **kwargs)  # (batch, 1, vocab)
+        bias = self.cache.get(self.rows, logits.shape[-1])
+        return logits + bias[:, None, :].astype(logits.dtype)
+
+
+class _BiasRows:
+    """The (batch, vocab) bias array of the last set of rows, rebuilt when the rows change."""
+
+    def __init__(self) -> None:
+        self.rows: list = []
+        self.array: mx.array | None = None
+
+    def get(self, rows: list, vocab: int) -> mx.array:
+        same = (len(rows) == len(self.rows) and all(a is b for a, b in zip(rows, self.rows))
+                and self.array is not None and self.array.shape[1] == vocab)
+        if not same:
+            import numpy as np
+
+            dense = np.zeros((len(rows), vocab), np.float32)
+            for i, row in enumerate(rows):
+                for bias in row:  # at most one (batched_bias)
+                    dense[i, list(bias.bias)] = list(bias.bias.values())
+            self.rows, self.array = list(rows), mx.array(dense)
+        return self.array
+
+
+def batched_bias(generation_batch: type | None, on: bool = True) -> None:
+    """Make `generation_batch._step` (mlx-lm's GenerationBatch) add the rows' logit_bias as
+    one array when every processor in the batch is a LogitBias: the per-row loop costs about
+    2.5 ms a step at 8 streams here (a SmolLM2 step is 20-30 ms). Any other processor, and
+    any mlx-lm whose GenerationBatch lacks what this relies on, keeps mlx-lm's own loop.
+    Adding 0.0 leaves a logit as it is, so the result is the loop's, bit for bit.
+    `on=False` puts mlx-lm's own back (for comparisons)."""
+    step = getattr(generation_batch, "_step", None) if generation_batch else None
+    if step is None or not on:
+        if step is not None and hasattr(step, "mlx_lm_step"):
+            generation_batch._step = step.mlx_lm_step
+        return
+    if hasattr(step, "mlx_lm_step"):
+        return
+    cache = _BiasRows()
+
+    def _step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        rows = getattr(self, "logits_processors", None)
+        model = getattr(self, "model", None)
+        if (not rows or model is None or not any(rows) or any(len(row) > 1 for row in rows)
+                or not all(isinstance(p, LogitBias) for row in rows for p in row)):
+            return step(self, *args, **kwargs)
+        self.model = _BiasedModel(model, rows, cache)
+        self.logits_processors = [()] * len(rows)
+        try:
+            return step(self, *args, **kwargs)
+        finally:
+            self.model, self.logits_processors = model, rows
+
+    _step.mlx_lm_step = step  # type: ignore[attr-defined]
+    generation_batch._step = _step
 
 
 class Sequence:
@@ -323,6 +405,7 @@ class TextEngine:
         return detect_format(self.tokenizer)
 
     def _new_batch(self) -> BatchGenerator:
+        batched_bias(getattr(sys.modules[BatchGenerator.__module__], "GenerationBatch", None))
         return BatchGenerator(
             self.model,
             stop_tokens=[[t] for t in sorted(self.tokenizer.eos_token_ids)],
@@ -455,8 +538,7 @@ class TextEngine:
         if bad:
             raise InvalidRequest(f"logit_bias token ids {bad} are outside the vocabulary "
                                  f"({self.vocab_size} tokens)", param="logit_bias")
-        return make_logits_processors(
-            logit_bias=p.logit_bias or None,
+        return ([LogitBias(p.logit_bias)] if p.logit_bias else []) + make_logits_processors(
             repetition_penalty=p.repetition_penalty if p.repetition_penalty != 1.0 else None,
             presence_penalty=p.presence_penalty or None, presence_context_size=max_tokens,
             frequency_penalty=p.frequency_penalty or None, frequency_context_size=max_tokens)

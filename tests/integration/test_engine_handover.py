@@ -162,3 +162,49 @@ def test_the_fast_path_can_be_turned_off_and_the_batch_answers_the_same(driver_f
     assert d.engine._solo is None
     d.run()
     assert (d.text(1), d.tokens(1)) == first
+
+
+def test_batched_logit_bias_answers_as_mlx_lms_row_by_row_loop(driver_factory, tiny_model,
+                                                                 monkeypatch):
+    """A batch whose processors are all logit_bias adds them as one array (batched_bias): the
+    same tokens and logprobs as mlx-lm's own per-row loop, each row with its own bias."""
+    import sys
+
+    from mlx_lm.generate import BatchGenerator
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    from mlxrouter import engine
+
+    generation_batch = sys.modules[BatchGenerator.__module__].GenerationBatch
+    eos = load_tokenizer(tiny_model).eos_token_id
+    forced = 7
+    biases = {1: {forced: 100.0}, 2: {eos: -100.0}, 3: {}, 4: {eos: -100.0, 11: 2.5}}
+    calls = []
+    real_call = engine._BiasedModel.__call__
+    monkeypatch.setattr(engine._BiasedModel, "__call__",
+                        lambda self, *a, **k: calls.append(1) or real_call(self, *a, **k))
+    runs = []
+    for on in (True, False):
+        d = driver_factory(solo_fast_path=False)
+        engine.batched_bias(generation_batch, on)
+        try:
+            for rid, bias in biases.items():
+                d.submit(rid, "Why is the sea salty?", logprobs=True, top_logprobs=2,
+                         logit_bias=bias)
+            d.run()
+        finally:
+            engine.batched_bias(generation_batch)
+        runs.append({rid: (d.text(rid), d.tokens(rid), d.end(rid).completion_tokens,
+                           [m for m in d.out if isinstance(m, protocol.Step)])
+                     for rid in biases})
+        if on:
+            assert len(calls) >= 20  # every step of the batch took the one-array path
+            calls.clear()
+    assert not calls  # and none with mlx-lm's loop back
+    assert len(runs[0][1][1]) == 24 and len(set(runs[0][1][1])) == 1  # the forced token
+    assert runs[0][2][2] == runs[0][4][2] == 24  # EOS suppressed: never ends early
+    for rid in biases:
+        assert runs[0][rid][:3] == runs[1][rid][:3]
+    logprobs = [[(lp.raw, lp.logprob, [(t.raw, t.logprob) for t in lp.top])
+                 for m in run[1][3] for d in m.deltas for lp in d.logprobs] for run in runs]
+    assert logprobs[0] == logprobs[1]
