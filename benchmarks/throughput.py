@@ -863,6 +863,14 @@ def render(res: dict[str, Any], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def _positive(text: str) -> int:
+    """A count the run divides by or takes a median of: 1 or more."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     p.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "mlxrouter-bench",
@@ -870,17 +878,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=bench._levels, default=(1, 4, 8))
     p.add_argument("--requests", type=int, default=0,
                    help="requests per level (default: max(3, level))")
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--prompt-tokens", type=_positive, default=128)
+    p.add_argument("--max-tokens", type=_positive, default=48)
     p.add_argument("--history-tokens", type=int, default=1000)
-    p.add_argument("--history-reps", type=int, default=3)
-    p.add_argument("--overhead-reps", type=int, default=30)
-    p.add_argument("--overhead-prompt-tokens", type=int, default=40)
-    p.add_argument("--direct-reps", type=int, default=2, help="direct runs per round")
+    p.add_argument("--history-reps", type=_positive, default=3)
+    p.add_argument("--overhead-reps", type=_positive, default=30)
+    p.add_argument("--overhead-prompt-tokens", type=_positive, default=40)
+    p.add_argument("--direct-reps", type=_positive, default=2, help="direct runs per round")
     p.add_argument("--pairs", type=int, default=9,
                    help="single-stream requests answered by direct, the worker alone and the "
                         "router back to back, for the one-stream targets (0: skip)")
-    p.add_argument("--rounds", type=int, default=2,
+    p.add_argument("--rounds", type=_positive, default=2,
                    help="times every level is run on every server (figures: median)")
     p.add_argument("--skip-mlx-server", action="store_true")
     p.add_argument("--skip-blas-comparison", action="store_true",
