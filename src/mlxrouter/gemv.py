@@ -52,7 +52,9 @@ def library(*dirs: Path) -> Path | None:
 # ---- shadows (in a worker, with the forwarder preloaded)
 
 SHADOW_KINDS = (("float16", 1), ("bfloat16", 2))  # gemv_forward.c's SHADOW_F16, SHADOW_BF16
-_kept: list[Any] = []  # (weight, copy) pairs: alive as long as the process, as the C side needs
+# Registered weights and their copies by address: alive as long as the process, as the C side
+# needs; a weight already here is not copied again.
+_kept: dict[int, tuple[Any, Any]] = {}
 
 
 def shadow_weights(model: Any, min_size: int = 4096) -> tuple[int, int]:
@@ -60,8 +62,8 @@ def shadow_weights(model: Any, min_size: int = 4096) -> tuple[int, int]:
     (all of them, for a model published in float16 or bfloat16 or dequantized from one), so
     decode's products read half the bytes with the same results (gemv_forward.c, "Shadows").
     Returns how many matrices got one and the copies' bytes; (0, 0) without the forwarder.
-    Call once, after the weights are final: the copies and the weights are kept for the life
-    of the process."""
+    Call after the weights are final: the copies and the weights are kept for the life of the
+    process (a second call copies only weights it has not seen)."""
     import ctypes
 
     import mlx.core as mx
@@ -76,12 +78,11 @@ def shadow_weights(model: Any, min_size: int = 4096) -> tuple[int, int]:
     register.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
                          ctypes.c_int]
     count = size = 0
-    seen: set[int] = set()
     for _, w in tree_flatten(model.parameters()):
         if w.ndim != 2 or w.dtype != mx.float32 or w.size < min_size:
             continue
         view = np.array(w, copy=False)  # the buffer MLX hands to cblas_sgemm
-        if not view.flags["C_CONTIGUOUS"] or view.ctypes.data in seen:
+        if not view.flags["C_CONTIGUOUS"] or view.ctypes.data in _kept:
             continue
         for name, kind in SHADOW_KINDS:
             half = w.astype(getattr(mx, name))
@@ -95,7 +96,6 @@ def shadow_weights(model: Any, min_size: int = 4096) -> tuple[int, int]:
             if code == -1:  # no kernel for this kind on this CPU
                 continue
             break
-        seen.add(view.ctypes.data)
-        _kept.append((w, copy))
+        _kept[view.ctypes.data] = (w, copy)
         count, size = count + 1, size + copy.nbytes
     return count, size
