@@ -40,7 +40,7 @@ from .templates import TOOL_FORMAT, template_source
 from .toolcalls import ToolCallStream, detect_format, format_by_name
 from .config import ModelSpec
 from .errors import ContextLengthExceeded, InvalidRequest, RouterError
-from .memory import effective_context, model_max_context
+from .memory import effective_context, model_max_context, stored_bits
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +102,16 @@ class _BiasedModel:
     def __init__(self, model: Any, rows: list, cache: _BiasRows) -> None:
         self.model, self.rows, self.cache = model, rows, cache
 
+    def __getattr__(self, name: str) -> Any:  # anything else GenerationBatch may read
+        return getattr(self.model, name)
+
     def __call__(self, *args: Any, **kwargs: Any) -> mx.array:
-        logits = self.model(*args, **kwargs)  # (batch, 1, vocab)
-        bias = self.cache.get(self.rows, logits.shape[-1])
-        return logits + bias[:, None, :].astype(logits.dtype)
+        logits = self.model(*args, **kwargs)  # (batch, 1, vocab) in mlx-lm 0.32
+        if logits.ndim not in (2, 3) or logits.shape[0] != len(self.rows):
+            raise RuntimeError(f"batched_bias: logits of shape {logits.shape} for "
+                               f"{len(self.rows)} rows; this mlx-lm needs its own loop")
+        bias = self.cache.get(self.rows, logits.shape[-1]).astype(logits.dtype)
+        return logits + (bias[:, None, :] if logits.ndim == 3 else bias)
 
 
 class _BiasRows:
@@ -124,7 +130,10 @@ class _BiasRows:
             dense = np.zeros((len(rows), vocab), np.float32)
             for i, row in enumerate(rows):
                 for bias in row:  # at most one (batched_bias)
-                    dense[i, list(bias.bias)] = list(bias.bias.values())
+                    # ids past the logits (a model whose config names no vocab_size, so
+                    # the request's ids went unchecked) bias nothing, not the whole batch
+                    ids = [t for t in bias.bias if t < vocab]
+                    dense[i, ids] = [bias.bias[t] for t in ids]
             self.rows, self.array = list(rows), mx.array(dense)
         return self.array
 
@@ -151,9 +160,9 @@ def batched_bias(generation_batch: type | None, on: bool = True) -> None:
         if (not rows or model is None or not any(rows) or any(len(row) > 1 for row in rows)
                 or not all(isinstance(p, LogitBias) for row in rows for p in row)):
             return step(self, *args, **kwargs)
-        self.model = _BiasedModel(model, rows, cache)
-        self.logits_processors = [()] * len(rows)
         try:
+            self.model = _BiasedModel(model, rows, cache)
+            self.logits_processors = [()] * len(rows)
             return step(self, *args, **kwargs)
         finally:
             self.model, self.logits_processors = model, rows
@@ -349,7 +358,8 @@ class TextEngine:
         self._solo: Solo | None = None  # the one sequence, while it is the only one
         self._solo_uids = 0  # negative uids for it: never a BatchGenerator's
         self.max_context = 0
-        self.weights_bytes = 0
+        self.weights_bytes = 0  # as they sit in memory, half copies included
+        self.half_copies = (0, 0)  # how many, bytes
         self._texts: dict[int, tuple[str, bytes]] = {}  # token id -> text, bytes (logprobs)
 
     @property
@@ -365,7 +375,9 @@ class TextEngine:
         self.model, self.tokenizer, config = mlx_load(str(path), return_config=True)
         self.model, self.load_dtype = convert_weights(self.model, self.spec.load_dtype)
         self.max_context = _max_context(self.spec, config)
-        self.weights_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+        self.half_copies = half_copies(self.model, self.spec, config, self.load_dtype)
+        self.weights_bytes = (sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+                              + self.half_copies[1])
         self.vocab_size = int(config.get("vocab_size")
                               or config.get("text_config", {}).get("vocab_size") or 0) or 2**31
         self.chat_template = (template_source(self.spec.chat_template)
@@ -829,6 +841,19 @@ def convert_weights(model: Any, load_dtype: str) -> tuple[Any, str]:
     model.set_dtype(getattr(mx, want))
     mx.eval(model.parameters())
     return model, want
+
+
+def half_copies(model: Any, spec: ModelSpec, config: dict[str, Any],
+                load_dtype: str) -> tuple[int, int]:
+    """Half copies of the weights for decode's products (gemv.shadow_weights): how many and
+    their bytes. Only where the memory budget counts them (memory.loaded_weights_bytes):
+    float32 weights loaded from 16-bit or quantized ones, with `half_weights` on; (0, 0)
+    without the gemv forwarder."""
+    if load_dtype != "float32" or not spec.half_weights or stored_bits(config) > 16:
+        return 0, 0
+    from .gemv import shadow_weights
+
+    return shadow_weights(model)
 
 
 def describe_backend() -> str:

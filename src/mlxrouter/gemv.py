@@ -62,8 +62,10 @@ def shadow_weights(model: Any, min_size: int = 4096) -> tuple[int, int]:
     (all of them, for a model published in float16 or bfloat16 or dequantized from one), so
     decode's products read half the bytes with the same results (gemv_forward.c, "Shadows").
     Returns how many matrices got one and the copies' bytes; (0, 0) without the forwarder.
-    Call after the weights are final: the copies and the weights are kept for the life of the
-    process (a second call copies only weights it has not seen)."""
+    Call after the weights are final and before decoding starts (the forwarder's table has no
+    lock); the copies and the weights are kept for the life of the process, so no other array
+    gets a registered address (a second call copies only weights it has not seen). A weight
+    written in place afterwards (`w[...] = v`) would leave its copy stale: nothing does."""
     import ctypes
 
     import mlx.core as mx
@@ -98,4 +100,5 @@ def shadow_weights(model: Any, min_size: int = 4096) -> tuple[int, int]:
             break
         _kept[view.ctypes.data] = (w, copy)
         count, size = count + 1, size + copy.nbytes
+    mx.clear_cache()  # the checks' float32 and half temporaries
     return count, size

@@ -121,11 +121,16 @@ def loaded_weights_bytes(path: Path, config: dict, load_dtype: str,
     to_16 = load_dtype in ("float16", "bfloat16")
     if not (to_f32 or to_16):
         return stored
+    bits = stored_bits(config)
+    copies = 1.5 if to_f32 and half_weights and bits <= 16 else 1.0
+    return int(stored * (32 if to_f32 else 16) / bits * copies)
+
+
+def stored_bits(config: dict) -> int:
+    """Bits per weight on disk, as the model's config tells: the quantization's, 32 for a
+    float32 checkpoint, else 16."""
     bits = (config.get("quantization") or {}).get("bits")
-    stored_bits = bits if bits else (32 if str(config.get("torch_dtype")).endswith("32")
-                                     else 16)
-    copies = 1.5 if to_f32 and half_weights and stored_bits <= 16 else 1.0
-    return int(stored * (32 if to_f32 else 16) / stored_bits * copies)
+    return bits if bits else (32 if str(config.get("torch_dtype")).endswith("32") else 16)
 
 
 def budgeted_bytes(spec: Any, overhead_bytes: int) -> int:

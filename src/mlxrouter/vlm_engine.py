@@ -35,7 +35,7 @@ from . import protocol
 from .chat import StopText
 from .config import ModelSpec
 from .engine import (Emit, FaultPlan, _max_context, convert_weights, fit_max_tokens,
-                     is_allocation_failure, make_sampler)
+                     half_copies, is_allocation_failure, make_sampler)
 from .errors import InvalidRequest, RouterError
 from .media import decode_all
 
@@ -105,6 +105,7 @@ class VisionEngine:
         self.tokens_generated = 0
         self.max_context = 0
         self.weights_bytes = 0
+        self.half_copies = (0, 0)
         self.load_dtype = "native"
         self._queue: deque[_Job] = deque()
         self._current: _Job | None = None
@@ -124,7 +125,9 @@ class VisionEngine:
         self.config = config
         self.model, self.load_dtype = convert_weights(self.model, self.spec.load_dtype)
         self.max_context = _max_context(self.spec, config)
-        self.weights_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+        self.half_copies = half_copies(self.model, self.spec, config, self.load_dtype)
+        self.weights_bytes = (sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+                              + self.half_copies[1])
         self.vocab_size = int(config.get("vocab_size")
                               or config.get("text_config", {}).get("vocab_size") or 0) or 2**31
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)

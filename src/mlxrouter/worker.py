@@ -116,11 +116,7 @@ class EngineThread(threading.Thread):
         started = time.monotonic()
         emit(protocol.Progress(message=f"loading {self.spec.path}"))
         engine.load()
-        half = (0, 0)
-        if engine.load_dtype == "float32" and self.spec.half_weights:
-            from .gemv import shadow_weights  # a no-op without the forwarder
-
-            half = shadow_weights(engine.model)
+        half = engine.half_copies
         self.engine = engine
         lower_compute_priority(self.spec.compute_nice)
         emit(protocol.Ready(

@@ -167,7 +167,9 @@ def test_the_fast_path_can_be_turned_off_and_the_batch_answers_the_same(driver_f
 def test_batched_logit_bias_answers_as_mlx_lms_row_by_row_loop(driver_factory, tiny_model,
                                                                  monkeypatch):
     """A batch whose processors are all logit_bias adds them as one array (batched_bias): the
-    same tokens and logprobs as mlx-lm's own per-row loop, each row with its own bias."""
+    same tokens and logprobs as mlx-lm's own per-row loop, each row with its own bias, while
+    rows finish at different steps and join midway (the array is rebuilt), and while a row
+    with a penalty sends the whole batch to mlx-lm's loop."""
     import sys
 
     from mlx_lm.generate import BatchGenerator
@@ -178,33 +180,51 @@ def test_batched_logit_bias_answers_as_mlx_lms_row_by_row_loop(driver_factory, t
     generation_batch = sys.modules[BatchGenerator.__module__].GenerationBatch
     eos = load_tokenizer(tiny_model).eos_token_id
     forced = 7
-    biases = {1: {forced: 100.0}, 2: {eos: -100.0}, 3: {}, 4: {eos: -100.0, 11: 2.5}}
-    calls = []
-    real_call = engine._BiasedModel.__call__
+    first = {1: ({forced: 100.0}, 24), 2: ({eos: -100.0}, 10), 3: ({}, 16),
+             4: ({eos: -100.0, 11: 2.5}, 24), 5: ({eos: -100.0}, 6)}
+    joining = {6: ({forced: -3.0, eos: -100.0}, 12)}
+    penalized = 5  # presence_penalty too: the batch takes the loop until it ends
+    calls: list[int] = []
+    arrays: set[int] = set()
+    real_call, real_get = engine._BiasedModel.__call__, engine._BiasRows.get
     monkeypatch.setattr(engine._BiasedModel, "__call__",
                         lambda self, *a, **k: calls.append(1) or real_call(self, *a, **k))
+    monkeypatch.setattr(engine._BiasRows, "get",
+                        lambda self, *a: arrays.add(id(got := real_get(self, *a))) or got)
+
+    def submit(d: Driver, requests: dict) -> None:
+        for rid, (bias, max_tokens) in requests.items():
+            extra = {"presence_penalty": 0.5} if rid == penalized else {}
+            d.submit(rid, "Why is the sea salty?", logprobs=True, top_logprobs=2,
+                     logit_bias=bias, max_tokens=max_tokens, **extra)
+
     runs = []
     for on in (True, False):
         d = driver_factory(solo_fast_path=False)
         engine.batched_bias(generation_batch, on)
         try:
-            for rid, bias in biases.items():
-                d.submit(rid, "Why is the sea salty?", logprobs=True, top_logprobs=2,
-                         logit_bias=bias)
+            submit(d, first)
+            d.run(steps=4)
+            submit(d, joining)
             d.run()
         finally:
             engine.batched_bias(generation_batch)
-        runs.append({rid: (d.text(rid), d.tokens(rid), d.end(rid).completion_tokens,
-                           [m for m in d.out if isinstance(m, protocol.Step)])
-                     for rid in biases})
+        runs.append(d)
         if on:
-            assert len(calls) >= 20  # every step of the batch took the one-array path
+            assert len(calls) >= 15  # the steps after the penalized row ended
+            assert len(arrays) >= 3  # rebuilt as rows ended and joined
             calls.clear()
     assert not calls  # and none with mlx-lm's loop back
-    assert len(runs[0][1][1]) == 24 and len(set(runs[0][1][1])) == 1  # the forced token
-    assert runs[0][2][2] == runs[0][4][2] == 24  # EOS suppressed: never ends early
-    for rid in biases:
-        assert runs[0][rid][:3] == runs[1][rid][:3]
-    logprobs = [[(lp.raw, lp.logprob, [(t.raw, t.logprob) for t in lp.top])
-                 for m in run[1][3] for d in m.deltas for lp in d.logprobs] for run in runs]
-    assert logprobs[0] == logprobs[1]
+    fast, loop = runs
+    for rid, (_, max_tokens) in {**first, **joining}.items():
+        assert fast.end(rid).completion_tokens == loop.end(rid).completion_tokens
+        assert fast.text(rid) == loop.text(rid) and fast.tokens(rid) == loop.tokens(rid)
+    assert fast.end(2).completion_tokens == 10 and fast.end(4).completion_tokens == 24
+    assert len(set(fast.tokens(1))) == 1 and len(fast.tokens(1)) == 24  # the forced token
+
+    def logprobs(d: Driver) -> list:
+        return [(lp.raw, lp.logprob, [(t.raw, t.logprob) for t in lp.top])
+                for m in d.out if isinstance(m, protocol.Step) for x in m.deltas
+                for lp in x.logprobs]
+
+    assert logprobs(fast) == logprobs(loop)
