@@ -366,8 +366,13 @@ def measure_pairs(direct: Direct, target: Target, alone: WorkerAlone,
 
 def measure_overhead(base_url: str, model_id: str, alone: WorkerAlone,
                      args: argparse.Namespace, bias: dict[str, Any]) -> dict[str, Any]:
-    """1-token non-streaming requests, alternating router / worker alone, same prompt shape
-    (unique prompts on both sides, so neither hits its prompt cache)."""
+    """1-token non-streaming requests, alternating router / worker alone (which goes first
+    alternating too), same prompt shape (unique prompts on both sides, so neither hits its
+    prompt cache). Each request starts `--overhead-pause-ms` after the previous one ended:
+    OpenBLAS's threads keep a core busy yielding for ~0.1 s after a product, so back to back
+    each side ran on a machine the other side's worker was still spinning on, and the router's
+    extra hand-overs (worker, daemon, client) paid for it most: 8-22 ms of "overhead" on
+    SmolLM2 where the tiny model showed 3 ms (2026-12-06)."""
     sampling = protocol.SamplingParams(
         max_tokens=1, temperature=0.0,
         logit_bias={int(k): v for k, v in bias.get("logit_bias", {}).items()})
@@ -378,11 +383,18 @@ def measure_overhead(base_url: str, model_id: str, alone: WorkerAlone,
         client = bench.Client(cfg)
         routed, direct, errors = [], [], 0
         try:
+            pause = args.overhead_pause_ms / 1000
             for i in range(args.overhead_reps + 2):
-                r = await client.send(client.body(
-                    bench.make_messages(i, args.overhead_prompt_tokens, "ovr"), 1, False))
-                d = alone.request(bench.make_messages(i, args.overhead_prompt_tokens, "ova"),
-                                  sampling)
+                for side in ("router", "alone") if i % 2 == 0 else ("alone", "router"):
+                    await asyncio.sleep(pause)
+                    if side == "router":
+                        r = await client.send(client.body(
+                            bench.make_messages(i, args.overhead_prompt_tokens, "ovr"), 1,
+                            False))
+                    else:
+                        d = alone.request(
+                            bench.make_messages(i, args.overhead_prompt_tokens, "ova"),
+                            sampling)
                 errors += not r.ok
                 if i >= 2 and r.ok:  # the first two warm both paths up
                     routed.append(r.latency_s)
@@ -395,6 +407,7 @@ def measure_overhead(base_url: str, model_id: str, alone: WorkerAlone,
     r50, d50 = statistics.median(routed), statistics.median(direct)
     diffs = [a - b for a, b in zip(routed, direct)]
     return {"reps": len(routed), "errors": errors, "prompt_tokens": args.overhead_prompt_tokens,
+            "pause_ms": args.overhead_pause_ms,
             "router_p50_ms": round(r50 * 1000, 2), "worker_alone_p50_ms": round(d50 * 1000, 2),
             "overhead_p50_ms": round((r50 - d50) * 1000, 2),
             "paired_diff_p50_ms": round(statistics.median(diffs) * 1000, 2)}
@@ -829,7 +842,9 @@ def render(res: dict[str, Any], args: argparse.Namespace) -> str:
               f"{ov['reps']} non-streaming requests with max_tokens 1 and a "
               f"~{ov['prompt_tokens']}-token prompt, alternating between the daemon (HTTP, "
               "client-side latency) and a second worker process on the same model driven "
-              f"directly over the ZeroMQ protocol (Request -> End, timed by the driver): "
+              f"directly over the ZeroMQ protocol (Request -> End, timed by the driver), "
+              f"each {ov.get('pause_ms', 0):g} ms after the previous one ended (so the other "
+              "process's BLAS threads have stopped spinning): "
               f"{overhead_figures(ov)}."]
     ot = r.get("overhead_tiny")
     if ot:
@@ -884,6 +899,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--history-reps", type=_positive, default=3)
     p.add_argument("--overhead-reps", type=_positive, default=30)
     p.add_argument("--overhead-prompt-tokens", type=_positive, default=40)
+    p.add_argument("--overhead-pause-ms", type=float, default=200,
+                   help="idle time before each overhead request (0: back to back)")
     p.add_argument("--direct-reps", type=_positive, default=2, help="direct runs per round")
     p.add_argument("--pairs", type=int, default=9,
                    help="single-stream requests answered by direct, the worker alone and the "
