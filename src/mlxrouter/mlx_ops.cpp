@@ -260,16 +260,142 @@ void softmax_row(const float* x, float* out, size_t n) {
   V::scale(out, n, 1 / normalizer);
 }
 
-// ---- the primitives
+// ---- a pool for the kernels' large calls: a call's items (an attention's blocks, a prefill's
+// rows) are split between the calling thread (MLX's stream) and a helper per other core this
+// process may run on. Helpers spin briefly for the next call (the next layer's follows within
+// a millisecond), then sleep. Items are claimed from a counter tagged with the call's
+// generation, so a helper the scheduler has not run yet costs nothing and a late one never
+// claims an item of another call. One call at a time (MLX has one CPU stream); a second
+// caller meanwhile runs its items itself. MLXROUTER_ATTENTION_THREADS sets the number of
+// threads (1: the caller alone; the name is from when attention was the pool's one user).
 
-// f(r, offset of row r) for every row of `a` (all but its last axis) in row-major order.
+class Pool {
+ public:
+  // f(i) for every i in [0, n), on the pool's threads; returns when all are done.
+  void run(int n, const std::function<void(int)>& f) {
+    std::unique_lock<std::mutex> caller(caller_, std::try_to_lock);
+    if (threads() == 1 || n < 2 || !caller.owns_lock()) {
+      for (int i = 0; i < n; i++) f(i);
+      return;
+    }
+    shared_calls++;
+    start();
+    uint64_t generation;
+    {
+      std::lock_guard<std::mutex> hold(lock_);
+      generation = generation_.load() + 1;
+      job_ = &f;
+      items_ = n;
+      done_.store(0);
+      claims_.store(generation << 32);
+      generation_.store(generation, std::memory_order_release);
+    }
+    wake_.notify_all();
+    work(generation, &f, n);
+    for (int spins = 0; done_.load(std::memory_order_acquire) < n; spins++) {
+      if (spins < SPIN) {
+        _mm_pause();
+        continue;
+      }
+      std::unique_lock<std::mutex> hold(lock_);
+      finished_.wait(hold, [&] { return done_.load() >= n; });
+    }
+  }
+
+  static int threads() {
+    static const int n = [] {
+      const char* env = std::getenv("MLXROUTER_ATTENTION_THREADS");
+      if (env && *env) return std::max(1, std::atoi(env));
+      cpu_set_t set;
+      return sched_getaffinity(0, sizeof set, &set) == 0 ? std::max(1, CPU_COUNT(&set)) : 1;
+    }();
+    return std::min(n, 64);
+  }
+
+  std::atomic<unsigned long> shared_calls{0};  // calls split between threads (for tests)
+
+ private:
+  static constexpr int SPIN = 2000;
+
+  void start() {
+    if (started_ == getpid()) return;  // a forked child starts its own
+    started_ = getpid();
+    for (int i = 1; i < threads(); i++) std::thread([this] { helper(); }).detach();
+  }
+
+  // Items of call `generation` until none is left.
+  void work(uint64_t generation, const std::function<void(int)>* f, int n) {
+    for (;;) {
+      uint64_t claim = claims_.load();
+      do {
+        if (claim >> 32 != generation || static_cast<int>(claim & 0xffffffff) >= n) return;
+      } while (!claims_.compare_exchange_weak(claim, claim + 1));
+      (*f)(static_cast<int>(claim & 0xffffffff));
+      if (done_.fetch_add(1) + 1 == n) {
+        std::lock_guard<std::mutex> hold(lock_);
+        finished_.notify_all();
+      }
+    }
+  }
+
+  void helper() {
+    uint64_t seen = 0;
+    for (;;) {
+      for (int spins = 0; generation_.load(std::memory_order_acquire) == seen && spins < SPIN;
+           spins++) {
+        _mm_pause();
+      }
+      std::unique_lock<std::mutex> hold(lock_);
+      wake_.wait(hold, [&] { return generation_.load() != seen; });
+      seen = generation_.load();
+      const std::function<void(int)>* f = job_;
+      const int n = items_;
+      hold.unlock();
+      work(seen, f, n);
+    }
+  }
+
+  std::mutex caller_, lock_;
+  std::condition_variable wake_, finished_;
+  const std::function<void(int)>* job_ = nullptr;
+  int items_ = 0;
+  std::atomic<int> done_{0};
+  std::atomic<uint64_t> claims_{0}, generation_{0};
+  pid_t started_ = 0;
+};
+
+// Never destroyed: at exit its helpers still wait on its condition variable.
+Pool& pool = *new Pool;
+
+// f(i) for every i in [0, n): on the pool when `values` (about how many floats the call
+// reads or writes) make it worth waking a helper, a few microseconds, else here. A prefill's
+// softmax, normalizations, SiLU and RoPE (hundreds of thousands of values each) otherwise
+// ran on MLX's one stream thread while OpenBLAS's threads, idle between products, yielded
+// the other core: an eighth of a prefill of 8 x 131 tokens on 2 cores (SmolLM2). Decode's
+// are smaller, except the logsumexp over the vocabulary of every stream.
+constexpr int64_t SHARED_MIN_VALUES = 1 << 16;
 template <typename F>
-void for_each_row(const array& a, F f) {
+void share(int n, int64_t values, F f) {
+  if (values < SHARED_MIN_VALUES || n < 2) {
+    for (int i = 0; i < n; i++) f(i);
+    return;
+  }
+  pool.run(n, f);
+}
+
+// Rows [first, last) of `a` (all but its last axis, in row-major order): f(r, offset of r).
+template <typename F>
+void rows_of(const array& a, size_t first, size_t last, F& f) {
   const int axes = a.ndim() > 1 ? static_cast<int>(a.ndim()) - 1 : 0;
-  const size_t rows = a.ndim() ? a.size() / a.shape(-1) : 1;
   std::vector<int> index(axes, 0);
   int64_t offset = 0;
-  for (size_t r = 0; r < rows; r++) {
+  size_t rest = first;
+  for (int d = axes - 1; d >= 0; d--) {  // row `first`'s index and offset
+    index[d] = static_cast<int>(rest % a.shape(d));
+    rest /= a.shape(d);
+    offset += index[d] * a.strides()[d];
+  }
+  for (size_t r = first; r < last; r++) {
     f(r, offset);
     for (int d = axes - 1; d >= 0; d--) {  // the next row, odometer-style
       offset += a.strides()[d];
@@ -279,6 +405,20 @@ void for_each_row(const array& a, F f) {
     }
   }
 }
+
+// f(r, offset of row r) for every row of `a`, shared by the pool's threads when `a` is large
+// (each row by one thread, in the same order as alone: the results do not change). f may be
+// called from several threads at once, for different rows.
+template <typename F>
+void for_each_row(const array& a, F f) {
+  const size_t rows = a.ndim() ? a.size() / a.shape(-1) : 1;
+  const int parts = static_cast<int>(std::min<size_t>(rows, 4 * Pool::threads()));
+  share(parts, static_cast<int64_t>(a.size()), [&](int i) {
+    rows_of(a, rows * i / parts, rows * (i + 1) / parts, f);
+  });
+}
+
+// ---- the primitives
 
 class FastSigmoid : public UnaryPrimitive {
  public:
@@ -303,10 +443,23 @@ class FastSigmoid : public UnaryPrimitive {
             dst[r * n + j] = detail::Sigmoid{}(src[offset + j * stride]);
           }
         });
-      } else if (isa == AVX512) {
-        sigmoid512(in.data<float>(), out.data<float>(), in.data_size());
       } else {
-        sigmoid256(in.data<float>(), out.data<float>(), in.data_size());
+        // Contiguous: pieces of whole vectors, so that every value takes the same path
+        // (vector or scalar tail) as it would alone.
+        const size_t n = in.data_size();
+        const int parts = static_cast<int>(std::min<size_t>(n / 64 + 1, 4 * Pool::threads()));
+        const size_t piece = (n / parts + 15) / 16 * 16;
+        const float* src = in.data<float>();
+        float* dst = out.data<float>();
+        share(parts, static_cast<int64_t>(n), [&](int i) {
+          const size_t first = std::min(n, i * piece);
+          const size_t count = i + 1 == parts ? n - first : std::min(n - first, piece);
+          if (isa == AVX512) {
+            sigmoid512(src + first, dst + first, count);
+          } else {
+            sigmoid256(src + first, dst + first, count);
+          }
+        });
       }
     });
   }
@@ -353,10 +506,11 @@ class FastLogSumExp : public UnaryPrimitive {
       const int64_t stride = in.strides().back();
       const float* src = in.data<float>();
       float* dst = out.data<float>();
-      std::vector<float> row(stride == 1 ? 0 : n);
       for_each_row(in, [&](size_t r, int64_t offset) {
         const float* x = src + offset;
         if (stride != 1) {
+          thread_local std::vector<float> row;  // rows are shared between threads
+          row.resize(n);
           for (size_t j = 0; j < n; j++) row[j] = x[j * stride];
           x = row.data();
         }
@@ -472,13 +626,18 @@ class FastSoftmax : public UnaryPrimitive {
   bool precise_;
 };
 
-// ---- attention for one query position (decode): softmax(q K^T scale + mask) V per head.
-// MLX's CPU has no fused attention: its fallback builds about a dozen ops per layer (scale,
-// broadcast of K and V to every query head of a group, two batched matrix products, the
-// mask, the softmax), which at 8 sequences of a few hundred tokens took a quarter of a
-// SmolLM2 decode step. Here one pass per (sequence, key-value head) reads K and V once for
-// all the query heads that share them. The softmax is the one above (vectorized exps, the
-// sum in order from the first key); masked keys are skipped, so a sequence's result does not
+// ---- attention: softmax(q K^T scale + mask) V per head, for decode's one query position and
+// for a prefill's many. MLX's CPU has no fused attention: its fallback builds about a dozen
+// ops per layer (scale, broadcast of K and V to every query head of a group, two batched
+// matrix products, the mask, the softmax), which at 8 sequences of a few hundred tokens took
+// a quarter of a SmolLM2 decode step. In a prefill it also materializes every score (a
+// 2,000-token prompt: 144 MB per layer, freshly faulted in), computes the masked half of a
+// causal attention, and multiplies with one OpenBLAS call per head; it took 20% of a prefill
+// of 8 x 131 tokens and 65% of one of 2,000 (SmolLM2, 2 cores). Here one pass per (sequence,
+// key-value head, block of query positions) reads K and V once for all the query heads and
+// positions that share them, and stops at the last key a position may see (causal, or the
+// last one a boolean mask keeps). The softmax is the one above (vectorized exps, the sum in
+// order from the first key); masked keys are skipped, so a sequence's result does not
 // depend on the left padding or the other sequences of a batch. Not bit-identical to MLX's
 // fallback (the dot products are summed in another order): tests/integration/test_mlx_ops.py
 // bounds the difference.
@@ -496,8 +655,9 @@ struct Strided4 {  // element offsets of a 4-d array, broadcast dimensions strid
   }
 };
 
-// What the mask of an attention is.
-enum MaskKind { NO_MASK = 0, BOOL_MASK = 1, ADDITIVE_MASK = 2 };
+// What the mask of an attention is. CAUSAL: none, but query position i of Tq sees the keys
+// up to i + Tk - Tq (MLX's "causal" mode).
+enum MaskKind { NO_MASK = 0, BOOL_MASK = 1, ADDITIVE_MASK = 2, CAUSAL = 3 };
 
 #define NAME(x) x##_avx512
 #define LANES 16
@@ -510,114 +670,19 @@ enum MaskKind { NO_MASK = 0, BOOL_MASK = 1, ADDITIVE_MASK = 2 };
 #define ROWS Avx2
 #include "decode_attention.h"
 
-// ---- a pool for the attention: its (sequence, key-value head) items are split between the
-// calling thread (MLX's stream) and a helper per other core this process may run on. Helpers
-// spin briefly for the next call (the next layer's attention follows within a millisecond),
-// then sleep. Items are claimed from a counter tagged with the call's generation, so a helper
-// the scheduler has not run yet costs nothing and a late one never claims an item of another
-// call. One call at a time (MLX has one CPU stream); a second caller meanwhile runs its items
-// itself. MLXROUTER_ATTENTION_THREADS sets the number of threads (1: the caller alone).
 
-class Pool {
- public:
-  // f(i) for every i in [0, n), on the pool's threads; returns when all are done.
-  void run(int n, const std::function<void(int)>& f) {
-    std::unique_lock<std::mutex> caller(caller_, std::try_to_lock);
-    if (threads() == 1 || n < 2 || !caller.owns_lock()) {
-      for (int i = 0; i < n; i++) f(i);
-      return;
-    }
-    start();
-    uint64_t generation;
-    {
-      std::lock_guard<std::mutex> hold(lock_);
-      generation = generation_.load() + 1;
-      job_ = &f;
-      items_ = n;
-      done_.store(0);
-      claims_.store(generation << 32);
-      generation_.store(generation, std::memory_order_release);
-    }
-    wake_.notify_all();
-    work(generation, &f, n);
-    for (int spins = 0; done_.load(std::memory_order_acquire) < n; spins++) {
-      if (spins < SPIN) {
-        _mm_pause();
-        continue;
-      }
-      std::unique_lock<std::mutex> hold(lock_);
-      finished_.wait(hold, [&] { return done_.load() >= n; });
-    }
-  }
-
- private:
-  static constexpr int SPIN = 2000;
-
-  static int threads() {
-    static const int n = [] {
-      const char* env = std::getenv("MLXROUTER_ATTENTION_THREADS");
-      if (env && *env) return std::max(1, std::atoi(env));
-      cpu_set_t set;
-      return sched_getaffinity(0, sizeof set, &set) == 0 ? std::max(1, CPU_COUNT(&set)) : 1;
-    }();
-    return std::min(n, 64);
-  }
-
-  void start() {
-    if (started_ == getpid()) return;  // a forked child starts its own
-    started_ = getpid();
-    for (int i = 1; i < threads(); i++) std::thread([this] { helper(); }).detach();
-  }
-
-  // Items of call `generation` until none is left.
-  void work(uint64_t generation, const std::function<void(int)>* f, int n) {
-    for (;;) {
-      uint64_t claim = claims_.load();
-      do {
-        if (claim >> 32 != generation || static_cast<int>(claim & 0xffffffff) >= n) return;
-      } while (!claims_.compare_exchange_weak(claim, claim + 1));
-      (*f)(static_cast<int>(claim & 0xffffffff));
-      if (done_.fetch_add(1) + 1 == n) {
-        std::lock_guard<std::mutex> hold(lock_);
-        finished_.notify_all();
-      }
-    }
-  }
-
-  void helper() {
-    uint64_t seen = 0;
-    for (;;) {
-      for (int spins = 0; generation_.load(std::memory_order_acquire) == seen && spins < SPIN;
-           spins++) {
-        _mm_pause();
-      }
-      std::unique_lock<std::mutex> hold(lock_);
-      wake_.wait(hold, [&] { return generation_.load() != seen; });
-      seen = generation_.load();
-      const std::function<void(int)>* f = job_;
-      const int n = items_;
-      hold.unlock();
-      work(seen, f, n);
-    }
-  }
-
-  std::mutex caller_, lock_;
-  std::condition_variable wake_, finished_;
-  const std::function<void(int)>* job_ = nullptr;
-  int items_ = 0;
-  std::atomic<int> done_{0};
-  std::atomic<uint64_t> claims_{0}, generation_{0};
-  pid_t started_ = 0;
-};
-
-// Never destroyed: at exit its helpers still wait on its condition variable.
-Pool& attention_pool = *new Pool;
-
-// Every (sequence, key-value head) of a decode attention.
-void decode_attention(const array& q, const array& k, const array& v, const array* mask,
-                      MaskKind kind, float scale, array& out) {
-  const int B = q.shape(0), Hq = q.shape(1), Hkv = k.shape(1), T = k.shape(2);
+// Every (sequence, key-value head, block of query positions) of an attention. A block's
+// query heads and positions go through attend() together as its rows, so each key and value
+// row is read once for all of them; each row's output is what it would be alone (keys it may
+// not see weigh exactly 0, adding nothing), so a prefill gives the same values however it is
+// cut, with or without a cache before it.
+void attention(const array& q, const array& k, const array& v, const array* mask,
+               MaskKind kind, float scale, array& out) {
+  const int B = q.shape(0), Hq = q.shape(1), Tq = q.shape(2), Hkv = k.shape(1),
+            Tk = k.shape(2);
   const int dk = q.shape(3), dv = v.shape(3), group = Hq / Hkv;
+  const int per_block = std::max(1, std::min(Tq, 32 / group));  // positions per item
+  const int blocks = (Tq + per_block - 1) / per_block;
   const Strided4 qs(q), ks(k), vs(v);
   const Strided4 ms = mask ? Strided4(*mask) : Strided4(q);
   const float* qd = q.data<float>();
@@ -626,18 +691,40 @@ void decode_attention(const array& q, const array& k, const array& v, const arra
   const char* md = mask ? mask->data<char>() : nullptr;
   const size_t item = mask ? mask->itemsize() : 0;
   float* od = out.data<float>();
+  // Causal rows' masks: row r sees T_r keys through keep + Tk - T_r (Tk trues, then falses).
+  std::vector<char> keep(kind == CAUSAL ? 2 * static_cast<size_t>(Tk) : 0, 0);
+  std::fill(keep.begin(), keep.begin() + keep.size() / 2, 1);
   auto one = [&](int i) {
-    const int b = i / Hkv, g = i % Hkv;
-    thread_local std::vector<float> rows, scores, kcopy, vcopy;
+    const int t0 = i % blocks * per_block, b = i / blocks / Hkv, g = i / blocks % Hkv;
+    const int positions = std::min(per_block, Tq - t0), n = positions * group;
+    thread_local std::vector<float> rows, scores, kcopy, vcopy, result;
     thread_local std::vector<const void*> masks;
-    rows.resize(static_cast<size_t>(group) * dk);
-    scores.resize(static_cast<size_t>(group) * T);
-    masks.resize(group);
-    for (int r = 0; r < group; r++) {  // q times the scale, as MLX's fallback rounds it
-      const int64_t base = qs.at(b, g * group + r, 0, 0);
+    rows.resize(static_cast<size_t>(n) * dk);
+    scores.resize(static_cast<size_t>(n) * Tk);
+    result.resize(static_cast<size_t>(n) * dv);
+    masks.resize(n);
+    // Row r: query head g * group + r % group at position t0 + r / group. The keys it sees:
+    // the ones past them would weigh exactly 0 (exp of -inf). A row whose every key is
+    // masked keeps them all, weighed equally as MLX does.
+    int T = kind == CAUSAL ? t0 + positions - 1 + Tk - Tq + 1 : Tk;
+    int last = -1;
+    for (int r = 0; r < n; r++) {
+      const int h = g * group + r % group, t = t0 + r / group;
+      const int64_t base = qs.at(b, h, t, 0);
       for (int d = 0; d < dk; d++) rows[r * dk + d] = scale * qd[base + d * qs.s[3]];
-      if (mask) masks[r] = md + ms.at(b, g * group + r, 0, 0) * item;
+      if (kind == CAUSAL) {
+        masks[r] = keep.data() + (Tk - (t + Tk - Tq + 1));
+      } else if (mask) {
+        masks[r] = md + ms.at(b, h, t, 0) * item;
+        if (kind == BOOL_MASK && last < Tk - 1) {
+          const bool* m = static_cast<const bool*>(masks[r]);
+          int j = Tk - 1;
+          while (j >= 0 && !m[j * ms.s[3]]) j--;
+          last = j < 0 ? Tk - 1 : std::max(last, j);
+        }
+      }
     }
+    if (kind == BOOL_MASK) T = last + 1;
     // Keys or values whose rows are not contiguous are copied first (the slices and
     // transposes of mlx-lm's caches keep them contiguous).
     const float* kb = kd + ks.at(b, g, 0, 0);
@@ -645,32 +732,39 @@ void decode_attention(const array& q, const array& k, const array& v, const arra
     int64_t k_step = ks.s[2], v_step = vs.s[2];
     if (ks.s[3] != 1) {
       kcopy.resize(static_cast<size_t>(T) * dk);
-      for (int t = 0; t < T; t++)
-        for (int d = 0; d < dk; d++) kcopy[t * dk + d] = kb[t * k_step + d * ks.s[3]];
+      for (int j = 0; j < T; j++)
+        for (int d = 0; d < dk; d++) kcopy[j * dk + d] = kb[j * k_step + d * ks.s[3]];
       kb = kcopy.data(), k_step = dk;
     }
     if (vs.s[3] != 1) {
       vcopy.resize(static_cast<size_t>(T) * dv);
-      for (int t = 0; t < T; t++)
-        for (int d = 0; d < dv; d++) vcopy[t * dv + d] = vb[t * v_step + d * vs.s[3]];
+      for (int j = 0; j < T; j++)
+        for (int d = 0; d < dv; d++) vcopy[j * dv + d] = vb[j * v_step + d * vs.s[3]];
       vb = vcopy.data(), v_step = dv;
     }
-    float* o = od + (static_cast<int64_t>(b) * Hq + g * group) * dv;
+    const MaskKind rows_kind = kind == CAUSAL ? BOOL_MASK : kind;
+    const int64_t mask_step = kind == CAUSAL ? 1 : ms.s[3];
     if (isa == AVX512) {
-      attend_avx512(group, T, dk, dv, rows.data(), kb, k_step, vb, v_step, kind, masks.data(),
-                    ms.s[3], scores.data(), o);
+      attend_avx512(n, T, dk, dv, rows.data(), kb, k_step, vb, v_step, rows_kind, masks.data(),
+                    mask_step, scores.data(), result.data());
     } else {
-      attend_avx2(group, T, dk, dv, rows.data(), kb, k_step, vb, v_step, kind, masks.data(),
-                  ms.s[3], scores.data(), o);
+      attend_avx2(n, T, dk, dv, rows.data(), kb, k_step, vb, v_step, rows_kind, masks.data(),
+                  mask_step, scores.data(), result.data());
+    }
+    for (int r = 0; r < n; r++) {
+      const int h = g * group + r % group, t = t0 + r / group;
+      std::memcpy(od + ((static_cast<int64_t>(b) * Hq + h) * Tq + t) * dv,
+                  result.data() + static_cast<size_t>(r) * dv, dv * sizeof(float));
     }
   };
   // Spread over the pool when there is enough to share (8 sequences of SmolLM2 from 64 keys
   // on, one from about 500): waking a helper costs a few microseconds.
-  const int64_t work = static_cast<int64_t>(B) * Hq * T * (dk + dv);
+  const int64_t work = static_cast<int64_t>(B) * Hq * Tq * Tk * (dk + dv);
+  const int items = B * Hkv * blocks;
   if (work >= (1 << 19)) {
-    attention_pool.run(B * Hkv, one);
+    pool.run(items, one);
   } else {
-    for (int i = 0; i < B * Hkv; i++) one(i);
+    for (int i = 0; i < items; i++) one(i);
   }
 }
 
@@ -689,9 +783,9 @@ std::vector<array> weak_copies(const std::vector<array>& arrays) {
   return held;
 }
 
-class DecodeAttention : public UnaryPrimitive {
+class FastAttention : public UnaryPrimitive {
  public:
-  DecodeAttention(Stream stream, float scale, MaskKind kind)
+  FastAttention(Stream stream, float scale, MaskKind kind)
       : UnaryPrimitive(stream), scale_(scale), kind_(kind) {}
 
   void eval_cpu(const std::vector<array>& inputs, array& out) override {
@@ -702,19 +796,19 @@ class DecodeAttention : public UnaryPrimitive {
       counts[ATTENTION]++;
       const array &q = held[0], &k = held[1], &v = held[2];
       const array* mask = held.size() > 3 ? &held[3] : nullptr;
-      decode_attention(q, k, v, mask, kind, scale, out);
+      attention(q, k, v, mask, kind, scale, out);
     });
   }
   void eval_gpu(const std::vector<array>&, array&) override {
     throw std::runtime_error("[mlxrouter attention] CPU only");
   }
-  const char* name() const override { return "DecodeAttention"; }
+  const char* name() const override { return "Attention"; }
   bool is_equivalent(const Primitive& other) const override {
-    const auto& o = static_cast<const DecodeAttention&>(other);
+    const auto& o = static_cast<const FastAttention&>(other);
     return scale_ == o.scale_ && kind_ == o.kind_;
   }
   std::vector<Shape> output_shapes(const std::vector<array>& inputs) override {
-    return {{inputs[0].shape(0), inputs[0].shape(1), 1, inputs[2].shape(3)}};
+    return {{inputs[0].shape(0), inputs[0].shape(1), inputs[0].shape(2), inputs[2].shape(3)}};
   }
 
  private:
@@ -760,40 +854,40 @@ class FastRope : public UnaryPrimitive {
       // cos and sin of every (offset row, position, frequency).
       const int rows = offset.size() > 1 ? B : 1;
       std::vector<float> cs(static_cast<size_t>(rows) * T * half), sn(cs.size());
-      for (int b = 0; b < rows; b++) {
+      // (A prefill's: a few microseconds per position, shared between threads by position.)
+      share(rows * T, static_cast<int64_t>(cs.size()) * 16, [&](int bt) {
+        const int b = bt / T, t = bt % T;
         const int32_t o = offset.data<int32_t>()[offset.ndim() ? b * offset.strides()[0] : 0];
-        for (int t = 0; t < T; t++) {
-          const float position = (static_cast<float>(t) + static_cast<float>(o)) * scale;
-          for (int j = 0; j < half; j++) {
-            const float theta = position * inv[j];
-            const size_t at = (static_cast<size_t>(b) * T + t) * half + j;
-            cs[at] = detail::Cos{}(theta);
-            sn[at] = detail::Sin{}(theta);
-          }
+        const float position = (static_cast<float>(t) + static_cast<float>(o)) * scale;
+        for (int j = 0; j < half; j++) {
+          const float theta = position * inv[j];
+          const size_t at = (static_cast<size_t>(b) * T + t) * half + j;
+          cs[at] = detail::Cos{}(theta);
+          sn[at] = detail::Sin{}(theta);
         }
-      }
+      });
       const float* src = x.data<float>();
       float* dst = out.data<float>();
       const auto& st = x.strides();
       const int64_t sd = st[3];
-      for (int b = 0; b < B; b++) {
-        for (int n = 0; n < N; n++) {
-          for (int t = 0; t < T; t++) {
-            const float* in = src + b * st[0] + n * st[1] + t * st[2];
-            float* o = dst + ((static_cast<int64_t>(b) * N + n) * T + t) * D;
-            const size_t at = (static_cast<size_t>(rows > 1 ? b : 0) * T + t) * half;
-            const float* c = cs.data() + at;
-            const float* s = sn.data() + at;
-            for (int j = 0; j < half; j++) {
-              const int i1 = traditional ? 2 * j : j, i2 = traditional ? 2 * j + 1 : half + j;
-              const float x1 = in[i1 * sd], x2 = in[i2 * sd];
-              o[i1] = x1 * c[j] - x2 * s[j];
-              o[i2] = x1 * s[j] + x2 * c[j];
-            }
-            for (int d = dims; d < D; d++) o[d] = in[d * sd];
+      // Every (sequence, head) on its own, shared between threads when large.
+      share(B * N, static_cast<int64_t>(x.size()), [&](int bn) {
+        const int b = bn / N, n = bn % N;
+        for (int t = 0; t < T; t++) {
+          const float* in = src + b * st[0] + n * st[1] + t * st[2];
+          float* o = dst + ((static_cast<int64_t>(b) * N + n) * T + t) * D;
+          const size_t at = (static_cast<size_t>(rows > 1 ? b : 0) * T + t) * half;
+          const float* c = cs.data() + at;
+          const float* s = sn.data() + at;
+          for (int j = 0; j < half; j++) {
+            const int i1 = traditional ? 2 * j : j, i2 = traditional ? 2 * j + 1 : half + j;
+            const float x1 = in[i1 * sd], x2 = in[i2 * sd];
+            o[i1] = x1 * c[j] - x2 * s[j];
+            o[i2] = x1 * s[j] + x2 * c[j];
           }
+          for (int d = dims; d < D; d++) o[d] = in[d * sd];
         }
-      }
+      });
     });
   }
   void eval_gpu(const std::vector<array>&, array&) override {
@@ -924,6 +1018,10 @@ __attribute__((visibility("default"))) const char* mlxrouter_mlx_ops() {
 __attribute__((visibility("default"))) unsigned long mlxrouter_mlx_ops_count(int op) {
   return op >= 0 && op < OPS ? counts[op].load() : 0;
 }
+// Calls whose items were shared between the pool's threads so far.
+__attribute__((visibility("default"))) unsigned long mlxrouter_mlx_ops_shared() {
+  return pool.shared_calls.load();
+}
 }
 
 namespace mlx::core {
@@ -982,17 +1080,19 @@ array scaled_dot_product_attention(const array& queries, const array& keys,
   const auto& v = values;
   const int lanes = isa == AVX512 ? 16 : 8;
   bool fits = ours(q, stream, ATTENTION) && k.dtype() == float32 && v.dtype() == float32 &&
-              !sinks && q.ndim() == 4 && k.ndim() == 4 && v.ndim() == 4 && q.shape(2) == 1 &&
+              !sinks && q.ndim() == 4 && k.ndim() == 4 && v.ndim() == 4 && q.shape(2) >= 1 &&
+              q.shape(2) <= k.shape(2) &&
               k.shape(0) == q.shape(0) && v.shape(0) == q.shape(0) &&
               k.shape(1) == v.shape(1) && k.shape(2) == v.shape(2) && k.shape(2) > 0 &&
               k.shape(1) > 0 && q.shape(1) % k.shape(1) == 0 && q.shape(3) == k.shape(3) &&
               q.shape(3) % lanes == 0 && v.shape(3) % lanes == 0 && q.shape(0) > 0;
   MaskKind kind = NO_MASK;
   if (fits && mask_mode == "causal") {
-    fits = !mask_arr;  // one query, the last position: it sees every key
+    fits = !mask_arr;
+    kind = q.shape(2) > 1 ? CAUSAL : NO_MASK;  // one query, the last position: every key
   } else if (fits && (mask_mode.empty() || mask_mode == "array") && mask_arr) {
     const array& m = *mask_arr;
-    const Shape want = {q.shape(0), q.shape(1), 1, k.shape(2)};
+    const Shape want = {q.shape(0), q.shape(1), q.shape(2), k.shape(2)};
     fits = m.ndim() <= 4 && (m.dtype() == bool_ || m.dtype() == float32);
     for (int d = 0; fits && d < static_cast<int>(m.ndim()); d++) {
       const int w = want[4 - m.ndim() + d];
@@ -1007,9 +1107,9 @@ array scaled_dot_product_attention(const array& queries, const array& keys,
                     force_fused, s);
   }
   std::vector<array> inputs = {q, k, v};
-  if (kind != NO_MASK) inputs.push_back(*mask_arr);
-  return array({q.shape(0), q.shape(1), 1, v.shape(3)}, float32,
-               std::make_shared<DecodeAttention>(stream, scale, kind), std::move(inputs));
+  if (kind == BOOL_MASK || kind == ADDITIVE_MASK) inputs.push_back(*mask_arr);
+  return array({q.shape(0), q.shape(1), q.shape(2), v.shape(3)}, float32,
+               std::make_shared<FastAttention>(stream, scale, kind), std::move(inputs));
 }
 
 // A float32 array of 4 dimensions on the CPU, rotated forward: ours (above). Everything else,
