@@ -287,7 +287,7 @@ class Pool {
       job_ = &f;
       items_ = n;
       done_.store(0);
-      claims_.store(generation << 32);
+      claims_.store(tag(generation) << 32);
       generation_.store(generation, std::memory_order_release);
     }
     wake_.notify_all();
@@ -323,12 +323,16 @@ class Pool {
     for (int i = 1; i < threads(); i++) std::thread([this] { helper(); }).detach();
   }
 
+  // A call's tag in the claims counter's upper 32 bits (it wraps after 2^32 calls; the
+  // generation itself does not).
+  static uint64_t tag(uint64_t generation) { return generation & 0xffffffffu; }
+
   // Items of call `generation` until none is left.
   void work(uint64_t generation, const std::function<void(int)>* f, int n) {
     for (;;) {
       uint64_t claim = claims_.load();
       do {
-        if (claim >> 32 != generation || static_cast<int>(claim & 0xffffffff) >= n) return;
+        if (claim >> 32 != tag(generation) || static_cast<int>(claim & 0xffffffff) >= n) return;
       } while (!claims_.compare_exchange_weak(claim, claim + 1));
       (*f)(static_cast<int>(claim & 0xffffffff));
       if (done_.fetch_add(1) + 1 == n) {
@@ -1085,7 +1089,8 @@ array scaled_dot_product_attention(const array& queries, const array& keys,
               k.shape(0) == q.shape(0) && v.shape(0) == q.shape(0) &&
               k.shape(1) == v.shape(1) && k.shape(2) == v.shape(2) && k.shape(2) > 0 &&
               k.shape(1) > 0 && q.shape(1) % k.shape(1) == 0 && q.shape(3) == k.shape(3) &&
-              q.shape(3) % lanes == 0 && v.shape(3) % lanes == 0 && q.shape(0) > 0;
+              q.shape(3) % lanes == 0 && v.shape(3) % lanes == 0 && q.shape(0) > 0 &&
+              q.shape(1) > 0 && q.shape(3) > 0 && v.shape(3) > 0;  // empty ones: MLX's
   MaskKind kind = NO_MASK;
   if (fits && mask_mode == "causal") {
     fits = !mask_arr;

@@ -185,6 +185,15 @@ for b in (1, 2):
                  scale=0.125, mask="causal")
     same[f"prefill {b}"] = bool(mx.array_equal(alone[0], out["prefill left padding"][b, :, s0:]
                                                ).item())
+# Empty heads are MLX's to judge: no query heads is an error, heads of size 0 weigh nothing.
+try:
+    mx.eval(sdpa(mx.zeros((1, 0, 3, 16)), mx.zeros((1, 2, 5, 16)), mx.zeros((1, 2, 5, 16)),
+                 scale=1.0))
+    same["no query heads refused"] = False
+except ValueError:
+    same["no query heads refused"] = True
+out["heads of size 0"] = sdpa(mx.zeros((1, 2, 3, 0)), mx.zeros((1, 2, 5, 0)), arr(1, 2, 5, 16),
+                              scale=1.0, mask="causal")
 np.savez(sys.argv[1], **{k_: np.array(v_.astype(mx.float32)) for k_, v_ in out.items()})
 lib = ctypes.CDLL(None)
 try:
@@ -305,13 +314,15 @@ def test_decode_attention_is_mlx_own_up_to_rounding(kernels: Path, tmp_path: Pat
     assert ours.keys() == reference.keys()
     for name, expected in reference.items():
         np.testing.assert_allclose(ours[name], expected, rtol=2e-5, atol=2e-6, err_msg=name)
-    assert_bit_identical({"float16": ours["float16"]}, {"float16": reference["float16"]})
+    assert_bit_identical({k: ours[k] for k in ("float16", "heads of size 0")},
+                         {k: reference[k] for k in ("float16", "heads of size 0")})
     # A masked key counts for nothing: a sequence's row of a left-padded batch is the
     # sequence alone, bit for bit (so a request decodes alike alone and in a batch).
     # The 8 sequences' items are shared between threads (MLXROUTER_ATTENTION_THREADS).
     assert report["alone equals batch"] == {
         "0": True, "1": True, "2": True, "8 sequences 2": True, "8 sequences 4": True,
-        "prefill in two": True, "prefill 1": True, "prefill 2": True}
+        "prefill in two": True, "prefill 1": True, "prefill 2": True,
+        "no query heads refused": True}
 
 
 def test_kernels_can_be_turned_off(kernels: Path, tmp_path: Path) -> None:
