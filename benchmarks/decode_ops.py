@@ -102,6 +102,17 @@ def worker_env(work: Path) -> dict[str, str]:
     return env
 
 
+def measure(code: str, argv: list[str], workers: dict[str, str], overrides: dict[str, str],
+            timeout_s: float = 600) -> dict[str, float]:
+    """One fresh process running `code` with `argv`, in the workers' environment (none of the
+    caller's MLXROUTER_ settings) plus a configuration's overrides: the JSON it prints."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MLXROUTER_")}
+    out = subprocess.run([sys.executable, "-c", code, *argv],
+                         env={**base, **workers, **overrides}, capture_output=True, text=True,
+                         check=True, timeout=timeout_s)
+    return json.loads(out.stdout)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", default="1,8")
@@ -117,17 +128,13 @@ def main() -> None:
     ops = ["attention", "rope"] + (["step"] if args.model else [])
     runs: dict[str, dict[int, dict[str, list[float]]]] = {
         c: {b: {op: [] for op in ops} for b in batches} for c in CONFIGS}
-    base = {k: v for k, v in os.environ.items() if not k.startswith("MLXROUTER_")}
+    model = [str(args.model)] if args.model else []
     for r in range(args.rounds):
         order = list(CONFIGS) if r % 2 == 0 else list(CONFIGS)[::-1]
         for b in batches:
             for name in order:
-                env = {**base, **workers, **CONFIGS[name]}
-                model = [str(args.model)] if args.model else []
-                out = subprocess.run([sys.executable, "-c", CHILD, str(b), str(args.keys),
-                                      str(args.reps), *model], env=env, capture_output=True,
-                                     text=True, check=True, timeout=600)
-                got = json.loads(out.stdout)
+                got = measure(CHILD, [str(b), str(args.keys), str(args.reps), *model], workers,
+                              CONFIGS[name])
                 for op, ms in got.items():
                     runs[name][b][op].append(ms)
                 print(f"round {r + 1} batch {b} {name}: {got}", file=sys.stderr)

@@ -25,13 +25,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_ops import worker_env  # noqa: E402
+from decode_ops import measure, worker_env  # noqa: E402
 
 CHILD = r"""
 import json, statistics, sys, time
@@ -92,15 +91,11 @@ def main() -> None:
 
     workers = worker_env(Path(tempfile.mkdtemp(prefix="prefill-ops-")))
     runs: dict[str, dict[str, list[float]]] = {c: {} for c in CONFIGS}
-    base = {k: v for k, v in os.environ.items() if not k.startswith("MLXROUTER_")}
+    model = [str(args.model)] if args.model else []
     for r in range(args.rounds):
         for name in list(CONFIGS) if r % 2 == 0 else list(CONFIGS)[::-1]:
-            model = [str(args.model)] if args.model else []
-            out = subprocess.run([sys.executable, "-c", CHILD, str(args.tokens), str(args.long),
-                                  str(args.reps), *model],
-                                 env={**base, **workers, **CONFIGS[name]}, capture_output=True,
-                                 text=True, check=True, timeout=900)
-            got = json.loads(out.stdout)
+            got = measure(CHILD, [str(args.tokens), str(args.long), str(args.reps), *model],
+                          workers, CONFIGS[name], timeout_s=900)
             for op, ms in got.items():
                 runs[name].setdefault(op, []).append(ms)
             print(f"round {r + 1} {name}: {got}", file=sys.stderr)
