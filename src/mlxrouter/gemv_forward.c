@@ -47,7 +47,11 @@ static unsigned long forwarded, small;
 /* The kernel once per instruction set and register block: "tall" blocks (8 rows of A by one
  * weight row, two with AVX-512's 32 registers) for up to 8 rows, one pass over the weights;
  * "wide" ones (4 x 4) above that. Measured on 2 cores (docs/performance.md): these streamed
- * the weights fastest from 1 to 8 rows, 4 x 4 at 12 and 16. small_gemm.h undefines the
+ * the weights fastest from 1 to 8 rows, 4 x 4 at 12 and 16. AVX2 (16 registers) uses its
+ * 4 x 2 blocks at every M: on an AVX2-only Zen machine an 8 x 1 block, which loads 9 vectors
+ * per 8 multiply-adds against 6 for 4 x 2, made an 8-row pass over SmolLM2's half weights
+ * 25-31 ms against 19-26, and 1 to 4 rows no faster. Every block shape sums each dot product
+ * the same way, so the results are the same bit for bit. small_gemm.h undefines the
  * parameters. */
 #define NAME(x) x##_generic_tall
 #define LANES 4
@@ -62,12 +66,6 @@ static unsigned long forwarded, small;
 #define TARGET
 #include "small_gemm.h"
 #if defined(__x86_64__)
-#define NAME(x) x##_avx2_tall
-#define LANES 8
-#define MR 8
-#define NR 1
-#define TARGET __attribute__((target("avx2,fma")))
-#include "small_gemm.h"
 #define NAME(x) x##_avx2_wide
 #define LANES 8
 #define MR 4
@@ -115,15 +113,6 @@ static inline float bf16_to_float(uint16_t h) {
     memcpy(&f, &bits, sizeof f);
     return f;
 }
-#define NAME(x) x##_avx2_tall_f16
-#define LANES 8
-#define MR 8
-#define NR 1
-#define TARGET __attribute__((target("avx2,fma,f16c")))
-#define BTYPE uint16_t
-#define LOADB(p) ((NAME(vec))F16_LOAD(p))
-#define LOADB1(p) F16_LOAD1(p)
-#include "small_gemm.h"
 #define NAME(x) x##_avx2_wide_f16
 #define LANES 8
 #define MR 4
@@ -132,15 +121,6 @@ static inline float bf16_to_float(uint16_t h) {
 #define BTYPE uint16_t
 #define LOADB(p) ((NAME(vec))F16_LOAD(p))
 #define LOADB1(p) F16_LOAD1(p)
-#include "small_gemm.h"
-#define NAME(x) x##_avx2_tall_bf16
-#define LANES 8
-#define MR 8
-#define NR 1
-#define TARGET __attribute__((target("avx2,fma")))
-#define BTYPE uint16_t
-#define LOADB(p) ((NAME(vec))BF16_LOAD(p))
-#define LOADB1(p) bf16_to_float(*(p))
 #include "small_gemm.h"
 #define NAME(x) x##_avx2_wide_bf16
 #define LANES 8
@@ -439,13 +419,12 @@ __attribute__((constructor)) static void resolve(void) {
                 half_wide[SHADOW_F16] = kernel_avx512_wide_f16;
         }
     } else if (!generic_only && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-        kernel_tall = kernel_avx2_tall, kernel_wide = kernel_avx2_wide,
-        kernel_nn = kernel_nn_avx2_tall, isa = "avx2";
-        half_tall[SHADOW_BF16] = kernel_avx2_tall_bf16;
-        half_wide[SHADOW_BF16] = kernel_avx2_wide_bf16;
+        /* 4 x 2 blocks at every M (see the instances above). */
+        kernel_tall = kernel_wide = kernel_avx2_wide;
+        kernel_nn = kernel_nn_avx2_wide, isa = "avx2";
+        half_tall[SHADOW_BF16] = half_wide[SHADOW_BF16] = kernel_avx2_wide_bf16;
         if (__builtin_cpu_supports("f16c"))
-            half_tall[SHADOW_F16] = kernel_avx2_tall_f16,
-            half_wide[SHADOW_F16] = kernel_avx2_wide_f16;
+            half_tall[SHADOW_F16] = half_wide[SHADOW_F16] = kernel_avx2_wide_f16;
     }
 #endif
     /* The portable kernel (no AVX2: ARM, older x86) is off unless asked for: on the x86 machine
