@@ -4,9 +4,11 @@ logs, log rotation and Prometheus metrics."""
 from __future__ import annotations
 
 import json
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -87,15 +89,23 @@ def test_ctl_tail_follow_shows_new_lines(start_daemon):
     tail = subprocess.Popen([sys.executable, "-m", "mlxrouter", "ctl", "--config",
                              str(daemon.root / "supervisor.toml"), "tail", "-f", "tiny"],
                             stdout=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()  # read on a thread: readline alone may block
+    threading.Thread(target=lambda: [lines.put(line) for line in tail.stdout],
+                     daemon=True).start()
+
+    def read_until(text: str, timeout_s: float) -> str:
+        seen, deadline = "", time.monotonic() + timeout_s
+        while text not in seen and (left := deadline - time.monotonic()) > 0:
+            try:
+                seen += lines.get(timeout=left)
+            except queue.Empty:
+                break
+        return seen
+
     try:
-        first = tail.stdout.readline()
-        assert "worker:tiny" in first
+        assert "worker:tiny" in lines.get(timeout=20)  # the header comes first
         assert chat(daemon, **{"X-Request-ID": "tail-me-123"}) == 200
-        deadline = time.monotonic() + 20
-        seen = ""
-        while "tail-me-123" not in seen and time.monotonic() < deadline:
-            seen += tail.stdout.readline()
-        assert "request started request_id=tail-me-123" in seen
+        assert "request started request_id=tail-me-123" in read_until("tail-me-123", 20)
     finally:
         tail.send_signal(signal.SIGINT)
         tail.wait(10)
