@@ -96,7 +96,23 @@ def blas_alternatives(env: dict[str, str]) -> dict[str, dict[str, str]]:
             **env, "LD_PRELOAD": ":".join(lib for lib in preload if FORWARDER not in lib)}
     if any(KERNELS in lib for lib in preload):
         out["without mlxrouter's MLX kernels"] = {**env, "MLXROUTER_FAST_OPS": "0"}
+    if env.get("OPENBLAS_CORETYPE") == "SKYLAKEX":  # mlxrouter's choice for AMD's AVX-512
+        out["OpenBLAS's AVX2 kernels (`OPENBLAS_CORETYPE=HASWELL`)"] = {
+            **env, "OPENBLAS_CORETYPE": "HASWELL"}
     return out
+
+
+def choose_openblas_kernels(keep: bool) -> dict[str, str | None]:
+    """Every contender inherits this process's environment. Where that names OpenBLAS kernels
+    (OPENBLAS_CORETYPE) other than those mlxrouter picks for this CPU when it is unset
+    (config.openblas_coretype), the run uses mlxrouter's, so it measures what a user of this
+    CPU gets; `keep` (--keep-openblas-coretype) keeps the environment's."""
+    from mlxrouter.config import openblas_coretype
+
+    inherited, chosen = os.environ.get("OPENBLAS_CORETYPE"), openblas_coretype()
+    if chosen is not None and inherited is not None and inherited != chosen and not keep:
+        os.environ["OPENBLAS_CORETYPE"] = chosen
+    return {"inherited": inherited, "used": os.environ.get("OPENBLAS_CORETYPE")}
 
 
 # ---------------------------------------------------------------- model
@@ -687,6 +703,8 @@ def machine(env: dict[str, str]) -> dict[str, Any]:
     blas = preload or "the mlx wheel's own"
     if "BLIS_NUM_THREADS" in env:
         blas += f" ({env['BLIS_NUM_THREADS']} BLIS threads)"
+    if "OPENBLAS_CORETYPE" in env:
+        blas += f" (`OPENBLAS_CORETYPE={env['OPENBLAS_CORETYPE']}`)"
     return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "cpu": cpu, "logical_cores": os.cpu_count(),
             "ram_gb": round(psutil.virtual_memory().total / 1024**3, 1),
@@ -778,6 +796,12 @@ def render(res: dict[str, Any], args: argparse.Namespace) -> str:
              f"{mach['mlx']}, mlx-lm {mach['mlx_lm']}, mlxrouter {mach['mlxrouter']}; preloads: "
              f"{mach['blas']}. Load average at start {mach['loadavg_start']}, at end "
              f"{res['loadavg_end']}."]
+    core = res["settings"].get("openblas_coretype") or {}
+    if core.get("inherited") and core["inherited"] != core["used"]:
+        lines += ["", f"This machine's environment sets `OPENBLAS_CORETYPE="
+                      f"{core['inherited']}`; every contender ran with `{core['used']}`, "
+                      "what mlxrouter's workers get on this CPU when it is unset "
+                      "(`--keep-openblas-coretype` keeps the environment's)."]
     if args.note:
         lines += ["", f"**Note:** {args.note}"]
     lines += ["", f"Settings: prompt ~{args.prompt_tokens} tokens, max_tokens {args.max_tokens} "
@@ -910,6 +934,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-mlx-server", action="store_true")
     p.add_argument("--skip-blas-comparison", action="store_true",
                    help="do not run the load levels again on the other BLAS setup")
+    p.add_argument("--keep-openblas-coretype", action="store_true",
+                   help="keep an OPENBLAS_CORETYPE this environment sets even where mlxrouter "
+                        "would pick other kernels for this CPU")
     p.add_argument("--note", default="", help="a line for the report (e.g. a shared machine)")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     p.add_argument("--json", type=Path)
@@ -923,6 +950,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     res: dict[str, Any] = {"settings": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    res["settings"]["openblas_coretype"] = choose_openblas_kernels(
+        args.keep_openblas_coretype)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     q4, f32 = prepare_model(args.work_dir)
     with tempfile.TemporaryDirectory(prefix="mlxr-bench-") as tmp:
