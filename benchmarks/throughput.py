@@ -84,7 +84,8 @@ def changed(env: dict[str, str], alt: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in alt.items() if env.get(k) != v}
 
 
-def blas_alternatives(env: dict[str, str]) -> dict[str, dict[str, str]]:
+def blas_alternatives(env: dict[str, str], inherited: str | None = None
+                      ) -> dict[str, dict[str, str]]:
     """Other setups for the direct single-stream comparison: what the workers' choice of
     BLAS, the gemv forwarder and mlxrouter's MLX kernels are each worth, measured in the same
     run."""
@@ -96,23 +97,34 @@ def blas_alternatives(env: dict[str, str]) -> dict[str, dict[str, str]]:
             **env, "LD_PRELOAD": ":".join(lib for lib in preload if FORWARDER not in lib)}
     if any(KERNELS in lib for lib in preload):
         out["without mlxrouter's MLX kernels"] = {**env, "MLXROUTER_FAST_OPS": "0"}
-    if env.get("OPENBLAS_CORETYPE") == "SKYLAKEX":  # mlxrouter's choice for AMD's AVX-512
-        out["OpenBLAS's AVX2 kernels (`OPENBLAS_CORETYPE=HASWELL`)"] = {
-            **env, "OPENBLAS_CORETYPE": "HASWELL"}
+    if inherited and "OPENBLAS_CORETYPE" not in env:  # the kernels the environment named
+        out[f"OpenBLAS with this environment's `OPENBLAS_CORETYPE={inherited}`"] = {
+            **env, "OPENBLAS_CORETYPE": inherited}
     return out
 
 
-def choose_openblas_kernels(keep: bool) -> dict[str, str | None]:
-    """Every contender inherits this process's environment. Where that names OpenBLAS kernels
-    (OPENBLAS_CORETYPE) other than those mlxrouter picks for this CPU when it is unset
-    (config.openblas_coretype), the run uses mlxrouter's, so it measures what a user of this
-    CPU gets; `keep` (--keep-openblas-coretype) keeps the environment's."""
-    from mlxrouter.config import openblas_coretype
+def drop_openblas_coretype(keep: bool) -> str | None:
+    """Every contender inherits this process's environment. An OPENBLAS_CORETYPE there
+    (some machines pin OpenBLAS's kernels, e.g. to its AVX2 ones for results that match across
+    CPUs) is removed unless `keep` (--keep-openblas-coretype), so the run measures the kernels
+    OpenBLAS picks for this CPU, as a user without that setting gets. Returns it."""
+    inherited = os.environ.get("OPENBLAS_CORETYPE")
+    if inherited is not None and not keep:
+        del os.environ["OPENBLAS_CORETYPE"]
+    return inherited
 
-    inherited, chosen = os.environ.get("OPENBLAS_CORETYPE"), openblas_coretype()
-    if chosen is not None and inherited is not None and inherited != chosen and not keep:
-        os.environ["OPENBLAS_CORETYPE"] = chosen
-    return {"inherited": inherited, "used": os.environ.get("OPENBLAS_CORETYPE")}
+
+def openblas_core(env: dict[str, str]) -> str | None:
+    """The kernels the preloaded OpenBLAS runs under `env` (its openblas_get_corename)."""
+    lib = next((p for p in env.get("LD_PRELOAD", "").split(":") if "libopenblas" in p), None)
+    if lib is None:
+        return None
+    code = ("import ctypes, sys; f = ctypes.CDLL(sys.argv[1]).openblas_get_corename; "
+            "f.restype = ctypes.c_char_p; print(f().decode())")
+    plain = {k: v for k, v in env.items() if k != "LD_PRELOAD"}
+    out = subprocess.run([sys.executable, "-c", code, lib], env=plain, capture_output=True,
+                         text=True, timeout=60)
+    return out.stdout.strip() or None
 
 
 # ---------------------------------------------------------------- model
@@ -458,6 +470,9 @@ class Target:
                                 salt=f"{self.name}{round_no}-{c}-")
         proc = psutil.Process(self.cpu_pid) if self.cpu_pid and c == max(
             self.args.concurrency) else None
+        # The previous contender's BLAS threads spin for a while after its last request, on
+        # the cores this level's prefill needs: every level starts after the same idle time.
+        time.sleep(self.args.settle_ms / 1000)
         before, t0 = (proc.cpu_times(), time.perf_counter()) if proc else (None, 0.0)
         self.rounds[c] += self.run(cfg)["levels"]
         if proc:
@@ -657,7 +672,7 @@ def measure_all(q4: Path, f32: Path, tiny: Path, env: dict[str, str], work: Path
         res["direct"] = direct.summary()
         direct.close()
         res["direct_blas"] = {}
-        for label, alt_env in blas_alternatives(env).items():
+        for label, alt_env in blas_alternatives(env, args.openblas_inherited).items():
             alt = Direct(f32, alt_env, args)
             try:
                 for i in range(args.direct_reps):
@@ -703,8 +718,8 @@ def machine(env: dict[str, str]) -> dict[str, Any]:
     blas = preload or "the mlx wheel's own"
     if "BLIS_NUM_THREADS" in env:
         blas += f" ({env['BLIS_NUM_THREADS']} BLIS threads)"
-    if "OPENBLAS_CORETYPE" in env:
-        blas += f" (`OPENBLAS_CORETYPE={env['OPENBLAS_CORETYPE']}`)"
+    if (core := openblas_core(env)) is not None:
+        blas += f" (OpenBLAS's kernels: {core})"
     return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "cpu": cpu, "logical_cores": os.cpu_count(),
             "ram_gb": round(psutil.virtual_memory().total / 1024**3, 1),
@@ -796,19 +811,21 @@ def render(res: dict[str, Any], args: argparse.Namespace) -> str:
              f"{mach['mlx']}, mlx-lm {mach['mlx_lm']}, mlxrouter {mach['mlxrouter']}; preloads: "
              f"{mach['blas']}. Load average at start {mach['loadavg_start']}, at end "
              f"{res['loadavg_end']}."]
-    core = res["settings"].get("openblas_coretype") or {}
-    if core.get("inherited") and core["inherited"] != core["used"]:
-        lines += ["", f"This machine's environment sets `OPENBLAS_CORETYPE="
-                      f"{core['inherited']}`; every contender ran with `{core['used']}`, "
-                      "what mlxrouter's workers get on this CPU when it is unset "
-                      "(`--keep-openblas-coretype` keeps the environment's)."]
+    inherited = res["settings"].get("openblas_coretype_inherited")
+    if inherited and not args.keep_openblas_coretype:
+        lines += ["", f"This machine's environment sets `OPENBLAS_CORETYPE={inherited}`; "
+                      "every contender ran without it, on the kernels OpenBLAS picks for this "
+                      "CPU by itself (above), as on a machine that does not set it; the direct "
+                      "row with it below shows what it costs (`--keep-openblas-coretype` "
+                      "keeps it for the whole run)."]
     if args.note:
         lines += ["", f"**Note:** {args.note}"]
     lines += ["", f"Settings: prompt ~{args.prompt_tokens} tokens, max_tokens {args.max_tokens} "
               "(EOS suppressed with logit_bias so every request decodes max_tokens), "
               f"temperature 0, streaming, concurrency levels {','.join(map(str, conc))} "
               f"(requests per level and round: {args.requests or 'max(3, level)'}), closed loop, "
-              f"{args.rounds} rounds: every figure is the median of the rounds' figures, "
+              f"{args.rounds} rounds, every level after {args.settle_ms:g} ms idle: every "
+              "figure is the median of the rounds' figures, "
               "request and error counts are totals. All contenders are loaded at once and "
               "each level runs on each server back to back (order alternating by round); "
               f"the {args.direct_reps} direct runs per round run just before the router's "
@@ -925,6 +942,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overhead-prompt-tokens", type=_positive, default=40)
     p.add_argument("--overhead-pause-ms", type=float, default=200,
                    help="idle time before each overhead request (0: back to back)")
+    p.add_argument("--settle-ms", type=float, default=500,
+                   help="idle time before each load level (0: back to back)")
     p.add_argument("--direct-reps", type=_positive, default=2, help="direct runs per round")
     p.add_argument("--pairs", type=int, default=9,
                    help="single-stream requests answered by direct, the worker alone and the "
@@ -935,8 +954,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-blas-comparison", action="store_true",
                    help="do not run the load levels again on the other BLAS setup")
     p.add_argument("--keep-openblas-coretype", action="store_true",
-                   help="keep an OPENBLAS_CORETYPE this environment sets even where mlxrouter "
-                        "would pick other kernels for this CPU")
+                   help="keep an OPENBLAS_CORETYPE this environment sets (by default every "
+                        "contender runs without it, on the kernels OpenBLAS picks itself)")
     p.add_argument("--note", default="", help="a line for the report (e.g. a shared machine)")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     p.add_argument("--json", type=Path)
@@ -950,8 +969,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     res: dict[str, Any] = {"settings": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
-    res["settings"]["openblas_coretype"] = choose_openblas_kernels(
-        args.keep_openblas_coretype)
+    args.openblas_inherited = drop_openblas_coretype(args.keep_openblas_coretype)
+    res["settings"]["openblas_coretype_inherited"] = args.openblas_inherited
     args.work_dir.mkdir(parents=True, exist_ok=True)
     q4, f32 = prepare_model(args.work_dir)
     with tempfile.TemporaryDirectory(prefix="mlxr-bench-") as tmp:

@@ -624,35 +624,6 @@ def blas_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-# What OpenBLAS's SkylakeX kernels need of the CPU.
-_AVX512_SKX = frozenset({"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"})
-
-
-def openblas_coretype(cpuinfo: str | None = None) -> str | None:
-    """OPENBLAS_CORETYPE for a CPU that OpenBLAS misjudges, else None.
-
-    Debian 12's OpenBLAS (0.3.21) runs its AVX2 (Haswell) kernels on AMD's AVX-512 cores
-    (Zen 4 and later): on a 2-vCPU Zen 4 its SkylakeX kernels prefilled a batch of 8 prompts
-    in 0.75 s instead of 1.25 s, and decode was unchanged (docs/performance.md). Intel's
-    AVX-512 cores it recognises by itself."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return None
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return None
-    fields: dict[str, str] = {}
-    for line in cpuinfo.splitlines():  # the first processor's lines are enough
-        key, sep, value = line.partition(":")
-        if sep and key.strip() in ("vendor_id", "flags"):
-            fields.setdefault(key.strip(), value.strip())
-    if fields.get("vendor_id") == "AuthenticAMD" and _AVX512_SKX <= set(
-            fields.get("flags", "").split()):
-        return "SKYLAKEX"
-    return None
-
-
 # Never handed to a worker: a model's chat template or a crash dump has no business with them.
 _SECRET_ENV = ("MLXROUTER_API_KEY", "MLXROUTER_ADMIN_KEY", "OPENAI_API_KEY", "HF_TOKEN",
                "HUGGING_FACE_HUB_TOKEN")
@@ -674,7 +645,5 @@ def worker_environment(config: Config, spec: ModelSpec) -> dict[str, str]:
             env["LD_PRELOAD"] = ":".join(libraries)
             if kind == "blis":
                 env.setdefault("BLIS_NUM_THREADS", str(blas_threads()))
-            elif kind == "openblas" and (core := openblas_coretype()) is not None:
-                env.setdefault("OPENBLAS_CORETYPE", core)
     env.update(spec.env)
     return env

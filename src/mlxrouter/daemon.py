@@ -30,7 +30,7 @@ from hypercorn.config import Config as HypercornConfig
 
 from .access import RequestIdFilter
 from .broker import Broker
-from .config import EMBEDDED_MODEL_ID, Config, ConfigError, openblas_coretype, worker_preloads
+from .config import EMBEDDED_MODEL_ID, Config, ConfigError, worker_preloads
 from .discovery import Catalog
 from .errors import RouterError
 from .gateway import build_app
@@ -203,9 +203,10 @@ class Daemon:
                          reload=self.reload, shutdown=self.stop_requested.set)
         if sys.platform == "linux":  # builds the native libraries now, not at a worker's start
             kind, preloads = await asyncio.to_thread(worker_preloads, config)
-            core = openblas_coretype() if kind == "openblas" else None
+            # Some machines pin OpenBLAS's kernels; workers inherit that (performance.md).
+            core = os.environ.get("OPENBLAS_CORETYPE") if kind == "openblas" else None
             log.info("workers preload %s%s", ":".join(preloads) or "nothing",
-                     f" (OPENBLAS_CORETYPE={core} unless set)" if core else "")
+                     f" (OPENBLAS_CORETYPE={core} from the environment)" if core else "")
         sock = _listen(config.server.host, config.server.port)
         port = sock.getsockname()[1]
         lock.write(boot_id=supervisor.boot_id, host=config.server.host, port=port)

@@ -524,7 +524,6 @@ def linux(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     monkeypatch.setattr(gemv, "library", lambda *dirs: None)
     monkeypatch.setattr(mlx_ops, "library", lambda *dirs: None)
-    monkeypatch.setattr(cfg, "openblas_coretype", lambda: None)  # whatever this CPU is
 
 
 @pytest.fixture
@@ -608,42 +607,6 @@ def test_worker_environment_openblas_gets_no_blis_threads(
     monkeypatch.setattr(cfg, "find_system_blas", lambda which: OPENBLAS)
     monkeypatch.delenv("BLIS_NUM_THREADS", raising=False)
     assert "BLIS_NUM_THREADS" not in worker_environment(make_config(), spec())
-
-
-ZEN4_FLAGS = "fpu sse2 avx avx2 fma avx512f avx512dq avx512cd avx512bw avx512vl avx512_bf16"
-
-
-def cpuinfo(vendor: str, flags: str) -> str:
-    one = f"processor\t: 0\nvendor_id\t: {vendor}\nmodel name\t: X\nflags\t\t: {flags}\n"
-    return one + "\n" + one.replace(": 0", ": 1")
-
-
-def test_openblas_coretype_names_skylakex_only_for_amd_avx512(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cfg.platform, "machine", lambda: "x86_64")
-    assert cfg.openblas_coretype(cpuinfo("AuthenticAMD", ZEN4_FLAGS)) == "SKYLAKEX"
-    # Zen 3 (AVX2 only), Intel with AVX-512 (recognised by OpenBLAS), AVX-512 without VL
-    assert cfg.openblas_coretype(cpuinfo("AuthenticAMD", "fpu avx avx2 fma")) is None
-    assert cfg.openblas_coretype(cpuinfo("GenuineIntel", ZEN4_FLAGS)) is None
-    assert cfg.openblas_coretype(cpuinfo("AuthenticAMD", ZEN4_FLAGS.replace(
-        " avx512vl", ""))) is None
-    assert cfg.openblas_coretype("") is None
-    monkeypatch.setattr(cfg.platform, "machine", lambda: "aarch64")
-    assert cfg.openblas_coretype(cpuinfo("AuthenticAMD", ZEN4_FLAGS)) is None
-
-
-def test_worker_environment_gives_openblas_its_avx512_kernels_on_zen(
-        forwarder: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cfg, "openblas_coretype", lambda: "SKYLAKEX")
-    monkeypatch.delenv("OPENBLAS_CORETYPE", raising=False)
-    monkeypatch.setattr(cfg, "find_system_blas", installed("blis", "openblas"))
-    assert worker_environment(make_config(), spec())["OPENBLAS_CORETYPE"] == "SKYLAKEX"
-    # the model's own setting, or the user's, wins; BLIS gets none
-    env = worker_environment(make_config(), spec(env={"OPENBLAS_CORETYPE": "HASWELL"}))
-    assert env["OPENBLAS_CORETYPE"] == "HASWELL"
-    assert "OPENBLAS_CORETYPE" not in worker_environment(make_config(system_blas="blis"), spec())
-    monkeypatch.setenv("OPENBLAS_CORETYPE", "ZEN")
-    assert worker_environment(make_config(), spec())["OPENBLAS_CORETYPE"] == "ZEN"
 
 
 def test_worker_environment_asks_for_the_configured_blas(
