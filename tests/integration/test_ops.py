@@ -183,6 +183,22 @@ def test_request_ids_are_echoed_and_logged_by_daemon_and_worker(start_daemon, ti
     assert f"request_id={rid}" in daemon.worker_log("tiny")
 
 
+def test_an_inherited_openblas_coretype_is_logged_and_reaches_the_worker(
+        start_daemon, tiny_model, monkeypatch):
+    from mlxrouter.config import find_system_blas
+
+    if sys.platform != "linux" or find_system_blas("openblas") is None:
+        pytest.skip("OpenBLAS workers need Linux and an installed OpenBLAS")
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    daemon = start_daemon(supervisor={"system_blas": "openblas"})
+    assert chat(daemon) == 200
+    assert "(OPENBLAS_CORETYPE=Haswell from the environment)" in daemon.output()
+    environ = open(f"/proc/{daemon.wait_worker('tiny')}/environ", "rb").read().split(b"\0")
+    assert b"OPENBLAS_CORETYPE=Haswell" in environ
+    monkeypatch.delenv("OPENBLAS_CORETYPE")
+    assert "OPENBLAS_CORETYPE" not in start_daemon(supervisor={"system_blas": "openblas"}).output()
+
+
 def test_logs_rotate_at_the_configured_size(start_daemon, tiny_model):
     daemon = start_daemon(supervisor={"log_max_bytes": 1500, "log_backups": 2})
     for _ in range(12):
