@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -193,10 +194,13 @@ def test_an_inherited_openblas_coretype_is_logged_and_reaches_the_worker(
     daemon = start_daemon(supervisor={"system_blas": "openblas"})
     assert chat(daemon) == 200
     assert "(OPENBLAS_CORETYPE=Haswell from the environment)" in daemon.output()
-    environ = open(f"/proc/{daemon.wait_worker('tiny')}/environ", "rb").read().split(b"\0")
+    environ = Path(f"/proc/{daemon.wait_worker('tiny')}/environ").read_bytes().split(b"\0")
     assert b"OPENBLAS_CORETYPE=Haswell" in environ
     monkeypatch.delenv("OPENBLAS_CORETYPE")
-    assert "OPENBLAS_CORETYPE" not in start_daemon(supervisor={"system_blas": "openblas"}).output()
+    plain = start_daemon(supervisor={"system_blas": "openblas"}).output()
+    preload = [line for line in plain.splitlines() if "workers preload" in line]
+    assert len(preload) == 1 and "libopenblas" in preload[0]
+    assert "OPENBLAS_CORETYPE" not in preload[0]
 
 
 def test_logs_rotate_at_the_configured_size(start_daemon, tiny_model):
