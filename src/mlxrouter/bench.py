@@ -78,6 +78,8 @@ class RequestResult(msgspec.Struct, kw_only=True):
     completion_tokens: int = 0
     content_chunks: int = 0
     text: str = ""
+    # A non-streaming response's Server-Timing (mlxrouter: queue, worker, total), in ms.
+    server_timing: dict[str, float] = {}
 
     @property
     def itl_s(self) -> float | None:
@@ -180,7 +182,8 @@ class Client:
         if resp.status_code >= 400:
             return RequestResult(ok=False, error=_error_kind(resp.status_code, resp.content))
         data = resp.json()
-        result = RequestResult(ok=True)
+        result = RequestResult(ok=True,
+                               server_timing=server_timing(resp.headers.get("server-timing")))
         choice = (data.get("choices") or [{}])[0]
         result.text = (choice.get("message") or {}).get("content") or choice.get("text") or ""
         _apply_usage(result, data.get("usage"))
@@ -226,6 +229,22 @@ class Client:
         if not result.completion_tokens:
             result.completion_tokens = result.content_chunks
         return result
+
+
+def server_timing(header: str | None) -> dict[str, float]:
+    """`Server-Timing: queue;dur=0.05, worker;dur=81.2` as {"queue": 0.05, ...} (ms);
+    entries without a duration are left out."""
+    out: dict[str, float] = {}
+    for entry in (header or "").split(","):
+        name, *params = (p.strip() for p in entry.split(";"))
+        for param in params:
+            key, _, value = param.partition("=")
+            if name and key.strip() == "dur":
+                try:
+                    out[name] = float(value.strip().strip('"'))
+                except ValueError:
+                    pass
+    return out
 
 
 def _chunk_text(event: dict[str, Any]) -> str:

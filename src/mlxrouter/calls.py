@@ -205,20 +205,21 @@ class Group:
                      PromptTokensDetails(cached_tokens=sum(cached.values())))
 
     def record(self, status: int, usage: Usage | None = None,
-               error: RouterError | None = None) -> None:
-        """Log and count this request once, whichever way it ended."""
-        if self._recorded:
-            return
-        self._recorded = True
+               error: RouterError | None = None, worker_s: float | None = None) -> float:
+        """Log and count this request once, whichever way it ended; its duration so far."""
         duration = time.monotonic() - self.t0
-        log.info("%s model=%s status=%d choices=%d duration_ms=%.0f prompt_tokens=%d "
+        if self._recorded:
+            return duration
+        self._recorded = True
+        log.info("%s model=%s status=%d choices=%d duration_ms=%.0f%s prompt_tokens=%d "
                  "completion_tokens=%d%s", self.shape.endpoint, self.spec.id, status,
-                 len(self.calls), duration * 1000, usage.prompt_tokens if usage else 0,
-                 usage.completion_tokens if usage else 0,
+                 len(self.calls), duration * 1000,
+                 f" worker_ms={worker_s * 1000:.0f}" if worker_s is not None else "",
+                 usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
                  f" error={error.code}" if error else "")
         metrics = self.state.metrics
         if metrics is None:
-            return
+            return duration
         if error is not None:
             error.recorded = True  # the route's catch-all must not count it again
             metrics.rejected(self.spec.id, error.code)
@@ -229,6 +230,7 @@ class Group:
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else 0,
             cached_tokens=usage.prompt_tokens_details.cached_tokens if usage else 0)
+        return duration
 
     # ---- non-streaming
 
@@ -250,11 +252,19 @@ class Group:
         except RouterError as exc:
             self.record(exc.status, error=exc)
             raise
-        usage = self.usage([a.end for a in results])
-        self.record(200, usage)
+        ends = [a.end for a in results]
+        usage = self.usage(ends)
+        worker_s = max(e.elapsed_s for e in ends)
+        duration = self.record(200, usage, worker_s=worker_s)
         choices = [a._replace(text=self.prefix[i] + a.text) for i, a in enumerate(results)]
+        # What the time went to, for browsers' devtools and for measuring the router's own
+        # overhead (total - worker): the wait for a batch slot, the slowest choice's time in
+        # the worker, everything from admission to this response.
+        queue_s = max(c.queue_s or 0.0 for c in self.calls)
+        timing = (f"queue;dur={queue_s * 1000:.2f}, "
+                  f"worker;dur={worker_s * 1000:.2f}, total;dur={duration * 1000:.2f}")
         return json_response(self.shape.body(self.cid, self.created, self.model, choices,
-                                             usage))
+                                             usage), headers={"server-timing": timing})
 
     async def _collect_all(self) -> list[Answer]:
         try:

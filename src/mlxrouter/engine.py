@@ -187,6 +187,7 @@ class Sequence:
         self.tools: Any = None  # a toolcalls.ToolCallStream when the output may hold calls
         self.constraint: Any = None  # a constrain.GrammarProcessor when decoding is constrained
         self.one_call = not req.parallel_tool_calls
+        self.received_at = time.monotonic()  # submit() sets when the engine took the Request
 
     def route(self, text: str, final: bool) -> tuple[str, str, list[protocol.ToolCallDelta]]:
         """(content, reasoning, tool call pieces) of newly decoded text; reasoning markers
@@ -441,7 +442,7 @@ class TextEngine:
     def submit(self, req: protocol.Request) -> None:
         """Per-request code: whatever goes wrong here fails this request, never the worker."""
         try:
-            self._admit(req)
+            self._admit(req, time.monotonic())
         except RouterError as exc:
             self.emit(protocol.Error(rid=req.rid, code=exc.code, message=exc.message,
                                      param=exc.param))
@@ -451,7 +452,7 @@ class TextEngine:
             self.emit(protocol.Error(rid=req.rid, code="invalid_request",
                                      message=f"the request could not be processed: {exc}"))
 
-    def _admit(self, req: protocol.Request) -> None:
+    def _admit(self, req: protocol.Request, received_at: float) -> None:
         if req.tools and not self.tools_enabled:
             raise InvalidRequest(f"model '{self.spec.id}' does not support tool calling (its "
                                  f"chat template renders no tools and no tool_call_format is "
@@ -495,6 +496,7 @@ class TextEngine:
         seq = Sequence(req, uid, self.tokenizer.detokenizer, len(prompt))
         seq.cached_tokens = cached
         seq.constraint = constraint
+        seq.received_at = received_at
         if req.messages is not None:
             # A constrained sequence writes the grammar's output from its first token: that is
             # the answer, even after a template that opened a reasoning block.
@@ -602,7 +604,8 @@ class TextEngine:
         self.emit(protocol.End(rid=seq.rid, finish_reason=finish_reason,
                                prompt_tokens=seq.prompt_tokens,
                                completion_tokens=seq.completion_tokens,
-                               cached_tokens=seq.cached_tokens))
+                               cached_tokens=seq.cached_tokens,
+                               elapsed_s=time.monotonic() - seq.received_at))
 
     # ---- the batch step
 

@@ -173,6 +173,9 @@ class End(_Msg, tag="end"):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    # The worker's own time for this sequence: from its engine taking the Request to this End
+    # (templating, prefill, decode). What the daemon adds on top is the router's overhead.
+    elapsed_s: float = 0.0
 
 
 class Error(_Msg, tag="error"):

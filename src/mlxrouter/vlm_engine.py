@@ -90,6 +90,7 @@ class _Job:
         self.stop = StopText(req.sampling.stop)
         self.completion_tokens = 0
         self.gen: Iterator[Any] | None = None
+        self.received_at = time.monotonic()
 
 
 class VisionEngine:
@@ -155,14 +156,15 @@ class VisionEngine:
                                      message=f"the request could not be processed: {exc}"))
 
     def _admit(self, req: protocol.Request) -> None:
-        self._refuse_unsupported(req)
         started = time.monotonic()
+        self._refuse_unsupported(req)
         inputs, images = self._inputs(req)
         prompt_tokens = int(inputs["input_ids"].shape[-1])
         max_tokens = fit_max_tokens(req.sampling, prompt_tokens, self.max_context,
                                     "prompt tokens (images included)")
         job = _Job(req, inputs, prompt_tokens, make_sampler(req.sampling),
                    self._processors(req.sampling, max_tokens), max_tokens)
+        job.received_at = started
         self._queue.append(job)
         log.info("request started request_id=%s rid=%d prompt_tokens=%d images=%d "
                  "prepare_ms=%.0f max_tokens=%d queued=%d", job.request_id, req.rid,
@@ -242,7 +244,8 @@ class VisionEngine:
                  job.request_id, job.rid, finish_reason, job.completion_tokens)
         self.emit(protocol.End(rid=job.rid, finish_reason=finish_reason,
                                prompt_tokens=job.prompt_tokens,
-                               completion_tokens=job.completion_tokens))
+                               completion_tokens=job.completion_tokens,
+                               elapsed_s=time.monotonic() - job.received_at))
 
     # ---- one token of the current sequence
 

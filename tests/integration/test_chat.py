@@ -4,6 +4,7 @@ driven by the official openai client and raw httpx."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 import time
@@ -47,6 +48,36 @@ def test_non_streaming_completion_counts_tokens_like_the_tokenizer(daemon, token
     assert resp.usage.prompt_tokens == expected_prompt
     assert resp.usage.completion_tokens == 7
     assert resp.usage.total_tokens == expected_prompt + 7
+
+
+def _server_timing(header: str) -> dict[str, float]:
+    parts = (part.strip().split(";dur=") for part in header.split(","))
+    return {name: float(dur) for name, dur in parts}
+
+
+def test_server_timing_says_where_a_response_spent_its_time(start_daemon, tiny_model):
+    """Non-streaming responses carry Server-Timing: the wait for the worker (here its cold
+    start), the worker's own time (here a slow prefill) and the total in the router."""
+    daemon = start_daemon({"tiny": {"path": str(tiny_model),
+                                    "fault": {"prefill_delay_s": 0.3}}})
+    client = daemon.openai()
+    timings = []
+    for _ in range(2):  # cold (the worker starts), then warm
+        started = time.perf_counter()
+        raw = client.chat.completions.with_raw_response.create(
+            model="tiny", messages=MESSAGES, max_tokens=2, temperature=0)
+        latency_ms = (time.perf_counter() - started) * 1000
+        assert raw.parse().usage.completion_tokens == 2
+        timing = _server_timing(raw.headers["server-timing"])
+        assert set(timing) == {"queue", "worker", "total"}
+        assert 300 <= timing["worker"] < timing["total"] <= latency_ms
+        assert timing["queue"] + timing["worker"] <= timing["total"]
+        timings.append(timing)
+    assert timings[1]["queue"] < timings[0]["queue"]  # no worker to start the second time
+    logged = [int(m) for m in re.findall(r"chat.completions model=tiny status=200 choices=1 "
+                                         r"duration_ms=\d+ worker_ms=(\d+)", daemon.output())]
+    assert len(logged) == 2
+    assert all(abs(m - t["worker"]) <= 1 for m, t in zip(logged, timings))
 
 
 def test_streaming_matches_non_streaming_and_follows_openai_chunk_shapes(daemon):

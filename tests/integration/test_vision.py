@@ -131,6 +131,14 @@ def test_png_and_jpeg_requests_succeed_with_image_tokens_counted(daemon, vlm_pid
     assert daemon.worker_pid(VLM) == vlm_pid
 
 
+def test_an_image_request_reports_its_time_in_the_vision_worker(daemon, vlm_pid) -> None:
+    r = chat(daemon, ask([image_part(image_bytes("PNG"))]))
+    assert r.status_code == 200, r.text
+    timing = dict(part.strip().split(";dur=") for part in r.headers["server-timing"].split(","))
+    # image decoding, the processor, prefill and 3 tokens: never nothing
+    assert 0 < float(timing["worker"]) < float(timing["total"])
+
+
 def test_streaming_image_request_reports_the_same_usage(daemon, vlm_pid) -> None:
     messages = ask([image_part(image_bytes("PNG"))])
     expected = prompt_tokens(daemon, messages)
