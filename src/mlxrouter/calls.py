@@ -323,7 +323,7 @@ class Group:
                     ends[index] = end
                     yield fmt.chunk(self.shape.finish(*args, index, end.finish_reason))
             usage = self.usage([ends[i] for i in range(len(self.calls))])
-            self.record(200, usage)
+            self.record(200, usage, worker_s=max(e.elapsed_s for e in ends.values()))
             if include_usage:
                 yield fmt.chunk(self.shape.usage_chunk(*args, usage))
             yield fmt.end()
