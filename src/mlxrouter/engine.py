@@ -172,7 +172,8 @@ def batched_bias(generation_batch: type | None, on: bool = True) -> None:
 
 
 class Sequence:
-    def __init__(self, req: protocol.Request, uid: int, detok: Any, prompt_tokens: int) -> None:
+    def __init__(self, req: protocol.Request, uid: int, detok: Any, prompt_tokens: int,
+                 received_at: float) -> None:
         self.rid = req.rid
         self.request_id = req.request_id or "-"
         self.uid = uid
@@ -187,7 +188,7 @@ class Sequence:
         self.tools: Any = None  # a toolcalls.ToolCallStream when the output may hold calls
         self.constraint: Any = None  # a constrain.GrammarProcessor when decoding is constrained
         self.one_call = not req.parallel_tool_calls
-        self.received_at = time.monotonic()  # submit() sets when the engine took the Request
+        self.received_at = received_at  # when the engine took the Request (End.elapsed_s)
 
     def route(self, text: str, final: bool) -> tuple[str, str, list[protocol.ToolCallDelta]]:
         """(content, reasoning, tool call pieces) of newly decoded text; reasoning markers
@@ -493,10 +494,9 @@ class TextEngine:
             (uid,) = self.gen.insert([rest], max_tokens=[max_tokens], caches=[cache],
                                      all_tokens=[prompt[:cached]],
                                      samplers=[sampler], logits_processors=[processors])
-        seq = Sequence(req, uid, self.tokenizer.detokenizer, len(prompt))
+        seq = Sequence(req, uid, self.tokenizer.detokenizer, len(prompt), received_at)
         seq.cached_tokens = cached
         seq.constraint = constraint
-        seq.received_at = received_at
         if req.messages is not None:
             # A constrained sequence writes the grammar's output from its first token: that is
             # the answer, even after a template that opened a reasoning block.

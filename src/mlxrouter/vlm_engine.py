@@ -78,7 +78,7 @@ class _Job:
     """One request: its prepared inputs until it runs, then its generator."""
 
     def __init__(self, req: protocol.Request, inputs: dict[str, Any], prompt_tokens: int,
-                 sampler: Any, processors: list, max_tokens: int) -> None:
+                 sampler: Any, processors: list, max_tokens: int, received_at: float) -> None:
         self.req = req
         self.max_tokens = max_tokens
         self.rid = req.rid
@@ -90,7 +90,7 @@ class _Job:
         self.stop = StopText(req.sampling.stop)
         self.completion_tokens = 0
         self.gen: Iterator[Any] | None = None
-        self.received_at = time.monotonic()
+        self.received_at = received_at  # when the engine took the Request (End.elapsed_s)
 
 
 class VisionEngine:
@@ -163,8 +163,7 @@ class VisionEngine:
         max_tokens = fit_max_tokens(req.sampling, prompt_tokens, self.max_context,
                                     "prompt tokens (images included)")
         job = _Job(req, inputs, prompt_tokens, make_sampler(req.sampling),
-                   self._processors(req.sampling, max_tokens), max_tokens)
-        job.received_at = started
+                   self._processors(req.sampling, max_tokens), max_tokens, started)
         self._queue.append(job)
         log.info("request started request_id=%s rid=%d prompt_tokens=%d images=%d "
                  "prepare_ms=%.0f max_tokens=%d queued=%d", job.request_id, req.rid,
