@@ -62,6 +62,11 @@ for name, a in (("", x), (" strided", x.transpose(0, 2, 1, 3))):  # (3, 9, 5, 64
         out[f"rope{name}{t} partial freqs"] = mx.fast.rope(a, 32, traditional=trad, base=None,
                                                            scale=1.0, offset=mx.array(5),
                                                            freqs=freqs)
+# Every layer's queries and keys rotate by the same positions: the second call reuses the
+# first's cos and sin table; the third (other positions) and fourth (other offsets) may not.
+for i, offset in enumerate((40, 40, 41, offsets)):
+    out[f"rope again {i}"] = mx.fast.rope(x * (i + 1), 64, traditional=False, base=5e5,
+                                          scale=0.25, offset=offset)
 out["rope 3-d"] = mx.fast.rope(x[0], 64, traditional=False, base=1e4, scale=1.0, offset=3)
 out["rope float16"] = mx.fast.rope(x.astype(mx.float16), 64, traditional=False, base=1e4,
                                    scale=1.0, offset=3)
@@ -69,6 +74,8 @@ h = mx.array(rng.standard_normal((8, 1, 576)).astype(np.float32) * 3)
 out["rms_norm"] = mx.fast.rms_norm(h, mx.array(rng.standard_normal(576).astype(np.float32)), 1e-5)
 out["rms_norm no weight"] = mx.fast.rms_norm(h, None, 1e-6)
 out["rms_norm strided"] = mx.fast.rms_norm(h[:, 0, :40].T, h[0, 0, 100:108], 1e-5)
+out["rms_norm tail"] = mx.fast.rms_norm(h[:5, :, 3:103], h[7, 0, 200:300], 1e-5)  # 100 values
+out["rms_norm tail no weight"] = mx.fast.rms_norm(h[:, :, :7], None, 1e-5)
 out["rms_norm float16"] = mx.fast.rms_norm(h.astype(mx.float16), None, 1e-5)
 # A prefill's sizes (from 65,536 values), whose rows are shared between threads.
 big = rng.standard_normal((70, 1000)).astype(np.float32) * 4
@@ -104,9 +111,12 @@ try:
     counts = [lib.mlxrouter_mlx_ops_count(i) for i in range(6)]
     lib.mlxrouter_mlx_ops_shared.restype = ctypes.c_ulong
     shared = lib.mlxrouter_mlx_ops_shared()
+    lib.mlxrouter_mlx_ops_rope_table_hits.restype = ctypes.c_ulong
+    rope_hits = lib.mlxrouter_mlx_ops_rope_table_hits()
 except AttributeError:
-    kernels, counts, shared = None, None, None
-print(json.dumps({"kernels": kernels, "counts": counts, "shared": shared}))
+    kernels, counts, shared, rope_hits = None, None, None, None
+print(json.dumps({"kernels": kernels, "counts": counts, "shared": shared,
+                  "rope_hits": rope_hits}))
 """
 
 
@@ -270,12 +280,16 @@ def test_kernels_give_mlx_own_results_bit_for_bit(kernels: Path, tmp_path: Path,
     # attention (the float16 one is MLX's, and so is the vmap's over the second-last axis);
     # 5 logsumexps over the last axis, the vmap's and the model's log-probabilities (the
     # gradient needs no logsumexp's value, so none is computed for it); 12 ropes of 4-d
-    # float32 arrays and the 2 layers' queries and keys (the 3-d and float16 ones are MLX's).
+    # float32 arrays, 4 more of them at the same or other positions and the 2 layers' queries
+    # and keys (the 3-d and float16 ones are MLX's).
     # And the large ones: 2 softmaxes, a logsumexp, an RMS norm and a rope.
     assert (sigmoid, softmax, logsumexp) == (4 + 1 + 1 + 2, 5 + 1 + 1 + 1 + 2 + 2, 5 + 1 + 1 + 1)
-    assert (attention, rope) == (0, 12 + 4 + 1)
-    # 3 float32 RMS norms and the model's 2 per layer and its last (float16 is MLX's).
-    assert rms_norm == 3 + 5 + 1
+    assert (attention, rope) == (0, 12 + 4 + 4 + 1)
+    # Reused tables: "rope again 1" (the positions of the call before it) and the model's 3
+    # calls after its first; every other call built its own, and all agree with MLX below.
+    assert report["rope_hits"] == 1 + 3
+    # 5 float32 RMS norms and the model's 2 per layer and its last (float16 is MLX's).
+    assert rms_norm == 5 + 5 + 1
     # The large ones (and the long sigmoids) were shared between threads: the same bits.
     assert report["shared"] >= 5 + 3
     assert_bit_identical(ours, reference)
@@ -328,7 +342,8 @@ def test_decode_attention_is_mlx_own_up_to_rounding(kernels: Path, tmp_path: Pat
 def test_kernels_can_be_turned_off(kernels: Path, tmp_path: Path) -> None:
     report, reference = run_child(tmp_path, "mlx")
     report, off = run_child(tmp_path, "off", LD_PRELOAD=str(kernels), MLXROUTER_FAST_OPS="0")
-    assert report == {"kernels": "off", "counts": [0, 0, 0, 0, 0, 0], "shared": 0}
+    assert report == {"kernels": "off", "counts": [0, 0, 0, 0, 0, 0], "shared": 0,
+                      "rope_hits": 0}
     assert_bit_identical(off, reference)
 
 
