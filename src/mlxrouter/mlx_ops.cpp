@@ -453,7 +453,12 @@ template <typename F>
 void for_each_rows(const array& a, F f) {
   const size_t rows = a.ndim() ? a.size() / a.shape(-1) : 1;
   const bool shared = static_cast<int64_t>(a.size()) >= SHARED_MIN_VALUES;
-  const int parts = shared ? static_cast<int>(std::min<size_t>(rows, 4 * Pool::threads())) : 1;
+  // Every thread gets rows (a batch's 8 long rows: 4 each), in whole groups where there are
+  // enough of them.
+  const size_t threads = Pool::threads(), groups = (rows + ROW_GROUP - 1) / ROW_GROUP;
+  const int parts = shared ? static_cast<int>(std::min<size_t>(
+                                 4 * threads, std::max(std::min(rows, threads), groups)))
+                           : 1;
   share(parts, static_cast<int64_t>(a.size()), [&](int i) {
     int64_t offsets[ROW_GROUP];
     int count = 0;
@@ -475,30 +480,56 @@ void for_each_rows(const array& a, F f) {
 // after the other from 0, each square rounded on its own: MLX's one-lane sum of x * x.
 void squares_in_order(const float* src, const int64_t* offsets, int count, size_t n,
                       int64_t stride, float* sums) {
-  if (count == ROW_GROUP) {
-    const float* in[ROW_GROUP];
-    float s[ROW_GROUP];
-    for (int k = 0; k < ROW_GROUP; k++) in[k] = src + offsets[k], s[k] = 0.0f;
-    for (size_t i = 0; i < n; i++) {
-      const int64_t at = static_cast<int64_t>(i) * stride;
-#pragma GCC unroll 8
-      for (int k = 0; k < ROW_GROUP; k++) {  // 8 independent chains
-        const float square = in[k][at] * in[k][at];
-        s[k] = s[k] + square;
-      }
-    }
-    for (int k = 0; k < ROW_GROUP; k++) sums[k] = s[k];
-    return;
-  }
-  for (int k = 0; k < count; k++) {
-    const float* in = src + offsets[k];
+  if (count == 1) {
+    const float* in = src + offsets[0];
     float sum = 0.0f;
     for (size_t i = 0; i < n; i++) {
       const float square = in[i * stride] * in[i * stride];
       sum = sum + square;
     }
-    sums[k] = sum;
+    sums[0] = sum;
+    return;
   }
+  const float* in[ROW_GROUP];
+  float s[ROW_GROUP];
+  for (int k = 0; k < ROW_GROUP; k++) {  // a short group repeats its first row, unused
+    in[k] = src + offsets[k < count ? k : 0];
+    s[k] = 0.0f;
+  }
+  for (size_t i = 0; i < n; i++) {
+    const int64_t at = static_cast<int64_t>(i) * stride;
+#pragma GCC unroll 8
+    for (int k = 0; k < ROW_GROUP; k++) {  // 8 independent chains
+      const float square = in[k][at] * in[k][at];
+      s[k] = s[k] + square;
+    }
+  }
+  for (int k = 0; k < count; k++) sums[k] = s[k];
+}
+
+// logsumexp_row of `count` (at most ROW_GROUP) rows of n values at once: each row's maximum
+// and exps as alone, and their sums side by side, each row's added in order from its first
+// value, so each result is logsumexp_row's.
+template <typename V>
+void logsumexp_rows(const float* const* x, size_t n, int count, float* result) {
+  if (count == 1) {
+    result[0] = logsumexp_row<V>(x[0], n);
+    return;
+  }
+  float maxima[ROW_GROUP], sums[ROW_GROUP] = {};
+  alignas(64) float e[ROW_GROUP][BLOCK];
+  for (int k = 0; k < count; k++) maxima[k] = V::max(x[k], n);
+  for (int k = count; k < ROW_GROUP; k++) std::fill(e[k], e[k] + BLOCK, 0.0f);  // unused
+  for (size_t start = 0; start < n; start += BLOCK) {
+    const size_t len = n - start < BLOCK ? n - start : BLOCK;
+    for (int k = 0; k < count; k++) V::exp_minus(x[k] + start, e[k], len, maxima[k]);
+    for (size_t j = 0; j < len; j++) {
+#pragma GCC unroll 8
+      for (int k = 0; k < ROW_GROUP; k++) sums[k] = sums[k] + e[k][j];
+    }
+  }
+  for (int k = 0; k < count; k++)
+    result[k] = std::isinf(maxima[k]) ? maxima[k] : std::log(sums[k]) + maxima[k];
 }
 
 // ---- the primitives
@@ -589,15 +620,22 @@ class FastLogSumExp : public UnaryPrimitive {
       const int64_t stride = in.strides().back();
       const float* src = in.data<float>();
       float* dst = out.data<float>();
+      if (stride == 1) {  // a batch's rows of logits: their sums side by side
+        for_each_rows(in, [&](size_t first, const int64_t* offsets, int count) {
+          const float* rows[ROW_GROUP];
+          for (int k = 0; k < count; k++) rows[k] = src + offsets[k];
+          isa == AVX512 ? logsumexp_rows<Avx512>(rows, n, count, dst + first)
+                        : logsumexp_rows<Avx2>(rows, n, count, dst + first);
+        });
+        return;
+      }
       for_each_row(in, [&](size_t r, int64_t offset) {
         const float* x = src + offset;
-        if (stride != 1) {
-          thread_local std::vector<float> row;  // rows are shared between threads
-          row.resize(n);
-          for (size_t j = 0; j < n; j++) row[j] = x[j * stride];
-          x = row.data();
-        }
-        dst[r] = isa == AVX512 ? logsumexp_row<Avx512>(x, n) : logsumexp_row<Avx2>(x, n);
+        thread_local std::vector<float> row;  // rows are shared between threads
+        row.resize(n);
+        for (size_t j = 0; j < n; j++) row[j] = x[j * stride];
+        dst[r] = isa == AVX512 ? logsumexp_row<Avx512>(row.data(), n)
+                               : logsumexp_row<Avx2>(row.data(), n);
       });
     });
   }

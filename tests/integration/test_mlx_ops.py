@@ -82,6 +82,12 @@ big = rng.standard_normal((70, 1000)).astype(np.float32) * 4
 out["softmax large"] = mx.softmax(mx.array(big), axis=-1, precise=True)
 out["softmax large strided"] = mx.softmax(mx.array(big).T, axis=-1)
 out["logsumexp large strided"] = mx.logsumexp(mx.array(big).T, axis=-1)
+out["logsumexp large"] = mx.logsumexp(mx.array(big), axis=-1)  # groups of rows, shared
+vocab = rng.standard_normal((8, 49_152)).astype(np.float32) * 5  # a batch step's logits
+vocab[3, 7] = np.nan
+vocab[5] = -np.inf
+vocab[6, 100] = np.inf
+out["logsumexp batch of logits"] = mx.logsumexp(mx.array(vocab), axis=-1, keepdims=True)
 out["rms_norm large"] = mx.fast.rms_norm(mx.array(big.reshape(-1)[:69_120].reshape(120, 576)),
                                          mx.array(big[0, :576]), 1e-5)
 out["rope large"] = mx.fast.rope(mx.array(rng.standard_normal((2, 9, 131, 64)).astype(np.float32)),
@@ -282,8 +288,9 @@ def test_kernels_give_mlx_own_results_bit_for_bit(kernels: Path, tmp_path: Path,
     # gradient needs no logsumexp's value, so none is computed for it); 12 ropes of 4-d
     # float32 arrays, 4 more of them at the same or other positions and the 2 layers' queries
     # and keys (the 3-d and float16 ones are MLX's).
-    # And the large ones: 2 softmaxes, a logsumexp, an RMS norm and a rope.
-    assert (sigmoid, softmax, logsumexp) == (4 + 1 + 1 + 2, 5 + 1 + 1 + 1 + 2 + 2, 5 + 1 + 1 + 1)
+    # And the large ones: 2 softmaxes, 3 logsumexps, an RMS norm and a rope.
+    assert (sigmoid, softmax, logsumexp) == (4 + 1 + 1 + 2, 5 + 1 + 1 + 1 + 2 + 2,
+                                             5 + 1 + 1 + 3)
     assert (attention, rope) == (0, 12 + 4 + 4 + 1)
     # Reused tables: "rope again 1" (the positions of the call before it) and the model's 3
     # calls after its first; every other call built its own, and all agree with MLX below.
