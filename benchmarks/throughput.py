@@ -740,6 +740,7 @@ def measure_all(q4: Path, f32: Path, tiny: Path, env: dict[str, str], work: Path
             servers.append(Target("a", f"{daemon.base_url}/v1", f"{MODEL_ID}-alt", bias, args))
         for t in servers:
             t.warm_up()
+        warm_pids = worker_pids(daemon)
         for round_no in range(args.rounds):
             print(f"round {round_no + 1}/{args.rounds}", file=sys.stderr)
             for i in range(args.direct_reps):
@@ -787,8 +788,18 @@ def measure_all(q4: Path, f32: Path, tiny: Path, env: dict[str, str], work: Path
                 res[key]["multiturn"] = t.multiturn()
         if mlx:
             mlx.close()
+        # A worker the daemon restarted after its warm-up (a crash, a kill) ran the rest
+        # cold: the report says so rather than pass its figures off as steady ones.
+        now_pids = worker_pids(daemon)
+        res["worker_restarts"] = {m: [pid, now_pids.get(m)] for m, pid in warm_pids.items()
+                                  if now_pids.get(m) != pid}
         res["mlxrouter"].update(router_extras(daemon, f32, tiny, env, work, args))
     return res
+
+
+def worker_pids(daemon: Any) -> dict[str, int | None]:
+    """{model: pid} of the daemon's workers, from /v1/health."""
+    return {w["model"]: w["pid"] for w in daemon.http.get("/v1/health").json()["workers"]}
 
 
 # ---------------------------------------------------------------- report
@@ -926,6 +937,10 @@ def render(res: dict[str, Any], args: argparse.Namespace) -> str:
              f"{mach['mlx']}, mlx-lm {mach['mlx_lm']}, mlxrouter {mach['mlxrouter']}; preloads: "
              f"{mach['blas']}. Load average at start {mach['loadavg_start']}, at end "
              f"{res['loadavg_end']}."]
+    if res.get("worker_restarts"):
+        lines += ["", "**A worker restarted during the run** (model: pid after the warm-up, "
+                      f"pid at the end): {res['worker_restarts']}. Its figures after the "
+                      "restart include a cold start; see the daemon's log."]
     inherited = res["settings"].get("openblas_coretype_inherited")
     if inherited and not args.keep_openblas_coretype:
         lines += ["", f"This machine's environment sets `OPENBLAS_CORETYPE={inherited}`; "

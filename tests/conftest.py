@@ -194,13 +194,14 @@ def start_daemon(tmp_path: Path, tiny_model: Path) -> Iterator[Callable[..., Dae
     checked for at teardown (a leftover worker fails the test)."""
     started: list[Daemon] = []
 
-    def start(models: dict[str, dict[str, Any]] | None = None, **sections: Any) -> Daemon:
+    def start(models: dict[str, dict[str, Any]] | None = None, *,
+              env: dict[str, str] | None = None, **sections: Any) -> Daemon:
         root = tmp_path / f"d{len(started)}"
         (root / "models").mkdir(parents=True)
         if models is None:
             models = {"tiny": {"path": str(tiny_model)}}
         config = write_config(root, models=models, **sections)
-        daemon = spawn_daemon(root, config)
+        daemon = spawn_daemon(root, config, env=env)
         started.append(daemon)
         return daemon
 

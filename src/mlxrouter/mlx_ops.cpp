@@ -946,9 +946,10 @@ class FastAttention : public UnaryPrimitive {
 // The cos and sin tables of a RoPE call: (offset row, position, frequency). Every layer's
 // queries and keys of one step rotate by the same positions, so a model's 2 x layers calls
 // ask for the same table: the last one is kept (per thread, up to ROPE_TABLE_MAX values) and
-// reused when the offsets, positions, scale and frequencies are the same, the same values.
-// Building one costs a std::cos and a std::sin per value: about 5% of a prefill of 8 x 128
-// tokens on SmolLM2 (2026-12-07), when built 60 times.
+// reused when the offsets, positions, scale and frequencies are the same bits: the same
+// values. Building one costs a std::cos and a std::sin per value: about 22 ms of a 700-1,000
+// ms prefill of 8 x 128 tokens on SmolLM2 (2026-12-06, benchmarks/row_ops.py) when built 60
+// times.
 struct RopeTable {
   std::vector<int32_t> offsets;
   int T = -1;

@@ -46,6 +46,8 @@ COLD_FIELDS = ("path", "engine", "load_dtype", "compute_nice", "max_running", "m
                "enable_function_calling", "solo_fast_path", "batch_wait_ms",
                "half_weights")
 MEASURE_INTERVAL_S = 1.0
+# A tick later than its 1 s timer by more than this: the daemon stood still (_forgive_stall).
+STALL_FORGIVEN_S = 0.5
 PSS_AFTER_GROWTH_BYTES = 2**20
 PSS_MAX_AGE_S = 30.0
 # After a victim is reaped, a load waits up to this long for its memory to show as available.
@@ -68,6 +70,7 @@ class Supervisor:
         self._slots: dict[str, Slot] = {}
         self._by_identity: dict[str, Worker] = {}
         self._incarnation = 0
+        self._last_tick = 0.0
         self._loading: Slot | None = None
         self._last_reap = 0.0
         self._overhead_bytes = memory.DEFAULT_OVERHEAD_BYTES
@@ -242,6 +245,7 @@ class Supervisor:
 
     def _tick(self) -> None:
         now = time.monotonic()
+        self._forgive_stall(now)
         self._measure(now)
         check_workers(self, now)
         for slot in self._slots.values():
@@ -258,6 +262,25 @@ class Supervisor:
                 slot.wait_since, slot.want_start = None, False
         if not self._closing:
             self._plan(now)
+
+    def _forgive_stall(self, now: float) -> None:
+        """Ticks come at least every second. A longer gap means the daemon itself stood still
+        (SIGSTOP, a suspended machine, swapping, a blocking call): its workers' heartbeats
+        wait unread meanwhile, so that time does not count as their silence, and neither
+        does it count against a load or an engine's progress."""
+        gap = now - self._last_tick if self._last_tick else 0.0
+        self._last_tick = now
+        stall = gap - 1.0
+        if stall < STALL_FORGIVEN_S:
+            return
+        log.warning("the daemon's event loop stalled for %.1fs; workers' silence over it is "
+                    "not held against them", stall)
+        for slot in self._slots.values():
+            if slot.worker is not None:
+                w = slot.worker  # (never past now: a message since counts as it is)
+                w.last_seen = min(now, w.last_seen + stall)
+                w.progress_at = min(now, w.progress_at + stall)
+                w.steps_moved_at = min(now, w.steps_moved_at + stall)
 
     def _needs_start(self, slot: Slot) -> bool:
         return (slot.worker is None and not slot.fatal_reason and slot.backoff_until <= 0
@@ -477,11 +500,17 @@ class Supervisor:
         """Start the process and reap it: the one place a worker's exit is handled."""
         pidfile = PidFile(self._pid_dir, slug(worker.spec.id))
         try:
+            # Off the event loop: it may compile a preloaded library whose build is missing
+            # (a cleaned cache, an upgraded MLX), seconds during which the daemon would
+            # answer nothing and read no heartbeat.
+            env = await asyncio.to_thread(worker_environment, self.config, worker.spec)
+            if worker.state is State.STOPPING:  # stopped meanwhile: nothing to start
+                self._on_exit(slot, worker, None, "")
+                return
             log_file, stderr_file = self.log_paths(worker.spec.id)
             rotate(stderr_file, self.config.supervisor.log_max_bytes,
                    self.config.supervisor.log_backups)
-            worker.proc = await spawn(self._argv(worker), log_path=stderr_file,
-                                      env=worker_environment(self.config, worker.spec),
+            worker.proc = await spawn(self._argv(worker), log_path=stderr_file, env=env,
                                       cwd=self.config.run_dir)
         except Exception as exc:  # bad env, missing interpreter: a failed start, not a hang
             self._on_exit(slot, worker, None, f"could not start the worker: {exc}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import shutil
 import signal
 import time
 
@@ -171,3 +172,71 @@ def test_a_failure_handling_one_requests_output_fails_only_that_request(start_da
     assert daemon.worker_pid("tiny") == pid  # the worker and its batch went on
     assert client.chat.completions.create(model="tiny", messages=MESSAGES,
                                           max_tokens=3).usage.completion_tokens == 3
+
+
+def test_a_stalled_daemon_does_not_kill_its_workers_for_its_own_silence(start_daemon,
+                                                                        tiny_model):
+    """The daemon's event loop stops for longer than the silence timeout (here SIGSTOP; a
+    suspended laptop, a swapped-out daemon): the workers' heartbeats wait unread in the
+    socket, which is the daemon's fault, not theirs, so none is killed as silent."""
+    daemon = start_daemon(supervisor={"silence_timeout_s": 2.0})
+    client = daemon.openai()
+    assert client.chat.completions.create(model="tiny", messages=MESSAGES,
+                                          max_tokens=2).usage.completion_tokens == 2
+    pid = daemon.worker_pid("tiny")
+    os.kill(daemon.proc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(4)
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGCONT)
+    time.sleep(2.5)  # ticks after the stall, and a heartbeat or two
+    assert daemon.worker_pid("tiny") == pid
+    assert "silent for" not in daemon.output()
+    assert "event loop stalled" in daemon.output()
+    resp = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2)
+    assert resp.usage.completion_tokens == 2
+    assert daemon.worker_pid("tiny") == pid
+
+
+def test_a_kernel_rebuild_at_a_worker_start_does_not_stall_the_daemon(start_daemon,
+                                                                      tiny_model, tmp_path):
+    """A worker's start finds its preloaded library gone (a cleaned cache, an upgraded MLX)
+    and rebuilds it, seconds of compiling: the daemon keeps answering and keeps its other
+    workers meanwhile."""
+    from mlxrouter import gemv, mlx_ops
+    from mlxrouter.config import cache_home
+
+    kernels = mlx_ops.library(cache_home() / "lib")
+    forwarder = gemv.library(cache_home() / "lib")
+    if kernels is None or forwarder is None:
+        assert not os.environ.get("CI"), "CI ran without a compiler for the native libraries"
+        pytest.skip("needs the native libraries (Linux x86-64, a C and a C++ compiler)")
+    private = tmp_path / "cache"  # the daemon's own cache, with copies of both
+    (private / "mlxrouter" / "lib").mkdir(parents=True)
+    for lib in (kernels, forwarder):
+        shutil.copy(lib, private / "mlxrouter" / "lib" / lib.name)
+    daemon = start_daemon({"tiny": {"path": str(tiny_model)},
+                           "other": {"path": str(tiny_model)}},
+                          supervisor={"silence_timeout_s": 2.0},
+                          env={"XDG_CACHE_HOME": str(private)})
+    client = daemon.openai()
+    assert client.chat.completions.create(model="tiny", messages=MESSAGES,
+                                          max_tokens=2).usage.completion_tokens == 2
+    pid = daemon.worker_pid("tiny")
+    (private / "mlxrouter" / "lib" / kernels.name).unlink()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        other = pool.submit(client.chat.completions.create, model="other", messages=MESSAGES,
+                            max_tokens=2)
+        wait_for(lambda: "starting worker model=other" in daemon.output(), 10)
+        answered = []
+        while not other.done():  # the rebuild: several seconds of compiling
+            started = time.monotonic()
+            assert daemon.http.get("/health").status_code == 200
+            client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=1)
+            answered.append(time.monotonic() - started)
+            time.sleep(0.2)
+        assert other.result().usage.completion_tokens == 2
+    assert "built the vectorized MLX CPU kernels" in daemon.output()
+    assert len(answered) >= 2 and max(answered) < 1.5, answered
+    assert daemon.worker_pid("tiny") == pid
+    assert "silent for" not in daemon.output()
