@@ -1093,7 +1093,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pairs", type=int, default=9,
                    help="single-stream requests answered by direct, the worker alone and the "
                         "router back to back, for the one-stream targets (0: skip)")
-    p.add_argument("--ttft-pairs", type=int, default=30,
+    p.add_argument("--ttft-pairs", type=int, default=60,
                    help="2-token requests answered by direct, the worker alone and the router "
                         "back to back, each after --overhead-pause-ms idle, for the TTFT "
                         "target (0: take it from --pairs)")
