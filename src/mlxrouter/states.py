@@ -58,6 +58,12 @@ class Worker:
         self.stop_reason = ""
         self.exited = asyncio.get_running_loop().create_future()
 
+    def started_now(self) -> None:
+        """The process exists from now: building its environment before (which may compile
+        a preloaded library) is no silence of its own and no part of its load."""
+        self.spawned_at = self.last_seen = self.progress_at = time.monotonic()
+        self.steps_moved_at = self.spawned_at
+
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None

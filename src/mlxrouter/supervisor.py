@@ -512,6 +512,7 @@ class Supervisor:
                    self.config.supervisor.log_backups)
             worker.proc = await spawn(self._argv(worker), log_path=stderr_file, env=env,
                                       cwd=self.config.run_dir)
+            worker.started_now()  # its silence and its load count from here, not the build
         except Exception as exc:  # bad env, missing interpreter: a failed start, not a hang
             self._on_exit(slot, worker, None, f"could not start the worker: {exc}")
             return
