@@ -89,7 +89,10 @@ def test_ctl_tail_follow_shows_new_lines(start_daemon):
     assert chat(daemon) == 200
     tail = subprocess.Popen([sys.executable, "-m", "mlxrouter", "ctl", "--config",
                              str(daemon.root / "supervisor.toml"), "tail", "-f", "tiny"],
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, text=True,
+                            # Ctrl-C as at a terminal, even when these tests run in a
+                            # background job, which inherits SIGINT ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: queue.Queue[str] = queue.Queue()  # read on a thread: readline alone may block
     threading.Thread(target=lambda: [lines.put(line) for line in tail.stdout],
                      daemon=True).start()
