@@ -538,14 +538,22 @@ class Target:
                            max_tokens=args.max_tokens, extra_body=bias, timeout_s=600.0)
         self.rounds: dict[int, list[dict[str, Any]]] = {c: [] for c in args.concurrency}
         self.cpu: list[dict[str, Any]] = []
+        self.warm_waves: list[dict[str, Any]] = []
 
     def run(self, cfg: bench.BenchConfig) -> dict[str, Any]:
         return asyncio.run(bench.run_bench(cfg, progress=self.args.progress))
 
     def warm_up(self) -> None:
+        """A short wave at the top level warms every path; then --warm-up-waves full ones
+        bring the server's prompt cache to its steady size: while it first fills, its memory
+        is new to the process (docs/performance.md), a cost a server pays once."""
         top = max(self.args.concurrency)
         self.run(bench.BenchConfig(**{**self.common, "max_tokens": 4}, concurrency=(top,),
                                    requests=top, salt=f"{self.name}-w"))
+        for i in range(self.args.warm_up_waves):
+            self.warm_waves += self.run(bench.BenchConfig(
+                **self.common, concurrency=(top,), requests=top,
+                salt=f"{self.name}-w{i}-"))["levels"]
 
     def level(self, c: int, round_no: int) -> None:
         """One concurrency level; the daemon's CPU share over the highest one."""
@@ -573,7 +581,9 @@ class Target:
     def result(self) -> dict[str, Any]:
         out: dict[str, Any] = {"levels": [merge_rounds(self.rounds[c])
                                           for c in self.args.concurrency],
-                               "rounds": self.rounds}
+                               "rounds": self.rounds,
+                               "warm_up_aggregate_tok_s": [w["aggregate_tok_s"]
+                                                           for w in self.warm_waves]}
         if self.cpu:
             used = sum(x["cpu_s"] for x in self.cpu)
             wall = sum(x["wall_s"] for x in self.cpu)
@@ -960,8 +970,19 @@ def render(res: dict[str, Any], args: argparse.Namespace) -> str:
               "each level runs on each server back to back (order alternating by round); "
               f"the {args.direct_reps} direct runs per round run just before the router's "
               "single stream. The one-stream targets come from the paired runs below when "
-              "there are any.", "",
-              "## Targets", "", "| target | measured | met |", "|---|---|---|"]
+              "there are any."]
+    if args.warm_up_waves:
+        waves = "; ".join(
+            f"{label} {', '.join(map(str, res[key]['warm_up_aggregate_tok_s']))}"
+            for key, label in (("mlxrouter", "mlxrouter"), ("mlx_lm_server", "mlx_lm.server"),
+                               ("mlxrouter_alt", "mlxrouter on the other BLAS"))
+            if res.get(key, {}).get("warm_up_aggregate_tok_s"))
+        lines += ["", f"Before the rounds every server answered a short wave of "
+                  f"{max(conc)} requests, then {args.warm_up_waves} full waves of {max(conc)} "
+                  "to fill its prompt cache (its first fill pages in new memory, a cost a "
+                  "server pays once: see performance.md); their aggregate tok/s, wave by wave: "
+                  f"{waves}."]
+    lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for name, value, ok in targets(res, conc):
         lines.append(f"| {name} | {value} | {'yes' if ok else 'NO'} |")
     d = res["direct"]
@@ -1097,6 +1118,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="2-token requests answered by direct, the worker alone and the router "
                         "back to back, each after --overhead-pause-ms idle, for the TTFT "
                         "target (0: take it from --pairs)")
+    p.add_argument("--warm-up-waves", type=int, default=3,
+                   help="full waves at the top level each server answers before the rounds, "
+                        "to fill its prompt cache (about 12 MB a 256-token request on "
+                        "SmolLM2 f32; 256 MiB a model by default)")
     p.add_argument("--rounds", type=_positive, default=3,
                    help="times every level is run on every server (figures: median)")
     p.add_argument("--skip-mlx-server", action="store_true")
