@@ -1122,7 +1122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="full waves at the top level each server answers before the rounds, "
                         "to fill its prompt cache (about 12 MB a 256-token request on "
                         "SmolLM2 f32; 256 MiB a model by default)")
-    p.add_argument("--rounds", type=_positive, default=3,
+    p.add_argument("--rounds", type=_positive, default=5,
                    help="times every level is run on every server (figures: median)")
     p.add_argument("--skip-mlx-server", action="store_true")
     p.add_argument("--skip-blas-comparison", action="store_true",
