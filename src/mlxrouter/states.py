@@ -45,7 +45,7 @@ class Worker:
         self.identity = identity
         self.state = State.STARTING
         self.proc: asyncio.subprocess.Process | None = None
-        self.spawned_at = self.last_seen = self.progress_at = time.monotonic()
+        self.started_now()  # again at the spawn (Supervisor._run_process)
         self.ready_at: float | None = None
         self.in_flight = 0
         self.estimate_bytes = cost_bytes
@@ -54,7 +54,6 @@ class Worker:
         self.measured_at = float("-inf")
         self.ready_msg: protocol.Ready | None = None
         self.stats: protocol.Stats | None = None
-        self.steps_moved_at = time.monotonic()
         self.stop_reason = ""
         self.exited = asyncio.get_running_loop().create_future()
 
