@@ -39,6 +39,7 @@ DRIVER = r"""
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int,
                          const float *, int, float, float *, int);
 typedef const char *(*isa_fn)(void);
+typedef int (*shadow_fn)(const float *, long, long, const void *, int);
 static double now(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
@@ -52,7 +53,9 @@ int main(int argc, char **argv) {
     int m = atoi(argv[1]), passes = atoi(argv[2]);
     sgemm_fn sgemm = (sgemm_fn)dlsym(RTLD_DEFAULT, "cblas_sgemm");
     isa_fn isa = (isa_fn)dlsym(RTLD_DEFAULT, "mlxrouter_small_gemm_isa");
-    if (!sgemm || !isa) { fputs("no forwarder preloaded\n", stderr); return 2; }
+    shadow_fn shadow = (shadow_fn)dlsym(RTLD_DEFAULT, "mlxrouter_gemv_shadow");
+    int half = argc > 3 && atoi(argv[3]);
+    if (!sgemm || !isa || !shadow) { fputs("no forwarder preloaded\n", stderr); return 2; }
     float *w[LAYERS * 7 + 1];
     size_t bytes = 0;
     for (int i = 0; i <= LAYERS * 7; i++) {
@@ -61,6 +64,16 @@ int main(int argc, char **argv) {
         w[i] = aligned_alloc(64, n * sizeof(float));
         for (size_t j = 0; j < n; j++) w[i][j] = (float)((j * 7 + i) % 13) * 0.01f - 0.06f;
         bytes += n * sizeof(float);
+        if (half) {  /* a float16 copy the forwarder reads instead (gemv.shadow_weights) */
+            unsigned short *h = aligned_alloc(64, n * sizeof *h);
+            for (size_t j = 0; j < n; j++) h[j] = (unsigned short)(0x2000 + (j * 7 + i) % 13);
+            if (shadow(w[i], (long)(n / (i == LAYERS * 7 ? HIDDEN : SHAPES[i % 7][1])),
+                       i == LAYERS * 7 ? HIDDEN : SHAPES[i % 7][1], h, 1) != 0) {
+                fputs("no float16 kernel for this instruction set\n", stderr);
+                return 3;
+            }
+            bytes -= n * sizeof(float) / 2;
+        }
     }
     float *x = aligned_alloc(64, 16 * 1536 * sizeof(float));
     float *c = aligned_alloc(64, 16 * (size_t)VOCAB * sizeof(float));
@@ -89,6 +102,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--passes", type=int, default=5)
     p.add_argument("--threads", default="", help="MLXROUTER_GEMM_THREADS (default: all cores)")
+    p.add_argument("--half", action="store_true",
+                   help="register float16 copies of the weights (shadows), as workers do")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
 
@@ -119,7 +134,8 @@ def main() -> None:
                        "MLXROUTER_SMALL_GEMM_ISA": isa, "MLXROUTER_SMALL_GEMM_MAX_M": "16"}
                 if args.threads:
                     env["MLXROUTER_GEMM_THREADS"] = args.threads
-                out = subprocess.run([str(driver), str(m), str(args.passes)], env=env,
+                out = subprocess.run([str(driver), str(m), str(args.passes),
+                                      "1" if args.half else "0"], env=env,
                                      capture_output=True, text=True, check=True)
                 run = json.loads(out.stdout)
                 got_isa[isa] = run["isa"]

@@ -72,9 +72,12 @@ static unsigned long forwarded, small;
 #define NR 2
 #define TARGET __attribute__((target("avx2,fma")))
 #include "small_gemm.h"
-/* With AVX-512, 256-bit vectors but its 32 registers: on the Zen 4 machine of
- * docs/performance.md they streamed the weights 5-15% faster than 512-bit ones at 1 to 16
- * rows (benchmarks/small_gemm.py); MLXROUTER_SMALL_GEMM_ISA=zmm picks the 512-bit ones. */
+/* With AVX-512, 256-bit vectors but its 32 registers ("avx512"), or 512-bit ones ("zmm").
+ * On Zen 4, which runs a 512-bit operation in two 256-bit halves, the 256-bit kernels
+ * streamed the weights 5-15% faster at 1 to 16 rows; on Zen 5, which has full-width 512-bit
+ * units, the 512-bit ones were 12-15% faster over half copies (benchmarks/small_gemm.py,
+ * docs/performance.md). So "zmm" is the default on AMD from family 0x1A (Zen 5) on and
+ * "avx512" elsewhere (unmeasured on Intel); MLXROUTER_SMALL_GEMM_ISA names either. */
 #define NAME(x) x##_avx512_tall
 #define LANES 8
 #define MR 8
@@ -90,7 +93,7 @@ static unsigned long forwarded, small;
 #define NAME(x) x##_zmm_tall
 #define LANES 16
 #define MR 8
-#define NR 1
+#define NR 2
 #define TARGET __attribute__((target("avx512f,avx512vl,fma")))
 #include "small_gemm.h"
 #define NAME(x) x##_zmm_wide
@@ -165,6 +168,46 @@ static inline float bf16_to_float(uint16_t h) {
 #define TARGET __attribute__((target("avx512f,avx512vl,avx2,fma")))
 #define BTYPE uint16_t
 #define LOADB(p) ((NAME(vec))BF16_LOAD(p))
+#define LOADB1(p) bf16_to_float(*(p))
+#include "small_gemm.h"
+/* And 16 lanes, with AVX-512's 512-bit vectors. */
+#define F16_LOAD16(p) (_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p))))
+#define BF16_LOAD16(p) (_mm512_castsi512_ps(_mm512_slli_epi32( \
+    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16)))
+#define NAME(x) x##_zmm_tall_f16
+#define LANES 16
+#define MR 8
+#define NR 2
+#define TARGET __attribute__((target("avx512f,avx512vl,fma,f16c")))
+#define BTYPE uint16_t
+#define LOADB(p) ((NAME(vec))F16_LOAD16(p))
+#define LOADB1(p) F16_LOAD1(p)
+#include "small_gemm.h"
+#define NAME(x) x##_zmm_wide_f16
+#define LANES 16
+#define MR 4
+#define NR 4
+#define TARGET __attribute__((target("avx512f,avx512vl,fma,f16c")))
+#define BTYPE uint16_t
+#define LOADB(p) ((NAME(vec))F16_LOAD16(p))
+#define LOADB1(p) F16_LOAD1(p)
+#include "small_gemm.h"
+#define NAME(x) x##_zmm_tall_bf16
+#define LANES 16
+#define MR 8
+#define NR 2
+#define TARGET __attribute__((target("avx512f,avx512vl,fma")))
+#define BTYPE uint16_t
+#define LOADB(p) ((NAME(vec))BF16_LOAD16(p))
+#define LOADB1(p) bf16_to_float(*(p))
+#include "small_gemm.h"
+#define NAME(x) x##_zmm_wide_bf16
+#define LANES 16
+#define MR 4
+#define NR 4
+#define TARGET __attribute__((target("avx512f,avx512vl,fma")))
+#define BTYPE uint16_t
+#define LOADB(p) ((NAME(vec))BF16_LOAD16(p))
 #define LOADB1(p) bf16_to_float(*(p))
 #include "small_gemm.h"
 #endif
@@ -393,22 +436,43 @@ static void resolve_next(void) {
     next_sgemv = (sgemv_fn)dlsym(RTLD_NEXT, "cblas_sgemv");
 }
 
+#if defined(__x86_64__)
+#include <cpuid.h>
+/* AMD from family 0x1A (Zen 5) on: 512-bit vector units of full width, where Zen 4 splits a
+ * 512-bit operation in two. */
+static int full_width_avx512(void) {
+    unsigned eax, ebx, ecx, edx;
+    if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return 0;
+    int amd = ebx == 0x68747541 && edx == 0x69746e65 && ecx == 0x444d4163;  /* AuthenticAMD */
+    if (!amd || !__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return 0;
+    unsigned family = (eax >> 8) & 0xf;
+    if (family == 0xf) family += (eax >> 20) & 0xff;
+    return family >= 0x1a;
+}
+#endif
+
 __attribute__((constructor)) static void resolve(void) {
     resolve_next();
     /* MLXROUTER_SMALL_GEMM_ISA=generic or avx2 caps the instruction set (the tests run each);
-     * zmm asks for AVX-512's 512-bit vectors. */
+     * zmm or avx512 picks AVX-512's 512-bit or 256-bit vectors (the default: see the kernels
+     * above). */
     const char *cap = getenv("MLXROUTER_SMALL_GEMM_ISA");
+    if (cap && !*cap) cap = NULL;
     int generic_only = cap && strcmp(cap, "generic") == 0;
     int no_avx512 = generic_only || (cap && strcmp(cap, "avx2") == 0);
-    int zmm = cap && strcmp(cap, "zmm") == 0;
-    (void)no_avx512, (void)zmm;
+    (void)no_avx512;
 #if defined(__x86_64__)
     __builtin_cpu_init();
     if (!no_avx512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) {
         int f16c = __builtin_cpu_supports("f16c");
-        if (zmm) {
+        if (cap ? strcmp(cap, "zmm") == 0 : full_width_avx512()) {
             kernel_tall = kernel_zmm_tall, kernel_wide = kernel_zmm_wide,
             kernel_nn = kernel_nn_zmm_tall, isa = "zmm";
+            half_tall[SHADOW_BF16] = kernel_zmm_tall_bf16;
+            half_wide[SHADOW_BF16] = kernel_zmm_wide_bf16;
+            if (f16c)
+                half_tall[SHADOW_F16] = kernel_zmm_tall_f16,
+                half_wide[SHADOW_F16] = kernel_zmm_wide_f16;
         } else {
             kernel_tall = kernel_avx512_tall, kernel_wide = kernel_avx512_wide,
             kernel_nn = kernel_nn_avx512_tall, isa = "avx512";
