@@ -17,6 +17,9 @@
 
 typedef float NAME(vec) __attribute__((vector_size(LANES * sizeof(float)), aligned(4),
                                         may_alias));
+#ifndef PREFETCH_BLOCKS
+#define PREFETCH_BLOCKS 2  /* column blocks between the one computed and the one prefetched */
+#endif
 #ifndef BTYPE
 #define BTYPE float
 #define LOADB(p) (*(const NAME(vec) *)(p))
@@ -62,8 +65,12 @@ TARGET static inline __attribute__((always_inline)) float NAME(hsum)(NAME(vec) v
 /* mr x nr dot products (mr <= MR, nr <= NR): constants at every call site, so the loops
  * unroll and the accumulators stay in registers. With `next`, also prefetches the NR weight
  * rows there: the last row block of a column block, which reads its weights from L1, fetches
- * the next column block's from memory meanwhile (without it the arithmetic and the memory
+ * a later column block's from memory meanwhile (without it the arithmetic and the memory
  * traffic of several row blocks took turns, and M = 8 streamed half as fast as M = 1).
+ * PREFETCH_BLOCKS ahead: with the next block only, an 8-row block's arithmetic (a few
+ * hundred cycles) was shorter than a trip to memory; two ahead made a pass over SmolLM2's
+ * half weights 8.6 ms instead of 10.1-10.9 at 8 rows and 7.7 instead of 8.2 at one (Zen 5,
+ * 512-bit; 256-bit and AVX2 kernels gained too; three ahead was no better, eight worse).
  * Into L2 (prefetcht1), not L1: prefetches into L1 hold its few miss buffers for a whole
  * trip to memory, and an 8-row block, which also loads 8 vectors of A per step, then
  * waited on them: its pass over SmolLM2's weights took 26.5 ms against 23 into L2
@@ -124,7 +131,8 @@ TARGET static void NAME(kernel)(int m, int j0, int j1, int k, float alpha, const
      * them; A itself (M x K, at most a few hundred KB) stays in L2. */
     for (; j + NR <= j1; j += NR) {
         const BTYPE *bj = b + (long)j * ldb;
-        const BTYPE *next = j + 2 * NR <= j1 ? bj + (long)NR * ldb : NULL;
+        const BTYPE *next = j + (PREFETCH_BLOCKS + 1) * NR <= j1
+                                ? bj + (long)PREFETCH_BLOCKS * NR * ldb : NULL;
         int i = 0;
         NAME_ROWS(NR)
     }
