@@ -8,9 +8,10 @@ heads of 64, at per-sequence offsets as mlx-lm's batch cache gives them) and 61 
 normalizations (576 values a row, each feeding the next), in two shapes: a prefill of 8
 prompts of --tokens tokens and a decode step of --batch sequences; and the logsumexp of a
 decode step's logits (--batch rows of SmolLM2's 49,152-token vocabulary), which mlx-lm's batch
-step takes to normalize them. Configurations, alternated round after round: MLX's own ops
-(MLXROUTER_FAST_OPS_EXCEPT=rope,rms_norm,logsumexp), mlxrouter's, and
-with --ops-lib another build of mlx_ops (an older one, to see what a change to it is worth).
+step takes to normalize them, and their argmax (greedy sampling). Configurations, alternated
+round after round: MLX's own ops (MLXROUTER_FAST_OPS_EXCEPT=rope,rms_norm,logsumexp,argmax),
+mlxrouter's, and with --ops-lib another build of mlx_ops (an older one, to see what a change to
+it is worth).
 Cells are medians over rounds of each run's median.
 
 Usage:
@@ -65,6 +66,7 @@ for name, B, T, start in (("prefill", 8, tokens, 0), ("decode", batch, 1, 150)):
 logits = arr(batch, 49_152)
 mx.eval(logits)
 out["logsumexp, decode"] = median_ms(lambda: mx.eval(mx.logsumexp(logits, axis=-1)))
+out["argmax, decode"] = median_ms(lambda: mx.eval(mx.argmax(logits, axis=-1)))
 print(json.dumps(out))
 """
 
@@ -81,7 +83,7 @@ def main() -> None:
 
     workers = worker_env(Path(tempfile.mkdtemp(prefix="row-ops-")))
     preload = workers["LD_PRELOAD"].split(":")
-    configs = {"MLX's ops": {"MLXROUTER_FAST_OPS_EXCEPT": "rope,rms_norm,logsumexp"},
+    configs = {"MLX's ops": {"MLXROUTER_FAST_OPS_EXCEPT": "rope,rms_norm,logsumexp,argmax"},
                "mlxrouter's": {}}
     if args.ops_lib:
         other = [str(args.ops_lib.expanduser()) if "libmlxrouter-mlx-ops" in lib else lib

@@ -6,12 +6,12 @@
 // step, attention's softmax most of another fifth of prefill, and the logsumexp that mlx-lm's
 // batch step takes over the whole vocabulary another tenth of a decode step.
 //
-// This library defines mlx::core::sigmoid, softmax and logsumexp, which the mlx Python module
-// and libmlx itself (attention) call through the dynamic linker, so that preloaded ours come
-// first. For float32
-// arrays on the CPU they build the same graph MLX would, with a primitive of ours in place of
-// MLX's; every other case is handed to MLX's own function. Our primitives run the very
-// operations MLX's scalar code runs, in the same order (the same polynomial, the same fused
+// This library defines mlx::core::sigmoid, softmax, logsumexp and argmax, which the mlx Python
+// module and libmlx itself (attention) call through the dynamic linker, so that preloaded ours
+// come first. For float32 arrays on the CPU they build the same graph MLX would, with a
+// primitive of ours in place of MLX's; every other case is handed to MLX's own function. Our
+// primitives run the very operations MLX's scalar code runs (argmax: its result by another
+// route), in the same order (the same polynomial, the same fused
 // multiply-adds, the same sequential sum), 16 (AVX-512) or 8 (AVX2) lanes at a time, so the
 // results are bit-identical to MLX's; tests/integration/test_mlx_ops.py compares them.
 //
@@ -70,8 +70,9 @@ Isa pick_isa() {
 const Isa isa = pick_isa();
 
 // Rows or arrays computed by each kernel, for tests (mlxrouter_mlx_ops_count).
-enum Op { SIGMOID = 0, SOFTMAX = 1, LOGSUMEXP = 2, ATTENTION = 3, ROPE = 4, RMS_NORM = 5 };
-constexpr int OPS = 6;
+enum Op { SIGMOID = 0, SOFTMAX = 1, LOGSUMEXP = 2, ATTENTION = 3, ROPE = 4, RMS_NORM = 5,
+          ARGMAX = 6 };
+constexpr int OPS = 7;
 std::atomic<unsigned long> counts[OPS];
 std::atomic<unsigned long> rope_table_hits{0};  // RoPE calls that reused the last table
 
@@ -175,6 +176,13 @@ float finish_max(const float* x, size_t n, float maximum, bool nan) {
   return nan ? std::numeric_limits<float>::quiet_NaN() : maximum;
 }
 
+// first_of's values from `i` on, one at a time.
+size_t first_of_tail(const float* x, size_t i, size_t n, float m, bool nan) {
+  for (; i < n; i++)
+    if (nan ? std::isnan(x[i]) : x[i] == m) return i;
+  return n;
+}
+
 struct Avx512 {
   __attribute__((target("avx512f"))) static float max(const float* x, size_t n) {
     __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -212,6 +220,20 @@ struct Avx512 {
       _mm512_storeu_ps(out + i, w ? _mm512_mul_ps(v, _mm512_loadu_ps(w + i)) : v);
     }
     for (; i < n; i++) out[i] = w ? (x[i] * factor) * w[i] : x[i] * factor;
+  }
+  // The index of the first value equal to m (-0 equals 0), or when m is NaN of the first NaN;
+  // n when there is none.
+  __attribute__((target("avx512f"))) static size_t first_of(const float* x, size_t n, float m) {
+    const bool nan = std::isnan(m);
+    const __m512 vm = _mm512_set1_ps(m);
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      const __m512 v = _mm512_loadu_ps(x + i);
+      const __mmask16 hit = nan ? _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)
+                                : _mm512_cmp_ps_mask(v, vm, _CMP_EQ_OQ);
+      if (hit) return i + static_cast<size_t>(__builtin_ctz(hit));
+    }
+    return first_of_tail(x, i, n, m, nan);
   }
 };
 
@@ -254,6 +276,18 @@ struct Avx2 {
       _mm256_storeu_ps(out + i, w ? _mm256_mul_ps(v, _mm256_loadu_ps(w + i)) : v);
     }
     for (; i < n; i++) out[i] = w ? (x[i] * factor) * w[i] : x[i] * factor;
+  }
+  __attribute__((target("avx2,fma"))) static size_t first_of(const float* x, size_t n, float m) {
+    const bool nan = std::isnan(m);
+    const __m256 vm = _mm256_set1_ps(m);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m256 v = _mm256_loadu_ps(x + i);
+      const int hit = _mm256_movemask_ps(nan ? _mm256_cmp_ps(v, v, _CMP_UNORD_Q)
+                                             : _mm256_cmp_ps(v, vm, _CMP_EQ_OQ));
+      if (hit) return i + static_cast<size_t>(__builtin_ctz(hit));
+    }
+    return first_of_tail(x, i, n, m, nan);
   }
 };
 
@@ -532,6 +566,17 @@ void logsumexp_rows(const float* const* x, size_t n, int count, float* result) {
     result[k] = std::isinf(maxima[k]) ? maxima[k] : std::log(sums[k]) + maxima[k];
 }
 
+// ---- argmax (arg_reduce.cpp): MLX's loop keeps the first value greater than every one before
+// it (from -inf, at index 0), and the first NaN once it meets one. That is the first NaN of a
+// row when it has one, else the first of its largest values (-0 and 0 alike), which the
+// vectors find in two passes: the maximum (NaN when any value is), then the first value equal
+// to it. MLX's loop took 40 us per row of SmolLM2's 49,152 logits here, a batch step's 8 rows
+// a third of a millisecond.
+template <typename V>
+uint32_t argmax_row(const float* x, size_t n) {
+  return static_cast<uint32_t>(V::first_of(x, n, V::max(x, n)));
+}
+
 // ---- the primitives
 
 class FastSigmoid : public UnaryPrimitive {
@@ -664,6 +709,65 @@ class FastLogSumExp : public UnaryPrimitive {
     return {{logsumexp(x, std::vector<int>{-1}, true, stream())}, {ax}};
   }
   const char* name() const override { return "LogSumExp"; }
+  bool is_equivalent(const Primitive&) const override { return true; }
+  std::vector<Shape> output_shapes(const std::vector<array>& inputs) override {
+    auto s = inputs[0].shape();
+    s.back() = 1;
+    return {s};
+  }
+};
+
+class FastArgMax : public UnaryPrimitive {
+ public:
+  explicit FastArgMax(Stream stream) : UnaryPrimitive(stream) {}
+
+  void eval_cpu(const std::vector<array>& inputs, array& out) override {
+    const array& in = inputs[0];
+    out.set_data(allocator::malloc(out.nbytes()));
+    auto& encoder = cpu::get_command_encoder(stream());
+    encoder.set_input_array(in);
+    encoder.set_output_array(out);
+    encoder.dispatch([in = array::unsafe_weak_copy(in),
+                      out = array::unsafe_weak_copy(out)]() mutable {
+      counts[ARGMAX]++;
+      const size_t n = in.shape(-1);
+      const int64_t stride = in.strides().back();
+      const float* src = in.data<float>();
+      uint32_t* dst = out.data<uint32_t>();
+      for_each_row(in, [&](size_t r, int64_t offset) {
+        const float* x = src + offset;
+        if (stride != 1) {
+          thread_local std::vector<float> row;  // rows are shared between threads
+          row.resize(n);
+          for (size_t j = 0; j < n; j++) row[j] = x[j * stride];
+          x = row.data();
+        }
+        dst[r] = isa == AVX512 ? argmax_row<Avx512>(x, n) : argmax_row<Avx2>(x, n);
+      });
+    });
+  }
+  void eval_gpu(const std::vector<array>&, array&) override {
+    throw std::runtime_error("[mlxrouter argmax] CPU only");
+  }
+  std::vector<array> vjp(const std::vector<array>& primals, const std::vector<array>&,
+                         const std::vector<int>&, const std::vector<array>&) override {
+    return {zeros_like(primals[0], stream())};  // indices have no gradient
+  }
+  std::vector<array> jvp(const std::vector<array>& primals, const std::vector<array>&,
+                         const std::vector<int>&) override {
+    return {zeros(output_shapes(primals)[0], uint32, stream())};
+  }
+  std::pair<std::vector<array>, std::vector<int>> vmap(const std::vector<array>& inputs,
+                                                       const std::vector<int>& axes) override {
+    auto x = inputs[0];
+    int ax = axes[0];
+    if (ax == static_cast<int>(x.ndim()) - 1) {  // keep the reduced axis last
+      x = moveaxis(x, ax, 0, stream());
+      ax = 0;
+    }
+    return {{argmax(x, -1, true, stream())}, {ax}};
+  }
+  const char* name() const override { return "ArgMax"; }
   bool is_equivalent(const Primitive&) const override { return true; }
   std::vector<Shape> output_shapes(const std::vector<array>& inputs) override {
     auto s = inputs[0].shape();
@@ -1150,11 +1254,11 @@ F next_definition(F ours) {
 }
 
 // MLXROUTER_FAST_OPS_EXCEPT: kernels left to MLX by name (sigmoid, softmax, logsumexp,
-// attention, rope, rms_norm; comma-separated), for comparisons and to rule one out.
+// attention, rope, rms_norm, argmax; comma-separated), for comparisons and to rule one out.
 bool excepted(Op op) {
   static const unsigned mask = [] {
     static const char* names[OPS] = {"sigmoid", "softmax", "logsumexp",
-                                     "attention", "rope", "rms_norm"};
+                                     "attention", "rope", "rms_norm", "argmax"};
     const char* env = std::getenv("MLXROUTER_FAST_OPS_EXCEPT");
     unsigned m = 0;
     for (std::string list = env ? env : ""; !list.empty();) {
@@ -1180,7 +1284,7 @@ __attribute__((visibility("default"))) const char* mlxrouter_mlx_ops() {
   return isa == AVX512 ? "avx512" : isa == AVX2 ? "avx2" : "off";
 }
 // Arrays computed so far by one kernel: 0 sigmoid, 1 softmax, 2 logsumexp, 3 attention,
-// 4 rope, 5 rms_norm.
+// 4 rope, 5 rms_norm, 6 argmax.
 __attribute__((visibility("default"))) unsigned long mlxrouter_mlx_ops_count(int op) {
   return op >= 0 && op < OPS ? counts[op].load() : 0;
 }
@@ -1215,6 +1319,21 @@ array logsumexp(const array& a, const std::vector<int>& axes, bool keepdims, Str
   auto shape = a.shape();
   shape.back() = 1;
   auto out = array(std::move(shape), float32, std::make_shared<FastLogSumExp>(stream), {a});
+  return keepdims ? out : squeeze(out, -1, s);
+}
+
+array argmax(const array& a, int axis, bool keepdims, StreamOrDevice s) {
+  using Fn = array (*)(const array&, int, bool, StreamOrDevice);
+  static const Fn mlx_argmax = next_definition<Fn>(static_cast<Fn>(&argmax));
+  Stream stream = to_stream(s);
+  const bool last_axis = axis == -1 || axis == static_cast<int>(a.ndim()) - 1;
+  if (!ours(a, stream, ARGMAX) || !last_axis || a.ndim() == 0 || a.size() == 0 ||
+      a.shape(-1) > static_cast<int64_t>(UINT32_MAX)) {
+    return mlx_argmax(a, axis, keepdims, s);
+  }
+  auto shape = a.shape();
+  shape.back() = 1;
+  auto out = array(std::move(shape), uint32, std::make_shared<FastArgMax>(stream), {a});
   return keepdims ? out : squeeze(out, -1, s);
 }
 

@@ -88,6 +88,26 @@ vocab[3, 7] = np.nan
 vocab[5] = -np.inf
 vocab[6, 100] = np.inf
 out["logsumexp batch of logits"] = mx.logsumexp(mx.array(vocab), axis=-1, keepdims=True)
+# argmax: the first of the largest values, or the first NaN; ties, -0 against 0, all -inf,
+# -inf before the lowest float, rows shorter than a vector and with a tail.
+vocab[2, 40_000:] = 99.0
+vocab[1, 17:19] = 50.0
+vocab[4, 9] = -0.0
+vocab[4, 30_000] = 0.0
+vocab[4] = np.where(vocab[4] > 0, -vocab[4], vocab[4])
+edges = np.array([[1, np.nan, 2], [np.nan, 1, 2], [1, 2, np.nan], [1, np.nan, np.nan],
+                  [-np.inf, np.finfo(np.float32).min, -np.inf], [-np.inf] * 3, [2, 2, 1],
+                  [-0.0, 0.0, -1], [0.0, -0.0, -1], [np.inf, np.inf, 0]], np.float32)
+for name, a in (("logits", mx.array(vocab)), ("edges", mx.array(edges)),
+                ("strided", mx.array(vocab[:, :2000]).T),
+                ("3-d", mx.array(vocab[:, :1200]).reshape(2, 4, 1200))):
+    for n in (a.shape[-1], 1, 15, 17, 33):
+        out[f"argmax {name} {n}"] = mx.argmax(a[..., :n], axis=-1)
+out["argmax keepdims"] = mx.argmax(mx.array(vocab[:, :100]), axis=1, keepdims=True)
+out["argmax one row"] = mx.argmax(mx.array(vocab[2]), axis=0)
+out["argmax axis 0"] = mx.argmax(mx.array(vocab[:, :50]), axis=0)  # MLX's
+out["argmax float16"] = mx.argmax(mx.array(vocab[:, :99]).astype(mx.float16), axis=-1)  # MLX's
+out["argmax vmap"] = mx.vmap(lambda a: mx.argmax(a, axis=-1), in_axes=1)(mx.array(vocab[:4, :7]))
 out["rms_norm large"] = mx.fast.rms_norm(mx.array(big.reshape(-1)[:69_120].reshape(120, 576)),
                                          mx.array(big[0, :576]), 1e-5)
 out["rope large"] = mx.fast.rope(mx.array(rng.standard_normal((2, 9, 131, 64)).astype(np.float32)),
@@ -108,13 +128,14 @@ if len(sys.argv) > 2:  # a tiny model's logits and normalized log-probabilities
     logits_ = model(mx.array([list(range(3, 40))]))
     out["model logits"] = logits_
     out["model logprobs"] = logits_ - mx.logsumexp(logits_, axis=-1, keepdims=True)
+    out["model greedy tokens"] = mx.argmax(out["model logprobs"], axis=-1)
 np.savez(sys.argv[1], **{k: np.array(v.astype(mx.float32)) for k, v in out.items()})
 lib = ctypes.CDLL(None)
 try:
     lib.mlxrouter_mlx_ops.restype = ctypes.c_char_p
     lib.mlxrouter_mlx_ops_count.restype = ctypes.c_ulong
     kernels = lib.mlxrouter_mlx_ops().decode()
-    counts = [lib.mlxrouter_mlx_ops_count(i) for i in range(6)]
+    counts = [lib.mlxrouter_mlx_ops_count(i) for i in range(7)]
     lib.mlxrouter_mlx_ops_shared.restype = ctypes.c_ulong
     shared = lib.mlxrouter_mlx_ops_shared()
     lib.mlxrouter_mlx_ops_rope_table_hits.restype = ctypes.c_ulong
@@ -280,7 +301,7 @@ def test_kernels_give_mlx_own_results_bit_for_bit(kernels: Path, tmp_path: Path,
     report, ours = run_child(tmp_path, isa, str(tiny_model), **env,
                              MLXROUTER_FAST_OPS_EXCEPT="attention")
     assert report["kernels"] == isa
-    sigmoid, softmax, logsumexp, attention, rope, rms_norm = report["counts"]
+    sigmoid, softmax, logsumexp, attention, rope, rms_norm, argmax = report["counts"]
     # Ours ran, not MLX's under our name: 4 sigmoids, the gradient's, the jvp's and the 2
     # layers' SiLU; 5 softmaxes, the attention, the gradient's, the jvp's and the 2 layers'
     # attention (the float16 one is MLX's, and so is the vmap's over the second-last axis);
@@ -297,6 +318,9 @@ def test_kernels_give_mlx_own_results_bit_for_bit(kernels: Path, tmp_path: Path,
     assert report["rope_hits"] == 1 + 3
     # 5 float32 RMS norms and the model's 2 per layer and its last (float16 is MLX's).
     assert rms_norm == 5 + 5 + 1
+    # 4 arrays x 5 lengths of float32 argmaxes over the last axis, keepdims, one row, the
+    # vmap's and the model's greedy tokens (the one over axis 0 and the float16 one are MLX's).
+    assert argmax == 4 * 5 + 1 + 1 + 1 + 1
     # The large ones (and the long sigmoids) were shared between threads: the same bits.
     assert report["shared"] >= 5 + 3
     assert_bit_identical(ours, reference)
@@ -304,7 +328,7 @@ def test_kernels_give_mlx_own_results_bit_for_bit(kernels: Path, tmp_path: Path,
     # With our attention too: the attention and the 2 layers' (a prefill of 37 tokens) are
     # ours, and so no longer softmaxes; what they feed is MLX's up to rounding.
     report, all_ours = run_child(tmp_path, f"{isa}-all", str(tiny_model), **env)
-    sigmoid, softmax, logsumexp, attention, rope, rms_norm = report["counts"]
+    sigmoid, softmax, logsumexp, attention, rope, rms_norm, argmax = report["counts"]
     assert (softmax, attention) == (5 + 1 + 1 + 1 + 2 + 2 - 3, 3)
     fed = ("attention", "model logits", "model logprobs")
     assert_bit_identical({k: v for k, v in all_ours.items() if k not in fed},
@@ -349,7 +373,7 @@ def test_decode_attention_is_mlx_own_up_to_rounding(kernels: Path, tmp_path: Pat
 def test_kernels_can_be_turned_off(kernels: Path, tmp_path: Path) -> None:
     report, reference = run_child(tmp_path, "mlx")
     report, off = run_child(tmp_path, "off", LD_PRELOAD=str(kernels), MLXROUTER_FAST_OPS="0")
-    assert report == {"kernels": "off", "counts": [0, 0, 0, 0, 0, 0], "shared": 0,
+    assert report == {"kernels": "off", "counts": [0] * 7, "shared": 0,
                       "rope_hits": 0}
     assert_bit_identical(off, reference)
 
@@ -360,7 +384,7 @@ def test_kernels_can_be_left_to_mlx_one_by_one(kernels: Path, tmp_path: Path,
     report, reference = run_child(tmp_path, "mlx", str(tiny_model))
     report, some = run_child(tmp_path, "some", str(tiny_model), LD_PRELOAD=str(kernels),
                              MLXROUTER_FAST_OPS_EXCEPT="softmax,rope,rms_norm,attention,nonsense")
-    sigmoid, softmax, logsumexp, attention, rope, rms_norm = report["counts"]
+    sigmoid, softmax, logsumexp, attention, rope, rms_norm, argmax = report["counts"]
     assert softmax == rope == rms_norm == attention == 0 and sigmoid > 0 and logsumexp > 0
     assert_bit_identical(some, reference)
 
