@@ -10,6 +10,10 @@ weight bytes per second, at each number of rows M (the streams of a batch), with
 instruction set forced by MLXROUTER_SMALL_GEMM_ISA. Runs alternate between the instruction
 sets, round after round; each cell is the median over rounds of each run's best pass.
 
+On x86-64 it also measures the machine's multiply-add peak (independent 256-bit FMA chains on
+every core, best of 3) and gives each cell's arithmetic rate as a share of it: at one row a
+pass is bound by memory, at 8 and more rows by arithmetic on a 2-core machine.
+
 Usage:
     .venv/bin/python benchmarks/small_gemm.py [--rows 1,4,8,16] [--isa avx512,zmm,avx2]
         [--rounds 3] [--passes 5] [--threads N] [--json out.json]
@@ -95,6 +99,68 @@ int main(int argc, char **argv) {
 """
 
 
+# Every core runs 12 independent chains of 256-bit multiply-adds (more than an FMA's latency
+# times the FMA units, so the units never wait): the most float32 arithmetic it can do.
+PEAK = r"""
+#include <immintrin.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+enum { STEPS = 100000000 };
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+__attribute__((target("avx2,fma"))) static void *chains(void *out) {
+    __m256 a[12], b = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
+    for (int i = 0; i < 12; i++) a[i] = _mm256_set1_ps((float)i);
+    for (long n = 0; n < STEPS / 12; n++) {
+#pragma GCC unroll 12
+        for (int i = 0; i < 12; i++) a[i] = _mm256_fmadd_ps(a[i], b, c);
+    }
+    float sum = 0, lanes[8];
+    for (int i = 0; i < 12; i++) {
+        _mm256_storeu_ps(lanes, a[i]);
+        sum += lanes[0];
+    }
+    *(float *)out = sum;
+    return NULL;
+}
+int main(int argc, char **argv) {
+    int threads = atoi(argv[1]);
+    pthread_t t[256];
+    float out[256];
+    double t0 = now();
+    for (int i = 0; i < threads; i++) pthread_create(&t[i], NULL, chains, &out[i]);
+    for (int i = 0; i < threads; i++) pthread_join(t[i], NULL);
+    double flops = (double)threads * (STEPS / 12) * 12 * 8 * 2;
+    printf("%.1f %g\n", flops / (now() - t0) / 1e9, out[0]);
+    return 0;
+}
+"""
+
+
+def fma_peak(cc: str, work: Path, threads: int) -> float | None:
+    """GFLOP/s of `threads` cores' independent 256-bit multiply-adds (best of 3), or None off
+    x86-64 or without AVX2."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    (work / "peak.c").write_text(PEAK)
+    built = subprocess.run([cc, "-O2", "-pthread", "-o", str(work / "peak"),
+                            str(work / "peak.c")], capture_output=True)
+    if built.returncode != 0:
+        return None
+    best = 0.0
+    for _ in range(3):
+        run = subprocess.run([str(work / "peak"), str(threads)], capture_output=True, text=True)
+        if run.returncode != 0:  # no AVX2: an illegal instruction
+            return None
+        best = max(best, float(run.stdout.split()[0]))
+    return best
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", default="1,4,8,16")
@@ -143,6 +209,8 @@ def main() -> None:
                 results[isa][m].append(run["ms"])
                 print(f"round {r + 1} M={m} {isa}: {run['ms']:.2f} ms", file=sys.stderr)
 
+    threads = int(args.threads) if args.threads else os.cpu_count() or 1
+    peak = fma_peak(cc, work, threads)
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
@@ -150,7 +218,13 @@ def main() -> None:
     except (OSError, StopIteration):
         pass
     print(f"\n{cpu}, {os.cpu_count()} cores; {bytes_ / 1e6:.0f} MB of weights per pass; "
-          f"median of {args.rounds} rounds (best of {args.passes} passes each)\n")
+          f"median of {args.rounds} rounds (best of {args.passes} passes each)")
+    # Two flops per weight and row: half copies are 2 bytes a weight, float32 ones 4.
+    weights = bytes_ / (2 if args.half else 4)
+    if peak:
+        print(f"multiply-add peak, 256-bit FMA on {threads} "
+              f"thread{'s' if threads > 1 else ''}: {peak:.0f} GFLOP/s")
+    print()
     print("| kernel (MLXROUTER_SMALL_GEMM_ISA) | " + " | ".join(f"M={m}" for m in rows) + " |")
     print("|---|" + "---|" * len(rows))
     table = {}
@@ -159,10 +233,14 @@ def main() -> None:
         for m in rows:
             ms = statistics.median(results[isa][m])
             table.setdefault(isa, {})[m] = ms
-            cells.append(f"{ms:.1f} ms ({bytes_ / ms / 1e6:.1f} GB/s)")
+            gflops = 2 * m * weights / ms / 1e6
+            share = f", {100 * gflops / peak:.0f}% of peak" if peak else ""
+            cells.append(f"{ms:.1f} ms ({bytes_ / ms / 1e6:.1f} GB/s, "
+                         f"{gflops:.0f} GFLOP/s{share})")
         print(f"| {isa} ({got_isa[isa]}) | " + " | ".join(cells) + " |")
     if args.json:
         args.json.write_text(json.dumps({"cpu": cpu, "bytes": bytes_, "runs": results,
+                                         "fma_peak_gflops": peak,
                                          "median_ms": table, "isa": got_isa}, indent=1))
 
 
