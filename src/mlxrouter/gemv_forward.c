@@ -223,6 +223,13 @@ static int max_m = 16;
 /* The pool. A call's columns are cut into chunks that the calling thread and the helpers
  * claim one at a time from a shared counter, so a helper the scheduler has not run yet costs
  * nothing: the caller takes the chunks itself and waits only for chunks already claimed.
+ * Chunks are at most CHUNK columns, and as many as a multiple of the threads, so that threads
+ * that start together finish together: with 64-column chunks, SmolLM2's 576-column products
+ * were 9 chunks (5 for one thread, 4 for the other) and its 192-column ones 3, and at 8 rows,
+ * where a pass is bound by arithmetic, the thread left alone ran at half the pool's speed.
+ * Equal shares made a pass over SmolLM2's half weights 13.0-13.3 ms at 8 rows instead of
+ * 13.6-13.9, and 8.4-8.8 instead of 8.8-9.2 at one (Zen 4, 2 cores; 32-column chunks were
+ * slower: a chunk's first column blocks are not prefetched).
  * Helpers spin briefly for the next call (decode issues product after product), then sleep on
  * a condition variable. They keep the floating-point environment (rounding, flush-to-zero) of
  * the thread that started them; MLX never changes it. */
@@ -230,7 +237,7 @@ enum { MAX_THREADS = 64, SPIN = 1000, MIN_WORK = 1 << 16, CHUNK = 64 };
 
 struct task {
     kernel_fn kernel;
-    int m, n, k, lda, ldb, ldc;
+    int m, n, k, lda, ldb, ldc, chunk;  /* columns per chunk */
     float alpha, beta;
     const float *a;
     const void *b;
@@ -241,8 +248,9 @@ struct task {
  * A claim is valid when its chunk is below its call's count; a late helper's stale claim is
  * not, so a call's task is never rewritten while a valid claim on it is running. A thread
  * overshoots by at most two claims per call (one left from a pass over the previous call), so
- * fewer than 2^19 chunks keep the next-chunk
- * field from carrying into the count; generations only need to differ from the last one. */
+ * fewer than 2^19 chunks keep the next-chunk field from carrying into the count (products of
+ * under 2^18 * CHUNK columns make at most 2^18 + threads); generations only need to differ
+ * from the last one. */
 static uint64_t claims;
 static int done;  /* chunks of the current call computed */
 static int caller_asleep;
@@ -267,7 +275,8 @@ static int work_through(void) {
         uint64_t claim = __atomic_fetch_add(&claims, 1, __ATOMIC_ACQUIRE);
         uint64_t chunk = claim & 0xfffff, chunks = (claim >> 20) & 0xfffff;
         if (chunk >= chunks) return computed;
-        int j0 = (int)chunk * CHUNK, j1 = j0 + CHUNK < task.n ? j0 + CHUNK : task.n;
+        int j0 = (int)chunk * task.chunk;
+        int j1 = j0 + task.chunk < task.n ? j0 + task.chunk : task.n;
         task.kernel(task.m, j0, j1, task.k, task.alpha, task.a, task.lda, task.b, task.ldb,
                task.beta, task.c, task.ldc);
         computed++;
@@ -335,16 +344,21 @@ static void small_gemm(int m, int n, int k, float alpha, const float *a, int lda
                        kernel_fn wide) {
     __atomic_fetch_add(&small, 1, __ATOMIC_RELAXED);
     kernel_fn kernel = m <= TALL_MAX_M ? tall : wide;
-    int chunks = (n + CHUNK - 1) / CHUNK;
+    /* Rounds of one chunk per thread; columns per chunk a multiple of 4 (a kernel's NR), at
+     * most CHUNK. Which thread computes a column never changes its result. */
+    int pool = __atomic_load_n(&threads, __ATOMIC_RELAXED);
+    int rounds = (n + pool * CHUNK - 1) / (pool * CHUNK);
+    int per = ((n + rounds * pool - 1) / (rounds * pool) + 3) & ~3;
+    int chunks = (n + per - 1) / per;
     /* Small products, and a second thread calling while one is pooled (two MLX streams),
      * run on the calling thread alone. */
-    if (__atomic_load_n(&threads, __ATOMIC_RELAXED) == 1 || chunks < 2 || (long)m * n * k < MIN_WORK ||
+    if (pool == 1 || chunks < 2 || (long)m * n * k < MIN_WORK ||
         pthread_mutex_trylock(&caller) != 0) {
         kernel(m, 0, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
         return;
     }
     if (!started) start_pool();
-    task = (struct task){kernel, m, n, k, lda, ldb, ldc, alpha, beta, a, b, c};
+    task = (struct task){kernel, m, n, k, lda, ldb, ldc, per, alpha, beta, a, b, c};
     __atomic_store_n(&done, 0, __ATOMIC_RELAXED);
     uint64_t generation = (__atomic_load_n(&claims, __ATOMIC_RELAXED) >> 40) + 1;
     __atomic_store_n(&claims, (generation << 40) | ((uint64_t)chunks << 20), __ATOMIC_SEQ_CST);
@@ -533,7 +547,7 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
     /* alpha 0 (A and B unread, by BLAS's rules) and products too wide for the pool's chunk
      * counter are OpenBLAS's. */
     int ours = order == ROW_MAJOR && trans_a == NO_TRANS && alpha != 0.0f && m >= 1 &&
-               m <= max_m && n >= 1 && n < (1 << 19) * CHUNK && k >= 1;
+               m <= max_m && n >= 1 && n < (1 << 18) * CHUNK && k >= 1;
     if (ours && trans_b == TRANS) {  /* x W^T: the kernel's own shape */
         const struct shadow *sh = find_shadow(b, n, k, ldb);
         if (sh != NULL) {
