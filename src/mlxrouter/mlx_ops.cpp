@@ -478,6 +478,16 @@ void for_each_row(const array& a, F f) {
   });
 }
 
+// The n values of a row at x, `stride` apart: x itself when they are contiguous, else a copy
+// in this thread's buffer (rows are shared between threads), valid until its next call.
+const float* contiguous_row(const float* x, size_t n, int64_t stride) {
+  if (stride == 1) return x;
+  thread_local std::vector<float> row;
+  row.resize(n);
+  for (size_t j = 0; j < n; j++) row[j] = x[j * stride];
+  return row.data();
+}
+
 // f(first, offsets, count) for groups of up to ROW_GROUP consecutive rows of `a` (rows
 // first .. first + count - 1, at those offsets), shared as for_each_row shares rows: a kernel
 // whose rows each need a sum added in order can keep a group's sums side by side, one
@@ -648,9 +658,36 @@ class FastSigmoid : public UnaryPrimitive {
   }
 };
 
-class FastLogSumExp : public UnaryPrimitive {
+// What logsumexp and argmax over the last axis (keeping it, as 1) share: their output's
+// shape, and vmap, which moves a mapped last axis out of the way of the reduction.
+class LastAxisReduction : public UnaryPrimitive {
  public:
-  explicit FastLogSumExp(Stream stream) : UnaryPrimitive(stream) {}
+  using UnaryPrimitive::UnaryPrimitive;
+  bool is_equivalent(const Primitive&) const override { return true; }
+  std::vector<Shape> output_shapes(const std::vector<array>& inputs) override {
+    auto s = inputs[0].shape();
+    s.back() = 1;
+    return {s};
+  }
+
+ protected:
+  template <typename Reduce>
+  std::pair<std::vector<array>, std::vector<int>> vmap_last_axis(const std::vector<array>& inputs,
+                                                                 const std::vector<int>& axes,
+                                                                 Reduce reduce) {
+    auto x = inputs[0];
+    int ax = axes[0];
+    if (ax == static_cast<int>(x.ndim()) - 1) {  // keep the reduced axis last
+      x = moveaxis(x, ax, 0, stream());
+      ax = 0;
+    }
+    return {{reduce(x)}, {ax}};
+  }
+};
+
+class FastLogSumExp : public LastAxisReduction {
+ public:
+  explicit FastLogSumExp(Stream stream) : LastAxisReduction(stream) {}
 
   void eval_cpu(const std::vector<array>& inputs, array& out) override {
     const array& in = inputs[0];
@@ -675,12 +712,8 @@ class FastLogSumExp : public UnaryPrimitive {
         return;
       }
       for_each_row(in, [&](size_t r, int64_t offset) {
-        const float* x = src + offset;
-        thread_local std::vector<float> row;  // rows are shared between threads
-        row.resize(n);
-        for (size_t j = 0; j < n; j++) row[j] = x[j * stride];
-        dst[r] = isa == AVX512 ? logsumexp_row<Avx512>(row.data(), n)
-                               : logsumexp_row<Avx2>(row.data(), n);
+        const float* x = contiguous_row(src + offset, n, stride);
+        dst[r] = isa == AVX512 ? logsumexp_row<Avx512>(x, n) : logsumexp_row<Avx2>(x, n);
       });
     });
   }
@@ -700,26 +733,16 @@ class FastLogSumExp : public UnaryPrimitive {
   }
   std::pair<std::vector<array>, std::vector<int>> vmap(const std::vector<array>& inputs,
                                                        const std::vector<int>& axes) override {
-    auto x = inputs[0];
-    int ax = axes[0];
-    if (ax == static_cast<int>(x.ndim()) - 1) {  // keep the reduced axis last
-      x = moveaxis(x, ax, 0, stream());
-      ax = 0;
-    }
-    return {{logsumexp(x, std::vector<int>{-1}, true, stream())}, {ax}};
+    return vmap_last_axis(inputs, axes, [this](const array& x) {
+      return logsumexp(x, std::vector<int>{-1}, true, stream());
+    });
   }
   const char* name() const override { return "LogSumExp"; }
-  bool is_equivalent(const Primitive&) const override { return true; }
-  std::vector<Shape> output_shapes(const std::vector<array>& inputs) override {
-    auto s = inputs[0].shape();
-    s.back() = 1;
-    return {s};
-  }
 };
 
-class FastArgMax : public UnaryPrimitive {
+class FastArgMax : public LastAxisReduction {
  public:
-  explicit FastArgMax(Stream stream) : UnaryPrimitive(stream) {}
+  explicit FastArgMax(Stream stream) : LastAxisReduction(stream) {}
 
   void eval_cpu(const std::vector<array>& inputs, array& out) override {
     const array& in = inputs[0];
@@ -735,13 +758,7 @@ class FastArgMax : public UnaryPrimitive {
       const float* src = in.data<float>();
       uint32_t* dst = out.data<uint32_t>();
       for_each_row(in, [&](size_t r, int64_t offset) {
-        const float* x = src + offset;
-        if (stride != 1) {
-          thread_local std::vector<float> row;  // rows are shared between threads
-          row.resize(n);
-          for (size_t j = 0; j < n; j++) row[j] = x[j * stride];
-          x = row.data();
-        }
+        const float* x = contiguous_row(src + offset, n, stride);
         dst[r] = isa == AVX512 ? argmax_row<Avx512>(x, n) : argmax_row<Avx2>(x, n);
       });
     });
@@ -759,21 +776,10 @@ class FastArgMax : public UnaryPrimitive {
   }
   std::pair<std::vector<array>, std::vector<int>> vmap(const std::vector<array>& inputs,
                                                        const std::vector<int>& axes) override {
-    auto x = inputs[0];
-    int ax = axes[0];
-    if (ax == static_cast<int>(x.ndim()) - 1) {  // keep the reduced axis last
-      x = moveaxis(x, ax, 0, stream());
-      ax = 0;
-    }
-    return {{argmax(x, -1, true, stream())}, {ax}};
+    return vmap_last_axis(inputs, axes,
+                          [this](const array& x) { return argmax(x, -1, true, stream()); });
   }
   const char* name() const override { return "ArgMax"; }
-  bool is_equivalent(const Primitive&) const override { return true; }
-  std::vector<Shape> output_shapes(const std::vector<array>& inputs) override {
-    auto s = inputs[0].shape();
-    s.back() = 1;
-    return {s};
-  }
 };
 
 class FastSoftmax : public UnaryPrimitive {
