@@ -15,6 +15,8 @@ saved once as float32 so every contender loads the very same weights), one machi
    worker's own time for the request (Server-Timing's `worker`, End.elapsed_s).
 3. mlx_lm.server: `python -m mlx_lm.server --model <f32 dir>` with the same environment,
    driven by the same `mlxrouter.bench` settings.
+4. mlxrouter again on the other BLAS setup, and with float32 weights only (no half copies):
+   two more models of the same daemon, through every level.
 
 Writes a markdown report (default docs/benchmarks.md) and optionally JSON.
 
@@ -58,6 +60,7 @@ from mlxrouter import bench, protocol  # noqa: E402
 from mlxrouter.config import load_config, worker_environment  # noqa: E402
 
 MODEL_ID = "smollm2"
+F32ONLY = "mlxrouter, float32 weights only (half_weights = false)"
 ONE_BLAS_THREAD = {"OPENBLAS_NUM_THREADS": "1", "BLIS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -625,6 +628,9 @@ def start_router(q4: Path, f32: Path, tiny: Path, work: Path, args: argparse.Nam
         # The load levels and the overhead again on the other BLAS setup (measure_all).
         f"{MODEL_ID}-alt": {"path": str(f32), "max_running": max(8, max(args.concurrency)),
                             "env": changed(env, other_blas(env)[1])},
+        # The load levels once more without the half copies of the weights (measure_all).
+        f"{MODEL_ID}-f32only": {"path": str(f32), "max_running": max(8, max(args.concurrency)),
+                                "half_weights": False},
         f"{MODEL_ID}-q4": {"path": str(q4)}, "tiny": {"path": str(tiny)}})
     return spawn_daemon(root, config)
 
@@ -748,6 +754,11 @@ def measure_all(q4: Path, f32: Path, tiny: Path, env: dict[str, str], work: Path
         alt_label = other_blas(env)[0]
         if not args.skip_blas_comparison:
             servers.append(Target("a", f"{daemon.base_url}/v1", f"{MODEL_ID}-alt", bias, args))
+        # And with float32 weights only (`half_weights = false`): what the half copies are
+        # worth at each level, which is not the same at one stream and at eight.
+        if not args.skip_half_comparison:
+            servers.append(Target("h", f"{daemon.base_url}/v1", f"{MODEL_ID}-f32only", bias,
+                                  args))
         for t in servers:
             t.warm_up()
         warm_pids = worker_pids(daemon)
@@ -790,10 +801,13 @@ def measure_all(q4: Path, f32: Path, tiny: Path, env: dict[str, str], work: Path
         if mlx:
             res["mlx_lm_server"] = servers[1].result()
             res["mlx_lm_server"]["ready_s"] = mlx.ready_s
-        if servers[-1].name == "a":
-            res["mlxrouter_alt"] = {**servers[-1].result(), "label": alt_label}
+        extra = {t.name: t for t in servers}
+        if "a" in extra:
+            res["mlxrouter_alt"] = {**extra["a"].result(), "label": alt_label}
+        if "h" in extra:
+            res["mlxrouter_f32only"] = extra["h"].result()
         if args.history_tokens:
-            for t, key in zip([t for t in servers if t.name != "a"],
+            for t, key in zip([t for t in servers if t.name in ("r", "m")],
                               ("mlxrouter", "mlx_lm_server")):
                 res[key]["multiturn"] = t.multiturn()
         if mlx:
@@ -908,13 +922,11 @@ def targets(res: dict[str, Any], conc: list[int]) -> list[tuple[str, str, bool |
         rows.append(("1 stream: router TTFT within 15 ms of direct",
                      f"{one['ttft_ms']['p50']} vs {d['ttft_ms_p50']} ms ({dt_ms:+.1f} ms)",
                      dt_ms <= 15))
-    if one and 8 in conc:
-        agg, single = level(r, 8)["aggregate_tok_s"], one["aggregate_tok_s"]
-        rounds = {int(c): v for c, v in r["rounds"].items()}  # str keys when read from JSON
-        per_round = ", ".join(f"{b['aggregate_tok_s'] / a['aggregate_tok_s']:.2f}x"
-                              for a, b in zip(rounds[1], rounds[8]))
+    ratio = ratio_8_over_1(r)
+    if ratio:
+        agg, single = level(r, 8)["aggregate_tok_s"], level(r, 1)["aggregate_tok_s"]
         rows.append(("8 streams: aggregate >= 4x single stream",
-                     f"{agg} vs {single} ({agg / single:.2f}x; round by round {per_round})",
+                     f"{agg} vs {single} ({ratio[0]:.2f}x; round by round {ratio[1]})",
                      agg >= 4 * single))
     if m:
         for c in (1, 4, 8):
@@ -939,6 +951,35 @@ def targets(res: dict[str, Any], conc: list[int]) -> list[tuple[str, str, bool |
         rows.append((f"daemon CPU while streaming {cpu['concurrency']} < 10% of a core",
                      f"{cpu['percent_of_one_core']}%", cpu["percent_of_one_core"] < 10))
     return rows
+
+
+def ratio_8_over_1(server: dict[str, Any]) -> tuple[float, str] | None:
+    """A server's 8-stream aggregate over its one-stream aggregate (medians of the rounds),
+    and the same round by round."""
+    levels = {lv["concurrency"]: lv for lv in server.get("levels", [])}
+    if 1 not in levels or 8 not in levels:
+        return None
+    rounds = {int(c): v for c, v in server["rounds"].items()}  # str keys when read from JSON
+    per_round = ", ".join(f"{b['aggregate_tok_s'] / a['aggregate_tok_s']:.2f}x"
+                          for a, b in zip(rounds[1], rounds[8]))
+    return levels[8]["aggregate_tok_s"] / levels[1]["aggregate_tok_s"], per_round
+
+
+def half_copies_note(res: dict[str, Any], conc: list[int]) -> list[str]:
+    """The 8-over-1 ratio without the half copies of the weights, and what they are worth at
+    one stream and at eight: for reading the ratio target, not a target itself."""
+    f32, r = res.get("mlxrouter_f32only"), res["mlxrouter"]
+    both = ratio_8_over_1(r), ratio_8_over_1(f32) if f32 else None
+    if None in both:
+        return []
+    one = {k: level(s, 1)["aggregate_tok_s"] for k, s in (("half", r), ("f32", f32))}
+    eight = {k: level(s, 8)["aggregate_tok_s"] for k, s in (("half", r), ("f32", f32))}
+    return ["", f"For reading the 8-over-1 target (not a target itself): with float32 weights "
+                f"only (`half_weights = false`) the same router gave {eight['f32']} tok/s at 8 "
+                f"streams against {one['f32']} at one, **{both[1][0]:.2f}x** (round by round "
+                f"{both[1][1]}). The half copies (the default) made one stream "
+                f"{one['half'] / one['f32']:.2f} times and 8 streams "
+                f"{eight['half'] / eight['f32']:.2f} times as fast as that."]
 
 
 def render(res: dict[str, Any], args: argparse.Namespace) -> str:
@@ -983,7 +1024,8 @@ def render(res: dict[str, Any], args: argparse.Namespace) -> str:
         waves = "; ".join(
             f"{label} {', '.join(map(str, res[key]['warm_up_aggregate_tok_s']))}"
             for key, label in (("mlxrouter", "mlxrouter"), ("mlx_lm_server", "mlx_lm.server"),
-                               ("mlxrouter_alt", "mlxrouter on the other BLAS"))
+                               ("mlxrouter_alt", "mlxrouter on the other BLAS"),
+                               ("mlxrouter_f32only", F32ONLY))
             if res.get(key, {}).get("warm_up_aggregate_tok_s"))
         lines += ["", f"Before the rounds every server answered a short wave of "
                   f"{max(conc)} requests, then {args.warm_up_waves} full waves of {max(conc)} "
@@ -993,6 +1035,7 @@ def render(res: dict[str, Any], args: argparse.Namespace) -> str:
     lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for name, value, ok in targets(res, conc):
         lines.append(f"| {name} | {value} | {'yes' if ok else 'NO'} |")
+    lines += half_copies_note(res, conc)
     d = res["direct"]
     lines += ["", "## Load levels", "",
               "| server | concurrency | requests | errors | prompt tokens | cached tokens "
@@ -1004,7 +1047,8 @@ def render(res: dict[str, Any], args: argparse.Namespace) -> str:
               for label, alt in res.get("direct_blas", {}).items()]
     alt = res.get("mlxrouter_alt", {}).get("label")
     for name, key in (("mlxrouter", "mlxrouter"), ("mlx_lm.server", "mlx_lm_server"),
-                      (f"mlxrouter, {alt}", "mlxrouter_alt")):
+                      (f"mlxrouter, {alt}", "mlxrouter_alt"),
+                      (F32ONLY, "mlxrouter_f32only")):
         for lv in res.get(key, {}).get("levels", []):
             lines.append(f"| {name} | {lv['concurrency']} | {lv['requests']} | {lv['errors']} "
                          f"| {lv['prompt_tokens_mean']} | {lv['cached_tokens_mean']} "
@@ -1135,6 +1179,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-mlx-server", action="store_true")
     p.add_argument("--skip-blas-comparison", action="store_true",
                    help="do not run the load levels again on the other BLAS setup")
+    p.add_argument("--skip-half-comparison", action="store_true",
+                   help="do not run the load levels again with float32 weights only "
+                        "(half_weights = false)")
     p.add_argument("--keep-openblas-coretype", action="store_true",
                    help="keep an OPENBLAS_CORETYPE this environment sets (by default every "
                         "contender runs without it, on the kernels OpenBLAS picks itself)")
