@@ -33,6 +33,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from cpuinfo import describe_cpu  # noqa: E402
 
 DRIVER = r"""
 #define _GNU_SOURCE
@@ -211,12 +214,7 @@ def main() -> None:
 
     threads = int(args.threads) if args.threads else os.cpu_count() or 1
     peak = fma_peak(cc, work, threads)
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = describe_cpu()
     print(f"\n{cpu}, {os.cpu_count()} cores; {bytes_ / 1e6:.0f} MB of weights per pass; "
           f"median of {args.rounds} rounds (best of {args.passes} passes each)")
     # Two flops per weight and row: half copies are 2 bytes a weight, float32 ones 4.

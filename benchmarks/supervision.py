@@ -40,6 +40,7 @@ sys.path.insert(0, str(TESTS))
 
 import openai  # noqa: E402
 import psutil  # noqa: E402
+from cpuinfo import describe_cpu  # noqa: E402
 from conftest import Daemon, spawn_daemon, wait_for_gone, write_config  # noqa: E402
 from tinymodel import build_tiny_llama  # noqa: E402
 
@@ -310,14 +311,7 @@ def bench_swap(h: Harness, paths: tuple[Path, Path], swaps: int, serve: int,
 # ---------------------------------------------------------------- report
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = describe_cpu()
 
     def version(dist: str) -> str:
         try:

@@ -54,6 +54,7 @@ import httpx  # noqa: E402
 import msgspec  # noqa: E402
 import psutil  # noqa: E402
 import zmq  # noqa: E402
+from cpuinfo import describe_cpu  # noqa: E402
 from conftest import spawn_daemon, wait_for, wait_for_gone, write_config  # noqa: E402
 
 from mlxrouter import bench, protocol  # noqa: E402
@@ -829,22 +830,7 @@ def worker_pids(daemon: Any) -> dict[str, int | None]:
 # ---------------------------------------------------------------- report
 
 def machine(env: dict[str, str]) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    # The model name alone ("AMD EPYC" on some VMs) hides the generation: Zen 4 and Zen 5
-    # (CPU family 25 and 26) gave this benchmark different 8-over-1 ratios.
-    fields: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if not key.strip():  # the end of the first processor's block
-                break
-            fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    if "model name" in fields:
-        cpu = fields["model name"]
-        if "cpu family" in fields and "model" in fields:
-            cpu += f" (CPU family {fields['cpu family']}, model {fields['model']})"
+    cpu = describe_cpu()
 
     def version(dist: str) -> str:
         try:
