@@ -52,6 +52,7 @@ class Worker:
         self.peak_bytes = 0
         self.rss_at_measure = 0  # RSS when Pss was last read, and when (supervisor._measure)
         self.measured_at = float("-inf")
+        self.pss_pending = False  # a reading of its Pss is running on a thread
         self.ready_msg: protocol.Ready | None = None
         self.stats: protocol.Stats | None = None
         self.stop_reason = ""

@@ -14,6 +14,7 @@ unpinned workers, least recently used first, and never a busy one.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import secrets
@@ -440,29 +441,41 @@ class Supervisor:
 
     def _measure(self, now: float) -> None:
         """System memory every tick (cheap); workers' own figures at most once per
-        MEASURE_INTERVAL_S: a tick runs on every lease change. A worker's Pss (~2 ms of the
-        event loop for a loaded SmolLM2, and CPU taken from the worker's BLAS threads on a
-        small machine) is read again only when its RSS (microseconds) has grown by
-        PSS_AFTER_GROWTH_BYTES since the last reading, or that reading is PSS_MAX_AGE_S old:
-        a steady worker's memory is not re-read every second."""
+        MEASURE_INTERVAL_S: a tick runs on every lease change. A worker's Pss is read again
+        only when its RSS (microseconds) has grown by PSS_AFTER_GROWTH_BYTES since the last
+        reading, or that reading is PSS_MAX_AGE_S old: a steady worker's memory is not re-read
+        every second. The reading itself runs on a thread (`_read_pss`): the kernel walks
+        the worker's page tables for it, ~2 ms for an idle SmolLM2 worker but 17-40 ms while
+        it decodes 8 streams on 2 cores, and on the event loop that held back every
+        stream's tokens meanwhile."""
         self._read_pressure()
         if now - self._measured_at < MEASURE_INTERVAL_S:
             return
         self._measured_at = now
         for slot in self._slots.values():
             w = slot.worker
-            if w is None or w.state is not State.RUNNING or w.pid is None:
+            if w is None or w.state is not State.RUNNING or w.pid is None or w.pss_pending:
                 continue
             rss = memory.resident_bytes(w.pid)
             if rss is None or (rss < w.rss_at_measure + PSS_AFTER_GROWTH_BYTES
                                and now - w.measured_at < PSS_MAX_AGE_S):
                 continue
             w.rss_at_measure, w.measured_at = rss, now
-            measured = memory.process_memory_bytes(w.pid)
-            if measured is not None and w.ready_msg and w.ready_msg.backend != "cpu" and w.stats:
-                measured += w.stats.mlx_active_bytes + w.stats.mlx_cache_bytes
-            if measured is not None:
-                w.peak_bytes = max(w.peak_bytes, measured)
+            w.pss_pending = True
+            reading = asyncio.get_running_loop().run_in_executor(
+                None, memory.process_memory_bytes, w.pid)
+            reading.add_done_callback(functools.partial(self._read_pss, w))
+
+    @staticmethod
+    def _read_pss(w: Worker, reading: asyncio.Future[int | None]) -> None:
+        """A worker's Pss has been read (`_measure`): its peak, with MLX's GPU memory on
+        Metal, which Pss does not show."""
+        w.pss_pending = False
+        measured = None if reading.cancelled() or reading.exception() else reading.result()
+        if measured is not None and w.ready_msg and w.ready_msg.backend != "cpu" and w.stats:
+            measured += w.stats.mlx_active_bytes + w.stats.mlx_cache_bytes
+        if measured is not None:
+            w.peak_bytes = max(w.peak_bytes, measured)
 
     # ---- spawning, stopping, reaping
 
