@@ -951,7 +951,7 @@ def ratio_8_over_1(server: dict[str, Any]) -> tuple[float, str] | None:
     return levels[8]["aggregate_tok_s"] / levels[1]["aggregate_tok_s"], per_round
 
 
-def half_copies_note(res: dict[str, Any], conc: list[int]) -> list[str]:
+def half_copies_note(res: dict[str, Any]) -> list[str]:
     """The 8-over-1 ratio without the half copies of the weights, and what they are worth at
     one stream and at eight: for reading the ratio target, not a target itself."""
     f32, r = res.get("mlxrouter_f32only"), res["mlxrouter"]
@@ -1021,7 +1021,7 @@ def render(res: dict[str, Any], args: argparse.Namespace) -> str:
     lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for name, value, ok in targets(res, conc):
         lines.append(f"| {name} | {value} | {'yes' if ok else 'NO'} |")
-    lines += half_copies_note(res, conc)
+    lines += half_copies_note(res)
     d = res["direct"]
     lines += ["", "## Load levels", "",
               "| server | concurrency | requests | errors | prompt tokens | cached tokens "
