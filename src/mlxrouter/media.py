@@ -15,6 +15,7 @@ the functions the child runs.
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 from typing import Any
@@ -23,6 +24,7 @@ import msgspec
 
 from . import protocol
 from .errors import InvalidRequest, RouterError
+from .process import die_with_parent
 
 IMAGE_FORMATS = ["PNG", "JPEG", "WEBP", "BMP", "GIF"]
 # PNG text chunks (tEXt/zTXt/iTXt) PIL inflates while it reads a header: a 50 KB file can
@@ -181,7 +183,7 @@ def decode_all(media: list[protocol.Media], timeout_s: float) -> list[list[Any]]
     from PIL import Image
 
     try:
-        done = subprocess.run([sys.executable, "-m", "mlxrouter.media"],
+        done = subprocess.run([sys.executable, "-m", "mlxrouter.media", str(os.getpid())],
                               input=msgspec.msgpack.encode(media), capture_output=True,
                               timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired:  # run() has killed and reaped the child
@@ -215,6 +217,11 @@ def encode_decoded(decoded: list[list[Any]]) -> bytes:
 
 
 def main() -> int:
+    # A decode can run for as long as a file makes it (until the worker's deadline kills it):
+    # it must not outlive a worker that ends first, evicted, killed or crashed.
+    die_with_parent()
+    if len(sys.argv) > 1 and os.getppid() != int(sys.argv[1]):
+        return 1  # the worker ended before that was armed
     limit_png_text()
     media = msgspec.msgpack.decode(sys.stdin.buffer.read(), type=list[protocol.Media])
     try:

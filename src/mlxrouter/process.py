@@ -9,15 +9,27 @@ so a daemon restarted after a crash signals a leftover worker only if all of the
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import logging
 import os
 import signal
+import sys
 from pathlib import Path
 
 import psutil
 
 log = logging.getLogger(__name__)
+
+
+def die_with_parent() -> None:
+    """Linux: SIGKILL this process when the thread that started it ends (its process exiting
+    included), however that happens. Elsewhere nothing; callers also check os.getppid()."""
+    if sys.platform != "linux":
+        return
+    PR_SET_PDEATHSIG = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def signal_group(pid: int | None, sig: signal.Signals) -> None:

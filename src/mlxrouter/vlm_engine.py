@@ -4,12 +4,15 @@ Runs in a vision worker, on its engine thread only (MLX streams are thread-bound
 calls load / submit / cancel / step exactly as it calls engine.TextEngine. mlx-vlm's batch
 generator takes one sampler for a whole batch, so this engine runs one sequence at a time and
 queues the rest; each request is prepared (images decoded, PDF pages rendered, chat template,
-processor) when it is submitted, so a bad file or a too-long prompt is an Error before
+processor) before it is queued, so a bad file or a too-long prompt is an Error before
 Started, i.e. a real HTTP 400, even while another request is generating.
 
 Untrusted files are decoded in a child process of this worker (media.decode_all), never in the
 daemon and never on the engine thread itself: a malicious file fails its request with a 400,
-at worst after `media_decode_timeout_s`, and never the gateway or this worker.
+at worst after `media_decode_timeout_s`, and never the gateway or this worker. The engine
+thread does not wait for a decode either: a few threads of this worker wait for the children
+(`DECODERS` at once), and a request joins the queue when its files are decoded, so a file that
+takes the whole timeout to fail holds up no other request, with or without files.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +45,26 @@ from .media import decode_all
 
 log = logging.getLogger(__name__)
 
-def expand_media(messages: list[dict[str, Any]], media: list[protocol.Media]
-                 ) -> tuple[list[dict[str, Any]], list[Any]]:
-    """Messages with each {"type": "image", "media": i} part replaced by one image part per
-    image (a PDF gives one per page), and the PIL images in prompt order. Decoding runs in a
-    child process under the request's deadline, with every limit checked before the decode or
-    render that would cross it (media.decode_all)."""
+# Requests whose files are decoded at once, each in a child process (media.decode_all); more
+# wait their turn. Each child ends by media_decode_timeout_s, so files that take the whole
+# deadline can hold up other requests' files, never requests without files.
+DECODERS = 4
+# How long an engine with nothing to generate waits for a decode before it looks at its inbox.
+DECODE_POLL_S = 0.02
+
+
+def decode_request_media(media: list[protocol.Media]) -> list[list[Any]]:
+    """The PIL images of each medium: decoded in a child process under the request's deadline,
+    with every limit checked before the decode or render that would cross it."""
     timeout_s = media[0].decode_timeout_s if media else 0
-    decoded = decode_all(media, timeout_s or None)
+    return decode_all(media, timeout_s or None)
+
+
+def expand_media(messages: list[dict[str, Any]], media: list[protocol.Media],
+                 decoded: list[list[Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Messages with each {"type": "image", "media": i} part replaced by one image part per
+    image (a PDF gives one per page), and the PIL images in prompt order; `decoded` holds
+    each medium's images (decode_request_media)."""
     images: list[Any] = []
     out = []
     for msg in messages:
@@ -110,10 +126,13 @@ class VisionEngine:
         self.load_dtype = "native"
         self._queue: deque[_Job] = deque()
         self._current: _Job | None = None
+        # rid -> (request, its decode, when it came): requests whose files are being decoded
+        self._decoding: dict[int, tuple[protocol.Request, Future, float]] = {}
+        self._decoders: ThreadPoolExecutor | None = None
 
     @property
     def active(self) -> int:
-        return len(self._queue) + (self._current is not None)
+        return len(self._queue) + (self._current is not None) + len(self._decoding)
 
     def load(self) -> None:
         if self.fault.load_delay_s:
@@ -143,9 +162,40 @@ class VisionEngine:
     # ---- per request
 
     def submit(self, req: protocol.Request) -> None:
-        """Per-request code: whatever goes wrong here fails this request, never the worker."""
+        """Queues the request, or starts decoding its files and queues it once they are."""
+        received_at = time.monotonic()
+        if req.messages is not None and req.media:
+            if not self._guarded(req, self._refuse_unsupported, req):
+                return
+            if self._decoders is None:
+                self._decoders = ThreadPoolExecutor(DECODERS, thread_name_prefix="media")
+            self._decoding[req.rid] = (
+                req, self._decoders.submit(decode_request_media, req.media), received_at)
+            return
+        self._guarded(req, self._admit, req, [], received_at)
+
+    def _collect_decoded(self, block: bool) -> None:
+        """Queues (or fails) the requests whose files are decoded; with `block`, first waits
+        up to DECODE_POLL_S for one when any is still decoding."""
+        if not self._decoding:
+            return
+        if block:
+            wait([f for _, f, _ in self._decoding.values()], timeout=DECODE_POLL_S,
+                 return_when=FIRST_COMPLETED)
+        for rid, (req, future, received_at) in list(self._decoding.items()):
+            if future.done():
+                del self._decoding[rid]
+                self._guarded(req, self._admit_decoded, req, future, received_at)
+
+    def _admit_decoded(self, req: protocol.Request, future: Future, received_at: float) -> None:
+        self._admit(req, future.result(), received_at)  # the decode's 400 fails this request
+
+    def _guarded(self, req: protocol.Request, fn: Callable[..., None], *args: Any) -> bool:
+        """Per-request code: whatever goes wrong in fn fails this request (an Error, False),
+        never the worker."""
         try:
-            self._admit(req)
+            fn(*args)
+            return True
         except RouterError as exc:
             self.emit(protocol.Error(rid=req.rid, code=exc.code, message=exc.message,
                                      param=exc.param))
@@ -154,20 +204,23 @@ class VisionEngine:
                         req.rid, exc)
             self.emit(protocol.Error(rid=req.rid, code="invalid_request",
                                      message=f"the request could not be processed: {exc}"))
+        return False
 
-    def _admit(self, req: protocol.Request) -> None:
+    def _admit(self, req: protocol.Request, decoded: list[list[Any]],
+               received_at: float) -> None:
         started = time.monotonic()
         self._refuse_unsupported(req)
-        inputs, images = self._inputs(req)
+        inputs, images = self._inputs(req, decoded)
         prompt_tokens = int(inputs["input_ids"].shape[-1])
         max_tokens = fit_max_tokens(req.sampling, prompt_tokens, self.max_context,
                                     "prompt tokens (images included)")
         job = _Job(req, inputs, prompt_tokens, make_sampler(req.sampling),
-                   self._processors(req.sampling, max_tokens), max_tokens, started)
+                   self._processors(req.sampling, max_tokens), max_tokens, received_at)
         self._queue.append(job)
         log.info("request started request_id=%s rid=%d prompt_tokens=%d images=%d "
-                 "prepare_ms=%.0f max_tokens=%d queued=%d", job.request_id, req.rid,
-                 prompt_tokens, images, (time.monotonic() - started) * 1000, max_tokens,
+                 "decode_ms=%.0f prepare_ms=%.0f max_tokens=%d queued=%d", job.request_id,
+                 req.rid, prompt_tokens, images, (started - received_at) * 1000,
+                 (time.monotonic() - started) * 1000, max_tokens,
                  len(self._queue) - 1 + (self._current is not None))
         self.emit(protocol.Started(rid=req.rid, prompt_tokens=prompt_tokens))
 
@@ -185,11 +238,12 @@ class VisionEngine:
                 raise InvalidRequest(f"parameter '{name}' is not supported for vision models "
                                      "on this server yet", param=name)
 
-    def _inputs(self, req: protocol.Request) -> tuple[dict[str, Any], int]:
+    def _inputs(self, req: protocol.Request, decoded: list[list[Any]]
+                ) -> tuple[dict[str, Any], int]:
         """Token ids, pixels and the model's extra inputs (e.g. image_grid_thw)."""
         images: list[Any] = []
         if req.messages is not None:
-            messages, images = expand_media(req.messages, req.media)
+            messages, images = expand_media(req.messages, req.media, decoded)
             prompt = apply_chat_template(self.processor, self.model.config, messages,
                                          num_images=len(images))
         elif isinstance(req.prompt, str):
@@ -226,6 +280,15 @@ class VisionEngine:
             frequency_penalty=p.frequency_penalty or None, frequency_context_size=max_tokens)
 
     def cancel(self, rid: int) -> None:
+        if rid in self._decoding:  # its child runs on to its deadline; its images are dropped
+            req, future, received_at = self._decoding.pop(rid)
+            future.cancel()  # one still waiting for a decoder never starts
+            log.info("request ended request_id=%s rid=%d finish=cancelled while decoding",
+                     req.request_id or "-", rid)
+            self.emit(protocol.End(rid=rid, finish_reason="cancelled", prompt_tokens=0,
+                                   completion_tokens=0,
+                                   elapsed_s=time.monotonic() - received_at))
+            return
         job = self._current if self._current is not None and self._current.rid == rid else None
         if job is None:
             job = next((j for j in self._queue if j.rid == rid), None)
@@ -249,6 +312,7 @@ class VisionEngine:
     # ---- one token of the current sequence
 
     def step(self) -> None:
+        self._collect_decoded(block=self._current is None and not self._queue)
         if self._current is None:
             if not self._queue:
                 return
@@ -326,5 +390,9 @@ class VisionEngine:
                 log.debug("closing a failed generation raised", exc_info=True)
         self._current = None
         self._queue.clear()
-        for job in jobs:
-            self.emit(protocol.Error(rid=job.rid, code=code, message=message))
+        rids = [job.rid for job in jobs] + list(self._decoding)
+        for _, future, _ in self._decoding.values():
+            future.cancel()
+        self._decoding.clear()
+        for rid in rids:
+            self.emit(protocol.Error(rid=rid, code=code, message=message))

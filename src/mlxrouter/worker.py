@@ -12,7 +12,6 @@ Exit codes: 0 stopped (SIGTERM), 70 engine failure, 71 daemon gone, 72 load fail
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import logging.handlers
 import os
@@ -30,6 +29,7 @@ import zmq
 
 from . import __version__, protocol
 from .config import ModelSpec
+from .process import die_with_parent
 from .vision import is_vision_model
 
 log = logging.getLogger("mlxrouter.worker")
@@ -39,14 +39,6 @@ EXIT_PARENT_GONE = 71
 EXIT_LOAD_FAILED = 72
 _OUT_ENDPOINT = "inproc://engine-out"
 _STOP = object()
-
-
-def _set_pdeathsig() -> None:
-    if sys.platform != "linux":
-        return
-    PR_SET_PDEATHSIG = 1
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def measure_memory_bytes() -> int:
@@ -184,7 +176,7 @@ class Worker:
         fault = self.spec.fault
         self.watch_parent = not fault.get("no_parent_watch")
         if self.watch_parent and not fault.get("no_pdeathsig"):
-            _set_pdeathsig()
+            die_with_parent()
         if self.watch_parent and os.getppid() != self.parent_pid:
             return EXIT_PARENT_GONE  # the daemon died before PDEATHSIG was armed
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))

@@ -366,6 +366,80 @@ def test_a_pdf_that_would_render_for_hours_is_a_400_at_the_deadline(daemon, vlm_
     assert not [p for p in _children(vlm_pid) if "mlxrouter.media" in " ".join(p.cmdline())]
 
 
+def test_slow_pdfs_hold_up_no_other_request_to_the_model(daemon, vlm_pid) -> None:
+    """Two files that take the whole decode deadline to fail, then a text-only request and an
+    image request to the same vision model: those two answer while the PDFs still decode."""
+    bomb = pdf_part(make_slow_pdf(16))
+    results: dict[str, tuple[int, float]] = {}
+    started = time.monotonic()
+
+    def send(name: str, messages: list[dict], delay: float) -> None:
+        time.sleep(delay)
+        with httpx.Client(base_url=daemon.base_url, timeout=60) as http:
+            r = http.post("/v1/chat/completions", json={
+                "model": VLM, "messages": messages, "max_tokens": 3, "temperature": 0})
+        results[name] = (r.status_code, time.monotonic() - started)
+
+    jobs = [threading.Thread(target=send, args=args) for args in [
+        ("pdf1", ask([bomb]), 0.0), ("pdf2", ask([bomb]), 0.0),
+        ("text", [{"role": "user", "content": "Hello there"}], 0.5),
+        ("image", ask([image_part(image_bytes("PNG"))]), 0.6)]]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(timeout=60)
+    assert results["pdf1"][0] == results["pdf2"][0] == 400, results
+    assert results["text"][0] == results["image"][0] == 200, results
+    # the PDFs fail at their 5 s deadline; the others were not queued behind them
+    assert results["text"][1] < 4 and results["image"][1] < 4, results
+    assert min(results["pdf1"][1], results["pdf2"][1]) > 4.5, results
+    assert daemon.worker_pid(VLM) == vlm_pid
+    assert not [p for p in _children(vlm_pid) if "mlxrouter.media" in " ".join(p.cmdline())]
+
+
+def test_a_client_that_leaves_while_its_pdf_decodes_gets_nothing_left_behind(
+        daemon, vlm_pid) -> None:
+    bomb = pdf_part(make_slow_pdf(16))
+    with pytest.raises(httpx.ReadTimeout):
+        with httpx.Client(base_url=daemon.base_url, timeout=1.0) as http:
+            http.post("/v1/chat/completions", json={"model": VLM, "messages": ask([bomb]),
+                                                     "max_tokens": 3, "stream": True})
+    # the worker saw the cancel: its next request is served at once, not after the decode
+    started = time.monotonic()
+    assert chat(daemon, ask([image_part(image_bytes("PNG"))])).status_code == 200
+    assert time.monotonic() - started < 3
+    deadline = time.monotonic() + 10  # the orphaned decode ends at its own deadline
+    while [p for p in _children(vlm_pid) if "mlxrouter.media" in " ".join(p.cmdline())]:
+        assert time.monotonic() < deadline, "the media decoder outlived its deadline"
+        time.sleep(0.2)
+    assert daemon.worker_pid(VLM) == vlm_pid
+
+
+def test_a_decode_dies_with_its_worker(daemon) -> None:
+    """The decoder is the worker's child: a worker killed mid-decode leaves no renderer running
+    (it would go on for hours on this file), and the request gets a 502, not a hang."""
+    import psutil
+    if chat(daemon, ask([image_part(image_bytes("PNG"))]), model=SLOW).status_code != 200:
+        pytest.fail("the slow vision model does not answer")
+    pid = daemon.wait_worker(SLOW)
+    result: list[httpx.Response] = []
+    sender = threading.Thread(target=lambda: result.append(
+        httpx.post(f"{daemon.base_url}/v1/chat/completions", timeout=60, json={
+            "model": SLOW, "messages": ask([pdf_part(make_slow_pdf(16))]), "max_tokens": 3})))
+    sender.start()
+    deadline = time.monotonic() + 4
+    while not (decoders := [p for p in _children(pid)
+                            if "mlxrouter.media" in " ".join(p.cmdline())]):
+        assert time.monotonic() < deadline, "no media decoder started"
+        time.sleep(0.05)
+    psutil.Process(pid).kill()
+    gone, alive = psutil.wait_procs(decoders, timeout=5)
+    assert not alive, f"media decoders outlived their worker: {[p.pid for p in alive]}"
+    sender.join(timeout=30)
+    assert result and result[0].status_code == 502, result
+    assert result[0].json()["error"]["code"] == "worker_crashed"
+
+
 def _children(pid: int) -> list:
     import psutil
     return psutil.Process(pid).children(recursive=True)
