@@ -494,7 +494,9 @@ class TextEngine:
             (uid,) = self.gen.insert([rest], max_tokens=[max_tokens], caches=[cache],
                                      all_tokens=[prompt[:cached]],
                                      samplers=[sampler], logits_processors=[processors])
-        seq = Sequence(req, uid, self.tokenizer.detokenizer, len(prompt), received_at)
+        detok = (self.tokenizer.detokenizer if req.messages is not None
+                 else continuing_detokenizer(self.tokenizer))
+        seq = Sequence(req, uid, detok, len(prompt), received_at)
         seq.cached_tokens = cached
         seq.constraint = constraint
         if req.messages is not None:
@@ -801,6 +803,22 @@ def _gpt2_byte_decoder() -> dict[str, int]:
 
 _BYTE_DECODER = _gpt2_byte_decoder()
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def continuing_detokenizer(tokenizer: Any) -> Any:
+    """A streaming detokenizer for text that continues its prompt (/v1/completions). mlx-lm's
+    byte-level BPE and SentencePiece detokenizers drop the first token's leading space, which
+    suits the start of a chat answer; a completion of "The capital of France is" then read
+    "Paris." and the prompt plus it "isParis.". Tokenizers without a known decoder
+    (mlx-lm's NaiveStreamingDetokenizer) decode as the tokenizer does."""
+    from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, SPMStreamingDetokenizer
+
+    detok = tokenizer.detokenizer
+    if isinstance(detok, BPEStreamingDetokenizer):
+        detok._maybe_trim_space = lambda text: text
+    elif isinstance(detok, SPMStreamingDetokenizer):
+        detok.trim_space = False
+    return detok
 
 
 def token_bytes(tokenizer: Any, token: int) -> bytes:

@@ -89,6 +89,24 @@ def test_echo_prepends_the_prompt(client):
     assert resp.choices[0].text == "The sea" + plain.choices[0].text
 
 
+def test_a_completion_keeps_the_leading_space_that_continues_its_prompt(client, tokenizer):
+    """Text completions continue the prompt: a first token " the" stays " the" (mlx-lm's
+    detokenizers drop that space, which suits a chat answer only), in the text, the stream,
+    echo and the logprobs' tokens."""
+    (the,) = tokenizer.encode(" the", add_special_tokens=False)
+    forced = {"logit_bias": {str(the): 100}, "max_tokens": 2, "temperature": 0}
+    resp = client.completions.create(model="tiny", prompt="Once upon", logprobs=1, **forced)
+    assert resp.choices[0].text.startswith(" the the"), resp.choices[0].text
+    assert resp.choices[0].logprobs.tokens == [" the", " the"]
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt="Once upon", stream=True, **forced) if c.choices)
+    assert streamed == resp.choices[0].text
+    echoed = client.completions.create(model="tiny", prompt="Once upon", echo=True, **forced)
+    assert echoed.choices[0].text == "Once upon the the"
+    chat = client.chat.completions.create(model="tiny", messages=MESSAGES, **forced)
+    assert chat.choices[0].message.content == "the the"  # an answer starts without it
+
+
 @pytest.mark.parametrize("kwargs, param", [
     ({"prompt": "x", "suffix": "end"}, "suffix"),
     ({"prompt": "x", "logprobs": 21}, "logprobs"),
