@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import platform
+import re
 import sys
 import tomllib
 from pathlib import Path
@@ -44,7 +45,7 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
 class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
-    max_body_bytes: int = 16 * 1024 * 1024
+    max_body_bytes: Pos = 16 * 1024 * 1024
     # A streaming response commits 200 and sends keep-alive comments when the worker has not
     # started the request after this long (a model still loading).
     stream_commit_after_s: float = 2.0
@@ -466,6 +467,23 @@ def default_config_path() -> Path | None:
     return candidate if candidate.exists() else None
 
 
+_KEY = re.compile(r"[\x21-\x7e]+")  # what a client can send after "Bearer " and match
+
+
+def _check_keys(named: list[tuple[str, str]]) -> None:
+    """An API or admin key that is empty would let in anyone who sends "Bearer " (and an
+    empty admin key would look like none at all); one with spaces or characters outside
+    visible ASCII could never match what a client sends (the header is trimmed and read as
+    latin-1), locking everyone out. Both are refused at start."""
+    for where, key in named:
+        if not key:
+            raise ConfigError(f"{where} is empty: it would accept an empty bearer token "
+                              "(leave it out instead)")
+        if not _KEY.fullmatch(key):
+            raise ConfigError(f"{where} must be visible ASCII characters without spaces "
+                              "(a client could never send it as a bearer token)")
+
+
 def load_config(
     path: Path | str | None = None,
     *,
@@ -510,10 +528,17 @@ def load_config(
     overrides["lmstudio_dir"] = (_absolute(sup.lmstudio_dir, base) if sup.lmstudio_dir
                                  else str(lmstudio_default() or ""))
     sup = msgspec.structs.replace(sup, **overrides)
+    source = str(path or "defaults")
+    keys = [(f"{source}: server.api_keys[{i}]", key) for i, key in enumerate(server.api_keys)]
+    if server.admin_key is not None:
+        keys.append((f"{source}: server.admin_key", server.admin_key))
     env_key = os.environ.get("MLXROUTER_API_KEY")
+    env_admin = os.environ.get("MLXROUTER_ADMIN_KEY")
+    keys += [(name, value) for name, value in [("MLXROUTER_API_KEY", env_key),
+                                              ("MLXROUTER_ADMIN_KEY", env_admin)] if value]
+    _check_keys(keys)
     if env_key and env_key not in server.api_keys:
         server = msgspec.structs.replace(server, api_keys=[*server.api_keys, env_key])
-    env_admin = os.environ.get("MLXROUTER_ADMIN_KEY")
     if env_admin:
         server = msgspec.structs.replace(server, admin_key=env_admin)
     if host is not None or port is not None:

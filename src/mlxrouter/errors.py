@@ -52,6 +52,10 @@ class NotFound(RouterError):
     status, error_type, code = 404, "invalid_request_error", "not_found"
 
 
+class MethodNotAllowed(RouterError):
+    status, error_type, code = 405, "invalid_request_error", "method_not_allowed"
+
+
 class BodyTooLarge(RouterError):
     status, error_type, code = 413, "invalid_request_error", "request_too_large"
 

@@ -29,8 +29,8 @@ from .admin import admin_routes
 from .calls import Group, token_cap
 from .docs_pages import docs_routes
 from .config import ModelSpec
-from .errors import (BodyTooLarge, InvalidRequest, ModelNotFound, NotFound, RouterError,
-                     ShuttingDown, error_body, error_headers)
+from .errors import (BodyTooLarge, InvalidRequest, MethodNotAllowed, ModelNotFound, NotFound,
+                     RouterError, ShuttingDown, error_body, error_headers)
 from .openapi import openapi_document
 from .runtime import AppState, app_state, json_response
 from .schemas import (ChatCompletionRequest, ChatShape, CompletionRequest, GenerationParams,
@@ -53,9 +53,10 @@ async def on_router_error(request: Request, exc: Exception) -> Response:
 
 async def on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    err = NotFound(f"{request.method} {request.url.path}: {exc.detail}")
-    err.status = exc.status_code  # 404 or 405, same shape
-    return json_response(error_body(err), exc.status_code)
+    kind = MethodNotAllowed if exc.status_code == 405 else NotFound
+    err = kind(f"{request.method} {request.url.path}: {exc.detail}")
+    err.status = exc.status_code  # 404 or 405 (with its Allow header)
+    return json_response(error_body(err), exc.status_code, exc.headers)
 
 
 async def on_unexpected(request: Request, exc: Exception) -> Response:

@@ -394,3 +394,12 @@ def test_model_sampling_defaults_apply_when_the_request_leaves_them_out(start_da
     assert tuned.usage.completion_tokens == 24
     assert tuned.choices[0].message.content == explicit.choices[0].message.content
     assert tuned.choices[0].message.content != unpenalized.choices[0].message.content
+
+
+def test_a_wrong_method_is_a_405_in_openai_shape(daemon) -> None:
+    resp = daemon.http.get("/v1/chat/completions")
+    assert resp.status_code == 405
+    assert "POST" in resp.headers["allow"]
+    err = resp.json()["error"]
+    assert err["code"] == "method_not_allowed" and err["type"] == "invalid_request_error"
+    assert "GET /v1/chat/completions" in err["message"]

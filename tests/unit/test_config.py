@@ -220,6 +220,12 @@ def test_unknown_key_in_worker_file_names_key_and_file(tmp_path: Path) -> None:
     ("[defaults]\ncompute_nice = -1\n", "compute_nice"),
     ("[defaults]\nmax_tokens = 1.5\n", "max_tokens"),
     ("server = 3\n", "server"),
+    ("[server]\nmax_body_bytes = 0\n", "max_body_bytes"),
+    ("[server]\nmax_body_bytes = -5\n", "max_body_bytes"),
+    ("[server]\napi_keys = [\"k1\", \"\"]\n", "server.api_keys[1] is empty"),
+    ("[server]\napi_keys = [\" k1 \"]\n", "server.api_keys[0] must be visible ASCII"),
+    ("[server]\napi_keys = [\"k\u00e9\"]\n", "server.api_keys[0] must be visible ASCII"),
+    ("[server]\nadmin_key = \"\"\n", "server.admin_key is empty"),
 ])
 def test_bad_type_in_main_file_is_a_config_error(tmp_path: Path, text: str, key: str) -> None:
     main = write(tmp_path / "supervisor.toml", text)
@@ -227,6 +233,16 @@ def test_bad_type_in_main_file_is_a_config_error(tmp_path: Path, text: str, key:
         load_config(main)
     assert key in str(info.value)
     assert str(main) in str(info.value)
+
+
+def test_a_key_from_the_environment_that_no_client_could_send_is_a_config_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    main = write(tmp_path / "supervisor.toml", "")
+    monkeypatch.setenv("MLXROUTER_API_KEY", "two words")
+    with pytest.raises(ConfigError, match="MLXROUTER_API_KEY must be visible ASCII"):
+        load_config(main)
+    monkeypatch.setenv("MLXROUTER_API_KEY", "sk-local_1.2~3+/=")
+    assert load_config(main).server.api_keys == ["sk-local_1.2~3+/="]
 
 
 def test_bad_type_in_worker_file_is_a_config_error(tmp_path: Path) -> None:
