@@ -77,11 +77,17 @@ _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "modalities": None,
     "prediction": None,
     "web_search_options": None,
+    "verbosity": None,
 }
 # Values of those parameters that are equivalent to leaving them out.
 _HARMLESS: dict[str, tuple[Any, ...]] = {
     "modalities": (["text"],),
+    "verbosity": ("medium",),  # OpenAI's default
 }
+# Chat parameters that a text completion would otherwise ignore without a word.
+_CHAT_ONLY = ("max_completion_tokens", "response_format", "tools", "tool_choice",
+              "parallel_tool_calls", "top_logprobs", "reasoning_effort", "chat_template_kwargs",
+              "messages")
 _HINTS = {
     "functions": "; use 'tools' (the legacy 'functions' API is not supported)",
     "function_call": "; use 'tool_choice' (the legacy 'functions' API is not supported)",
@@ -176,6 +182,7 @@ class ChatCompletionRequest(GenerationParams, kw_only=True):
     modalities: Any = None
     prediction: Any = None
     web_search_options: Any = None
+    verbosity: Any = None
 
     @property
     def token_limit(self) -> int | None:
@@ -191,6 +198,16 @@ class CompletionRequest(GenerationParams, kw_only=True):
     best_of: int | None = None
     # Log probabilities of the sampled token and this many alternatives per token.
     logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
+    # Chat's; declared only to be refused (see _CHAT_ONLY).
+    max_completion_tokens: Any = None
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    top_logprobs: Any = None
+    reasoning_effort: Any = None
+    chat_template_kwargs: Any = None
+    messages: Any = None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a list of prompts (strings or token id lists); 400 when malformed."""
@@ -212,6 +229,13 @@ def _token_id(x: Any) -> bool:
 
 
 def check_completion(req: CompletionRequest) -> list[str | list[int]]:
+    for name in _CHAT_ONLY:
+        if getattr(req, name) is not None:
+            hint = {"max_completion_tokens": "; use 'max_tokens'",
+                    "top_logprobs": "; 'logprobs' takes the number of alternatives here"
+                    }.get(name, "; send it to /v1/chat/completions")
+            raise InvalidRequest(f"parameter '{name}' is not a text completions parameter"
+                                 f"{hint}", param=name)
     if req.suffix:
         raise InvalidRequest("parameter 'suffix' (insertion) is not supported by this server",
                              param="suffix")

@@ -114,6 +114,12 @@ def test_a_completion_keeps_the_leading_space_that_continues_its_prompt(client, 
     ({"prompt": [1, "a"]}, "prompt"),
     ({"prompt": [[1, 2], [3]], "echo": True}, "echo"),
     ({"prompt": "x", "best_of": 3}, "best_of"),
+    ({"prompt": "x", "extra_body": {"max_completion_tokens": 2}}, "max_completion_tokens"),
+    ({"prompt": "x", "extra_body": {"response_format": {"type": "json_object"}}},
+     "response_format"),
+    ({"prompt": "x", "extra_body": {"tools": []}}, "tools"),
+    ({"prompt": "x", "extra_body": {"messages": [{"role": "user", "content": "x"}]}},
+     "messages"),
 ])
 def test_unsupported_or_malformed_completion_requests_are_400s(client, kwargs, param):
     with pytest.raises(openai.BadRequestError) as info:

@@ -155,6 +155,7 @@ _TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "o
     ({"modalities": ["text", "audio"]}, "modalities"),
     ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
     ({"web_search_options": {}}, "web_search_options"),
+    ({"verbosity": "low"}, "verbosity"),
     ({"stop": ""}, "stop"),
     ({"stop": ["ok", ""]}, "stop"),
     # tool calling and structured output: accepted, but not in every combination
@@ -222,6 +223,8 @@ def test_assistant_without_content_is_accepted() -> None:
     {"parallel_tool_calls": True},
     {"parallel_tool_calls": False},
     {"modalities": ["text"]},
+    {"verbosity": "medium"},
+    {"verbosity": None},
     {"tools": None, "response_format": None, "logprobs": None},
     {"n": 1},
     {"stop": ["END"], "seed": 1, "user": "u1", "stream": True,
