@@ -327,9 +327,10 @@ def _max_context(spec: ModelSpec, config: dict[str, Any]) -> int:
 
 
 def fit_max_tokens(sampling: protocol.SamplingParams, prompt_tokens: int, max_context: int,
-                   what: str = "prompt tokens") -> int:
+                   what: str = "prompt tokens", param: str = "messages") -> int:
     """The request's max_tokens if prompt + max_tokens fits the context; a default max_tokens
-    (the client set none) lowered to the room left; else 400 context_length_exceeded."""
+    (the client set none) lowered to the room left; else 400 context_length_exceeded naming
+    `param` (the messages or the prompt, as OpenAI does)."""
     max_tokens = sampling.max_tokens
     if prompt_tokens + max_tokens <= max_context:
         return max_tokens
@@ -337,7 +338,7 @@ def fit_max_tokens(sampling: protocol.SamplingParams, prompt_tokens: int, max_co
         return max_context - prompt_tokens
     raise ContextLengthExceeded(
         f"This model's maximum context length is {max_context} tokens; the request has "
-        f"{prompt_tokens} {what} and asks for {max_tokens} more")
+        f"{prompt_tokens} {what} and asks for {max_tokens} more", param=param)
 
 
 def _context_free(p: protocol.SamplingParams) -> bool:
@@ -472,7 +473,8 @@ class TextEngine:
             if bad:  # an id past the embedding table reads (or crashes on) foreign memory
                 raise InvalidRequest(f"prompt token ids {bad[:5]} are outside the vocabulary "
                                      f"({self.vocab_size} tokens)", param="prompt")
-        max_tokens = fit_max_tokens(req.sampling, len(prompt), self.max_context)
+        max_tokens = fit_max_tokens(req.sampling, len(prompt), self.max_context,
+                                    param="messages" if req.messages is not None else "prompt")
         sampling = req.sampling
         if sampling.top_k >= self.vocab_size:  # keeps every token: the same as no top-k
             sampling = msgspec.structs.replace(sampling, top_k=0)

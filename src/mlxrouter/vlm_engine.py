@@ -213,7 +213,8 @@ class VisionEngine:
         inputs, images = self._inputs(req, decoded)
         prompt_tokens = int(inputs["input_ids"].shape[-1])
         max_tokens = fit_max_tokens(req.sampling, prompt_tokens, self.max_context,
-                                    "prompt tokens (images included)")
+                                    "prompt tokens (images included)",
+                                    "messages" if req.messages is not None else "prompt")
         job = _Job(req, inputs, prompt_tokens, make_sampler(req.sampling),
                    self._processors(req.sampling, max_tokens), max_tokens, received_at)
         self._queue.append(job)

@@ -218,6 +218,11 @@ def test_prompt_longer_than_the_context_is_a_400(start_daemon, tiny_model):
         "model": "tiny", "messages": [{"role": "user", "content": "word " * 100}]})
     assert resp.status_code == 400
     assert resp.json()["error"]["code"] == "context_length_exceeded"
+    assert resp.json()["error"]["param"] == "messages"
+    raw = daemon.http.post("/v1/completions", json={"model": "tiny", "prompt": "word " * 100})
+    assert raw.status_code == 400
+    assert raw.json()["error"]["code"] == "context_length_exceeded"
+    assert raw.json()["error"]["param"] == "prompt"
 
 
 def test_a_default_max_tokens_is_lowered_to_the_room_the_context_has(start_daemon, tiny_model,
