@@ -103,3 +103,36 @@ class StopText:
     def flush(self) -> str:
         out, self._buf = self._buf, ""
         return out
+
+
+class HeldLogprobs:
+    """Per-token log probabilities released as their tokens' text is (StopText): a token whose
+    text is held back keeps its entry until that text is shown, and when a stop string cuts
+    the output, the tokens that only made the cut text lose theirs, so the entries match the
+    content they came with (a stop "." no longer left a "." among the logprobs)."""
+
+    def __init__(self) -> None:
+        self._held: list[tuple[Any, int, int]] = []  # (entry, start, end) in the fed text
+        self._fed = 0
+        self._shown = 0
+
+    def add(self, entry: Any, text: str) -> None:
+        self._held.append((entry, self._fed, self._fed + len(text)))
+        self._fed += len(text)
+
+    def release(self, shown: str, cut: bool, final: bool) -> list[Any]:
+        """The entries to send with `shown`, the text just let through; `cut`: a stop string
+        ended the output there; `final`: the output ended and nothing is held back."""
+        self._shown += len(shown)
+        if cut:  # a token shows if any of its text does; those held after the cut never will
+            out = [e for e, start, _ in self._held if start < self._shown]
+            self._held = []
+            return out
+        if final:
+            out, self._held = [e for e, _, _ in self._held], []
+            return out
+        n = 0
+        while n < len(self._held) and self._held[n][2] <= self._shown:
+            n += 1
+        out, self._held = [e for e, _, _ in self._held[:n]], self._held[n:]
+        return out

@@ -34,7 +34,7 @@ from mlx_lm.sample_utils import (apply_min_p, apply_top_k, apply_top_p, greedy_s
                                  make_logits_processors)
 
 from . import protocol
-from .chat import StopText, render_chat, render_completion
+from .chat import HeldLogprobs, StopText, render_chat, render_completion
 from .constrain import ConstraintFactory
 from .templates import TOOL_FORMAT, template_source
 from .toolcalls import ToolCallStream, detect_format, format_by_name
@@ -185,6 +185,7 @@ class Sequence:
         self.completion_tokens = 0
         # Alternatives per token when the request asked for logprobs, else None.
         self.top_logprobs = req.sampling.top_logprobs if req.sampling.logprobs else None
+        self.held = HeldLogprobs()  # their entries, released with their tokens' text
         self.tools: Any = None  # a toolcalls.ToolCallStream when the output may hold calls
         self.constraint: Any = None  # a constrain.GrammarProcessor when decoding is constrained
         self.one_call = not req.parallel_tool_calls
@@ -692,15 +693,14 @@ class TextEngine:
             raise ValueError("fault injection: output handling failed")
         self.tokens_generated += 1
         finish = r.finish_reason
-        logprobs = []
         if finish != "stop":  # "stop" here means an EOS token: never shown
             seq.detok.add_token(r.token)
         if finish is not None:
             seq.detok.finalize()
         segment = seq.detok.last_segment
         if seq.top_logprobs is not None and finish != "stop":
-            logprobs.append(self._token_logprob(r.token, segment, r.logprobs,
-                                                seq.top_logprobs))
+            seq.held.add(self._token_logprob(r.token, segment, r.logprobs, seq.top_logprobs),
+                         segment)
         text, hit = seq.stop.feed(segment)
         if finish is not None:
             self._remember(r.all_tokens, r.prompt_cache)
@@ -710,6 +710,8 @@ class TextEngine:
             finish = "stop"
         elif finish is not None:
             text += seq.stop.flush()
+        logprobs = (seq.held.release(text, cut=hit, final=finish is not None)
+                    if seq.top_logprobs is not None else [])
         content, reasoning, calls = seq.route(text, final=finish is not None)
         if seq.tools is not None and seq.tools.called and seq.one_call:
             calls = [c for c in calls if c.index == 0]

@@ -53,6 +53,26 @@ def test_streamed_chat_logprobs_equal_the_non_streamed(daemon):
         (e.token, round(e.logprob, 4)) for e in whole]
 
 
+def test_a_stop_string_takes_its_tokens_logprobs_with_it(daemon, tiny_model):
+    """The tokens that only made the stop string (never shown) have no logprobs; a token
+    that shows in part keeps its entry. Forced tokens: "the", " the", " the"."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    (the,) = load_tokenizer(tiny_model).encode(" the", add_special_tokens=False)
+    client = daemon.openai()
+    kwargs = dict(model="tiny", messages=ASK, max_tokens=3, temperature=0, logprobs=True,
+                  logit_bias={str(the): 100})
+    for stop, content, tokens in [("e t", "th", ["the"]), (" the the", "the", ["the"]),
+                                  ("the", "", []), ("xyz", "the the the", ["the", " the", " the"])]:
+        whole = client.chat.completions.create(stop=stop, **kwargs).choices[0]
+        assert whole.message.content == content, stop
+        assert [e.token for e in whole.logprobs.content] == tokens, stop
+        parts = list(client.chat.completions.create(stop=stop, stream=True, **kwargs))
+        streamed = [e.token for c in parts if c.choices and c.choices[0].logprobs
+                    for e in c.choices[0].logprobs.content]
+        assert streamed == tokens, stop
+
+
 def test_completions_logprobs_use_the_legacy_shape(daemon):
     resp = httpx.post(f"{daemon.base_url}/v1/completions", timeout=60, json={
         "model": "tiny", "prompt": "one, two,", "max_tokens": 5, "temperature": 0,
