@@ -217,6 +217,12 @@ class Broker:
         if exc is not None:
             raise WorkerCrashed(f"worker {identity.split('/')[0]} is unreachable ({exc})")
 
+    def fail_all(self, error: RouterError) -> None:
+        """Every request in flight fails now; its worker is told to stop generating it."""
+        for stream in list(self._streams.values()):
+            self.cancel(stream.rid)
+            self._finish(stream, None, error)
+
     def fail_worker(self, identity: str, error: RouterError) -> None:
         """The worker died: every request it was serving fails now."""
         for stream in [s for s in self._streams.values() if s.lease.identity == identity]:

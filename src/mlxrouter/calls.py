@@ -304,7 +304,7 @@ class Group:
             if (exc := opening.exception()) is not None:
                 self.record(getattr(exc, "status", 500), error=exc)
                 yield fmt.error(exc)
-                yield fmt.end()
+                yield fmt.end(failed=True)
                 return
             for i in range(len(self.calls)):
                 first = self.shape.opening(*args, i)
@@ -330,7 +330,7 @@ class Group:
         except RouterError as exc:
             self.record(exc.status, error=exc)
             yield fmt.error(exc)
-            yield fmt.end()
+            yield fmt.end(failed=True)
         finally:
             if not opening.done():
                 opening.cancel()

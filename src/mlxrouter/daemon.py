@@ -32,7 +32,7 @@ from .access import RequestIdFilter
 from .broker import Broker
 from .config import EMBEDDED_MODEL_ID, Config, ConfigError, worker_preloads
 from .discovery import Catalog
-from .errors import RouterError
+from .errors import RouterError, ShuttingDown
 from .gateway import build_app
 from .metrics import Metrics
 from .runtime import AppState
@@ -267,7 +267,15 @@ class Daemon:
         while busy() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if busy():
-            log.warning("drain timeout: %d requests still in flight or queued", busy())
+            # What is left fails now, in OpenAI's shape (503 shutting_down, or a stream's
+            # error event), while the HTTP server can still send it; the server's own
+            # graceful timeout would cut those connections without a word.
+            log.warning("drain timeout: failing %d requests still in flight or queued", busy())
+            error = ShuttingDown(
+                "the server is shutting down and drain_timeout_s "
+                f"({self.config.supervisor.drain_timeout_s:g} s) ran out for this request")
+            broker.fail_all(error)
+            supervisor.fail_waiting(error)
 
 
 def _configured_paths(config: Config) -> dict[str, str | None]:

@@ -58,5 +58,10 @@ class StreamFormat:
         """SSE comments; whitespace is valid between JSON lines and array elements."""
         return SSE_KEEPALIVE if self.name == "sse" else b"\n"
 
-    def end(self) -> bytes:
+    def end(self, failed: bool = False) -> bytes:
+        """The stream's last bytes. After an error event SSE sends no [DONE] (a client that
+        takes [DONE] for success must not take a failed stream for a whole one); a JSON
+        array still closes."""
+        if failed and self.name == "sse":
+            return b""
         return {"sse": SSE_DONE, "json_lines": b"", "json_array": b"]"}[self.name]

@@ -764,6 +764,11 @@ class Supervisor:
     def slots(self) -> dict[str, Slot]:
         return self._slots
 
+    def fail_waiting(self, error: RouterError) -> None:
+        """Every request still queued for a lease fails now (a drain that ran out)."""
+        for slot in self._slots.values():
+            self._fail_waiters(slot, error)
+
     def waiting(self) -> int:
         """Requests queued for a lease (loading, memory, a full batch): drain counts them."""
         return sum(len(s.waiters) for s in self._slots.values())

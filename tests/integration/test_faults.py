@@ -4,11 +4,14 @@ the daemon is SIGTERMed and SIGKILLed. The daemon must keep serving and never ha
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import shutil
 import signal
+import threading
 import time
 
+import httpx
 import openai
 import psutil
 import pytest
@@ -116,6 +119,42 @@ def test_sigterm_lets_the_stream_in_flight_finish_then_exits_cleanly(start_daemo
     assert daemon.proc.wait(30) == 0
     wait_gone(worker, 5)
     assert not (daemon.run_dir / "gw.sock").exists()
+
+
+def test_requests_left_when_the_drain_runs_out_get_a_503_or_an_error_event(start_daemon,
+                                                                           tiny_model):
+    """A stream still generating and a request still waiting for its model to load when
+    drain_timeout_s runs out fail in OpenAI's shape, not as a cut connection or an empty 500."""
+    daemon = start_daemon(
+        {"tiny": {"path": str(tiny_model), "fault": {"delay_per_token_s": 0.05}},
+         "loading": {"path": str(tiny_model), "fault": {"load_delay_s": 30}}},
+        supervisor={"drain_timeout_s": 1.0})
+    lines: list[str] = []
+
+    def stream() -> None:
+        with httpx.stream("POST", f"{daemon.base_url}/v1/chat/completions", timeout=60, json={
+                "model": "tiny", "messages": MESSAGES, "max_tokens": 500,
+                "stream": True}) as resp:
+            lines.extend(line for line in resp.iter_lines() if line)
+
+    queued: list[httpx.Response] = []
+    threads = [threading.Thread(target=stream), threading.Thread(target=lambda: queued.append(
+        httpx.post(f"{daemon.base_url}/v1/chat/completions", timeout=60, json={
+            "model": "loading", "messages": MESSAGES, "max_tokens": 2})))]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(lines) > 3 and daemon.workers().get("loading", {}).get("state")
+             == "STARTING", 30, "a stream generating and a model loading")
+    daemon.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(timeout=30)
+    assert daemon.proc.wait(30) == 0
+    assert queued[0].status_code == 503, queued[0].text
+    assert queued[0].json()["error"]["code"] == "shutting_down"
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert "drain_timeout_s" in events[-1]["error"]["message"], events[-1]
+    assert events[-1]["error"]["code"] == "shutting_down"
+    assert len(events) > 3 and lines[-1].startswith("data: {\"error\"")  # no [DONE] after it
 
 
 @pytest.mark.parametrize("pdeathsig", [True, False], ids=["pdeathsig", "getppid"])
