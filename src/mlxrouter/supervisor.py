@@ -325,6 +325,15 @@ class Supervisor:
                 if self._loading is slot:
                     self._loading = None
                 continue
+            if plan.action == "evict" and slot.failures and not slot.waiters:
+                # A retry after a failed start (BACKOFF over) that no request waits for takes
+                # the room it finds: it does not stop models in use for a model that may fail
+                # again. A request for it, or ctl start, evicts as any start does.
+                slot.last_error = (f"its retry waits for room (it would stop "
+                                   f"{', '.join(plan.victims)})")
+                if self._loading is slot:
+                    self._loading = None
+                continue
             self._loading = slot
             if plan.action == "evict":
                 for victim in plan.victims:

@@ -96,6 +96,28 @@ def test_pinned_busy_model_makes_the_other_wait_then_503_no_memory(start_daemon,
     assert _live_models(daemon) == {"a"}
 
 
+def test_a_failed_models_retries_do_not_evict_a_model_in_use(start_daemon, tiny_model):
+    """Room for one model. "bad" fails its start (BACKOFF, then retried by itself); "a"
+    serves meanwhile. Retries nobody waits for never stop "a"; a request for "bad" may."""
+    base = {"path": str(tiny_model), "required_memory_gb": 1.0, "safety_margin": 1.0}
+    daemon = start_daemon({"a": dict(base), "bad": {**base, "fault": {"fail_load": 1}}},
+                          supervisor={"memory_budget_gb": 1.5, "start_retries": 3})
+    assert _chat(daemon, "bad").status_code == 503  # failed start: BACKOFF 1 s, then 2 s, ...
+    assert _chat(daemon, "a").status_code == 200
+    pid = daemon.worker_pid("a")
+    assert pid is not None, daemon.workers()
+    deadline = time.monotonic() + 5  # past two retries' backoff
+    while time.monotonic() < deadline:
+        assert daemon.worker_pid("a") == pid, daemon.workers()
+        time.sleep(0.1)
+    assert "retry waits for room" in daemon.workers()["bad"].get("reason", ""), (
+        daemon.workers()["bad"])
+    assert _chat(daemon, "a").status_code == 200 and daemon.worker_pid("a") == pid
+    asked = _chat(daemon, "bad")  # a request for it makes room as any start does
+    assert asked.status_code == 503 and asked.json()["error"]["code"] == "model_load_failed"
+    assert daemon.worker_pid("a") != pid
+
+
 def test_start_failures_back_off_then_go_fatal_with_the_reason(start_daemon, tiny_model):
     daemon = start_daemon({"bad": {"path": str(tiny_model), "fault": {"fail_load": 1}}},
                           supervisor={"start_retries": 1})
