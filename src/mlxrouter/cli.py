@@ -14,6 +14,16 @@ from pathlib import Path
 from .config import ConfigError, load_config
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0 to 65535)")
+    return value
+
+
 def _load(args: argparse.Namespace):
     try:
         return load_config(args.config, host=getattr(args, "host", None),
@@ -205,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the daemon (gateway, broker, supervisor)")
     serve.add_argument("--config", help="supervisor.toml or the seed's config.json")
     serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
+    serve.add_argument("--port", type=_port, help="0 to 65535 (0: any free port)")
     serve.add_argument("--model-dir")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                        help="default: info, or debug when [server] debug = true")

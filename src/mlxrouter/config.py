@@ -44,7 +44,7 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
 
 class ServerConfig(_Section):
     host: str = "127.0.0.1"
-    port: int = DEFAULT_PORT
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = DEFAULT_PORT
     max_body_bytes: Pos = 16 * 1024 * 1024
     # A streaming response commits 200 and sends keep-alive comments when the worker has not
     # started the request after this long (a model still loading).

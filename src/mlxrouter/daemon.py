@@ -133,12 +133,22 @@ async def ensure_embedded_model(config: Config, catalog: Catalog) -> None:
     catalog.refresh(force=True)
 
 
-def _listen(host: str, port: int) -> socket.socket:
+class CannotListen(Exception):
+    """The configured host and port cannot be bound (in use, no such address)."""
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The server's socket, bound but not yet listening: a port in use or a host that is not
+    this machine's fails the start at once, before anything else is set up."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(1024)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except (OSError, OverflowError) as exc:
+        sock.close()
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CannotListen(f"cannot listen on {host}:{port}: {reason}") from None
     return sock
 
 
@@ -190,6 +200,7 @@ class Daemon:
 
     async def _run(self, lock: RunLock) -> int:
         config = self.config
+        sock = _bind(config.server.host, config.server.port)
         catalog = Catalog(config.model_directory, _configured_paths(config))
         await ensure_embedded_model(config, catalog)
         broker = Broker(config.run_dir)
@@ -207,7 +218,7 @@ class Daemon:
             core = os.environ.get("OPENBLAS_CORETYPE") if kind == "openblas" else None
             log.info("workers preload %s%s", ":".join(preloads) or "nothing",
                      f" (OPENBLAS_CORETYPE={core} from the environment)" if core else "")
-        sock = _listen(config.server.host, config.server.port)
+        sock.listen(1024)
         port = sock.getsockname()[1]
         lock.write(boot_id=supervisor.boot_id, host=config.server.host, port=port)
         hconfig = HypercornConfig()
@@ -287,7 +298,7 @@ def run(config: Config, log_level: str | None = None,
     setup_logging(config, log_level)
     try:
         return asyncio.run(Daemon(config, reload).run())
-    except AlreadyRunning as exc:
+    except (AlreadyRunning, CannotListen) as exc:
         log.error("%s", exc)
         print(f"mlxrouter: {exc}", file=sys.stderr)
         return 1

@@ -336,6 +336,35 @@ def test_cli_serve_port_flag_overrides_the_file(tmp_path, tiny_model):
         assert not wait_for_gone(daemon)
 
 
+def test_serve_on_a_port_in_use_or_out_of_range_says_so_and_exits(tmp_path, tiny_model):
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import write_config
+
+    (tmp_path / "models").mkdir()
+    config = write_config(tmp_path, models={"tiny": {"path": str(tiny_model)}})
+
+    def serve(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mlxrouter", "serve", "--config",
+                               str(config), *extra], capture_output=True, text=True,
+                              timeout=60, stdin=subprocess.DEVNULL)
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        done = serve("--port", str(port))
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "Address already in use" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "run" / "gw.sock").exists()
+    assert "cannot listen on" in (tmp_path / "logs" / "daemon.log").read_text()
+    done = serve("--port", "99999")
+    assert done.returncode == 2 and "not a port" in done.stderr
+
+
 class socket_port:
     """A free TCP port on 127.0.0.1 (closed again on exit)."""
 

@@ -220,6 +220,7 @@ def test_unknown_key_in_worker_file_names_key_and_file(tmp_path: Path) -> None:
     ("[defaults]\ncompute_nice = -1\n", "compute_nice"),
     ("[defaults]\nmax_tokens = 1.5\n", "max_tokens"),
     ("server = 3\n", "server"),
+    ("[server]\nport = 99999\n", "port"),
     ("[server]\nmax_body_bytes = 0\n", "max_body_bytes"),
     ("[server]\nmax_body_bytes = -5\n", "max_body_bytes"),
     ("[server]\napi_keys = [\"k1\", \"\"]\n", "server.api_keys[1] is empty"),
