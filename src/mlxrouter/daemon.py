@@ -71,10 +71,24 @@ class RunLock:
 
 
 def read_lock_info(run_dir: Path) -> dict:
+    """The running daemon's pid, boot id, host and port, or {} when no daemon holds the lock:
+    a daemon killed with SIGKILL leaves its last info in the file, and the port in it may be
+    another daemon's by now (`ctl shutdown` would have stopped that one)."""
     try:
-        return json.loads((run_dir / "daemon.lock").read_text() or "{}")
+        fd = os.open(run_dir / "daemon.lock", os.O_RDONLY)
+    except OSError:
+        return {}
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # held: its daemon runs
+            return json.loads(os.read(fd, 1 << 16) or b"{}")
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return {}
     except (OSError, ValueError):
         return {}
+    finally:
+        os.close(fd)
 
 
 def setup_logging(config: Config, level: str | None) -> None:
