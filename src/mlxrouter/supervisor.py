@@ -312,6 +312,7 @@ class Supervisor:
                                     available)
             if plan.action == "impossible":
                 slot.last_error = plan.reason
+                log.warning("model=%s cannot start: it %s", slot.spec.id, plan.reason)
                 self._fail_waiters(slot, InsufficientMemory(
                     f"model '{slot.spec.id}' {plan.reason}; lower its max_context or "
                     f"max_running, or raise memory_budget_gb"))

@@ -107,6 +107,9 @@ class EngineThread(threading.Thread):
         engine = engine_cls(self.spec, emit, fault, self.memory_limit)
         started = time.monotonic()
         emit(protocol.Progress(message=f"loading {self.spec.path}"))
+        if not Path(self.spec.path).expanduser().exists():
+            # mlx-lm would take the path for a Hub repo id and fail with HFValidationError
+            raise FileNotFoundError(f"the model path {self.spec.path} does not exist")
         engine.load()
         half = engine.half_copies
         self.engine = engine

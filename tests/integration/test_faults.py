@@ -103,6 +103,17 @@ def test_a_broken_model_dir_fails_its_requests_not_the_daemon(start_daemon, tmp_
     assert daemon.http.get("/health").status_code == 200
 
 
+def test_a_configured_path_that_does_not_exist_says_so(start_daemon, tmp_path):
+    daemon = start_daemon({"gone": {"path": str(tmp_path / "no-such-model")}})
+    resp = daemon.http.post("/v1/chat/completions", json={"model": "gone",
+                                                          "messages": MESSAGES})
+    assert resp.status_code == 503
+    assert resp.json()["error"]["code"] == "model_load_failed"
+    assert f"the model path {tmp_path / 'no-such-model'} does not exist" in (
+        resp.json()["error"]["message"])
+    assert "HFValidationError" not in resp.json()["error"]["message"]
+
+
 def test_sigterm_lets_the_stream_in_flight_finish_then_exits_cleanly(start_daemon, tiny_model):
     daemon = start_daemon({"tiny": {"path": str(tiny_model), "fault": {"delay_per_token_s": 0.02}}})
     client = daemon.openai()
