@@ -41,6 +41,16 @@ class Plan(msgspec.Struct, frozen=True):
     reason: str = ""
 
 
+def _distinct_gb(a: int, b: int) -> tuple[str, str]:
+    """Two byte counts in GB with as many decimals (2 to 6) as it takes to tell them apart:
+    "needs 0.50 GB but the budget is 0.50 GB" said nothing."""
+    for digits in range(2, 7):
+        left, right = f"{a / GB:.{digits}f}", f"{b / GB:.{digits}f}"
+        if left != right:
+            break
+    return left, right
+
+
 def plan_load(need_bytes: int, budget_bytes: int, max_loaded: int,
               residents: list[Resident], available_bytes: int | None = None) -> Plan:
     """Whether a model costing `need_bytes` can start now, and whom to evict first.
@@ -50,8 +60,8 @@ def plan_load(need_bytes: int, budget_bytes: int, max_loaded: int,
     `max_loaded` 0 means no limit on the number of workers.
     """
     if need_bytes > budget_bytes:
-        return Plan("impossible", reason=(
-            f"needs {need_bytes / GB:.2f} GB but the memory budget is {budget_bytes / GB:.2f} GB"))
+        need, budget = _distinct_gb(need_bytes, budget_bytes)
+        return Plan("impossible", reason=f"needs {need} GB but the memory budget is {budget} GB")
 
     def fits(freed: int, gone: int) -> bool:
         committed = sum(r.cost_bytes for r in residents) - freed

@@ -55,6 +55,9 @@ def test_plan_load(name, need, budget, max_loaded, residents, available, action,
 def test_impossible_and_wait_plans_name_the_figures():
     plan = plan_load(int(12 * GB), int(10 * GB), 0, [])
     assert plan == Plan("impossible", reason="needs 12.00 GB but the memory budget is 10.00 GB")
+    # a hair over the budget still reads as over it
+    close = plan_load(GB // 2 + 1_000_000, GB // 2, 0, [])
+    assert close.reason == "needs 0.501 GB but the memory budget is 0.500 GB"
     wait = plan_load(int(4 * GB), int(10 * GB), 0, [r("busy", 8, evictable=False)])
     assert "4.00 GB" in wait.reason and "8.00 GB" in wait.reason and "10.00 GB" in wait.reason
 
