@@ -358,6 +358,10 @@ class _Marked:
                 return
             if j < 0:
                 body, self.buf, closer = self.buf, "", ""
+                # Cut off inside its end marker (max_tokens): the call itself may be whole.
+                cut = _partial_tail(body, (self.fmt.end,)) if self.fmt.end else 0
+                if cut:
+                    body, closer = body[:-cut], body[-cut:]
             else:
                 body, closer = self.buf[:j], self.fmt.end
                 self.buf = self.buf[j + len(closer):]

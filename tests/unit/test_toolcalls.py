@@ -203,6 +203,20 @@ def test_malformed_call_is_released_as_content_and_logged(caplog: pytest.LogCapt
     assert any("tool call not parsed" in r.getMessage() for r in caplog.records)
 
 
+def test_a_call_cut_off_inside_its_end_marker_is_still_a_call() -> None:
+    """max_tokens ended the output in "</tool_call>": the call before it is whole. One cut
+    inside its arguments stays content, as written."""
+    whole = '<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool'
+    for seed in range(3):
+        parsed, stream = run(format_by_name("hermes"), [], random_pieces(whole, seed))
+        got = assemble(parsed)
+        assert got["content"] == "" and stream.called
+        assert [(c["name"], json.loads(c["arguments"])) for c in got["calls"]] == [("f", {"x": 1})]
+    cut = '<tool_call>\n{"name": "f", "arguments": {"x": 1'
+    parsed, stream = run(format_by_name("hermes"), [], [cut])
+    assert assemble(parsed)["content"] == cut and not stream.called
+
+
 def test_unknown_tool_name_is_still_a_call(caplog: pytest.LogCaptureFixture) -> None:
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
     with caplog.at_level(logging.INFO, logger="mlxrouter.toolcalls"):
