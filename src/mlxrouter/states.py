@@ -95,6 +95,7 @@ class Slot:
         self.restarts = 0
         self.last_used = 0.0
         self.wait_since: float | None = None
+        self.removed = False  # by a reload: listed only until its worker is gone
 
     @property
     def state(self) -> State:

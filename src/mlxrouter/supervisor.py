@@ -718,12 +718,13 @@ class Supervisor:
             try:
                 spec = self.spec(model_id)
             except RouterError as exc:  # removed from the config and not on disk
-                slot.want_start = False
+                slot.want_start, slot.removed = False, True
                 self._fail_waiters(slot, ModelUnavailable(
                     f"model '{model_id}' was removed by a configuration reload"))
                 self._begin_stop(slot.worker, "removed", drain=True)
                 log.info("reload: model=%s removed (%s)", model_id, exc.message)
                 continue
+            slot.removed = False
             running = slot.worker.spec if slot.worker is not None else slot.spec
             cold = [f for f in COLD_FIELDS if getattr(running, f) != getattr(spec, f)]
             if spec != slot.spec:
@@ -741,6 +742,8 @@ class Supervisor:
         out = []
         for slot in self._slots.values():
             w = slot.worker
+            if slot.removed and w is None:
+                continue
             out.append(WorkerStatus(
                 model=slot.spec.id, state=slot.state.value, pid=w.pid if w else None,
                 uptime_s=round(now - w.spawned_at, 1) if w else None,
