@@ -12,6 +12,7 @@ import asyncio
 import logging
 import secrets
 import time
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -237,8 +238,16 @@ def _model_object(state: AppState, model_id: str) -> ModelObject:
         context_length=info.context_length, capabilities=list(info.capabilities))
     return ModelObject(id=model_id, created=int(state.started_at), owned_by=owner,
                        loaded=st.value == "RUNNING", state=st.value,
-                       path=state.supervisor.catalog.path_of(model_id) or "",
+                       path=_model_path(state, model_id),
                        estimated_memory_bytes=estimate, **extra)
+
+
+def _model_path(state: AppState, model_id: str) -> str:
+    """Where the model is loaded from: its configured path, else where discovery found it."""
+    configured = state.config.models.get(model_id)
+    if configured is not None and configured.path:
+        return str(Path(configured.path).expanduser())
+    return state.supervisor.catalog.path_of(model_id) or ""
 
 
 async def list_models(request: Request) -> Response:

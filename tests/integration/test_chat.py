@@ -258,6 +258,9 @@ def test_models_endpoints(daemon, tiny_model):
     assert {"tiny", "acme/tiny-chat"} <= ids
     for m in listing["data"]:
         assert m["object"] == "model" and isinstance(m["created"], int) and m["owned_by"]
+    paths = {m["id"]: m["path"] for m in listing["data"]}
+    assert paths["tiny"] == str(tiny_model)  # configured, outside the model directory
+    assert paths["acme/tiny-chat"] == str(snap)  # discovered
     one = daemon.http.get("/v1/models/acme/tiny-chat")
     assert one.status_code == 200 and one.json()["id"] == "acme/tiny-chat"
     assert daemon.http.get("/v1/models/acme/nope").status_code == 404
