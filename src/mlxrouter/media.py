@@ -189,8 +189,8 @@ def decode_all(media: list[protocol.Media], timeout_s: float) -> list[list[Any]]
     except subprocess.TimeoutExpired:  # run() has killed and reaped the child
         raise InvalidRequest(
             f"decoding the request's images and PDF pages took longer than "
-            f"media_decode_timeout_s ({timeout_s:g} s); the file costs too much to render"
-        ) from None
+            f"media_decode_timeout_s ({timeout_s:g} s); the file costs too much to render",
+            param="messages") from None
     if done.returncode != 0:
         tail = done.stderr.decode("utf-8", "replace").strip().splitlines()[-1:]
         raise RuntimeError(f"the media decoder exited with {done.returncode}: "
