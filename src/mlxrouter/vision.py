@@ -182,6 +182,9 @@ async def collect_media(server: ServerConfig, spec: ModelSpec, messages: list[An
 async def _part_bytes(server: ServerConfig, part: Any, where: str, deadline: float) -> bytes:
     if _kind(part) == "file":
         file = part.file
+        if "file_data" in file and not isinstance(file["file_data"], str):
+            raise InvalidRequest(f"{where}: file.file_data must be a string (a data: URI or "
+                                 "base64)", param=f"{where}.file.file_data")
         if not isinstance(file.get("file_data"), str):
             name = "file_id" if "file_id" in file else "file_data"
             raise InvalidRequest(f"{where}: files must be sent inline as file.file_data (a "

@@ -216,6 +216,10 @@ def test_file_parts_must_be_inline(vlm_spec) -> None:
     req = chat_request([{"type": "file", "file": {"file_id": "file-123"}}])
     with pytest.raises(InvalidRequest, match="'file_id' is not supported"):
         collect(vlm_spec, req)
+    number = chat_request([{"type": "file", "file": {"file_data": 123}}])
+    with pytest.raises(InvalidRequest, match="file.file_data must be a string") as caught:
+        collect(vlm_spec, number)
+    assert caught.value.param == "messages[0].content[0].file.file_data"
 
 
 def test_request_total_limit_names_the_part_that_crossed_it(vlm_spec) -> None:
