@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -192,12 +193,26 @@ def cmd_models_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+_QUANT_TAG = re.compile(r"(?i)(i?q\d\w*|f16|f32|bf16|fp16|fp32)")
+
+
+def gguf_model_name(path: Path) -> str:
+    """The default model name of a GGUF file: its name without .gguf, lowercased, and without
+    a trailing quantization tag after a dot ("llama-2-7b.Q4_K_M.gguf" is llama-2-7b); dots
+    inside the name stay ("Qwen2.5-0.5B-Instruct-Q8_0.gguf" is qwen2.5-0.5b-instruct-q8_0)."""
+    stem = path.name.removesuffix(".gguf").removesuffix(".GGUF")
+    head, dot, tag = stem.rpartition(".")
+    if dot and head and _QUANT_TAG.fullmatch(tag):
+        stem = head
+    return stem.lower()
+
+
 def cmd_import_gguf(args: argparse.Namespace) -> int:
     from .gguf import GGUFImportError, import_gguf
 
     config = _load(args)
     gguf_path = Path(args.file).expanduser()
-    name = args.name or gguf_path.stem.split(".")[0].lower()
+    name = args.name or gguf_model_name(gguf_path)
     out = Path(args.out).expanduser() if args.out else config.model_directory / name
     try:
         summary = import_gguf(gguf_path, out)

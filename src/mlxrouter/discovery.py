@@ -111,6 +111,9 @@ def _weight_files(path: Path) -> tuple[list[Path], str]:
         return [path / n for n in names], ""
     files = sorted(path.glob("*.safetensors"))
     if files:
+        broken = [f.name for f in files if not f.is_file()]
+        if broken:  # a link to a deleted blob, a directory of that name
+            return [], f"weight file {broken[0]} is missing or not a file (a broken link?)"
         return files, ""
     if any(path.glob("*.gguf")):
         return [], "GGUF checkpoint, not MLX (import it with `mlxrouter models import-gguf`)"
@@ -307,8 +310,9 @@ def _entry(model_id: str, path: Path, source: str = "model_directory",
                                source=source)
     try:
         info = describe(path)
-    except (TypeError, AttributeError, KeyError, ValueError, OverflowError) as exc:
-        # Metadata of a shape no check above foresaw: this model is unusable, the scan goes on.
+    except (TypeError, AttributeError, KeyError, ValueError, OverflowError, OSError) as exc:
+        # Metadata of a shape no check above foresaw, or a file gone since the check: this
+        # model is unusable, the scan goes on.
         log.warning("discovery: cannot describe %s: %r", path, exc)
         return DiscoveredModel(id=model_id, path=str(path), usable=False, source=source,
                                reason=f"unreadable metadata: {exc}")

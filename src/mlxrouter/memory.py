@@ -96,7 +96,15 @@ def _model_config(path: Path) -> dict:
 
 
 def weights_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    """The safetensors files' bytes; a broken link or a file gone meanwhile counts 0 (its load
+    fails on its own, with its reason)."""
+    total = 0
+    for f in path.glob("*.safetensors"):
+        try:
+            total += f.stat().st_size if f.is_file() else 0
+        except OSError:
+            continue
+    return total
 
 
 def kv_bytes_per_token(config: dict) -> int:

@@ -246,6 +246,26 @@ def test_scan_never_raises_on_undecodable_refs_main(tmp_path: Path) -> None:
     assert "org/m" in found
 
 
+def test_a_dangling_weights_link_makes_the_model_unusable_not_the_scan_fail(
+        tmp_path: Path) -> None:
+    """A Hugging Face cache whose weights blob was deleted: the snapshot's link dangles."""
+    from mlxrouter.memory import weights_bytes
+
+    root = tmp_path / "models"
+    repo = make_hf_repo(root, "dang", "ling", ["r1"], main="r1")
+    snap = repo / "snapshots" / "r1"
+    (snap / "model.safetensors").unlink()
+    (snap / "model.safetensors").symlink_to(repo / "blobs" / "gone")
+    make_model(root / "fine")
+    found = scan(root)
+    assert found["fine"].usable
+    assert not found["dang/ling"].usable
+    assert "model.safetensors is missing or not a file" in found["dang/ling"].reason
+    assert weights_bytes(snap) == 0
+    catalog = Catalog(root, {})
+    assert catalog.ids() == ["fine"] and catalog.info("dang/ling").reason
+
+
 # ---- Catalog
 
 def test_catalog_lists_configured_and_usable_discovered_ids(tree: Path) -> None:
