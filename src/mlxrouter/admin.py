@@ -71,9 +71,13 @@ async def status(request: Request) -> Response:
     return json_response(StatusBody(info, _statuses(request)))
 
 
-def _model(request: Request) -> str:
+def _model(request: Request, running: bool = False) -> str:
+    """The model id of the path; with `running`, also a model no longer configured or on disk
+    (its directory deleted) whose worker still runs: it can still be stopped and read."""
     model_id = request.path_params["model_id"]
-    if not app_state(request).supervisor.catalog.knows(model_id):
+    state = app_state(request)
+    if not state.supervisor.catalog.knows(model_id) and not (
+            running and state.supervisor.has_worker(model_id)):
         raise ModelNotFound(f"no such model: '{model_id}'", param="model")
     return model_id
 
@@ -88,7 +92,7 @@ async def start(request: Request) -> Response:
 
 async def stop(request: Request) -> Response:
     state = app_state(request)
-    model_id = _model(request)
+    model_id = _model(request, running=True)
     was_running = await state.supervisor.stop(model_id, reason="ctl stop")
     return json_response(ActionResult(model_id, state.supervisor.state_of(model_id).value,
                                       "stopped" if was_running else "not running"))
@@ -107,7 +111,7 @@ async def logs(request: Request) -> Response:
     """A chunk of a worker's log from `offset` (or its last `tail` bytes): what `ctl tail`
     prints, and polls with the returned offset for `-f`."""
     state = app_state(request)
-    model_id = _model(request)
+    model_id = _model(request, running=True)
     main_log, stderr_log = state.supervisor.log_paths(model_id)
     path = stderr_log if request.query_params.get("stream") == "stderr" else main_log
     try:

@@ -695,6 +695,10 @@ class Supervisor:
             await asyncio.sleep(0.05)
         raise Timeout(f"model '{spec.id}' did not become ready in {timeout:.0f}s")
 
+    def has_worker(self, model_id: str) -> bool:
+        slot = self._slots.get(model_id)
+        return slot is not None and slot.worker is not None
+
     async def stop(self, model_id: str, reason: str = "requested") -> bool:
         """Drain and stop a model's worker; True if there was one."""
         slot = self._slots.get(model_id)

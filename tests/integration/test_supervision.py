@@ -118,6 +118,24 @@ def test_a_failed_models_retries_do_not_evict_a_model_in_use(start_daemon, tiny_
     assert daemon.worker_pid("a") != pid
 
 
+def test_a_running_model_whose_directory_was_deleted_can_still_be_stopped(start_daemon,
+                                                                          tiny_model):
+    import shutil
+
+    daemon = start_daemon({})
+    copy = daemon.root / "models" / "gone"
+    shutil.copytree(tiny_model, copy)
+    assert _chat(daemon, "gone").status_code == 200
+    pid = daemon.worker_pid("gone")
+    shutil.rmtree(copy)
+    wait_for(lambda: _chat(daemon, "gone").status_code == 404, 10, "the model to be forgotten")
+    assert daemon.http.get("/admin/models/gone/log").status_code == 200
+    resp = daemon.http.post("/admin/models/gone/stop")
+    assert resp.status_code == 200, resp.text
+    wait_for(lambda: not psutil.pid_exists(pid), 10, "the worker to exit")
+    assert daemon.http.post("/admin/models/gone/stop").status_code == 404  # now it is gone
+
+
 def test_start_failures_back_off_then_go_fatal_with_the_reason(start_daemon, tiny_model):
     daemon = start_daemon({"bad": {"path": str(tiny_model), "fault": {"fail_load": 1}}},
                           supervisor={"start_retries": 1})
