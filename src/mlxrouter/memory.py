@@ -71,13 +71,17 @@ def plan_load(need_bytes: int, budget_bytes: int, max_loaded: int,
 
     if fits(0, 0):
         return Plan("load")
+    # Why evictions would be needed (the metrics' label): only the count of workers, or memory.
+    memory_ok = (sum(r.cost_bytes for r in residents) + need_bytes <= budget_bytes
+                 and (available_bytes is None or need_bytes <= available_bytes))
+    why = "max_loaded_models" if memory_ok else "memory"
     victims: list[str] = []
     freed = 0
     for r in sorted((r for r in residents if r.evictable), key=lambda r: r.last_used):
         victims.append(r.model)
         freed += r.cost_bytes
         if fits(freed, len(victims)):
-            return Plan("evict", tuple(victims))
+            return Plan("evict", tuple(victims), reason=why)
     committed = sum(r.cost_bytes for r in residents)
     return Plan("wait", reason=(
         f"needs {need_bytes / GB:.2f} GB; {committed / GB:.2f} GB of the "

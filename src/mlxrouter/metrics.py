@@ -192,7 +192,7 @@ class Metrics:
 
     def supervisor_event(self, kind: str, model: str, reason: str) -> None:
         """ready: nothing to count (the state gauge shows it); crash / start_failure: a restart;
-        eviction: reason memory / idle / pressure."""
+        eviction: reason memory / max_loaded_models / idle / pressure."""
         if kind in RESTART_KINDS:
             self.restarts.labels(model, reason or kind).inc()
         elif kind == "eviction":

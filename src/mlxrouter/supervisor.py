@@ -339,7 +339,7 @@ class Supervisor:
             if plan.action == "evict":
                 for victim in plan.victims:
                     self._begin_stop(self._slots[victim].worker, "evicted", drain=False)
-                    self.on_event("eviction", victim, "memory")
+                    self.on_event("eviction", victim, plan.reason or "memory")
                 return
             if (now - self._last_reap < MEMORY_RECOVERY_S
                     and memory.read_pressure_inputs().available_bytes < need):

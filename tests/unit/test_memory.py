@@ -52,6 +52,13 @@ def test_plan_load(name, need, budget, max_loaded, residents, available, action,
     assert (plan.action, plan.victims) == (action, victims)
 
 
+def test_an_evict_plan_says_whether_memory_or_the_worker_count_needs_it():
+    by_memory = plan_load(int(4 * GB), int(10 * GB), 0, [r("a", 8)])
+    by_count = plan_load(int(1 * GB), int(20 * GB), 1, [r("a", 4)])
+    assert (by_memory.action, by_memory.reason) == ("evict", "memory")
+    assert (by_count.action, by_count.reason) == ("evict", "max_loaded_models")
+
+
 def test_impossible_and_wait_plans_name_the_figures():
     plan = plan_load(int(12 * GB), int(10 * GB), 0, [])
     assert plan == Plan("impossible", reason="needs 12.00 GB but the memory budget is 10.00 GB")
