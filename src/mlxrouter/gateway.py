@@ -260,7 +260,7 @@ async def get_model(request: Request) -> Response:
     state = app_state(request)
     model_id = request.path_params["model_id"]
     if not state.supervisor.catalog.knows(model_id):
-        raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
+        raise ModelNotFound(state.supervisor.not_found_message(model_id), param="model")
     return json_response(_model_object(state, model_id))
 
 

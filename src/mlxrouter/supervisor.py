@@ -123,13 +123,22 @@ class Supervisor:
 
     # ---- requests
 
+    def not_found_message(self, model_id: str) -> str:
+        """Why a model id is not served: unknown, or found on disk but not usable (a download
+        in progress, a checkpoint that is not MLX's, a broken link): then where and why."""
+        found = self.catalog.info(model_id)
+        if found is not None and not found.usable and found.reason:
+            return (f"The model '{model_id}' was found at {found.path} but cannot be served: "
+                    f"{found.reason}")
+        return f"The model '{model_id}' does not exist"
+
     def spec(self, model_id: str) -> ModelSpec:
         if not self.catalog.knows(model_id):
             if self._downloadable(model_id):
                 # acquire() downloads it first; the spec points where the download lands.
                 return self.config.spec_for(model_id, str(
                     library.pull_target(self.config.model_directory, model_id)))
-            raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
+            raise ModelNotFound(self.not_found_message(model_id), param="model")
         configured = self.config.models.get(model_id)
         found = None if configured is not None and configured.path else (
             self.catalog.path_of(model_id))

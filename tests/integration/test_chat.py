@@ -183,6 +183,19 @@ def test_unknown_model_is_a_404_in_openai_shape(daemon):
     assert "no/such-model" in info.value.body["message"]
 
 
+def test_a_model_found_but_not_usable_says_why_in_its_404(daemon, tiny_model):
+    half = daemon.root / "models" / "half-copied"
+    half.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(tiny_model) / name, half / name)  # the weights have not arrived yet
+    with pytest.raises(openai.NotFoundError) as info:
+        daemon.openai().chat.completions.create(model="half-copied", messages=MESSAGES)
+    assert info.value.body["code"] == "model_not_found"
+    assert f"found at {half} but cannot be served" in info.value.body["message"]
+    assert "no .safetensors weights" in info.value.body["message"]
+    shutil.rmtree(half)
+
+
 @pytest.mark.parametrize("body, param", [
     ({"model": "tiny", "messages": []}, "messages"),
     ({"model": "tiny", "messages": [{"role": "bot", "content": "x"}]}, "messages[0].role"),
