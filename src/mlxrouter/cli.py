@@ -87,14 +87,14 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no models in {config.model_directory}")
         return 0
-    print(f"{'ID':40s} {'STATE':8s} {'ARCH':24s} {'QUANT':14s} {'PARAMS':>7s} {'WEIGHTS':>8s} "
+    print(f"{'ID':40s} {'STATE':8s} {'ARCH':24s} {'QUANT':16s} {'PARAMS':>7s} {'WEIGHTS':>8s} "
           f"{'EST.MEM':>8s} {'CONTEXT':>7s} {'CAPABILITIES':26s} SOURCE")
     for r in rows:
         if not r["usable"]:
             print(f"{r['id']:40s} unusable: {r['reason']} ({r['path']})")
             continue
         print(f"{r['id']:40s} {(r['state'] or '-'):8s} {r['architecture'][:24]:24s} "
-              f"{r['quantization'][:14]:14s} {_size(r['parameters'], ''):>7s} "
+              f"{r['quantization'][:16]:16s} {_size(r['parameters'], ''):>7s} "
               f"{_size(r['weights_bytes']):>8s} {_size(r['estimated_memory_bytes']):>8s} "
               f"{r['context_length'] or '-'!s:>7s} {','.join(r['capabilities']):26s} "
               f"{r['source']}")

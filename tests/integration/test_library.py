@@ -237,6 +237,13 @@ def test_models_list_json_covers_every_source(root: Path, tiny_model: Path) -> N
     assert table.returncode == 0
     assert "unusable: symlink points outside" in table.stdout
     assert "text,tools,reasoning" in table.stdout
+    # the table's columns hold the longest usual values whole
+    quant = root / "models" / "quant4"
+    shutil.copytree(tiny_model, quant)
+    config = json.loads((quant / "config.json").read_text())
+    (quant / "config.json").write_text(json.dumps(
+        {**config, "quantization": {"bits": 4, "group_size": 64}}))
+    assert "4-bit, group 64 " in cli(root, "models", "list").stdout
 
 
 # ---- link and rm
