@@ -152,10 +152,13 @@ def test_requests_left_when_the_drain_runs_out_get_a_503_or_an_error_event(start
     threads = [threading.Thread(target=stream), threading.Thread(target=lambda: queued.append(
         httpx.post(f"{daemon.base_url}/v1/chat/completions", timeout=60, json={
             "model": "loading", "messages": MESSAGES, "max_tokens": 2})))]
-    for t in threads:
-        t.start()
-    wait_for(lambda: len(lines) > 3 and daemon.workers().get("loading", {}).get("state")
-             == "STARTING", 30, "a stream generating and a model loading")
+    # One load at a time: "tiny" first, generating, then "loading" (which never finishes).
+    threads[0].start()
+    wait_for(lambda: sum(line.startswith("data: {") for line in lines) > 3, 30,
+             "a stream generating")
+    threads[1].start()
+    wait_for(lambda: daemon.workers().get("loading", {}).get("state") == "STARTING", 30,
+             "a model loading")
     daemon.proc.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(timeout=30)
