@@ -258,6 +258,7 @@ class Supervisor:
         self._forgive_stall(now)
         self._measure(now)
         check_workers(self, now)
+        self._forget_gone()
         for slot in self._slots.values():
             if slot.worker is None and slot.failures and 0 < slot.backoff_until <= now:
                 slot.backoff_until = 0.0
@@ -272,6 +273,16 @@ class Supervisor:
                 slot.wait_since, slot.want_start = None, False
         if not self._closing:
             self._plan(now)
+
+    def _forget_gone(self) -> None:
+        """A model whose directory was deleted (or that a reload removed) leaves status,
+        /v1/health and the gauges once its worker is gone and nobody waits for it; if it comes
+        back it starts afresh."""
+        for model_id, slot in list(self._slots.items()):
+            if (slot.worker is None and not slot.waiters and model_id not in self._downloads
+                    and not self.catalog.knows(model_id)):
+                del self._slots[model_id]
+                log.info("model=%s is gone from disk and config; forgotten", model_id)
 
     def _forgive_stall(self, now: float) -> None:
         """Ticks come at least every second. A longer gap means the daemon itself stood still

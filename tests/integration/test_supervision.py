@@ -134,6 +134,16 @@ def test_a_running_model_whose_directory_was_deleted_can_still_be_stopped(start_
     assert resp.status_code == 200, resp.text
     wait_for(lambda: not psutil.pid_exists(pid), 10, "the worker to exit")
     assert daemon.http.post("/admin/models/gone/stop").status_code == 404  # now it is gone
+    # ... from the status views too, once its worker has exited
+    wait_for(lambda: "gone" not in daemon.workers(), 5, "the model to leave /v1/health")
+    gauges = [line for line in daemon.http.get("/metrics").text.splitlines()
+              if line.startswith("mlxrouter_worker_") and 'model="gone"' in line]
+    assert not gauges  # (its request counters stay: they are history)
+    listed = daemon.http.get("/admin/status").json()["workers"]
+    assert "gone" not in [m["model"] for m in listed]
+    shutil.copytree(tiny_model, copy)  # back again: served afresh
+    assert _chat(daemon, "gone").status_code == 200
+    assert daemon.workers()["gone"]["restarts"] == 0
 
 
 def test_start_failures_back_off_then_go_fatal_with_the_reason(start_daemon, tiny_model):
