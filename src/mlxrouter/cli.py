@@ -158,6 +158,9 @@ def cmd_models_rm(args: argparse.Namespace) -> int:
         print(f"mlxrouter: rm failed: {exc}", file=sys.stderr)
         return 1
     print(f"{done} {path}")
+    still = discovery.scan(config.model_directory).get(args.name)
+    if still is not None:  # another directory of the same id (`org--name` and `org/name`)
+        print(f"note: '{args.name}' is still there, from {still.path}")
     return 0
 
 

@@ -365,12 +365,25 @@ def _scan_child(child: Path, source: str, roots: tuple[Path, ...],
                                             f"cannot be read: {exc}", source=source))
 
 
+_warned_twice: set[tuple[str, str, str]] = set()
+
+
 def _add(found: dict[str, DiscoveredModel], model: DiscoveredModel) -> None:
     """Record a model; for an id seen before, a usable entry beats an unusable one and
-    otherwise the first one stays (a half-finished copy must not hide a complete one)."""
+    otherwise the first one stays (a half-finished copy must not hide a complete one).
+    Within one root two directories can name the same id (`org--name` and `org/name`): the
+    hidden one is logged once, since nothing else would show it."""
     seen = found.get(model.id)
     if seen is None or (model.usable and not seen.usable):
         found[model.id] = model
+    kept = found[model.id]
+    if seen is not None and seen.source == model.source and seen.path != model.path:
+        hidden = model if kept is seen else seen
+        key = (model.id, kept.path, hidden.path)
+        if key not in _warned_twice:
+            _warned_twice.add(key)
+            log.warning("discovery: two directories are model '%s': %s is served, %s is "
+                        "hidden (rename or remove one)", model.id, kept.path, hidden.path)
 
 
 def scan(root: Path, source: str = "model_directory",

@@ -306,6 +306,24 @@ def test_rm_unlinks_links_deletes_dirs_and_asks_first(root: Path, tiny_model: Pa
     assert missing.returncode == 1 and "no model 'no-such-model'" in missing.stderr
 
 
+def test_two_directories_of_one_id_are_reported_not_silently_merged(root: Path,
+                                                                     tiny_model: Path) -> None:
+    shutil.copytree(tiny_model, root / "models" / "dup--same")
+    shutil.copytree(tiny_model, root / "models" / "dup" / "same")
+    listing = cli(root, "models", "list")
+    assert listing.returncode == 0
+    assert "two directories are model 'dup/same'" in listing.stderr
+    first = cli(root, "models", "rm", "dup/same", "--yes")
+    assert first.returncode == 0
+    assert "'dup/same' is still there, from" in first.stdout
+    assert "dup/same" in listed(root)
+    second = cli(root, "models", "rm", "dup/same", "--yes")
+    assert second.returncode == 0 and "still there" not in second.stdout
+    assert "dup/same" not in listed(root)
+    assert not (root / "models" / "dup--same").exists()
+    assert not (root / "models" / "dup").exists()
+
+
 def test_rm_never_deletes_through_a_linked_org_dir(root: Path, tiny_model: Path) -> None:
     outside = root / "outside-org"
     shutil.copytree(tiny_model, outside / "m")
