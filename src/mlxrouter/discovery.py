@@ -348,7 +348,8 @@ def _scan_child(child: Path, source: str, roots: tuple[Path, ...],
             _add(found, _entry(model_id, snap, source, roots))
     elif source == "hf_cache":
         return  # datasets--*, .locks, xet: not models
-    elif (child / "config.json").exists():
+    elif (child / "config.json").exists() or any(child.glob("*.gguf")):
+        # (a GGUF-only dir is listed as unusable, with the import-gguf hint)
         _add(found, _entry(child.name.replace("--", "/", 1), child, source, roots))
     elif root is not None and child.is_symlink() and _inside(child, (root,)):
         # An org-level link back into its own root (`alias -> .`) only repeats models under

@@ -392,9 +392,12 @@ def test_non_mlx_checkpoints_are_unusable_with_the_reason(tmp_path: Path) -> Non
     (root / "torch" / "pytorch_model.bin").write_bytes(b"\0")
     (root / "lms" / "TheBloke").mkdir(parents=True)
     (root / "lms" / "TheBloke" / "model.Q4_K_M.gguf").write_bytes(b"GGUF")
+    (root / "top-gguf").mkdir()  # a GGUF dir at the top, not inside an org dir
+    (root / "top-gguf" / "smollm2.Q8_0.gguf").write_bytes(b"GGUF")
     found = scan(root)
     assert not found["torch"].usable and "PyTorch" in found["torch"].reason
     assert not found["lms/TheBloke"].usable and "GGUF" in found["lms/TheBloke"].reason
+    assert not found["top-gguf"].usable and "import-gguf" in found["top-gguf"].reason
 
 
 def test_metadata_comes_from_the_models_own_files(tmp_path: Path) -> None:
