@@ -266,12 +266,16 @@ async def fetch_remote(url: str, limit: int, timeout_s: float, param: str, *,
     Redirects are followed here, at most MAX_REDIRECTS, so that every hop's host is resolved
     and checked (public_address) before it is connected to, and the connection goes to the
     address that was checked (no second DNS answer in between). Every failure to get an
-    image says the same thing, so a client cannot probe which hosts or ports answer.
+    image says the same thing, so a client cannot probe which hosts or ports answer, nor
+    which names resolve to private addresses.
     """
     import httpx
 
+    why = ("unreachable, refused, timed out or not HTTP 200" if allow_private else
+           "unreachable, refused, timed out, not HTTP 200, or a host name that resolves to a "
+           "non-public address while allow_private_remote_images is off")
     failed = InvalidRequest(f"could not fetch the image at {url}: no image came back from it "
-                            "(unreachable, refused, timed out or not HTTP 200)", param=param)
+                            f"({why})", param=param)
     try:
         async with asyncio.timeout(timeout_s):
             async with httpx.AsyncClient(follow_redirects=False, timeout=timeout_s,
@@ -339,12 +343,25 @@ async def public_address(target: Any, allow_private: bool, param: str) -> str:
     if not addresses:
         raise OSError("no address")
     if not allow_private and not all(is_public(a) for a in addresses):
-        log.info("remote image: refused non-public address host=%s", host)
+        log.info("remote image: refused non-public address host=%s addresses=%s", host,
+                 ",".join(map(str, addresses)))
+        if not _is_literal(host):
+            # the same 400 as a name that does not resolve: else a client could tell the
+            # internal names this server's DNS knows from unknown ones
+            raise OSError("non-public address")
         raise InvalidRequest(
             f"remote image URLs must name a public host; '{host}' is a loopback, private, "
             "link-local or otherwise non-public address (allow_private_remote_images is off)",
             param=param)
     return str(addresses[0])
+
+
+def _is_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 def is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:

@@ -384,6 +384,20 @@ def test_loopback_is_refused_without_connecting(origin) -> None:
     assert fetch(f"{origin.base}/cat.png", allow_private=True) == image("PNG")
 
 
+def test_a_private_name_reads_as_an_unknown_one(origin) -> None:
+    """A client must not learn which internal names the server's DNS knows: `localhost`
+    (private) and a name that does not resolve get the same 400."""
+    port = origin.base.rsplit(":", 1)[1]
+    messages = set()
+    for host in ("localhost", "no-such-host.invalid"):
+        with pytest.raises(InvalidRequest) as caught:
+            fetch(f"http://{host}:{port}/cat.png")
+        messages.add(caught.value.message.replace(host, "HOST"))
+    assert len(messages) == 1, messages
+    assert "allow_private_remote_images is off" in messages.pop()
+    assert origin.hits == []
+
+
 @pytest.mark.parametrize("url", ["http://[::1]:9/x.png", "http://[::ffff:127.0.0.1]:9/x.png",
                                  "http://0.0.0.0:9/x.png", "http://169.254.169.254/latest",
                                  "http://10.0.0.1/x.png"])
