@@ -274,29 +274,42 @@ class Group:
 
     # ---- streaming
 
-    async def stream(self, include_usage: bool) -> Response:
+    async def stream(self, include_usage: bool, request: Request) -> Response:
         opening = asyncio.ensure_future(self.open())
+        watcher = asyncio.ensure_future(_until_disconnect(request))
         commit_after = self.state.config.server.stream_commit_after_s
-        try:
-            await asyncio.wait({opening}, timeout=commit_after)  # never cancels it
+        try:  # (asyncio.wait never cancels what it waits for)
+            await asyncio.wait({opening, watcher}, timeout=commit_after,
+                               return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             opening.cancel()
             raise
+        finally:
+            watcher.cancel()
+        if watcher.done() and not watcher.cancelled():
+            # The client left before anything was sent (queued behind a full batch, or
+            # waiting for a load): nobody is there to stream to.
+            opening.cancel()
+            await asyncio.gather(opening, return_exceptions=True)
+            self.close()
+            self.record(499)
+            return Response(status_code=499)
         if opening.done() and opening.exception() is not None:
             exc = opening.exception()
             if isinstance(exc, RouterError):
                 self.record(exc.status, error=exc)
             raise exc  # failed before Started: a real HTTP status
         fmt = StreamFormat(self.spec.streaming_format)
-        return StreamingResponse(self._sse(opening, include_usage, fmt),
-                                 media_type=fmt.media_type, headers=SSE_HEADERS)
+        return ClosingStreamingResponse(self._sse(opening, include_usage, fmt),
+                                        media_type=fmt.media_type, headers=SSE_HEADERS)
 
     async def _sse(self, opening: asyncio.Future, include_usage: bool,
                    fmt: StreamFormat) -> AsyncIterator[bytes]:
         interval = self.state.config.server.keepalive_interval_s
         args = (self.cid, self.created, self.model)
-        yield fmt.start()
+        events = merged = None
         try:
+            yield fmt.start()
             while not opening.done():
                 done, _ = await asyncio.wait({opening}, timeout=interval)
                 if not done:
@@ -313,7 +326,9 @@ class Group:
                 if self.prefix[i]:
                     yield fmt.chunk(self.shape.delta(*args, i, Chunk(self.prefix[i], "", 0)))
             ends: dict[int, protocol.End] = {}
-            async for index, chunk, end in self._batched(self._merged(interval)):
+            merged = self._merged(interval)
+            events = self._batched(merged)
+            async for index, chunk, end in events:
                 if index is None:  # nothing for a while (a long prompt being processed)
                     yield fmt.keepalive()
                     continue
@@ -336,6 +351,9 @@ class Group:
                 opening.cancel()
             self.close()
             self.record(499)  # no-op unless the client left mid-stream
+            if events is not None:  # the pumps stop now, not when these are collected
+                await events.aclose()
+                await merged.aclose()
 
     async def _batched(self, events):
         """stream_chunk_size: hold each choice's text until it has that many tokens (or ends)."""
@@ -395,6 +413,22 @@ class Group:
         finally:
             for task in tasks:
                 task.cancel()
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """Closes its body generator when the response ends, however it ends. Starlette cancels
+    the sending when the client leaves but leaves the generator suspended at its `yield`;
+    its `finally` (which cancels the generation in the worker and logs the 499) then ran only
+    when the garbage collector got to it, seconds to minutes later, in another request's
+    context."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                await close()
 
 
 async def _until_disconnect(request: Request) -> None:

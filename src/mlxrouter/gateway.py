@@ -118,7 +118,8 @@ def sampling_for(req: GenerationParams, spec: ModelSpec, pressure: str,
 
 async def _respond(group: Group, req: GenerationParams, request: Request) -> Response:
     if req.stream:
-        return await group.stream(bool(req.stream_options and req.stream_options.include_usage))
+        return await group.stream(bool(req.stream_options and req.stream_options.include_usage),
+                                  request)
     return await group.complete(request)
 
 

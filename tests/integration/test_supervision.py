@@ -4,6 +4,7 @@ limits, timeouts, idle unloading, pressure caps, stale workers and engine out-of
 from __future__ import annotations
 
 import hashlib
+import json
 
 import os
 import signal
@@ -519,6 +520,61 @@ def test_out_of_range_token_ids_and_huge_ints_are_400s_that_leak_nothing(start_d
     assert daemon.http.post("/v1/chat/completions", content=deep).status_code == 400
     assert _chat(daemon, "tiny").status_code == 200  # the one batch slot was given back
     assert daemon.worker_pid("tiny") == pid
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_leaves_while_queued_is_cancelled_at_once(start_daemon, tiny_model,
+                                                               stream):
+    """A request queued behind a full batch whose client hangs up never runs, and its 499
+    is logged then, under its own request id (a stream's ran to the end for nobody)."""
+    import socket
+
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "max_running": 1, "max_queue": 2,
+                                    "preload": True, "fault": {"delay_per_token_s": 0.05}}})
+    daemon.wait_worker("tiny")
+    busy = threading.Thread(target=_chat, args=(daemon, "tiny"), kwargs={"max_tokens": 60})
+    busy.start()
+    wait_for(lambda: daemon.workers()["tiny"]["in_flight"] == 1, 5, "the busy request")
+    body = json.dumps({"model": "tiny", "messages": MESSAGES, "max_tokens": 30,
+                       "stream": stream}).encode()
+    with socket.create_connection(("127.0.0.1", daemon.port)) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Content-Type: application/json\r\nX-Request-ID: left-in-queue\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        wait_for(lambda: daemon.workers()["tiny"]["waiting"] == 1, 5, "it to queue")
+    left = time.monotonic()
+    wait_for(lambda: daemon.workers()["tiny"]["waiting"] == 0, 2, "it to be cancelled")
+    wait_for(lambda: "[left-in-queue]" in daemon.output(), 2, "its 499 in the log")
+    assert daemon.workers()["tiny"]["in_flight"] == 1
+    assert time.monotonic() - left < 1.5  # well before the busy request ends (3 s)
+    line = next(x for x in daemon.output().splitlines() if "[left-in-queue]" in x)
+    assert "status=499" in line, line
+    busy.join(30)
+    assert not [x for x in daemon.worker_log("tiny").splitlines()
+                if "request_id=left-in-queue" in x and "finish=length" in x]
+
+
+def test_a_client_that_leaves_mid_stream_is_logged_at_once_under_its_own_id(start_daemon,
+                                                                            tiny_model):
+    import socket
+
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "preload": True,
+                                    "fault": {"delay_per_token_s": 0.05}}})
+    daemon.wait_worker("tiny")
+    body = json.dumps({"model": "tiny", "messages": MESSAGES, "max_tokens": 100,
+                       "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", daemon.port)) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Content-Type: application/json\r\nX-Request-ID: left-mid-stream\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        seen = b""
+        while seen.count(b"data: ") < 3:
+            seen += sock.recv(65536)
+    wait_for(lambda: "[left-mid-stream]" in daemon.output(), 3, "its 499 in the log")
+    line = next(x for x in daemon.output().splitlines() if "[left-mid-stream]" in x)
+    assert "status=499" in line, line
+    wait_for(lambda: "finish=cancelled" in daemon.worker_log("tiny"), 3, "the cancel")
+    assert daemon.workers()["tiny"]["in_flight"] == 0
 
 
 def test_a_failed_choice_stops_its_siblings(start_daemon, tiny_model):
