@@ -66,7 +66,10 @@ class ChatMessage(msgspec.Struct, omit_defaults=True):
 
 
 class StreamOptions(msgspec.Struct):
-    include_usage: bool = False
+    include_usage: bool | None = False  # null (the SDK's None) means the default
+
+    def __post_init__(self) -> None:
+        self.include_usage = bool(self.include_usage)
 
 
 # OpenAI parameters not implemented, with the value that means "not used".
@@ -141,15 +144,21 @@ class GenerationParams(msgspec.Struct, kw_only=True):
     min_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
     stop: str | Annotated[list[str], msgspec.Meta(max_length=16)] | None = None
     seed: Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)] | None = None
-    n: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
+    n: Annotated[int, msgspec.Meta(ge=1, le=16)] | None = 1
     presence_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] | None = None
     # Not OpenAI's; mlx-lm's multiplicative penalty over the last 20 tokens (1 = off).
     repetition_penalty: Annotated[float, msgspec.Meta(gt=0)] | None = None
     logit_bias: dict[str, Annotated[float, msgspec.Meta(ge=-100, le=100)]] | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+    def __post_init__(self) -> None:
+        # OpenAI's schema makes these nullable, and its SDK sends null for a None argument:
+        # null means the default, as for every other parameter here.
+        self.n = 1 if self.n is None else self.n
+        self.stream = bool(self.stream)
 
     @property
     def stop_list(self) -> list[str]:
@@ -192,7 +201,7 @@ class ChatCompletionRequest(GenerationParams, kw_only=True):
 class CompletionRequest(GenerationParams, kw_only=True):
     # A string, a list of strings, a list of token ids or a list of such lists.
     prompt: str | Annotated[list[Any], msgspec.Meta(min_length=1, max_length=32)]
-    echo: bool = False
+    echo: bool | None = False
     # Declared only to be refused; see check_completion.
     suffix: str | None = None
     best_of: int | None = None
@@ -208,6 +217,10 @@ class CompletionRequest(GenerationParams, kw_only=True):
     reasoning_effort: Any = None
     chat_template_kwargs: Any = None
     messages: Any = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.echo = bool(self.echo)
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a list of prompts (strings or token id lists); 400 when malformed."""

@@ -161,6 +161,22 @@ def test_max_completion_tokens_is_honoured(daemon):
     assert resp.choices[0].finish_reason == "length"
 
 
+def test_null_means_the_default_for_every_optional_parameter(daemon):
+    """The SDK sends null for an argument given as None; OpenAI's schema allows it."""
+    client = daemon.openai()
+    resp = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2,
+                                          n=None, stream=None, temperature=None, seed=None)
+    assert len(resp.choices) == 1 and resp.usage.completion_tokens == 2
+    done = client.completions.create(model="tiny", prompt="Once", max_tokens=2, echo=None,
+                                     n=None, stream=None)
+    assert len(done.choices) == 1 and not done.choices[0].text.startswith("Once")
+    raw = daemon.http.post("/v1/chat/completions", json={
+        "model": "tiny", "messages": MESSAGES, "max_tokens": 2, "stream": True,
+        "stream_options": {"include_usage": None}})
+    assert raw.status_code == 200
+    assert '"usage":{' not in raw.text.replace(" ", "")  # null: the default, no usage chunk
+
+
 def test_messages_of_every_role_and_text_parts(daemon):
     messages = [
         {"role": "system", "content": "sys"},
