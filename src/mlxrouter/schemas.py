@@ -40,7 +40,13 @@ class AudioPart(msgspec.Struct, tag_field="type", tag="input_audio"):
     input_audio: dict[str, Any]
 
 
-ContentPart = TextPart | ImagePart | FilePart | AudioPart
+class RefusalPart(msgspec.Struct, tag_field="type", tag="refusal"):
+    """An assistant's earlier refusal sent back in the history (OpenAI allows it there);
+    the model sees it as that message's text (vision.check_messages)."""
+    refusal: str
+
+
+ContentPart = TextPart | ImagePart | FilePart | AudioPart | RefusalPart
 
 
 class FunctionCall(msgspec.Struct):

@@ -83,6 +83,12 @@ def _kind(part: Any) -> str:
     return type(part).__struct_config__.tag
 
 
+def _as_text(part: Any) -> Any:
+    from .schemas import TextPart
+
+    return TextPart(text=part.refusal)
+
+
 def check_messages(messages: list[Any]) -> None:
     """Content and content parts of chat messages, before any model is involved: text, images
     (image_url) and files (PDFs) are accepted; images and files only from the user."""
@@ -92,9 +98,19 @@ def check_messages(messages: list[Any]) -> None:
                                  param=f"messages[{i}].content")
         if not isinstance(msg.content, list):
             continue
+        if not msg.content:
+            raise InvalidRequest(f"messages[{i}].content is an empty array; send at least one "
+                                 "content part, or a string", param=f"messages[{i}].content")
         for j, part in enumerate(msg.content):
             kind = _kind(part)
             where = f"messages[{i}].content[{j}]"
+            if kind == "refusal":
+                if msg.role != "assistant":
+                    raise InvalidRequest(f"{where}: content of type 'refusal' is only allowed "
+                                         f"in messages with role 'assistant', not "
+                                         f"'{msg.role}'", param=f"{where}.type")
+                msg.content[j] = _as_text(part)  # what the model sees of it
+                continue
             if kind not in ("text", "image_url", "file"):
                 raise InvalidRequest(f"{where}: content of type '{kind}' is not supported by "
                                      "this server", param=f"{where}.type")

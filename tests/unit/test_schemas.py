@@ -144,6 +144,30 @@ def test_every_openai_role_is_accepted(role: str) -> None:
     assert req.messages[0].role == role
 
 
+def test_an_assistants_refusal_part_reads_as_its_text() -> None:
+    req = parse(messages=[{"role": "user", "content": "x"},
+                          {"role": "assistant", "content": [
+                              {"type": "refusal", "refusal": "I can't help with that."}]},
+                          {"role": "user", "content": "ok"}])
+    check_supported(req)
+    part = req.messages[1].content[0]
+    assert (type(part).__name__, part.text) == ("TextPart", "I can't help with that.")
+    assert message_dicts(req.messages)[1]["content"] == "I can't help with that."
+    from_user = parse(messages=[{"role": "user", "content": [
+        {"type": "refusal", "refusal": "no"}]}])
+    with pytest.raises(InvalidRequest) as err:
+        check_supported(from_user)
+    assert err.value.param == "messages[0].content[0].type"
+    assert "'assistant'" in err.value.message
+
+
+@pytest.mark.parametrize("role", ["user", "assistant", "system"])
+def test_an_empty_content_array_is_a_400(role: str) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        check_supported(parse(messages=[{"role": role, "content": []}]))
+    assert err.value.param == "messages[0].content" and "empty array" in err.value.message
+
+
 # ---- check_supported
 
 _TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
