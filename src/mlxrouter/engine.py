@@ -337,6 +337,10 @@ def fit_max_tokens(sampling: protocol.SamplingParams, prompt_tokens: int, max_co
         return max_tokens
     if sampling.fit_to_context and prompt_tokens < max_context:
         return max_context - prompt_tokens
+    if sampling.fit_to_context:  # the client asked for nothing: the prompt alone is too long
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {max_context} tokens; the request has "
+            f"{prompt_tokens} {what}, which leaves no room for a completion", param=param)
     raise ContextLengthExceeded(
         f"This model's maximum context length is {max_context} tokens; the request has "
         f"{prompt_tokens} {what} and asks for {max_tokens} more", param=param)

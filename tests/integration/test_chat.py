@@ -248,6 +248,9 @@ def test_prompt_longer_than_the_context_is_a_400(start_daemon, tiny_model):
     assert resp.status_code == 400
     assert resp.json()["error"]["code"] == "context_length_exceeded"
     assert resp.json()["error"]["param"] == "messages"
+    # no max_tokens was asked for: the message must not claim the default was
+    assert "leaves no room for a completion" in resp.json()["error"]["message"]
+    assert "asks for" not in resp.json()["error"]["message"]
     raw = daemon.http.post("/v1/completions", json={"model": "tiny", "prompt": "word " * 100})
     assert raw.status_code == 400
     assert raw.json()["error"]["code"] == "context_length_exceeded"
