@@ -471,8 +471,9 @@ class TextEngine:
             prompt = render_completion(self.tokenizer, req.prompt)
         else:
             raise InvalidRequest("request has neither messages nor prompt")
-        if not prompt:
-            raise InvalidRequest("the prompt is empty")
+        if not prompt:  # ("" is a prompt for a tokenizer that adds a BOS token)
+            raise InvalidRequest("the prompt is empty (it encodes to no tokens)",
+                                 param="prompt" if req.messages is None else "messages")
         if req.prompt is not None and not isinstance(req.prompt, str):
             bad = [t for t in prompt if not 0 <= t < self.vocab_size]
             if bad:  # an id past the embedding table reads (or crashes on) foreign memory

@@ -72,6 +72,14 @@ def test_text_completion_counts_the_prompt_like_the_tokenizer(client, tokenizer)
     assert by_ids.choices[0].text == resp.choices[0].text
 
 
+def test_an_empty_prompt_is_a_400_naming_the_prompt(client):
+    for prompt in ("", ["Once", ""]):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(model="tiny", prompt=prompt, max_tokens=2)
+        assert caught.value.body["param"] == "prompt"
+        assert "empty" in caught.value.body["message"]
+
+
 def test_prompt_lists_times_n_give_every_choice_in_order(client):
     resp = client.completions.create(model="tiny", prompt=["Hello", "Goodbye"], n=2,
                                      max_tokens=3, temperature=0)
