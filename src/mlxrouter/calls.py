@@ -326,13 +326,22 @@ class Group:
                 if self.prefix[i]:
                     yield fmt.chunk(self.shape.delta(*args, i, Chunk(self.prefix[i], "", 0)))
             ends: dict[int, protocol.End] = {}
+            # Entries of tokens that showed nothing (tool-call markup) wait for the next
+            # chunk of their choice that shows something, rather than go out on their own.
+            unshown: dict[int, tuple[protocol.TokenLogprob, ...]] = {}
             merged = self._merged(interval)
             events = self._batched(merged)
             async for index, chunk, end in events:
                 if index is None:  # nothing for a while (a long prompt being processed)
                     yield fmt.keepalive()
                     continue
-                if chunk.text or chunk.reasoning or chunk.tool_calls or chunk.logprobs:
+                shows = bool(chunk.text or chunk.reasoning or chunk.tool_calls)
+                if chunk.logprobs and not shows and end is None:
+                    unshown[index] = unshown.get(index, ()) + chunk.logprobs
+                    continue
+                if index in unshown:
+                    chunk = chunk._replace(logprobs=unshown.pop(index) + chunk.logprobs)
+                if shows or chunk.logprobs:
                     yield fmt.chunk(self.shape.delta(*args, index, chunk))
                 if end is not None:
                     ends[index] = end

@@ -107,7 +107,7 @@ class StopText:
 
 class HeldLogprobs:
     """Per-token log probabilities released as their tokens' text is (StopText): a token whose
-    text is held back keeps its entry until that text is shown, and when a stop string cuts
+    text is held back keeps its entry until some of that text is shown, and when a stop string cuts
     the output, the tokens that only made the cut text lose theirs, so the entries match the
     content they came with (a stop "." no longer left a "." among the logprobs)."""
 
@@ -131,8 +131,10 @@ class HeldLogprobs:
         if final:
             out, self._held = [e for e, _, _ in self._held], []
             return out
-        n = 0
-        while n < len(self._held) and self._held[n][2] <= self._shown:
+        n = 0  # a token goes with the first of its text shown (so " cap" of " capital"
+        # carries its entry even when a possible stop string holds back "ital")
+        while n < len(self._held) and (self._held[n][1] < self._shown
+                                       or self._held[n][2] <= self._shown):
             n += 1
         out, self._held = [e for e, _, _ in self._held[:n]], self._held[n:]
         return out

@@ -53,11 +53,14 @@ def test_streamed_chat_logprobs_equal_the_non_streamed(daemon):
         (e.token, round(e.logprob, 4)) for e in whole]
 
 
-def test_a_stop_string_takes_its_tokens_logprobs_with_it(daemon, tiny_model):
+def test_a_stop_string_takes_its_tokens_logprobs_with_it(start_daemon, tiny_model):
     """The tokens that only made the stop string (never shown) have no logprobs; a token
-    that shows in part keeps its entry. Forced tokens: "the", " the", " the"."""
+    that shows in part keeps its entry. Forced tokens: "the", " the", " the", each streamed
+    on its own (the delay)."""
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
+    daemon = start_daemon({"tiny": {"path": str(tiny_model),
+                                    "fault": {"delay_per_token_s": 0.05}}})
     (the,) = load_tokenizer(tiny_model).encode(" the", add_special_tokens=False)
     client = daemon.openai()
     kwargs = dict(model="tiny", messages=ASK, max_tokens=3, temperature=0, logprobs=True,
@@ -71,6 +74,9 @@ def test_a_stop_string_takes_its_tokens_logprobs_with_it(daemon, tiny_model):
         streamed = [e.token for c in parts if c.choices and c.choices[0].logprobs
                     for e in c.choices[0].logprobs.content]
         assert streamed == tokens, stop
+        # each entry comes with its token's (first) text, never in a chunk of its own
+        assert all(c.choices[0].delta.content for c in parts
+                   if c.choices and c.choices[0].logprobs), stop
 
 
 def test_completions_logprobs_use_the_legacy_shape(daemon):

@@ -119,6 +119,27 @@ def test_streamed_tool_call_deltas_reassemble_to_the_non_streamed_call(daemon):
         (c.function.name, json.loads(c.function.arguments)) for c in whole]
 
 
+def test_a_streamed_calls_logprobs_come_with_its_deltas(start_daemon, tiny_model):
+    """The call's markup shows nothing: its tokens' entries go out with the next delta that
+    shows something, never in chunks of their own (one token per read: the delay)."""
+    daemon = start_daemon({"tiny": {"path": str(tiny_model),
+                                    "fault": {"delay_per_token_s": 0.02}}})
+    client = daemon.openai()
+    kwargs = dict(model="tiny", messages=ASK, tools=[WEATHER], tool_choice="required",
+                  max_tokens=120, temperature=0.8, seed=11, logprobs=True)
+    whole = client.chat.completions.create(**kwargs)
+    entries, bare = [], []
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        if not chunk.choices or not chunk.choices[0].logprobs:
+            continue
+        entries += [e.token for e in chunk.choices[0].logprobs.content]
+        delta = chunk.choices[0].delta
+        if not (delta.content or delta.tool_calls):
+            bare.append(chunk)
+    assert entries == [e.token for e in whole.choices[0].logprobs.content]
+    assert bare == []
+
+
 def test_multi_turn_tool_loop_renders_the_call_and_its_result(daemon, tokenizer):
     client = daemon.openai()
     first = client.chat.completions.create(
