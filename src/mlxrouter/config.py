@@ -353,7 +353,9 @@ def _decode(data: dict[str, Any], type_: type, where: str) -> Any:
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:  # (a ValueError: it used to escape as a traceback)
+        raise ConfigError(f"{path}: not UTF-8 text, which TOML requires ({exc})") from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
@@ -388,7 +390,9 @@ def _split_seed_section(section: dict[str, Any], name: str, where: str) -> dict[
 
 def _main_from_seed_json(path: Path) -> dict[str, Any]:
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc})") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
     if not isinstance(raw, dict):
@@ -562,8 +566,8 @@ def control_settings(path: Path | str | None) -> tuple[Path, str | None]:
     raw: dict[str, Any] = {}
     if path is not None and path.suffix != ".json":
         try:
-            raw = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError):
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # (TOMLDecodeError and UnicodeDecodeError among them)
             raw = {}
     sup = raw.get("supervisor", {}) if isinstance(raw.get("supervisor"), dict) else {}
     server = raw.get("server", {}) if isinstance(raw.get("server"), dict) else {}

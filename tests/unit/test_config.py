@@ -823,3 +823,27 @@ def test_worker_environment_no_mlx_kernels_off_x86(
     monkeypatch.setattr(cfg.platform, "machine", lambda: "aarch64")
     assert "LD_PRELOAD" not in worker_environment(make_config(), spec())
     assert kernels == []
+
+
+def test_a_file_that_is_not_utf8_is_a_config_error_and_ctl_still_finds_the_daemon(
+        tmp_path: Path) -> None:
+    main = write(tmp_path / "conf" / "supervisor.toml", """
+        [supervisor]
+        run_dir = "/srv/run"
+        [server]
+        admin_key = "adm"
+    """)
+    latin1 = tmp_path / "conf" / "workers" / "latin1.toml"
+    latin1.parent.mkdir()
+    latin1.write_bytes(b"# mod\xe8le\nmax_tokens = 4\n")
+    with pytest.raises(ConfigError, match="latin1.toml: not UTF-8"):
+        load_config(main)
+    assert cfg.control_settings(main) == (Path("/srv/run"), "adm")
+    latin1.unlink()
+    main.write_bytes(main.read_bytes() + b"# caf\xe9\n")
+    with pytest.raises(ConfigError, match="supervisor.toml: not UTF-8"):
+        load_config(main)
+    seed = tmp_path / "seed.json"
+    seed.write_bytes(b'{"defaults": {}, "x": "\xe9"}')
+    with pytest.raises(ConfigError, match="seed.json: not UTF-8"):
+        load_config(seed)
