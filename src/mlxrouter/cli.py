@@ -36,6 +36,14 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+
+    # Until the daemon's event loop takes the signals over (daemon.Daemon._run): a reload has
+    # nothing to reload yet (by default SIGHUP ended the process without a word), and a
+    # Ctrl-C is a quiet stop, not a KeyboardInterrupt traceback.
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, _stop_quietly)
     from . import daemon
 
     def load_again():
@@ -43,6 +51,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            model_dir=args.model_dir)
 
     return daemon.run(_load(args), args.log_level, reload=load_again)
+
+
+def _stop_quietly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def _daemon_states(config) -> dict[str, str] | None:

@@ -23,6 +23,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 from hypercorn.asyncio import serve
@@ -35,6 +36,7 @@ from .discovery import Catalog
 from .errors import RouterError, ShuttingDown
 from .gateway import build_app
 from .metrics import Metrics
+from .process import die_with_parent
 from .runtime import AppState
 from .supervisor import Supervisor
 
@@ -137,8 +139,19 @@ async def ensure_embedded_model(config: Config, catalog: Catalog) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "mlxrouter.gguf", str(gguf), str(out),
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
-    stdout, stderr = await proc.communicate()
+        stderr=asyncio.subprocess.PIPE, preexec_fn=die_with_parent)
+    try:
+        stdout, stderr = await proc.communicate()
+    except asyncio.CancelledError:  # the daemon was stopped meanwhile: so is the import
+        proc.send_signal(signal.SIGINT)  # (it removes its half-written directory then)
+        try:
+            async with asyncio.timeout(5):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+        log.info("embedded model import stopped")
+        raise
     if proc.returncode != 0:
         log.error("embedded model import failed: %s", stderr.decode(errors="replace").strip())
         return
@@ -149,6 +162,10 @@ async def ensure_embedded_model(config: Config, catalog: Catalog) -> None:
 
 class CannotListen(Exception):
     """The configured host and port cannot be bound (in use, no such address)."""
+
+
+class StoppedWhileStarting(Exception):
+    """SIGTERM or SIGINT came before the daemon was listening."""
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -212,11 +229,39 @@ class Daemon:
         finally:
             lock.release()
 
+    async def _unless_stopped(self, awaitable: Any) -> Any:
+        """`awaitable`'s result, unless a stop is asked for first: then it is cancelled (a
+        thread's work runs on to its end) and StoppedWhileStarting is raised."""
+        work = asyncio.ensure_future(awaitable)
+        stop = asyncio.ensure_future(self.stop_requested.wait())
+        try:
+            await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not work.done():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+            raise StoppedWhileStarting
+        return work.result()
+
     async def _run(self, lock: RunLock) -> int:
         config = self.config
         sock = _bind(config.server.host, config.server.port)
+        # The signals are handled from the start: by default SIGHUP (a systemd reload) killed
+        # a starting daemon without a word, and SIGINT with a traceback. A reload asked for
+        # while starting is applied once the daemon listens.
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        reload_asked: list[bool] = []
+        loop.add_signal_handler(signal.SIGHUP, reload_asked.append, True)
         catalog = Catalog(config.model_directory, _configured_paths(config))
-        await ensure_embedded_model(config, catalog)
+        try:
+            await self._unless_stopped(ensure_embedded_model(config, catalog))
+        except StoppedWhileStarting:
+            sock.close()
+            log.info("stopped while starting")
+            return 0
         broker = Broker(config.run_dir)
         supervisor = Supervisor(config, broker, catalog)
         broker.start(supervisor.on_worker_message)
@@ -227,7 +272,15 @@ class Daemon:
         state = AppState(config=config, broker=broker, supervisor=supervisor, metrics=metrics,
                          reload=self.reload, shutdown=self.stop_requested.set)
         if sys.platform == "linux":  # builds the native libraries now, not at a worker's start
-            kind, preloads = await asyncio.to_thread(worker_preloads, config)
+            try:
+                kind, preloads = await self._unless_stopped(
+                    asyncio.to_thread(worker_preloads, config))
+            except StoppedWhileStarting:
+                sock.close()
+                await supervisor.close()
+                await broker.close()
+                log.info("stopped while starting")
+                return 0
             # Some machines pin OpenBLAS's kernels; workers inherit that (performance.md).
             core = os.environ.get("OPENBLAS_CORETYPE") if kind == "openblas" else None
             log.info("workers preload %s%s", ":".join(preloads) or "nothing",
@@ -241,15 +294,15 @@ class Daemon:
         hconfig.accesslog = None
         hconfig.errorlog = logging.getLogger("hypercorn.error")
         hconfig.graceful_timeout = 5.0
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self._reload_hooks += [
             lambda new: setattr(state, "config", new),
             lambda new: catalog.configure(new.model_directory, _configured_paths(new)),
             supervisor.reload,
         ]
+        if reload_asked:
+            log.info("applying the reload asked for while starting")
+            self.reload()
         server = asyncio.create_task(
             serve(build_app(state), hconfig, shutdown_trigger=self._http_stop.wait))
         log.info("listening on http://%s:%d (pid %d, boot %s, models in %s)",

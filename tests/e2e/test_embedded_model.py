@@ -67,3 +67,59 @@ def test_cpu_worker_runs_the_4bit_model_dequantized_to_float32(daemon):
     half = float(log.split("half_mb=")[-1].split()[0])
     assert 400 < mb - half < 700
     assert half == pytest.approx((mb - half) / 2, rel=0.05)
+
+
+def _start_importing(tmp_path):
+    """`serve` on an empty model directory, returned once it is importing the GGUF."""
+    import subprocess
+    import sys
+
+    from conftest import wait_for
+
+    (tmp_path / "models").mkdir(parents=True)
+    config = write_config(tmp_path, supervisor={"import_embedded_model": True})
+    env = {k: v for k, v in os.environ.items() if k != "MLX_MODEL_DIR"}
+    proc = subprocess.Popen([sys.executable, "-m", "mlxrouter", "serve", "--config", str(config)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=env, start_new_session=True)
+    log = tmp_path / "logs" / "daemon.log"
+    wait_for(lambda: log.exists() and "importing embedded model" in log.read_text(), 60,
+             "the import to start")
+    return proc, log
+
+
+def _importers(root) -> list:
+    import psutil
+
+    return [p for p in psutil.process_iter(["cmdline"])
+            if "mlxrouter.gguf" in (p.info["cmdline"] or []) and str(root) in " ".join(
+                p.info["cmdline"] or [])]
+
+
+def test_a_stop_while_importing_ends_the_import_and_leaves_nothing(tmp_path):
+    import signal
+
+    for sig, root in ((signal.SIGTERM, tmp_path / "term"), (signal.SIGINT, tmp_path / "int")):
+        proc, log = _start_importing(root)
+        proc.send_signal(sig)
+        assert proc.wait(30) == 0, sig
+        assert b"Traceback" not in proc.stderr.read()
+        assert "stopped while starting" in log.read_text()
+        assert _importers(root) == []
+        assert list((root / "models").iterdir()) == []  # no model, no half-written staging
+
+
+def test_a_reload_asked_for_while_starting_is_applied_once_listening(tmp_path):
+    import signal
+
+    from conftest import Daemon
+
+    proc, log = _start_importing(tmp_path)
+    proc.send_signal(signal.SIGHUP)  # (as `systemctl --user reload` would)
+    daemon = Daemon(tmp_path, proc)  # it starts all the same
+    try:
+        assert "applying the reload asked for while starting" in log.read_text()
+        assert "configuration reloaded" in log.read_text()
+    finally:
+        daemon.stop()
+    assert proc.wait(30) == 0
