@@ -83,6 +83,9 @@ def plan_load(need_bytes: int, budget_bytes: int, max_loaded: int,
         if fits(freed, len(victims)):
             return Plan("evict", tuple(victims), reason=why)
     committed = sum(r.cost_bytes for r in residents)
+    if memory_ok:  # only the number of workers stands in the way
+        return Plan("wait", reason=(
+            f"max_loaded_models ({max_loaded}) workers are loaded, all busy or pinned"))
     return Plan("wait", reason=(
         f"needs {need_bytes / GB:.2f} GB; {committed / GB:.2f} GB of the "
         f"{budget_bytes / GB:.2f} GB budget is held by busy or pinned workers"))

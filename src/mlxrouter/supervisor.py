@@ -267,10 +267,12 @@ class Supervisor:
                 slot.wait_since = None  # a later waiter gets its own full wait
             elif slot.wait_since is not None and (
                     now - slot.wait_since > self.config.supervisor.load_wait_timeout_s):
+                short = ("no room" if slot.last_error.startswith("max_loaded_models")
+                         else "not enough memory")
                 self._fail_waiters(slot, NoMemory(
-                    f"not enough memory to load model '{slot.spec.id}' in time: "
-                    f"{slot.last_error}"))
-                slot.wait_since, slot.want_start = None, False
+                    f"{short} to load model '{slot.spec.id}' in time: {slot.last_error}"))
+                # (no longer waiting: its figures would go stale in status)
+                slot.wait_since, slot.want_start, slot.last_error = None, False, ""
         if not self._closing:
             self._plan(now)
 
@@ -696,6 +698,8 @@ class Supervisor:
     def request_start(self, spec: ModelSpec) -> Slot:
         """Start a model without a request (preload, ctl start); clears FATAL and BACKOFF."""
         slot = self._slot(spec)
+        if slot.fatal_reason:  # a fresh crash loop, not one more crash, makes it FATAL again
+            slot.exits.clear()
         slot.fatal_reason, slot.failures, slot.backoff_until = "", 0, 0.0
         slot.want_start = slot.worker is None  # already there: nothing to start later
         self._wake()
@@ -753,6 +757,9 @@ class Supervisor:
             cold = [f for f in COLD_FIELDS if getattr(running, f) != getattr(spec, f)]
             if spec != slot.spec:
                 slot.fatal_reason, slot.failures, slot.backoff_until = "", 0, 0.0
+                slot.exits.clear()  # a fresh crash loop, not one more crash, makes it FATAL
+            if slot.worker is None and not slot.waiters and not slot.fatal_reason:
+                slot.last_error = ""  # reasons worked out under the old settings
             slot.spec = spec
             if cold and slot.worker is not None:
                 log.info("reload: model=%s restarts for %s", model_id, ", ".join(cold))

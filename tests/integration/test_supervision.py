@@ -251,6 +251,12 @@ def test_crash_loop_goes_fatal(start_daemon, tiny_model):
     assert codes[6] == 503
     state = daemon.workers()["tiny"]
     assert state["state"] == "FATAL" and "crash loop" in state["reason"]
+    # ctl start clears FATAL and the crash history with it: one more crash is a 502 and a
+    # restart, not FATAL again at once
+    assert daemon.http.post("/admin/models/tiny/start").status_code == 200
+    assert _chat(daemon, "tiny", max_tokens=5).status_code == 502
+    assert _chat(daemon, "tiny", max_tokens=1).status_code == 200
+    assert daemon.workers()["tiny"]["state"] == "RUNNING"
 
 
 def test_restarted_daemon_reaps_a_stale_worker(start_daemon, tiny_model):

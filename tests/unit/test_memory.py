@@ -67,6 +67,10 @@ def test_impossible_and_wait_plans_name_the_figures():
     assert close.reason == "needs 0.501 GB but the memory budget is 0.500 GB"
     wait = plan_load(int(4 * GB), int(10 * GB), 0, [r("busy", 8, evictable=False)])
     assert "4.00 GB" in wait.reason and "8.00 GB" in wait.reason and "10.00 GB" in wait.reason
+    # memory is plentiful and the count of workers is what blocks: say so, not "memory"
+    by_count = plan_load(int(1 * GB), int(10 * GB), 1, [r("busy", 1, evictable=False)])
+    assert by_count == Plan("wait", reason="max_loaded_models (1) workers are loaded, all "
+                                           "busy or pinned")
 
 
 def inputs(avail_gb: float, swap: float = 0.0, psi: float | None = None) -> PressureInputs:
