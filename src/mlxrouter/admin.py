@@ -93,9 +93,12 @@ async def start(request: Request) -> Response:
 async def stop(request: Request) -> Response:
     state = app_state(request)
     model_id = _model(request, running=True)
-    was_running = await state.supervisor.stop(model_id, reason="ctl stop")
+    before = state.supervisor.state_of(model_id)
+    was_running = await state.supervisor.stop(model_id, reason="ctl stop", for_good=True)
+    message = ("stopped" if was_running else "retries stopped" if before is State.BACKOFF
+               else "not running")
     return json_response(ActionResult(model_id, state.supervisor.state_of(model_id).value,
-                                      "stopped" if was_running else "not running"))
+                                      message))
 
 
 async def restart(request: Request) -> Response:

@@ -723,9 +723,18 @@ class Supervisor:
         slot = self._slots.get(model_id)
         return slot is not None and slot.worker is not None
 
-    async def stop(self, model_id: str, reason: str = "requested") -> bool:
-        """Drain and stop a model's worker; True if there was one."""
+    async def stop(self, model_id: str, reason: str = "requested", *,
+                   for_good: bool = False) -> bool:
+        """Drain and stop a model's worker; True if there was one. `for_good` (ctl stop, as
+        supervisorctl's): nothing starts it again by itself either, neither a BACKOFF retry
+        nor the requests waiting for its load (they get a 503); a new request still does."""
         slot = self._slots.get(model_id)
+        if slot is not None and for_good:
+            slot.want_start = False
+            if slot.worker is None and slot.backoff_until:
+                slot.backoff_until = 0.0  # its retries end; EXITED with the start's failure
+            self._fail_waiters(slot, ModelUnavailable(
+                f"model '{model_id}' was stopped ({reason}) while this request waited for it"))
         worker = slot.worker if slot is not None else None
         if worker is None:
             return False

@@ -147,6 +147,32 @@ def test_a_running_model_whose_directory_was_deleted_can_still_be_stopped(start_
     assert daemon.workers()["gone"]["restarts"] == 0
 
 
+def test_ctl_stop_stops_retries_and_loads_for_good(start_daemon, tiny_model):
+    """As supervisorctl's: a model in BACKOFF stops retrying, and one loading for a waiting
+    request stops and does not load again for it (the request gets a 503)."""
+    daemon = start_daemon({"bad": {"path": str(tiny_model), "fault": {"fail_load": 1}},
+                           "slow": {"path": str(tiny_model), "fault": {"load_delay_s": 3}}},
+                          supervisor={"start_retries": 3})
+    assert _chat(daemon, "bad").status_code == 503
+    assert daemon.workers()["bad"]["state"] == "BACKOFF"
+    stopped = daemon.http.post("/admin/models/bad/stop").json()
+    assert stopped["message"] == "retries stopped" and stopped["state"] == "EXITED", stopped
+    deadline = time.monotonic() + 4  # past the 1 s and 2 s backoffs
+    while time.monotonic() < deadline:
+        assert daemon.workers()["bad"]["state"] == "EXITED", daemon.workers()["bad"]
+        time.sleep(0.1)
+    waiting: list[httpx.Response] = []
+    asker = threading.Thread(target=lambda: waiting.append(_chat(daemon, "slow")))
+    asker.start()
+    wait_for(lambda: daemon.workers().get("slow", {}).get("state") == "STARTING", 5, "the load")
+    assert daemon.http.post("/admin/models/slow/stop").json()["message"] == "stopped"
+    asker.join(10)
+    assert waiting[0].status_code == 503, waiting[0].text
+    assert "was stopped" in waiting[0].json()["error"]["message"]
+    time.sleep(1)
+    assert daemon.workers()["slow"]["pid"] is None, daemon.workers()["slow"]
+
+
 def test_start_failures_back_off_then_go_fatal_with_the_reason(start_daemon, tiny_model):
     daemon = start_daemon({"bad": {"path": str(tiny_model), "fault": {"fail_load": 1}}},
                           supervisor={"start_retries": 1})
