@@ -96,6 +96,7 @@ class Slot:
         self.last_used = 0.0
         self.wait_since: float | None = None
         self.removed = False  # by a reload: listed only until its worker is gone
+        self.stopped_on_purpose = False  # its last worker was stopped, not lost
 
     @property
     def state(self) -> State:
@@ -105,7 +106,8 @@ class Slot:
             return State.FATAL
         if self.backoff_until > time.monotonic():
             return State.BACKOFF
-        return State.EXITED if self.exits or self.failures else State.STOPPED
+        lost = (self.exits or self.failures) and not self.stopped_on_purpose
+        return State.EXITED if lost else State.STOPPED
 
 
 class WorkerStatus(msgspec.Struct):

@@ -585,6 +585,9 @@ class Supervisor:
                         how, last_line)
             self.on_event("start_failure" if was_starting else "crash", model, how)
         detail = f": {last_line}" if last_line else ""
+        slot.stopped_on_purpose = expected
+        if not expected and not was_starting:  # what status shows while it is EXITED
+            slot.last_error = f"the worker exited unexpectedly with {how}{detail}"
         if was_starting and not expected:
             self._start_failed(slot, f"worker exited with {how} while loading{detail}")
         elif not expected:

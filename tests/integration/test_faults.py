@@ -47,9 +47,15 @@ def test_worker_sigkill_mid_stream_fails_that_stream_and_the_next_request_works(
     assert "exited unexpectedly" in str(info.value.message)
     assert error_after < 5
     assert daemon.http.get("/health").status_code == 200
+    lost = wait_for(lambda: daemon.workers()["tiny"]["state"] == "EXITED"
+                    and daemon.workers()["tiny"], 5, "EXITED")
+    assert "exited unexpectedly with signal 9" in lost["reason"]  # why it is not running
     resp = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3)
     assert resp.usage.completion_tokens == 3
     assert daemon.worker_pid("tiny") not in (None, pid)
+    # stopped on purpose after that: STOPPED, not EXITED again
+    assert daemon.http.post("/admin/models/tiny/stop").json()["state"] == "STOPPED"
+    assert daemon.workers()["tiny"]["state"] == "STOPPED"
 
 
 def test_worker_sigkill_during_non_streaming_request_is_a_502(start_daemon, tiny_model):
