@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 from pathlib import Path
 
+import msgspec
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
 
@@ -212,8 +213,13 @@ class Daemon:
             return False, f"reload failed, the current configuration stays: {exc}"
         old = self.config
         if (new.server.host, new.server.port) != (old.server.host, old.server.port) or (
-                new.run_dir != old.run_dir):
-            log.warning("reload: host, port and run_dir changes take effect after a restart")
+                new.run_dir != old.run_dir or new.log_dir != old.log_dir):
+            log.warning("reload: host, port, run_dir and log_dir changes take effect after a "
+                        "restart")
+            # Until then the daemon's and its workers' logs stay where they are, and so
+            # does where `ctl tail` looks for them.
+            new = msgspec.structs.replace(new, supervisor=msgspec.structs.replace(
+                new.supervisor, run_dir=old.supervisor.run_dir, log_dir=old.supervisor.log_dir))
         self.config = new
         for hook in self._reload_hooks:
             hook(new)

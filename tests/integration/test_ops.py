@@ -133,6 +133,20 @@ def test_ctl_reload_adds_and_removes_a_model(start_daemon, tiny_model):
     assert chat(daemon) == 200
 
 
+def test_a_log_dir_changed_by_a_reload_waits_for_a_restart(start_daemon):
+    daemon = start_daemon()
+    assert chat(daemon) == 200
+    main = daemon.root / "supervisor.toml"
+    moved = daemon.root / "logs2"
+    main.write_text(main.read_text().replace(str(daemon.log_dir), str(moved)))
+    assert ctl(daemon, "reload").returncode == 0
+    assert "log_dir changes take effect after a restart" in daemon.output()
+    tail = ctl(daemon, "tail", "tiny")  # still where the worker writes
+    assert tail.returncode == 0 and "request ended" in tail.stdout, tail
+    assert chat(daemon) == 200
+    assert not moved.exists()
+
+
 def test_ctl_shutdown_and_unreachable_daemon(start_daemon):
     daemon = start_daemon()
     assert ctl(daemon, "shutdown").returncode == 0
