@@ -52,6 +52,7 @@ class Call:
         self.t0 = time.monotonic()
         self.queue_s: float | None = None
         self.ttft_s: float | None = None
+        self.tokens = 0  # generated so far
         self._last_chunk_at = 0.0
 
     async def open(self) -> RequestStream:
@@ -69,6 +70,7 @@ class Call:
         assert self.stream is not None
         chunk = await self._within_deadline(self.stream.next_chunk())
         tokens = chunk.tokens
+        self.tokens += tokens
         now = time.monotonic()
         if tokens and self.ttft_s is None:
             self.ttft_s = now - self.t0
@@ -211,6 +213,9 @@ class Group:
         if self._recorded:
             return duration
         self._recorded = True
+        generated = any(c.ttft_s is not None for c in self.calls)
+        if usage is None and generated:  # failed midway: what it did still counts
+            usage = self._usage_so_far()
         log.info("%s model=%s status=%d choices=%d duration_ms=%.0f%s prompt_tokens=%d "
                  "completion_tokens=%d%s", self.shape.endpoint, self.spec.id, status,
                  len(self.calls), duration * 1000,
@@ -222,7 +227,8 @@ class Group:
             return duration
         if error is not None:
             error.recorded = True  # the route's catch-all must not count it again
-            metrics.rejected(self.spec.id, error.code)
+            if not generated:  # (a failure after the first token is no refusal)
+                metrics.rejected(self.spec.id, error.code)
         first = self.calls[0]
         metrics.request_done(
             self.spec.id, self.shape.endpoint, status, duration_s=duration,
@@ -231,6 +237,16 @@ class Group:
             completion_tokens=usage.completion_tokens if usage else 0,
             cached_tokens=usage.prompt_tokens_details.cached_tokens if usage else 0)
         return duration
+
+    def _usage_so_far(self) -> Usage:
+        prompts: dict[int, int] = {}
+        for i, call in enumerate(self.calls):
+            started = call.stream.started if call.stream is not None else None
+            if started is not None and started.done() and not started.cancelled() and (
+                    started.exception() is None):
+                prompts[self.prompt_of[i]] = started.result().prompt_tokens
+        prompt, completion = sum(prompts.values()), sum(c.tokens for c in self.calls)
+        return Usage(prompt, completion, prompt + completion, PromptTokensDetails())
 
     # ---- non-streaming
 

@@ -47,6 +47,12 @@ def test_worker_sigkill_mid_stream_fails_that_stream_and_the_next_request_works(
     assert "exited unexpectedly" in str(info.value.message)
     assert error_after < 5
     assert daemon.http.get("/health").status_code == 200
+    metrics = daemon.http.get("/metrics").text
+    # it failed after generating: no refusal, and what it generated counts
+    assert 'mlxrouter_rejections_total{model="tiny",reason="worker_crashed"}' not in metrics
+    generated = [line for line in metrics.splitlines()
+                 if line.startswith('mlxrouter_generated_tokens_total{model="tiny"}')]
+    assert generated and float(generated[0].split()[-1]) >= 1, generated
     lost = wait_for(lambda: daemon.workers()["tiny"]["state"] == "EXITED"
                     and daemon.workers()["tiny"], 5, "EXITED")
     assert "exited unexpectedly with signal 9" in lost["reason"]  # why it is not running
