@@ -563,6 +563,10 @@ def control_settings(path: Path | str | None) -> tuple[Path, str | None]:
     except ConfigError:
         pass
     path = Path(path).expanduser() if path else default_config_path()
+    if path is not None and not path.exists():
+        # A mistyped --config (or MLXROUTER_CONFIG) must not reach, and stop, the daemon of
+        # the default run dir instead.
+        raise ConfigError(f"{path}: no such config file")
     raw: dict[str, Any] = {}
     if path is not None and path.suffix != ".json":
         try:

@@ -847,3 +847,20 @@ def test_a_file_that_is_not_utf8_is_a_config_error_and_ctl_still_finds_the_daemo
     seed.write_bytes(b'{"defaults": {}, "x": "\xe9"}')
     with pytest.raises(ConfigError, match="seed.json: not UTF-8"):
         load_config(seed)
+
+
+def test_ctl_with_a_config_that_does_not_exist_is_a_usage_error(tmp_path: Path,
+                                                                 clean_env: Path) -> None:
+    """Not a fallback to the default run dir: a typo in --config must not reach (and shut
+    down) the default daemon."""
+    import subprocess
+
+    missing = tmp_path / "typo.toml"
+    with pytest.raises(ConfigError, match="no such config file"):
+        cfg.control_settings(missing)
+    for args, env in ((["--config", str(missing)], {}), ([], {"MLXROUTER_CONFIG": str(missing)})):
+        done = subprocess.run([sys.executable, "-m", "mlxrouter", "ctl", *args, "shutdown"],
+                              capture_output=True, text=True, timeout=60,
+                              env={**os.environ, **env})
+        assert done.returncode == 2, done
+        assert f"{missing}: no such config file" in done.stderr
