@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import sys
@@ -399,6 +400,8 @@ async def run_bench(config: BenchConfig, progress: bool = False) -> dict[str, An
         if config.history_tokens:
             bar.set_description("multi-turn")
             report["multiturn"] = await run_multiturn(client, bar.update)
+    except asyncio.CancelledError:  # Ctrl-C (asyncio.run cancels this task): keep what ran
+        report["interrupted"] = True
     finally:
         bar.close()
         await client.aclose()
@@ -431,14 +434,16 @@ def format_table(report: dict[str, Any]) -> str:
     mt = report.get("multiturn")
     if mt:
         kinds.update(mt["error_kinds"])
-        lines += ["", "| history tokens | cold TTFT p50 ms | next-turn TTFT p50 ms | ratio "
-                  "| cached tokens |", "|---|---|---|---|---|",
+        lines += ["", "| history tokens | next-turn prompt tokens | cold TTFT p50 ms "
+                  "| next-turn TTFT p50 ms | ratio | cached tokens |", "|---|---|---|---|---|---|",
                   "| " + " | ".join(_cell(v) for v in (
-                      mt["prompt_tokens_mean"] or mt["history_tokens"],
+                      mt["history_tokens"], mt["prompt_tokens_mean"],
                       mt["cold_ttft_ms"]["p50"], mt["next_turn_ttft_ms"]["p50"],
                       mt["next_turn_over_cold"], mt["cached_tokens_mean"])) + " |"]
     if kinds:
         lines += ["", "errors: " + ", ".join(f"{k} x{n}" for k, n in kinds.most_common())]
+    if report.get("interrupted"):
+        lines += ["", "interrupted: the levels above are the ones that finished"]
     return "\n".join(lines)
 
 
@@ -469,6 +474,16 @@ def _positive(text: str) -> int:
     value = _non_negative(text)
     if value == 0:
         raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be > 0")
     return value
 
 
@@ -505,7 +520,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--extra-body", type=_json_object, default={},
                    help="JSON merged into every request body")
     p.add_argument("--api-key")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--timeout", type=_seconds, default=600.0, help="seconds per request")
     p.add_argument("--json", dest="json_path", help="also write the JSON report here")
     p.add_argument("--format", choices=["table", "json"], default="table",
                    help="what goes to stdout (default: %(default)s)")
@@ -524,12 +539,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
         api_key=args.api_key, timeout_s=args.timeout, extra_body=args.extra_body,
         history_tokens=args.history_tokens, history_reps=args.history_reps,
         salt=f"{random.randrange(16**6):06x}")
-    report = asyncio.run(run_bench(config, progress=args.progress))
-    if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(report, f, indent=2)
+    if args.json_path:  # found out now, not after the whole run
+        folder = os.path.dirname(os.path.abspath(args.json_path))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK) or (
+                os.path.isdir(args.json_path)):
+            print(f"mlxrouter bench: cannot write the JSON report to {args.json_path}",
+                  file=sys.stderr)
+            return 2
+    try:
+        report = asyncio.run(run_bench(config, progress=args.progress))
+    except KeyboardInterrupt:  # interrupted before anything could be kept
+        print("mlxrouter bench: interrupted", file=sys.stderr)
+        return 130
     if args.format == "json":
         print(json.dumps(report, indent=2))
     else:
         print(format_table(report))
+    if args.json_path:
+        try:
+            with open(args.json_path, "w") as f:
+                json.dump(report, f, indent=2)
+        except OSError as exc:
+            print(f"mlxrouter bench: cannot write {args.json_path}: {exc}", file=sys.stderr)
+            return 1
+    if report.get("interrupted"):
+        return 130
+    # A run where nothing succeeded measured nothing: scripts must be able to tell.
+    if report["levels"] and not any(lv["ok"] for lv in report["levels"]):
+        print(f"mlxrouter bench: every request failed ({report['errors']} errors)",
+              file=sys.stderr)
+        return 1
     return 0

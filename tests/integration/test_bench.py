@@ -18,14 +18,14 @@ LEVEL_FIELDS = {"concurrency", "requests", "ok", "errors", "error_kinds", "wall_
                 "itl_ms", "latency_ms", "stream_tok_s", "aggregate_tok_s"}
 
 
-def bench(base_url: str, tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess,
-                                                               dict]:
+def bench(base_url: str, tmp_path: Path, *args: str, rc: int = 0
+          ) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "report.json"
     proc = subprocess.run(
         [sys.executable, "-m", "mlxrouter", "bench", "--base-url", base_url, "--json",
          str(out), "--no-progress", *args],
         capture_output=True, text=True, timeout=150)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == rc, proc.stderr
     return proc, json.loads(out.read_text())
 
 
@@ -91,7 +91,8 @@ def test_non_streaming_and_completions_reports(start_daemon, tmp_path):
 def test_http_errors_are_counted_by_kind(start_daemon, tmp_path):
     daemon = start_daemon()
     proc, report = bench(f"{daemon.base_url}/v1", tmp_path, "--model", "no-such-model",
-                         "--concurrency", "2", "--requests", "4", "--max-tokens", "4")
+                         "--concurrency", "2", "--requests", "4", "--max-tokens", "4", rc=1)
+    assert "every request failed" in proc.stderr  # exit 1: scripts can tell
     (lv,) = report["levels"]
     assert (lv["ok"], lv["errors"]) == (0, 4)
     assert lv["error_kinds"] == {"404 model_not_found": 4}
@@ -116,7 +117,7 @@ def test_queue_full_and_mid_stream_errors_are_counted(start_daemon, tiny_model, 
     crashing = start_daemon({"tiny": {"path": str(tiny_model),
                                       "fault": {"crash_after_tokens": 3}}})
     _, report = bench(f"{crashing.base_url}/v1", tmp_path, "--model", "tiny",
-                      "--concurrency", "1", "--requests", "1", "--max-tokens", "8")
+                      "--concurrency", "1", "--requests", "1", "--max-tokens", "8", rc=1)
     (lv,) = report["levels"]
     assert (lv["ok"], lv["errors"]) == (0, 1)
     (kind,) = lv["error_kinds"]
@@ -129,7 +130,7 @@ def test_unreachable_server_and_bad_flags(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     _, report = bench(f"http://127.0.0.1:{port}/v1", tmp_path, "--model", "m",
-                      "--concurrency", "2", "--requests", "3")
+                      "--concurrency", "2", "--requests", "3", rc=1)
     (lv,) = report["levels"]
     assert (lv["ok"], lv["errors"]) == (0, 3)
     assert lv["error_kinds"] == {"transport ConnectError": 3}
@@ -138,3 +139,38 @@ def test_unreachable_server_and_bad_flags(tmp_path):
                           "--concurrency", "4,0"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2
     assert "concurrency levels must be integers >= 1" in bad.stderr
+    for args, says in ((["--timeout", "0"], "must be > 0"),
+                       (["--json", str(tmp_path / "no" / "such" / "dir.json")],
+                        "cannot write the JSON report")):
+        bad = subprocess.run([sys.executable, "-m", "mlxrouter", "bench", "--model", "m",
+                              "--base-url", f"http://127.0.0.1:{port}/v1", *args],
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and says in bad.stderr, bad.stderr
+
+
+def test_ctrl_c_keeps_the_levels_that_finished(start_daemon, tiny_model, tmp_path):
+    import signal
+    import time
+
+    from conftest import wait_for
+
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "preload": True,
+                                    "fault": {"delay_per_token_s": 0.05}}})
+    daemon.wait_worker("tiny")
+    out = tmp_path / "partial.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlxrouter", "bench", "--base-url", f"{daemon.base_url}/v1",
+         "--model", "tiny", "--concurrency", "1,1", "--requests", "1", "--max-tokens", "60",
+         "--json", str(out), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    wait_for(lambda: daemon.worker_log("tiny").count("request started") == 2, 30,
+             "the second level")
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert "interrupted: the levels above are the ones that finished" in stdout
+    report = json.loads(out.read_text())
+    assert report["interrupted"] and len(report["levels"]) == 1
+    assert report["levels"][0]["ok"] == 1
