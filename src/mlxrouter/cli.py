@@ -79,12 +79,15 @@ def _daemon_states(config) -> dict[str, str] | None:
 
 
 def _size(n: int | None, unit: str = "B") -> str:
+    """Bytes in units of 1024 ("GB" meaning GiB, as in the config's *_gb keys and the memory
+    messages, so a model reads the same size everywhere); counts (unit "") in units of 1000."""
     if not n:
         return "-"
+    step = 1024 if unit == "B" else 1000
     for prefix in ("", "K", "M", "G", "T"):
-        if n < 1000 or prefix == "T":
+        if n < step or prefix == "T":
             return f"{n:.0f}{prefix}{unit}" if prefix == "" else f"{n:.1f}{prefix}{unit}"
-        n /= 1000
+        n /= step
     return "-"
 
 

@@ -244,6 +244,11 @@ def test_models_list_json_covers_every_source(root: Path, tiny_model: Path) -> N
     (quant / "config.json").write_text(json.dumps(
         {**config, "quantization": {"bits": 4, "group_size": 64}}))
     assert "4-bit, group 64 " in cli(root, "models", "list").stdout
+    # sizes in units of 1024, as "GB" means in the config and in the memory messages
+    weights = mine["weights_bytes"]
+    shown = f"{weights / 2**20:.1f}MB" if weights >= 2**20 else f"{weights / 2**10:.1f}KB"
+    assert shown in next(line for line in table.stdout.splitlines()
+                         if line.startswith("mine ")), (shown, table.stdout)
 
 
 # ---- link and rm
