@@ -538,8 +538,9 @@ class Supervisor:
     def log_paths(self, model_id: str) -> tuple[Path, Path]:
         """The worker's own log (rotated by size) and its raw stdout/stderr (tracebacks,
         C-level output), like supervisord's stdout and stderr logs."""
-        base = self.config.log_dir / f"worker-{slug(model_id)}"
-        return base.with_suffix(".log"), Path(f"{base}.stderr.log")
+        base = f"{self.config.log_dir / f'worker-{slug(model_id)}'}"
+        # (not with_suffix: it cut "Qwen2.5-7B" to "Qwen2", so dotted ids shared one log)
+        return Path(f"{base}.log"), Path(f"{base}.stderr.log")
 
     async def _run_process(self, slot: Slot, worker: Worker) -> None:
         """Start the process and reap it: the one place a worker's exit is handled."""

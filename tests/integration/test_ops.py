@@ -147,6 +147,20 @@ def test_a_log_dir_changed_by_a_reload_waits_for_a_restart(start_daemon):
     assert not moved.exists()
 
 
+def test_models_with_dots_in_their_ids_keep_their_own_logs(start_daemon, tiny_model):
+    daemon = start_daemon({"m-2.5": {"path": str(tiny_model)},
+                           "m-2.6": {"path": str(tiny_model)}})
+    for model in ("m-2.5", "m-2.6"):
+        assert daemon.http.post("/v1/chat/completions", headers={"X-Request-ID": model},
+                                json={"model": model, "messages": MESSAGES,
+                                      "max_tokens": 2}).status_code == 200
+    for model, other in (("m-2.5", "m-2.6"), ("m-2.6", "m-2.5")):
+        log = (daemon.log_dir / f"worker-{model}.log").read_text()
+        assert f"request_id={model}" in log and f"request_id={other}" not in log
+        assert f"request_id={model}" in ctl(daemon, "tail", model).stdout
+    assert not (daemon.log_dir / "worker-m-2.log").exists()
+
+
 def test_ctl_shutdown_and_unreachable_daemon(start_daemon):
     daemon = start_daemon()
     assert ctl(daemon, "shutdown").returncode == 0
