@@ -298,6 +298,8 @@ async def fetch_remote(url: str, limit: int, timeout_s: float, param: str, *,
                                          trust_env=False) as client:
                 target = httpx.URL(url)
                 for _ in range(MAX_REDIRECTS + 1):
+                    if target.port is not None and not 0 < target.port < 65536:
+                        raise OSError(f"port {target.port} out of range")
                     address = await public_address(target, allow_private, param)
                     location = await _get(client, target, address, limit, url, param)
                     if isinstance(location, bytes):
@@ -311,7 +313,8 @@ async def fetch_remote(url: str, limit: int, timeout_s: float, param: str, *,
     except TimeoutError:
         log.info("remote image: timed out url=%s", url)
         raise failed from None
-    except (httpx.HTTPError, httpx.InvalidURL, OSError, UnicodeError, ValueError) as exc:
+    except (httpx.HTTPError, httpx.InvalidURL, OSError, UnicodeError, ValueError,
+            OverflowError, ExceptionGroup) as exc:  # (the last two: a connect's own checks)
         log.info("remote image: fetch failed url=%s error=%r", url, exc)
         raise failed from None
 

@@ -423,6 +423,13 @@ def test_a_redirect_to_loopback_is_refused(origin, monkeypatch) -> None:
         outside.close()
 
 
+@pytest.mark.parametrize("port", [65536, 99999])
+def test_a_port_out_of_range_is_a_fetch_failure_not_a_500(port: int) -> None:
+    for host, private in (("127.0.0.1", True), ("8.8.8.8", False)):
+        with pytest.raises(InvalidRequest, match="no image came back"):
+            fetch(f"http://{host}:{port}/x.png", allow_private=private)
+
+
 def test_fetch_failures_read_the_same(origin) -> None:
     import socket
 
