@@ -72,8 +72,9 @@ def label_of(media: protocol.Media, index: int) -> str:
 
 
 def decode_image(media: protocol.Media, label: str, budget: Budget | None = None) -> Any:
-    """An RGB PIL image; refuses too many pixels before decoding (header only first)."""
-    from PIL import Image
+    """An RGB PIL image, upright; refuses too many pixels before decoding (header only
+    first)."""
+    from PIL import Image, ImageOps
 
     param = media.param or None
     try:
@@ -86,7 +87,9 @@ def decode_image(media: protocol.Media, label: str, budget: Budget | None = None
                 budget.charge(1, pixels, f"{label} ({im.width}x{im.height} pixels)",
                               media.param)
             im.seek(0)  # GIF: the first frame
-            return im.convert("RGB")  # the full decode happens here
+            # A phone photo is stored sideways with an EXIF orientation tag (as mlx-vlm's
+            # own loader does, turn it); the full decode happens here.
+            return _rgb(ImageOps.exif_transpose(im))
     except RouterError:
         raise
     except Image.DecompressionBombError:  # PIL's own limit, far above ours: quote ours
@@ -95,6 +98,14 @@ def decode_image(media: protocol.Media, label: str, budget: Budget | None = None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:  # PIL's ways of saying corrupt
         raise InvalidRequest(f"{label} is corrupt or not a supported image: {exc}",
                              param=param) from None
+
+
+def _rgb(im: Any) -> Any:
+    """RGB of 8 bits. 16-bit grey (a PNG's I;16) is scaled down first: convert() clips it,
+    and a mid-grey image reached the model as white."""
+    if im.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        im = im.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+    return im.convert("RGB")
 
 
 def render_pdf(media: protocol.Media, label: str, budget: Budget | None = None) -> list[Any]:

@@ -63,3 +63,33 @@ def test_a_file_that_renders_past_the_deadline_is_a_400_and_its_child_is_gone() 
     assert time.monotonic() - started < 10
     assert not [p for p in psutil.Process().children(recursive=True)
                 if "mlxrouter.media" in " ".join(p.cmdline())]
+
+
+def _image_media(im: Image.Image, fmt: str, **save) -> protocol.Media:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **save)
+    return protocol.Media(kind="image", data=buf.getvalue(), param="messages[0].content[1]")
+
+
+def test_a_photo_with_an_exif_orientation_is_turned_upright() -> None:
+    """Phones store photos sideways plus a tag saying how to turn them."""
+    wide = Image.new("RGB", (60, 20), (255, 0, 0))
+    wide.paste((0, 0, 255), (0, 0, 10, 20))  # a blue band on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+    upright = media.decode_image(_image_media(wide, "JPEG", exif=exif, quality=95), "the image")
+    assert upright.size == (20, 60)
+    r, g, b = upright.getpixel((10, 5))  # the band is now on top
+    assert b > 200 and r < 60
+
+
+def test_a_16_bit_grey_png_keeps_its_grey_levels() -> None:
+    import numpy as np
+
+    grey = Image.fromarray(np.full((8, 8), 30000, np.uint16))  # mid grey, mode I;16
+    decoded = media.decode_image(_image_media(grey, "PNG"), "the image")
+    assert decoded.mode == "RGB" and decoded.getpixel((0, 0)) == (117, 117, 117)  # not white
+    ramp = Image.fromarray(np.arange(0, 65536, 4096, dtype=np.uint16).reshape(4, 4))
+    levels = [media.decode_image(_image_media(ramp, "PNG"), "x").getpixel((i % 4, i // 4))[0]
+              for i in range(16)]
+    assert levels == list(range(0, 256, 16))
