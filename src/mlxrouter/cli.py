@@ -231,6 +231,13 @@ def cmd_import_gguf(args: argparse.Namespace) -> int:
     config = _load(args)
     gguf_path = Path(args.file).expanduser()
     name = args.name or gguf_model_name(gguf_path)
+    parts = name.split("/")
+    if args.name and not (len(parts) <= 2 and all(
+            p and not p.startswith(".") and "\\" not in p for p in parts)):
+        # (`../x` or `/abs` wrote outside the model directory)
+        print(f"mlxrouter: --name takes a model id (NAME or ORG/NAME), not {name!r}; "
+              "--out takes any directory", file=sys.stderr)
+        return 2
     out = Path(args.out).expanduser() if args.out else config.model_directory / name
     try:
         summary = import_gguf(gguf_path, out)

@@ -116,7 +116,9 @@ def pull(repo_id: str, model_directory: Path, *, revision: str | None = None,
     request also times out on its own (HF_HUB_DOWNLOAD_TIMEOUT). A failed pull that got no
     model file leaves no folder behind; one with files keeps them, so pulling again resumes."""
     if not is_repo_id(repo_id):
-        raise LibraryError(f"'{repo_id}' is not a Hugging Face repo id (org/name)")
+        why = (": ids with '--' are refused, since the folder a pull writes (org--name) would "
+               "be the same for two of them" if "--" in repo_id else " (org/name)")
+        raise LibraryError(f"'{repo_id}' is not a Hugging Face repo id mlxrouter pulls{why}")
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
     from tqdm.auto import tqdm

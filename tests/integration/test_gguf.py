@@ -329,3 +329,27 @@ def test_main_prints_one_json_line(tmp_path: Path, capsys: pytest.CaptureFixture
     assert len(lines) == 1
     summary = json.loads(lines[0])
     assert summary["architecture"] == "llama" and summary["n_tensors"] == 2 * 9 + 3
+
+
+def test_import_gguf_name_is_a_model_id_not_a_path(tmp_path: Path) -> None:
+    """`--name ../x` or `/abs` wrote outside the model directory (`--out` is for that)."""
+    import os
+    import subprocess
+    import sys
+
+    source = write_gguf(tmp_path / "tiny.gguf")
+    models = tmp_path / "models"
+    env = {**os.environ, "MLXROUTER_HOME": str(tmp_path / "home")}
+    env.pop("MLXROUTER_CONFIG", None)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mlxrouter", "models", "import-gguf",
+                               str(source), "--model-dir", str(models), *args],
+                              capture_output=True, text=True, timeout=120, env=env)
+
+    for name in ("../escape", str(tmp_path / "abs"), ".hidden", "a/b/c", "a//b"):
+        done = run("--name", name)
+        assert done.returncode == 2 and "--name takes a model id" in done.stderr, (name, done)
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "abs").exists()
+    assert run("--name", "org/mine").returncode == 0
+    assert (models / "org" / "mine" / "config.json").is_file()

@@ -187,6 +187,8 @@ def test_pull_never_writes_through_a_link_made_by_models_link(
 def test_pull_rejects_a_name_that_is_not_a_repo_id(root: Path) -> None:
     out = cli(root, "models", "pull", "../etc")
     assert out.returncode == 1 and "not a Hugging Face repo id" in out.stderr
+    dashes = cli(root, "models", "pull", "a--b/c")  # a valid hub id: say why it is refused
+    assert dashes.returncode == 1 and "ids with '--' are refused" in dashes.stderr
 
 
 # ---- list
