@@ -348,8 +348,10 @@ def _scan_child(child: Path, source: str, roots: tuple[Path, ...],
             _add(found, _entry(model_id, snap, source, roots))
     elif source == "hf_cache":
         return  # datasets--*, .locks, xet: not models
-    elif (child / "config.json").exists() or any(child.glob("*.gguf")):
-        # (a GGUF-only dir is listed as unusable, with the import-gguf hint)
+    elif (child / "config.json").exists() or any(child.glob("*.gguf")) or any(
+            child.glob("*.safetensors")):
+        # (a GGUF-only dir, or weights without their config.json, is listed as unusable
+        # with the reason, not taken for an org dir and left out)
         _add(found, _entry(child.name.replace("--", "/", 1), child, source, roots))
     elif root is not None and child.is_symlink() and _inside(child, (root,)):
         # An org-level link back into its own root (`alias -> .`) only repeats models under

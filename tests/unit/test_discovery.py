@@ -115,6 +115,7 @@ def test_scan_finds_every_layout(tree: Path) -> None:
         "no-tokenizer",
         "vision-model",
         "tok-config-only",
+        "no-config",  # weights without a config.json: listed, unusable, with the reason
     }
     for model_id, model in found.items():
         assert isinstance(model, DiscoveredModel)
@@ -398,6 +399,10 @@ def test_non_mlx_checkpoints_are_unusable_with_the_reason(tmp_path: Path) -> Non
     assert not found["torch"].usable and "PyTorch" in found["torch"].reason
     assert not found["lms/TheBloke"].usable and "GGUF" in found["lms/TheBloke"].reason
     assert not found["top-gguf"].usable and "import-gguf" in found["top-gguf"].reason
+    (root / "no-config").mkdir()  # weights and a tokenizer, the config.json missing
+    (root / "no-config" / "model.safetensors").write_bytes(b"\0" * 16)
+    (root / "no-config" / "tokenizer.json").write_text("{}")
+    assert scan(root)["no-config"].reason == "no config.json"
 
 
 def test_metadata_comes_from_the_models_own_files(tmp_path: Path) -> None:
