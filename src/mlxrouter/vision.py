@@ -201,11 +201,13 @@ async def _part_bytes(server: ServerConfig, part: Any, where: str, deadline: flo
         if "file_data" in file and not isinstance(file["file_data"], str):
             raise InvalidRequest(f"{where}: file.file_data must be a string (a data: URI or "
                                  "base64)", param=f"{where}.file.file_data")
+        if "file_id" in file and not isinstance(file.get("file_data"), str):
+            raise InvalidRequest(f"{where}: 'file_id' is not supported here; send the file "
+                                 "inline as file.file_data (a data: URI or base64)",
+                                 param=f"{where}.file.file_id")
         if not isinstance(file.get("file_data"), str):
-            name = "file_id" if "file_id" in file else "file_data"
-            raise InvalidRequest(f"{where}: files must be sent inline as file.file_data (a "
-                                 f"data: URI or base64); '{name}' is not supported here",
-                                 param=f"{where}.file.{name}")
+            raise InvalidRequest(f"{where}: file.file_data is required (the file inline, as a "
+                                 "data: URI or base64)", param=f"{where}.file.file_data")
         value = file["file_data"]
         if not value.startswith("data:"):
             return await _b64decode(value, server.max_image_bytes, f"{where}.file.file_data")
@@ -227,9 +229,11 @@ async def _part_bytes(server: ServerConfig, part: Any, where: str, deadline: flo
                                  f" s)", param=param)
         return await fetch_remote(url, server.max_image_bytes, left, param,
                                   allow_private=server.allow_private_remote_images)
+    why = (f"'{scheme}:' URLs are not fetched" if len(scheme) > 1 and scheme != "file"
+           else "local files are never read")  # (C:\\... is a Windows path)
     raise InvalidRequest(f"{where}: image_url must be a data: URI"
                          f"{' or an http(s) URL' if server.allow_remote_images else ''}; "
-                         "local files are never read", param=param)
+                         f"{why}", param=param)
 
 
 async def decode_data_uri(uri: str, limit: int, param: str) -> bytes:

@@ -203,7 +203,9 @@ class VisionEngine:
             log.warning("request rejected request_id=%s rid=%d: %r", req.request_id or "-",
                         req.rid, exc)
             self.emit(protocol.Error(rid=req.rid, code="invalid_request",
-                                     message=f"the request could not be processed: {exc}"))
+                                     message=f"the request could not be processed: {exc}",
+                                     param="messages" if req.messages is not None
+                                     else "prompt"))
         return False
 
     def _admit(self, req: protocol.Request, decoded: list[list[Any]],

@@ -251,10 +251,14 @@ def _png_claiming(width: int, height: int) -> bytes:
                  ["allow_remote_images"], id="remote-off"),
     pytest.param([{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}],
                  ["base64"], id="bad-base64"),
+    # the model's own processor refuses it (qwen2-vl: aspect ratio past 200)
+    pytest.param([image_part(image_bytes("PNG", (1, 600)))], ["could not be processed"],
+                 id="processor-refuses"),
 ])
 def test_bad_media_is_a_clear_400(daemon, vlm_pid, parts, needles) -> None:
     for stream in (False, True):
-        assert_rejected(daemon, chat(daemon, ask(parts), stream=stream), *needles)
+        err = assert_rejected(daemon, chat(daemon, ask(parts), stream=stream), *needles)
+        assert err["param"] and err["param"].startswith("messages")  # where to look
     assert daemon.worker_pid(VLM) == vlm_pid
 
 

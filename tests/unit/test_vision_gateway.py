@@ -205,6 +205,7 @@ def test_media_in_order_with_pdf_as_file_or_image_url(vlm_spec) -> None:
     ("/etc/passwd", "local files are never read"),
     ("C:\\photo.png", "local files are never read"),
     ("https://example.com/cat.png", "allow_remote_images is off"),
+    ("ftp://example.com/cat.png", "'ftp:' URLs are not fetched"),  # not a local file
 ])
 def test_only_data_uris_unless_remote_is_allowed(vlm_spec, url: str, says: str) -> None:
     with pytest.raises(InvalidRequest, match=says) as caught:
@@ -220,6 +221,10 @@ def test_file_parts_must_be_inline(vlm_spec) -> None:
     with pytest.raises(InvalidRequest, match="file.file_data must be a string") as caught:
         collect(vlm_spec, number)
     assert caught.value.param == "messages[0].content[0].file.file_data"
+    empty = chat_request([{"type": "file", "file": {"filename": "a.pdf"}}])
+    with pytest.raises(InvalidRequest, match="file.file_data is required") as caught:
+        collect(vlm_spec, empty)
+    assert "not supported" not in caught.value.message
 
 
 def test_request_total_limit_names_the_part_that_crossed_it(vlm_spec) -> None:
