@@ -120,6 +120,8 @@ def render_pdf(media: protocol.Media, label: str, budget: Budget | None = None) 
         if "password" in str(exc).lower():
             raise InvalidRequest(f"{label} is encrypted (password-protected); send an "
                                  "unencrypted PDF", param=param) from None
+        if "(PDFium: Success)" in str(exc):  # PDFium's word for a document with no pages
+            raise InvalidRequest(f"{label} has no pages", param=param) from None
         raise InvalidRequest(f"{label} could not be read as a PDF: {exc}", param=param) from None
     try:
         pages = len(pdf)

@@ -93,3 +93,12 @@ def test_a_16_bit_grey_png_keeps_its_grey_levels() -> None:
     levels = [media.decode_image(_image_media(ramp, "PNG"), "x").getpixel((i % 4, i // 4))[0]
               for i in range(16)]
     assert levels == list(range(0, 256, 16))
+
+
+def test_a_pdf_with_no_pages_says_so() -> None:
+    import pypdfium2 as pdfium
+
+    buf = io.BytesIO()
+    pdfium.PdfDocument.new().save(buf)
+    with pytest.raises(InvalidRequest, match=r"has no pages$"):
+        media.decode_all([pdf_media(buf.getvalue())], None)
