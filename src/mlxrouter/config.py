@@ -170,6 +170,7 @@ class ModelOptions(_Section):
     solo_fast_path: bool | None = None
     half_weights: bool | None = None
     batch_wait_ms: Annotated[float, msgspec.Meta(ge=0, le=1000)] | None = None
+    prefill_step_size: Annotated[int, msgspec.Meta(ge=16, le=1 << 20)] | None = None
     prompt_cache_bytes: NonNeg | None = None
     prompt_cache_size: Pos | None = None
     reasoning_response: Literal["enable", "disable"] | None = None
@@ -269,6 +270,9 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     # waits up to this long for each next one until N have come, so requests sent together
     # are prefilled together; 0 = start at once (worker.py).
     batch_wait_ms: float = 20.0
+    # Prompt tokens run per engine step (mlx-lm's chunked prefill). The model's other streams
+    # wait, and a cancel is seen, only between chunks (docs/configuration.md).
+    prefill_step_size: int = 2048
     # KV caches of finished sequences kept for the next turn of a conversation (mlx-lm's
     # LRUPromptCache), bounded by bytes (counted in the memory budget) and entries; 0 = off.
     prompt_cache_bytes: int = 256 * 1024 * 1024

@@ -431,6 +431,7 @@ class TextEngine:
             stop_tokens=[[t] for t in sorted(self.tokenizer.eos_token_ids)],
             completion_batch_size=self.spec.max_running,
             prefill_batch_size=min(8, self.spec.max_running),
+            prefill_step_size=self.spec.prefill_step_size,
         )
 
     def _limit_memory(self) -> None:

@@ -45,7 +45,7 @@ COLD_FIELDS = ("path", "engine", "load_dtype", "compute_nice", "max_running", "m
                "env", "fault", "prompt_cache_bytes", "prompt_cache_size", "chat_template",
                "tool_call_format", "supports_vision", "supports_tools",
                "enable_function_calling", "solo_fast_path", "batch_wait_ms",
-               "half_weights")
+               "half_weights", "prefill_step_size")
 MEASURE_INTERVAL_S = 1.0
 # A tick later than its 1 s timer by more than this: the daemon stood still (_forgive_stall).
 STALL_FORGIVEN_S = 0.5

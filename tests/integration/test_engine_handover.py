@@ -26,10 +26,10 @@ class Driver:
     def __init__(self, model: Path, **spec: object) -> None:
         self.out: list[protocol.Message] = []
         # A small prefill step, so the 100-token prompt takes several steps on the fast path.
-        self.engine = TextEngine(ModelSpec(id="tiny", path=str(model), **spec), self.out.append,
-                                 FaultPlan({}))
+        self.engine = TextEngine(ModelSpec(id="tiny", path=str(model),
+                                           **{"prefill_step_size": 32, **spec}),
+                                 self.out.append, FaultPlan({}))
         self.engine.load()
-        self.engine.gen.prefill_step_size = 32
 
     def submit(self, rid: int, question: str, **sampling: object) -> None:
         params = protocol.SamplingParams(**{"max_tokens": 24, "temperature": 0.0, **sampling})
@@ -228,3 +228,22 @@ def test_batched_logit_bias_answers_as_mlx_lms_row_by_row_loop(driver_factory, t
                 for lp in x.logprobs]
 
     assert logprobs(fast) == logprobs(loop)
+
+
+@pytest.mark.parametrize("solo", [True, False])
+def test_prefill_step_size_is_how_many_prompt_tokens_a_step_runs(driver_factory, solo):
+    """The model's other streams wait, and a cancel is seen, only between these chunks."""
+    steps_for = {}
+    for size in (16, 4096):
+        driver = driver_factory(prefill_step_size=size, solo_fast_path=solo)
+        assert driver.engine.gen.prefill_step_size == size
+        driver.submit(1, "How deep is the sea?", max_tokens=1)
+        steps = 0
+        while driver.engine.active:
+            driver.engine.step()
+            steps += 1
+        end = driver.end(1)
+        assert isinstance(end, protocol.End) and end.prompt_tokens > 96
+        steps_for[size] = (steps, end.prompt_tokens)
+    (small, prompt), (whole, _) = steps_for[16], steps_for[4096]
+    assert small >= prompt // 16 and whole <= 3, steps_for
