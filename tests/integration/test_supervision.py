@@ -3,6 +3,7 @@ limits, timeouts, idle unloading, pressure caps, stale workers and engine out-of
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 
@@ -559,20 +560,8 @@ def test_a_client_that_leaves_while_queued_is_cancelled_at_once(start_daemon, ti
                                                                stream):
     """A request queued behind a full batch whose client hangs up never runs, and its 499
     is logged then, under its own request id (a stream's ran to the end for nobody)."""
-    import socket
-
-    daemon = start_daemon({"tiny": {"path": str(tiny_model), "max_running": 1, "max_queue": 2,
-                                    "preload": True, "fault": {"delay_per_token_s": 0.05}}})
-    daemon.wait_worker("tiny")
-    busy = threading.Thread(target=_chat, args=(daemon, "tiny"), kwargs={"max_tokens": 60})
-    busy.start()
-    wait_for(lambda: daemon.workers()["tiny"]["in_flight"] == 1, 5, "the busy request")
-    body = json.dumps({"model": "tiny", "messages": MESSAGES, "max_tokens": 30,
-                       "stream": stream}).encode()
-    with socket.create_connection(("127.0.0.1", daemon.port)) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
-                     b"Content-Type: application/json\r\nX-Request-ID: left-in-queue\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    daemon, busy = _one_slot_taken(start_daemon, tiny_model, max_queue=2)
+    with _raw_chat(daemon, "left-in-queue", max_tokens=30, stream=stream):
         wait_for(lambda: daemon.workers()["tiny"]["waiting"] == 1, 5, "it to queue")
     left = time.monotonic()
     wait_for(lambda: daemon.workers()["tiny"]["waiting"] == 0, 2, "it to be cancelled")
@@ -588,17 +577,10 @@ def test_a_client_that_leaves_while_queued_is_cancelled_at_once(start_daemon, ti
 
 def test_a_client_that_leaves_mid_stream_is_logged_at_once_under_its_own_id(start_daemon,
                                                                             tiny_model):
-    import socket
-
     daemon = start_daemon({"tiny": {"path": str(tiny_model), "preload": True,
                                     "fault": {"delay_per_token_s": 0.05}}})
     daemon.wait_worker("tiny")
-    body = json.dumps({"model": "tiny", "messages": MESSAGES, "max_tokens": 100,
-                       "stream": True}).encode()
-    with socket.create_connection(("127.0.0.1", daemon.port)) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
-                     b"Content-Type: application/json\r\nX-Request-ID: left-mid-stream\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    with _raw_chat(daemon, "left-mid-stream", max_tokens=100, stream=True) as sock:
         seen = b""
         while seen.count(b"data: ") < 3:
             seen += sock.recv(65536)
@@ -609,15 +591,35 @@ def test_a_client_that_leaves_mid_stream_is_logged_at_once_under_its_own_id(star
     assert daemon.workers()["tiny"]["in_flight"] == 0
 
 
-def test_a_failed_choice_stops_its_siblings(start_daemon, tiny_model):
-    daemon = start_daemon({"tiny": {"path": str(tiny_model), "max_running": 1, "max_queue": 1,
-                                    "preload": True, "fault": {"delay_per_token_s": 0.05}}})
+def _one_slot_taken(start_daemon, tiny_model, max_queue: int):
+    """A daemon whose one batch slot a slow request (in a thread) holds for about 3 s."""
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "max_running": 1,
+                                    "max_queue": max_queue, "preload": True,
+                                    "fault": {"delay_per_token_s": 0.05}}})
     daemon.wait_worker("tiny")
-    # Another client holds the one running slot: of n=2 choices the first queues, the second
-    # finds the queue full (429), and the first must not stay queued for nobody.
     busy = threading.Thread(target=_chat, args=(daemon, "tiny"), kwargs={"max_tokens": 60})
     busy.start()
     wait_for(lambda: daemon.workers()["tiny"]["in_flight"] == 1, 5, "the busy request")
+    return daemon, busy
+
+
+@contextlib.contextmanager
+def _raw_chat(daemon, request_id: str, **body):
+    """A chat request on a plain socket, which the test may close at any moment."""
+    import socket
+
+    data = json.dumps({"model": "tiny", "messages": MESSAGES, **body}).encode()
+    with socket.create_connection(("127.0.0.1", daemon.port)) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Content-Type: application/json\r\nX-Request-ID: %s\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (request_id.encode(), len(data), data))
+        yield sock
+
+
+def test_a_failed_choice_stops_its_siblings(start_daemon, tiny_model):
+    # Another client holds the one running slot: of n=2 choices the first queues, the second
+    # finds the queue full (429), and the first must not stay queued for nobody.
+    daemon, busy = _one_slot_taken(start_daemon, tiny_model, max_queue=1)
     resp = _chat(daemon, "tiny", n=2, max_tokens=100)
     assert resp.status_code == 429
     wait_for(lambda: daemon.workers()["tiny"]["in_flight"] == 1
