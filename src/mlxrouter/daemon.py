@@ -223,7 +223,8 @@ class Daemon:
         self.config = new
         for hook in self._reload_hooks:
             hook(new)
-        message = f"configuration reloaded from {new.source}: {len(new.models)} configured model(s)"
+        where = new.source or "the defaults (no config file)"
+        message = f"configuration reloaded from {where}: {len(new.models)} configured model(s)"
         log.info("%s", message)
         return True, message
 

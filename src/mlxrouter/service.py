@@ -407,10 +407,15 @@ def install(*, config_path: Path | None, program: list[str] | None, platform: st
         rc = rc or _step(_systemctl("enable", UNIT_NAME), dry_run)
         # restart, not start: a reinstall must replace a running daemon with the new unit.
         rc = rc or _step(_systemctl("restart", UNIT_NAME), dry_run)
-    _explain(spec, source.origin, platform)
-    if rc:
-        print(f"mlxrouter: service manager command failed (exit {rc})", file=sys.stderr)
+    if rc:  # (no "how to change the config" summary: nothing runs it)
+        manager = "launchd" if platform == "darwin" else "systemd --user"
+        print(f"mlxrouter: service manager command failed (exit {rc}): {unit} is written but "
+              f"{manager} did not start it. Fix the cause above (on Linux a user systemd "
+              "session is needed: log in, or `loginctl enable-linger $USER`) and run `mlxrouter "
+              "service install` again, or take the file away with `mlxrouter service "
+              "uninstall`.", file=sys.stderr)
         return 1
+    _explain(spec, source.origin, platform)
     return 0
 
 
@@ -451,8 +456,9 @@ def uninstall(*, platform: str, dry_run: bool) -> int:
     else:
         rc = _step(_systemctl("disable", "--now", UNIT_NAME), dry_run)
     if rc:
-        print(f"mlxrouter: could not stop the service (exit {rc}); {unit} kept",
-              file=sys.stderr)
+        print(f"mlxrouter: could not stop the service (exit {rc}); {unit} kept. If no "
+              "service manager runs for this user (\"Failed to connect to bus\"), nothing runs "
+              f"it either: delete {unit} yourself.", file=sys.stderr)
         return 1
     if not dry_run:
         unit.unlink(missing_ok=True)

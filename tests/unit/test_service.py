@@ -264,7 +264,9 @@ def test_install_reports_a_failed_command(home: Path, source: Path, exe: Path, r
     runner.codes = {"enable": [1]}
     assert install(source, exe, "linux") == 1
     assert ["systemctl", "--user", "restart", "mlxrouter.service"] not in runner.calls
-    assert "failed" in capsys.readouterr().err
+    out = capsys.readouterr()
+    assert "failed" in out.err and "service uninstall" in out.err
+    assert "ctl reload" not in out.out  # no success summary for a service that is not running
 
 
 def test_install_moves_a_different_existing_config_aside(
