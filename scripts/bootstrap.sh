@@ -6,8 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
-  echo "bootstrap: Python 3.11+ is required ($PYTHON is $("$PYTHON" --version 2>&1))" >&2
+if ! command -v "$PYTHON" >/dev/null 2>&1; then
+  echo "bootstrap: Python 3.11+ is required; '$PYTHON' is not a command here (set PYTHON)" >&2
+  exit 1
+fi
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "bootstrap: Python 3.11+ is required ($PYTHON is $("$PYTHON" --version 2>&1 | head -1))" >&2
   exit 1
 fi
 
@@ -17,13 +21,17 @@ fi
 # alone; on x86-64 also mlxrouter's vectorized MLX kernels, which it compiles with the system
 # C++ compiler (see docs/performance.md). Both libraries, gcc and g++ are installed when
 # missing.
+APT_UPDATED=""
 apt_install() {  # package, what it is for
   SUDO=""
   [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo -n"
   if [ "$(id -u)" -eq 0 ] || [ -n "$SUDO" ]; then
-    $SUDO apt-get update -qq >/dev/null 2>&1 || true
+    if [ -z "$APT_UPDATED" ]; then  # once per run
+      $SUDO apt-get update -qq >/dev/null 2>&1 || true
+      APT_UPDATED=1
+    fi
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$1" >/dev/null \
-      || echo "bootstrap: could not install $1 ($2)" >&2
+      || echo "bootstrap: could not install $1, needed for $2" >&2
   else
     echo "bootstrap: install $1 for $2" >&2
   fi
@@ -38,6 +46,14 @@ if [ "$(uname -s)" = "Linux" ] && command -v apt-get >/dev/null 2>&1; then
   [ "$(uname -m)" != "x86_64" ] || command -v c++ >/dev/null 2>&1 \
     || command -v g++ >/dev/null 2>&1 \
     || apt_install g++ "the vectorized MLX CPU kernels (about 35% faster prefill on x86-64)"
+elif [ "$(uname -s)" = "Linux" ]; then  # no apt: say what to install by other means
+  ls /usr/lib*/libopenblas.so.0 /usr/lib/*/libopenblas.so.0 >/dev/null 2>&1 \
+    || echo "bootstrap: no apt-get; install OpenBLAS (or BLIS) yourself: CPU inference is ~30x slower without" >&2
+  command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 \
+    || echo "bootstrap: no apt-get; install a C compiler (gcc) for the gemv forwarder" >&2
+  [ "$(uname -m)" != "x86_64" ] || command -v c++ >/dev/null 2>&1 \
+    || command -v g++ >/dev/null 2>&1 \
+    || echo "bootstrap: no apt-get; install a C++ compiler (g++) for the vectorized MLX kernels" >&2
 fi
 
 # Linux: the tests render /docs and /redoc in headless Chromium. Without it those tests skip
