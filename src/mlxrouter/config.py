@@ -46,6 +46,9 @@ class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = DEFAULT_PORT
     max_body_bytes: Pos = 16 * 1024 * 1024
+    # A request body must have arrived this long after its headers (a client that stalls
+    # mid-body held its connection, and a file descriptor, for ever).
+    request_body_timeout_s: PosFloat = 60.0
     # A streaming response commits 200 and sends keep-alive comments when the worker has not
     # started the request after this long (a model still loading).
     stream_commit_after_s: float = 2.0

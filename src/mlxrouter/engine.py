@@ -327,6 +327,16 @@ def _max_context(spec: ModelSpec, config: dict[str, Any]) -> int:
     return effective_context(spec.max_context, model_max_context(config))
 
 
+def check_logit_bias(logit_bias: dict[int, float], vocab_size: int) -> None:
+    """A 400 for token ids past the vocabulary, naming the first few (a request may send
+    hundreds of thousands, and the error must not echo them all)."""
+    bad = [t for t in logit_bias if t >= vocab_size]
+    if bad:
+        shown = f"{bad[:8]}" + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        raise InvalidRequest(f"logit_bias token ids {shown} are outside the vocabulary "
+                             f"({vocab_size} tokens)", param="logit_bias")
+
+
 def fit_max_tokens(sampling: protocol.SamplingParams, prompt_tokens: int, max_context: int,
                    what: str = "prompt tokens", param: str = "messages") -> int:
     """The request's max_tokens if prompt + max_tokens fits the context; a default max_tokens
@@ -559,10 +569,7 @@ class TextEngine:
 
     def _processors(self, p: protocol.SamplingParams, max_tokens: int) -> list:
         """mlx-lm's logits processors; OpenAI's penalties look at everything generated."""
-        bad = [t for t in p.logit_bias if t >= self.vocab_size]
-        if bad:
-            raise InvalidRequest(f"logit_bias token ids {bad} are outside the vocabulary "
-                                 f"({self.vocab_size} tokens)", param="logit_bias")
+        check_logit_bias(p.logit_bias, self.vocab_size)
         return ([LogitBias(p.logit_bias)] if p.logit_bias else []) + make_logits_processors(
             repetition_penalty=p.repetition_penalty if p.repetition_penalty != 1.0 else None,
             presence_penalty=p.presence_penalty or None, presence_context_size=max_tokens,

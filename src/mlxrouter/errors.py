@@ -60,6 +60,16 @@ class BodyTooLarge(RouterError):
     status, error_type, code = 413, "invalid_request_error", "request_too_large"
 
 
+class BodyTimeout(RouterError):
+    status, error_type, code = 408, "invalid_request_error", "request_timeout"
+
+
+class ClientGone(RouterError):
+    """The client closed its connection before its request was read (nobody gets this)."""
+
+    status, error_type, code = 499, "invalid_request_error", "client_closed_request"
+
+
 class QueueFull(RouterError):
     status, error_type, code, retry_after_s = 429, "rate_limit_error", "queue_full", 1
 

@@ -20,7 +20,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -30,8 +30,9 @@ from .admin import admin_routes
 from .calls import Group, token_cap
 from .docs_pages import docs_routes
 from .config import ModelSpec
-from .errors import (BodyTooLarge, InvalidRequest, MethodNotAllowed, ModelNotFound, NotFound,
-                     RouterError, ShuttingDown, error_body, error_headers)
+from .errors import (BodyTimeout, BodyTooLarge, ClientGone, InvalidRequest, MethodNotAllowed,
+                     ModelNotFound, NotFound, RouterError, ShuttingDown, error_body,
+                     error_headers)
 from .openapi import openapi_document
 from .runtime import AppState, app_state, json_response
 from .schemas import (ChatCompletionRequest, ChatShape, CompletionRequest, GenerationParams,
@@ -70,16 +71,23 @@ async def on_unexpected(request: Request, exc: Exception) -> Response:
 # ---- request plumbing
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float = 60.0) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BodyTimeout(f"the request body did not arrive within {timeout_s:g} s "
+                          "(request_body_timeout_s)") from None
+    except ClientDisconnect:  # a 499, not an unhandled error with two tracebacks
+        raise ClientGone("the client closed the connection while sending its request") from None
     return b"".join(chunks)
 
 
@@ -144,7 +152,8 @@ async def _admit(request: Request, type_: type) -> tuple[AppState, Any, ModelSpe
     state = app_state(request)
     if state.shutting_down:
         raise ShuttingDown("the server is shutting down")
-    body = await read_body(request, state.config.server.max_body_bytes)
+    server = state.config.server
+    body = await read_body(request, server.max_body_bytes, server.request_body_timeout_s)
     req = decode_body(body, type_)
     return state, req, state.supervisor.spec(req.model)
 

@@ -131,8 +131,9 @@ class Metrics:
 
     def _define_counters(self) -> None:
         reg = self.registry
-        self.requests = Counter("mlxrouter_requests_total", "Requests answered, by status code (a stream that fails after its 200 "
-                                "counts under its error's status).",
+        self.requests = Counter("mlxrouter_requests_total",
+                                "Requests answered, by status code (a stream that fails after "
+                                "its 200 counts under its error's status).",
                                 ["model", "endpoint", "status"], registry=reg)
         self.rejections = Counter("mlxrouter_rejections_total",
                                   "Requests refused before generation, by error code.",

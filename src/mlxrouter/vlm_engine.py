@@ -38,8 +38,8 @@ from mlx_vlm.utils import prepare_inputs, should_add_special_tokens
 from . import protocol
 from .chat import StopText
 from .config import ModelSpec
-from .engine import (Emit, FaultPlan, _max_context, convert_weights, fit_max_tokens,
-                     half_copies, is_allocation_failure, make_sampler)
+from .engine import (Emit, FaultPlan, _max_context, check_logit_bias, convert_weights,
+                     fit_max_tokens, half_copies, is_allocation_failure, make_sampler)
 from .errors import InvalidRequest, RouterError
 from .media import decode_all
 
@@ -272,10 +272,7 @@ class VisionEngine:
         return inputs, len(images)
 
     def _processors(self, p: protocol.SamplingParams, max_tokens: int) -> list:
-        bad = [t for t in p.logit_bias if t >= self.vocab_size]
-        if bad:
-            raise InvalidRequest(f"logit_bias token ids {bad} are outside the vocabulary "
-                                 f"({self.vocab_size} tokens)", param="logit_bias")
+        check_logit_bias(p.logit_bias, self.vocab_size)
         return make_logits_processors(
             logit_bias=p.logit_bias or None,
             repetition_penalty=p.repetition_penalty if p.repetition_penalty != 1.0 else None,

@@ -400,6 +400,11 @@ def test_logit_bias_forces_a_token(daemon, tokenizer):
     bad = daemon.http.post("/v1/chat/completions", json={
         "model": "tiny", "messages": MESSAGES, "logit_bias": {"999999": 5}})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "logit_bias"
+    many = daemon.http.post("/v1/chat/completions", json={
+        "model": "tiny", "messages": MESSAGES,
+        "logit_bias": {str(t): 1 for t in range(10**6, 10**6 + 50_000)}})
+    assert many.status_code == 400  # the error names a few, not all 50,000
+    assert "and 49992 more" in many.json()["error"]["message"] and len(many.content) < 1000
 
 
 def test_penalties_change_what_is_generated(daemon, tokenizer):

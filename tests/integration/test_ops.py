@@ -161,6 +161,33 @@ def test_models_with_dots_in_their_ids_keep_their_own_logs(start_daemon, tiny_mo
     assert not (daemon.log_dir / "worker-m-2.log").exists()
 
 
+def test_a_stalled_or_abandoned_request_body_is_ended_quietly(start_daemon):
+    """Headers, then a body that stops: a 408 after request_body_timeout_s, the connection
+    closed (each held a file descriptor for ever). A client that leaves mid-body: a 499 in
+    the log and metrics, not an unhandled error with two tracebacks."""
+    import socket
+
+    daemon = start_daemon(server={"request_body_timeout_s": 1.0})
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"model\":")
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
+        sock.sendall(head)
+        started = time.monotonic()
+        reply = b""
+        while chunk := sock.recv(65536):  # until the server closes the connection
+            reply += chunk
+        assert time.monotonic() - started < 5
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert b'"code":"request_timeout"' in reply.replace(b" ", b"")
+    with socket.create_connection(("127.0.0.1", daemon.port)) as sock:
+        sock.sendall(head)
+        time.sleep(0.3)
+    wait_for(lambda: 'status="499"' in daemon.http.get("/metrics").text, 5, "the 499")
+    assert chat(daemon) == 200
+    log = (daemon.log_dir / "daemon.log").read_text()
+    assert "unhandled error" not in log and "Traceback" not in log
+
+
 def test_ctl_shutdown_and_unreachable_daemon(start_daemon):
     daemon = start_daemon()
     assert ctl(daemon, "shutdown").returncode == 0
