@@ -24,6 +24,7 @@ import math
 import struct
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -212,6 +213,18 @@ def capabilities(path: Path, config: dict) -> tuple[str, ...]:
     if "<think>" in template or "enable_thinking" in template or _has_think_tokens(path):
         caps.append("reasoning")
     return tuple(caps)
+
+
+def configured_capabilities(found: tuple[str, ...], spec: Any) -> list[str]:
+    """A model's capabilities as it is served: what its files say, with its settings applied
+    (`supports_vision` forces vision on or off; tools off with `supports_tools = false` or
+    `enable_function_calling = false`)."""
+    caps = [c for c in found if c != "vision" or spec.supports_vision is not False]
+    if spec.supports_vision and "vision" not in caps:
+        caps.insert(1, "vision")
+    if spec.supports_tools is False or spec.enable_function_calling is False:
+        caps = [c for c in caps if c != "tools"]
+    return caps
 
 
 def _safetensors_parameters(files: list[Path], bits: int | None) -> int | None:

@@ -28,6 +28,7 @@ from . import protocol
 from .access import AccessMiddleware, request_id
 from .admin import admin_routes
 from .calls import Group, token_cap
+from .discovery import configured_capabilities
 from .docs_pages import docs_routes
 from .config import ModelSpec
 from .errors import (BodyTimeout, BodyTooLarge, ClientGone, InvalidRequest, MethodNotAllowed,
@@ -236,16 +237,19 @@ def _model_object(state: AppState, model_id: str) -> ModelObject:
     st = state.supervisor.state_of(model_id)
     owner = model_id.split("/", 1)[0] if "/" in model_id else "mlxrouter"
     info = state.supervisor.catalog.info(model_id)
-    estimate = None
+    estimate, spec = None, None
     if info is not None and info.usable:
         try:
-            estimate = state.supervisor.need_bytes(state.supervisor.spec(model_id))
+            spec = state.supervisor.spec(model_id)
+            estimate = state.supervisor.need_bytes(spec)
         except RouterError:
             estimate = None
     extra = {} if info is None or not info.usable else dict(
         source=info.source, architecture=info.architecture, quantization=info.quantization,
         parameters=info.parameters, weights_bytes=info.weights_bytes,
-        context_length=info.context_length, capabilities=list(info.capabilities))
+        context_length=info.context_length,
+        capabilities=(configured_capabilities(info.capabilities, spec) if spec is not None
+                      else list(info.capabilities)))
     return ModelObject(id=model_id, created=int(state.started_at), owned_by=owner,
                        loaded=st.value == "RUNNING", state=st.value,
                        path=_model_path(state, model_id),

@@ -400,6 +400,15 @@ def list_rows(config, states: dict[str, str] | None = None) -> list[dict]:
             found[model_id] = info
     rows = []
     for model in sorted(found.values(), key=lambda m: m.id):
+        from .config import ConfigError
+
+        caps = list(model.capabilities)
+        if model.usable:
+            try:
+                caps = discovery.configured_capabilities(
+                    model.capabilities, config.spec_for(model.id, model.path))
+            except ConfigError:
+                pass
         rows.append({
             "id": model.id, "path": model.path, "source": model.source,
             "usable": model.usable, "reason": model.reason,
@@ -408,7 +417,7 @@ def list_rows(config, states: dict[str, str] | None = None) -> list[dict]:
             "estimated_memory_bytes": (budgeted_bytes(config, model.id, model.path)
                                        if model.usable else None),
             "context_length": model.context_length,
-            "capabilities": list(model.capabilities), "vision": model.vision,
+            "capabilities": caps, "vision": "vision" in caps,
             "state": (states or {}).get(model.id, "STOPPED" if states is not None else None),
         })
     return rows

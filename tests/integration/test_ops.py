@@ -188,6 +188,23 @@ def test_a_stalled_or_abandoned_request_body_is_ended_quietly(start_daemon):
     assert "unhandled error" not in log and "Traceback" not in log
 
 
+def test_capabilities_follow_the_models_settings(start_daemon, tiny_model):
+    """/v1/models and `models list` say what is served: supports_vision forces vision on or
+    off, and tools are off with supports_tools = false."""
+    from mlxrouter.config import load_config
+    from mlxrouter.library import list_rows
+
+    daemon = start_daemon({"as-vision": {"path": str(tiny_model), "supports_vision": True},
+                           "no-tools": {"path": str(tiny_model), "supports_tools": False}})
+    served = {m["id"]: m["capabilities"] for m in daemon.http.get("/v1/models").json()["data"]}
+    assert served["as-vision"] == ["text", "vision", "tools", "reasoning"]
+    assert served["no-tools"] == ["text", "reasoning"]
+    listed = {r["id"]: r for r in list_rows(load_config(daemon.root / "supervisor.toml"))}
+    assert listed["as-vision"]["capabilities"] == served["as-vision"]
+    assert listed["as-vision"]["vision"] is True
+    assert listed["no-tools"]["capabilities"] == served["no-tools"]
+
+
 def test_ctl_shutdown_and_unreachable_daemon(start_daemon):
     daemon = start_daemon()
     assert ctl(daemon, "shutdown").returncode == 0
