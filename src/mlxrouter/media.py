@@ -43,9 +43,12 @@ class Budget:
     """The request-wide totals (images + PDF pages, and their pixels as decoded or rendered),
     charged before each decode or render so that a request over them costs no decoding."""
 
-    def __init__(self, max_images: int = 0, max_pixels: int = 0) -> None:
+    def __init__(self, max_images: int = 0, max_pixels: int = 0, shared_by: int = 1) -> None:
         self.max_images = max_images
         self.max_pixels = max_pixels
+        # (the limits are one choice's share of the request's: say so, or "16" reads wrong
+        # against a configured 32)
+        self.share = f", this choice's share of n={shared_by}" if shared_by > 1 else ""
         self.images = 0
         self.pixels = 0
 
@@ -55,13 +58,13 @@ class Budget:
         if self.max_images and self.images + images > self.max_images:
             raise InvalidRequest(
                 f"{where}{what} would bring the request to {self.images + images} images "
-                f"and PDF pages, more than max_request_images ({self.max_images})",
+                f"and PDF pages, more than max_request_images ({self.max_images}{self.share})",
                 param=param or None)
         if self.max_pixels and self.pixels + pixels > self.max_pixels:
             raise InvalidRequest(
                 f"{where}{what} would bring the request to {self.pixels + pixels} pixels "
                 f"(images and rendered PDF pages together), more than max_request_pixels "
-                f"({self.max_pixels})", param=param or None)
+                f"({self.max_pixels}{self.share})", param=param or None)
         self.images += images
         self.pixels += pixels
 
@@ -168,7 +171,8 @@ def decode_here(media: list[protocol.Media]) -> list[list[Any]]:
     """Every medium's RGB images (a PDF gives one per page), in order, under one Budget."""
     if not media:
         return []
-    budget = Budget(media[0].request_max_images, media[0].request_max_pixels)
+    budget = Budget(media[0].request_max_images, media[0].request_max_pixels,
+                    media[0].shared_by)
     return [render_pdf(m, label_of(m, i), budget) if m.kind == "pdf"
             else [decode_image(m, label_of(m, i), budget)] for i, m in enumerate(media)]
 

@@ -89,6 +89,7 @@ class Media(msgspec.Struct, omit_defaults=True):
     # The whole request's images + PDF pages, and their pixels as rendered; 0 = no limit.
     request_max_images: int = 0
     request_max_pixels: int = 0
+    shared_by: int = 1  # n choices decode the same media: each gets 1/n of the request limits
     # The whole request's decoding and rendering, in a child process killed after it; 0 = none.
     decode_timeout_s: float = 0.0
 

@@ -190,7 +190,7 @@ async def collect_media(server: ServerConfig, spec: ModelSpec, messages: list[An
         out.append(protocol.Media(
             kind=media.kind, data=media.data, max_pixels=media.max_pixels,
             max_pages=media.max_pages, dpi=media.dpi, param=where,
-            request_max_images=max_images, request_max_pixels=max_pixels,
+            request_max_images=max_images, request_max_pixels=max_pixels, shared_by=copies,
             decode_timeout_s=server.media_decode_timeout_s))
     return out
 

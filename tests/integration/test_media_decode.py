@@ -37,6 +37,11 @@ def test_pages_over_the_request_budget_are_refused_before_any_render(monkeypatch
     with pytest.raises(InvalidRequest, match="max_request_pixels") as caught:
         media.decode_here([two_pages])
     assert caught.value.param == "messages[0].content[1]"
+    # one of n choices: the limit it names is its share, and it says so
+    shared = pdf_media(make_pdf(3), request_max_images=2, shared_by=2)
+    with pytest.raises(InvalidRequest, match=r"max_request_images \(2, this choice's share "
+                                             r"of n=2\)"):
+        media.decode_here([shared])
 
 
 def test_decode_all_returns_every_page_and_image_in_order() -> None:
