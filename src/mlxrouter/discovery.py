@@ -123,6 +123,23 @@ def _weight_files(path: Path) -> tuple[list[Path], str]:
     return [], "no .safetensors weights (incomplete download or not an MLX model)"
 
 
+def _config_problem(path: Path) -> str:
+    """Why a model's config.json cannot be loaded (both mlx-lm and mlx-vlm need a JSON object
+    with a model_type), else ''."""
+    raw = _read_bytes(path)
+    if raw is None:
+        return "config.json is unreadable or too large"
+    try:
+        config = json.loads(raw)
+    except ValueError:
+        return "config.json is not valid JSON (a truncated or damaged file?)"
+    if not isinstance(config, dict):
+        return "config.json is not a JSON object"
+    if not isinstance(config.get("model_type"), str) or not config["model_type"]:
+        return "config.json has no model_type"
+    return ""
+
+
 def check_model_dir(path: Path, roots: tuple[Path, ...] = ()) -> str:
     """Empty string when `path` looks like a loadable MLX model dir, else why not.
     With `roots`, the dir and its files must resolve inside one of them."""
@@ -137,6 +154,9 @@ def check_model_dir(path: Path, roots: tuple[Path, ...] = ()) -> str:
         return reason
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         return "no tokenizer"
+    config_problem = _config_problem(path / "config.json")
+    if config_problem:
+        return config_problem
     metadata = [path / n for n in (*TOKENIZER_FILES, *TEMPLATE_FILES, "added_tokens.json")
                 if (path / n).exists()]
     if roots and not all(_inside(f, roots) for f in [path / "config.json", *files, *metadata]):

@@ -173,8 +173,8 @@ def test_scan_survives_broken_entries(tmp_path: Path, caplog: pytest.LogCaptureF
     with caplog.at_level(logging.WARNING):
         found = scan(root)
     assert found["good"].usable
-    assert found["bad-config"].usable  # a broken config.json is the loader's business
-    assert found["bad-config"].vision is False
+    assert not found["bad-config"].usable  # listed with why, not offered to load and fail
+    assert "not valid JSON" in found["bad-config"].reason
     assert not found["org/snapfile"].usable
     assert "dangling" not in found and "loop" not in found
 
@@ -609,3 +609,24 @@ def test_a_tokenizer_linked_from_outside_the_roots_makes_the_model_unusable(
     found = scan(root)
     assert not found["m"].usable
     assert "outside the configured model roots" in found["m"].reason
+
+
+def test_a_damaged_config_json_makes_the_model_unusable_with_the_reason(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    make_model(root / "good")
+    truncated = make_model(root / "truncated")
+    (truncated / "config.json").write_text('{"model_type": "llama", "hidden_si')
+    make_model(root / "list", config=None)
+    (root / "list" / "config.json").write_text("[1, 2]")
+    make_model(root / "typeless", config={"hidden_size": 8})
+
+    found = scan(root)
+
+    assert found["good"].usable
+    assert not found["truncated"].usable
+    assert found["truncated"].reason == (
+        "config.json is not valid JSON (a truncated or damaged file?)")
+    assert (found["list"].usable, found["list"].reason) == (
+        False, "config.json is not a JSON object")
+    assert (found["typeless"].usable, found["typeless"].reason) == (
+        False, "config.json has no model_type")
