@@ -51,6 +51,13 @@ Emit = Callable[[protocol.Message], None]
 FORCEABLE_FORMATS = frozenset({"hermes", "phi4", "llama3_json"})
 
 
+# Below these a temperature's inverse times a log probability overflows float32, and a top_p
+# is 0 in float32 (every token dropped, the sample drawn from garbage): the limit of both
+# towards 0 is the most likely token, which is what these give.
+MIN_TEMPERATURE = 1e-20
+MIN_TOP_P = 1e-30
+
+
 def make_sampler(params: protocol.SamplingParams) -> Callable[[mx.array], mx.array]:
     """mlx-lm's filters with a per-request random key, so seeded requests stay in the batch.
 
@@ -58,13 +65,15 @@ def make_sampler(params: protocol.SamplingParams) -> Callable[[mx.array], mx.arr
     reproducible whatever else shares the batch. Greedy requests share mlx-lm's one
     `greedy_sampler`, which lets the batch sample them in one call.
     """
-    if params.temperature == 0:
+    if params.temperature < MIN_TEMPERATURE:  # 0, or so close that 1/t overflows the logits
         return greedy_sampler
     seed = params.seed if params.seed is not None else secrets.randbits(63)
     key = mx.random.key(seed % 2**63)  # OpenAI seeds may be negative; MLX keys may not
     filters = []
     if 0 < params.top_p < 1.0:
-        filters.append(lambda x: apply_top_p(x, params.top_p))
+        # a top_p that is 0 in float32 would drop every token: the smallest keeps the top one
+        top_p = max(params.top_p, MIN_TOP_P)
+        filters.append(lambda x: apply_top_p(x, top_p))
     if params.min_p > 0:
         filters.append(lambda x: apply_min_p(x, params.min_p))
     if params.top_k > 0:

@@ -154,6 +154,23 @@ def test_seed_makes_sampling_reproducible(daemon):
     assert len({sample(s) for s in range(4)}) > 1
 
 
+def test_a_vanishing_temperature_or_top_p_answers_like_greedy(daemon):
+    """1/temperature overflows float32 below ~3e-39 and top_p is 0 in float32 below ~1e-45:
+    both sampled from garbage (all logits inf, or every token dropped)."""
+    client = daemon.openai()
+
+    def answer(**sampling) -> str:
+        return client.chat.completions.create(
+            model="tiny", messages=MESSAGES, max_tokens=12, seed=7, **sampling,
+        ).choices[0].message.content
+
+    greedy = answer(temperature=0)
+    assert answer(temperature=1e-39) == greedy
+    assert answer(temperature=1e-300) == greedy
+    assert answer(temperature=1.0, top_p=1e-46) == greedy
+    assert answer(temperature=1.0, top_p=1e-300) == greedy
+
+
 def test_max_completion_tokens_is_honoured(daemon):
     resp = daemon.openai().chat.completions.create(
         model="tiny", messages=MESSAGES, max_completion_tokens=3)
