@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -768,6 +769,8 @@ class TextEngine:
             mx.eval(ids, values)
             pairs = sorted(zip(values.tolist(), ids.tolist()), reverse=True)
             for v, i in pairs:
+                if v == -math.inf:  # masked out (a grammar, a -inf bias): not an alternative
+                    continue
                 alt_text, alt_raw = self._token_text(i)
                 alternatives.append(protocol.TopLogprob(alt_text, v, alt_raw))
         return protocol.TokenLogprob(text, logprobs[token].item(), alternatives,

@@ -541,10 +541,25 @@ def _utf8(token: str) -> list[int]:
     return list(token.encode("utf-8", "surrogatepass"))
 
 
+def spelling(text: str, raw: bytes) -> str:
+    """How a token is named in logprobs: its own bytes as text, the same for a token chosen
+    and the same token among the alternatives; bytes that are not whole UTF-8 characters (a
+    piece of an emoji) as OpenAI writes them, `bytes:\\xf0\\x9f`, so that no two tokens share a
+    name. `text` (what the token added to the output) where the bytes are not known."""
+    if not raw:
+        return text
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
 def chat_logprobs(entries) -> ChoiceLogprobs:
     return ChoiceLogprobs([
-        TokenLogprob(e.token, e.logprob, list(e.raw) if e.raw else _utf8(e.token),
-                     [TopLogprob(t.token, t.logprob, list(t.raw) if t.raw else _utf8(t.token))
+        TokenLogprob(spelling(e.token, e.raw), e.logprob,
+                     list(e.raw) if e.raw else _utf8(e.token),
+                     [TopLogprob(spelling(t.token, t.raw), t.logprob,
+                                 list(t.raw) if t.raw else _utf8(t.token))
                       for t in e.top])
         for e in entries])
 
@@ -608,9 +623,9 @@ class TextShape:
             return None
         out = TextLogprobs([], [], [], [])
         for e in entries:
-            out.tokens.append(e.token)
+            out.tokens.append(spelling(e.token, e.raw))
             out.token_logprobs.append(e.logprob)
-            out.top_logprobs.append({t.token: t.logprob for t in e.top})
+            out.top_logprobs.append({spelling(t.token, t.raw): t.logprob for t in e.top})
             out.text_offset.append(self._offset.get(index, 0))
             self._offset[index] = self._offset.get(index, 0) + len(e.token)
         return out

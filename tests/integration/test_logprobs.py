@@ -55,8 +55,9 @@ def test_streamed_chat_logprobs_equal_the_non_streamed(daemon):
 
 def test_a_stop_string_takes_its_tokens_logprobs_with_it(start_daemon, tiny_model):
     """The tokens that only made the stop string (never shown) have no logprobs; a token
-    that shows in part keeps its entry. Forced tokens: "the", " the", " the", each streamed
-    on its own (the delay)."""
+    that shows in part keeps its entry. Forced tokens: " the" three times (the content's
+    first space is trimmed, the token keeps its own spelling, as its bytes), each streamed on
+    its own (the delay)."""
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     daemon = start_daemon({"tiny": {"path": str(tiny_model),
@@ -65,8 +66,8 @@ def test_a_stop_string_takes_its_tokens_logprobs_with_it(start_daemon, tiny_mode
     client = daemon.openai()
     kwargs = dict(model="tiny", messages=ASK, max_tokens=3, temperature=0, logprobs=True,
                   logit_bias={str(the): 100})
-    for stop, content, tokens in [("e t", "th", ["the"]), (" the the", "the", ["the"]),
-                                  ("the", "", []), ("xyz", "the the the", ["the", " the", " the"])]:
+    for stop, content, tokens in [("e t", "th", [" the"]), (" the the", "the", [" the"]),
+                                  ("the", "", []), ("xyz", "the the the", [" the"] * 3)]:
         whole = client.chat.completions.create(stop=stop, **kwargs).choices[0]
         assert whole.message.content == content, stop
         assert [e.token for e in whole.logprobs.content] == tokens, stop
@@ -99,15 +100,50 @@ def test_completions_logprobs_with_echo_is_a_400(daemon):
 
 
 def test_a_byte_token_reports_its_own_byte(daemon, tiny_model):
-    """A byte-level BPE token holding half a UTF-8 character: its bytes are that byte, and the
-    tokens still join to the text."""
+    """A byte-level BPE token holding half a UTF-8 character: its bytes are that byte, it is
+    named as OpenAI names such tokens (`bytes:\\xc3`), the same as among the alternatives,
+    and the bytes join to the text."""
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     tok = load_tokenizer(tiny_model)
     half = tok._tokenizer.convert_tokens_to_ids("Ã")  # byte 0xC3, the first of "é" and others
     resp = daemon.openai().chat.completions.create(
         model="tiny", messages=ASK, max_tokens=3, temperature=0, logprobs=True,
-        logit_bias={str(half): 100})
+        logit_bias={str(half): 100}, top_logprobs=2)
     entries = resp.choices[0].logprobs.content
     assert entries[0].bytes == [0xC3]
-    assert "".join(e.token for e in entries) == resp.choices[0].message.content
+    assert entries[0].token == "bytes:\\xc3" == entries[0].top_logprobs[0].token
+    joined = b"".join(bytes(e.bytes) for e in entries).decode("utf-8", "replace")
+    assert joined == resp.choices[0].message.content
+
+
+def test_partial_character_alternatives_keep_their_own_names(daemon, tiny_model):
+    """Every alternative that is a piece of a character was named "\\ufffd": in the legacy
+    shape's {token: logprob} they overwrote each other, and the chosen token was not among
+    them. Three such tokens (bytes 0xC3, 0xE2, 0xF0) are pushed to the top here."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    ids = load_tokenizer(tiny_model)._tokenizer.convert_tokens_to_ids(["Ã", "â", "ð"])
+    resp = httpx.post(f"{daemon.base_url}/v1/completions", timeout=60, json={
+        "model": "tiny", "prompt": "one, two,", "max_tokens": 3, "temperature": 0,
+        "logprobs": 5, "logit_bias": {str(ids[0]): 40, str(ids[1]): 39, str(ids[2]): 38}}).json()
+    lp = resp["choices"][0]["logprobs"]
+    assert lp["tokens"] == ["bytes:\\xc3"] * 3
+    for token, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert len(top) == 5  # 5 distinct names: none lost to another
+        assert {"bytes:\\xc3", "bytes:\\xe2", "bytes:\\xf0"} <= set(top)
+        assert top[token] == pytest.approx(value, abs=1e-5)  # greedy: the chosen is there
+
+
+def test_alternatives_a_constraint_rules_out_are_left_out(daemon):
+    """A grammar masks tokens to -inf, which JSON writes as null: they are not alternatives."""
+    resp = httpx.post(f"{daemon.base_url}/v1/chat/completions", timeout=60, json={
+        "model": "tiny", "messages": ASK, "max_tokens": 3, "logprobs": True,
+        "top_logprobs": 5, "response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"const": "x"}}}})
+    assert resp.status_code == 200, resp.text
+    entries = resp.json()["choices"][0]["logprobs"]["content"]
+    assert entries and entries[0]["token"] == '"'
+    for e in entries:
+        assert all(isinstance(t["logprob"], float) for t in e["top_logprobs"]), e
+        assert e["top_logprobs"][0]["token"] == e["token"]
