@@ -69,6 +69,9 @@ class ChatMessage(msgspec.Struct, omit_defaults=True):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    # an assistant's reasoning, as answers give it: templates that keep it in a tool loop
+    # (qwen, gpt-oss) render it
+    reasoning_content: str | None = None
 
 
 class StreamOptions(msgspec.Struct):
@@ -381,6 +384,8 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     media = 0
     for msg in messages:
         d = msgspec.to_builtins(msg)
+        if msg.content is None:  # an assistant's turn with only tool calls: templates
+            d["content"] = ""    # read message['content'] and may add it to a string
         if isinstance(msg.content, list):
             if all(isinstance(p, TextPart) for p in msg.content):
                 d["content"] = "".join(p.text for p in msg.content)

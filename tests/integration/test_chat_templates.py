@@ -92,3 +92,44 @@ def test_an_unknown_template_name_is_a_config_error(tmp_path, bare_model):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     assert "no-such-template" in out.stderr and "chatml" in out.stderr
+
+
+TOOL_TURN = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [{
+        "id": "c1", "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "11C"},
+]
+WEATHER = [{"type": "function", "function": {
+    "name": "get_weather",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+def test_an_assistant_turn_with_null_content_renders(start_daemon, bare_model, tmp_path):
+    """The SDK's tool loop sends the call turn back with content null; a template that adds
+    message['content'] to a string (SmolLM2's) rejected it: "has no attribute 'content'"."""
+    template = tmp_path / "concat.jinja"
+    template.write_text("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + "
+                        "m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+                        "{% if add_generation_prompt %}<|im_start|>assistant\\n{% endif %}")
+    daemon = start_daemon({"concat": {"path": str(bare_model), "chat_template": str(template)}})
+    client = daemon.openai()
+    for messages in (TOOL_TURN, [*TOOL_TURN[:1], {"role": "assistant", "content": None},
+                                 {"role": "user", "content": "and?"}]):
+        resp = client.chat.completions.create(model="concat", messages=messages, max_tokens=1)
+        assert resp.choices[0].finish_reason == "length"
+
+
+def test_reasoning_in_the_history_reaches_templates_that_keep_it(start_daemon, bare_model):
+    """The answers' reasoning_content, sent back in the tool loop, was dropped as an unknown
+    field: the qwen template never saw it."""
+    daemon = start_daemon({"qwen": {"path": str(bare_model), "chat_template": "qwen"}})
+    client = daemon.openai()
+    reasoning = "I will look up the weather in Paris with the tool, then answer briefly."
+    with_it = [TOOL_TURN[0], {**TOOL_TURN[1], "reasoning_content": reasoning}, TOOL_TURN[2]]
+    plain = client.chat.completions.create(model="qwen", messages=TOOL_TURN, tools=WEATHER,
+                                           max_tokens=1).usage.prompt_tokens
+    kept = client.chat.completions.create(model="qwen", messages=with_it, tools=WEATHER,
+                                          max_tokens=1).usage.prompt_tokens
+    assert kept > plain + 10
