@@ -36,6 +36,7 @@ class ConfigError(ValueError):
 Pos = Annotated[int, msgspec.Meta(ge=1)]
 NonNeg = Annotated[int, msgspec.Meta(ge=0)]
 PosFloat = Annotated[float, msgspec.Meta(gt=0)]
+NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -51,8 +52,9 @@ class ServerConfig(_Section):
     request_body_timeout_s: PosFloat = 60.0
     # A streaming response commits 200 and sends keep-alive comments when the worker has not
     # started the request after this long (a model still loading).
-    stream_commit_after_s: float = 2.0
-    keepalive_interval_s: float = 5.0
+    stream_commit_after_s: NonNegFloat = 2.0
+    # at least 0.1 s (0 sent keep-alives in a tight loop, tens of thousands a second)
+    keepalive_interval_s: Annotated[float, msgspec.Meta(ge=0.1)] = 5.0
     # Bearer keys for /v1/* and /metrics (MLXROUTER_API_KEY adds one); empty = no auth.
     api_keys: list[str] = []
     # Guards /admin/*; without it /admin answers loopback clients only (MLXROUTER_ADMIN_KEY).
@@ -109,27 +111,28 @@ class SupervisorConfig(_Section):
     # first use), bit-identical to MLX's one-value-at-a-time ones: prefill ~35% and an
     # 8-stream decode step ~15% faster (docs/performance.md).
     mlx_cpu_kernels: bool = True
-    load_timeout_s: float = 300.0
-    stop_timeout_s: float = 10.0
-    silence_timeout_s: float = 5.0
+    load_timeout_s: PosFloat = 300.0
+    stop_timeout_s: PosFloat = 10.0
+    # workers send Stats every second: less than 2 s kills healthy ones
+    silence_timeout_s: Annotated[float, msgspec.Meta(ge=2)] = 5.0
     # Size-based rotation of daemon.log and worker-<model>.log.
-    log_max_bytes: int = 10 * 1024 * 1024
-    log_backups: int = 3
-    engine_stall_timeout_s: float = 120.0
-    drain_timeout_s: float = 30.0
+    log_max_bytes: Pos = 10 * 1024 * 1024
+    log_backups: NonNeg = 3
+    engine_stall_timeout_s: PosFloat = 120.0
+    drain_timeout_s: NonNegFloat = 30.0
     # Start failures back off 1, 2, 4, 8 ... s (cap 30); after this many retries: FATAL.
-    start_retries: int = 3
+    start_retries: NonNeg = 3
     # Memory budget for all workers together; default 0.8 x min(RAM, cgroup memory.max).
-    memory_budget_gb: float | None = None
+    memory_budget_gb: NonNegFloat | None = None  # 0 = the default
     # At most this many workers at once (the seed's cache_size); 0 = no limit.
-    max_loaded_models: int = 0
+    max_loaded_models: NonNeg = 0
     # A load that cannot fit waits this long for busy workers to go idle, then 503 no_memory.
-    load_wait_timeout_s: float = 60.0
+    load_wait_timeout_s: NonNegFloat = 60.0
     # Pressure levels: high below this much available memory, critical below half of it,
     # moderate below twice it; swap use above these percentages raises the level too.
-    memory_threshold_gb: float = 2.0
-    swap_high_percent: float = 80.0
-    swap_critical_percent: float = 95.0
+    memory_threshold_gb: NonNegFloat = 2.0
+    swap_high_percent: Annotated[float, msgspec.Meta(ge=0, le=100)] = 80.0
+    swap_critical_percent: Annotated[float, msgspec.Meta(ge=0, le=100)] = 95.0
     # Where models are discovered, in order (an id found earlier hides the same id later).
     discovery_sources: list[Literal["model_directory", "hf_cache", "lmstudio"]] = (
         msgspec.field(default_factory=lambda: ["model_directory", "hf_cache", "lmstudio"]))

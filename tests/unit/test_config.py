@@ -864,3 +864,22 @@ def test_ctl_with_a_config_that_does_not_exist_is_a_usage_error(tmp_path: Path,
                               env={**os.environ, **env})
         assert done.returncode == 2, done
         assert f"{missing}: no such config file" in done.stderr
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[server]\nkeepalive_interval_s = 0\n", "keepalive_interval_s"),
+    ("[server]\nstream_commit_after_s = -1\n", "stream_commit_after_s"),
+    ("[supervisor]\nsilence_timeout_s = 0\n", "silence_timeout_s"),
+    ("[supervisor]\nmemory_budget_gb = -5\n", "memory_budget_gb"),
+    ("[supervisor]\nstart_retries = -3\n", "start_retries"),
+    ("[supervisor]\nmax_loaded_models = -1\n", "max_loaded_models"),
+    ("[supervisor]\nswap_high_percent = 150\n", "swap_high_percent"),
+    ("[supervisor]\nload_timeout_s = 0\n", "load_timeout_s"),
+])
+def test_nonsense_numbers_are_config_errors(tmp_path: Path, text: str, key: str) -> None:
+    """keepalive 0 sent tens of thousands of keep-alives a second; a 0 silence timeout killed
+    every worker as it loaded; a negative budget refused every request."""
+    main = write(tmp_path / "supervisor.toml", text)
+    with pytest.raises(ConfigError) as info:
+        load_config(main)
+    assert key in str(info.value)
