@@ -45,7 +45,7 @@ COLD_FIELDS = ("path", "engine", "load_dtype", "compute_nice", "max_running", "m
                "env", "fault", "prompt_cache_bytes", "prompt_cache_size", "chat_template",
                "tool_call_format", "supports_vision", "supports_tools",
                "enable_function_calling", "solo_fast_path", "batch_wait_ms",
-               "half_weights", "prefill_step_size")
+               "half_weights", "prefill_step_size", "reasoning_response")
 MEASURE_INTERVAL_S = 1.0
 # A tick later than its 1 s timer by more than this: the daemon stood still (_forgive_stall).
 STALL_FORGIVEN_S = 0.5
@@ -777,7 +777,33 @@ class Supervisor:
             if cold and slot.worker is not None:
                 log.info("reload: model=%s restarts for %s", model_id, ", ".join(cold))
                 self._begin_stop(slot.worker, "reload", drain=True)
+        self._shrink_to_limits()
         self._wake()
+
+    def _shrink_to_limits(self) -> None:
+        """After a reload lowered memory_budget_gb or max_loaded_models: stop idle workers,
+        least recently used first, until the rest fit. Busy or pinned ones stay (the next
+        load that needs their room waits for them, as always)."""
+        sup = self.config.supervisor
+        live = [s for s in self._slots.values()
+                if s.worker is not None and s.worker.state is not State.STOPPING]
+
+        def over() -> str:
+            if sup.max_loaded_models > 0 and len(live) > sup.max_loaded_models:
+                return "max_loaded_models"
+            if sum(s.worker.cost_bytes for s in live) > self.budget_bytes:
+                return "memory"
+            return ""
+
+        for slot in sorted((s for s in live if self._evictable(s)), key=lambda s: s.last_used):
+            reason = over()
+            if not reason:
+                return
+            log.info("reload: model=%s stops to fit the new %s", slot.spec.id,
+                     "max_loaded_models" if reason == "max_loaded_models" else "memory budget")
+            live.remove(slot)
+            self._begin_stop(slot.worker, "evicted", drain=False)
+            self.on_event("eviction", slot.spec.id, reason)
 
     # ---- views
 

@@ -625,3 +625,34 @@ def test_a_failed_choice_stops_its_siblings(start_daemon, tiny_model):
     wait_for(lambda: daemon.workers()["tiny"]["in_flight"] == 1
              and daemon.workers()["tiny"]["waiting"] == 0, 3, "the sibling to be cancelled")
     busy.join(30)
+
+
+def test_a_reload_that_lowers_max_loaded_models_stops_idle_workers_at_once(start_daemon,
+                                                                           tiny_model):
+    daemon = start_daemon({"a": {"path": str(tiny_model)}, "b": {"path": str(tiny_model)},
+                           "c": {"path": str(tiny_model)}})
+    for model in ["a", "b", "c"]:
+        assert _chat(daemon, model).status_code == 200
+    assert _live_models(daemon) == {"a", "b", "c"}
+    config = daemon.root / "supervisor.toml"
+    config.write_text(config.read_text().replace("[supervisor]\n",
+                                                 "[supervisor]\nmax_loaded_models = 1\n"))
+    daemon.proc.send_signal(signal.SIGHUP)
+    # the least recently used go first; "c" was used last
+    wait_for(lambda: _live_models(daemon) == {"c"}, 10, "a and b to stop")
+    assert daemon.workers()["a"]["state"] == "STOPPED"
+    assert _chat(daemon, "c").status_code == 200
+
+
+def test_a_reload_that_changes_reasoning_response_restarts_the_worker(start_daemon, tiny_model):
+    """The worker applies reasoning_response: a reload said "reloaded" and the old value
+    stayed in force until a restart."""
+    daemon = start_daemon({"tiny": {"path": str(tiny_model)}})
+    assert _chat(daemon, "tiny").status_code == 200
+    pid = daemon.worker_pid("tiny")
+    (daemon.root / "workers" / "model0.toml").write_text(
+        f'id = "tiny"\npath = "{tiny_model}"\nreasoning_response = "disable"\n')
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "restarts for reasoning_response" in daemon.output(), 10, "the restart")
+    assert _chat(daemon, "tiny").status_code == 200
+    assert daemon.worker_pid("tiny") not in (None, pid)
