@@ -174,8 +174,15 @@ class Supervisor:
                 and worker.in_flight < worker.spec.max_running):
             return self._lease(slot, worker)
         if len(slot.waiters) >= spec.max_queue:
-            raise QueueFull(f"model '{spec.id}' has {spec.max_running} requests running and "
-                            f"{len(slot.waiters)} waiting; try again shortly")
+            running = worker.in_flight if worker is not None else 0
+            if worker is None or worker.state is not State.RUNNING:
+                state = "is loading" if worker is not None else "is not loaded"
+                raise QueueFull(f"model '{spec.id}' {state} and its queue is full "
+                                f"({len(slot.waiters)} waiting, max_queue {spec.max_queue}); "
+                                f"try again shortly")
+            raise QueueFull(f"model '{spec.id}' has {running} requests running and "
+                            f"{len(slot.waiters)} waiting (max_queue {spec.max_queue}); "
+                            f"try again shortly")
         waiter = Waiter(deadline)
         slot.waiters.append(waiter)
         self._wake()

@@ -207,6 +207,8 @@ def test_over_max_running_plus_max_queue_is_429(start_daemon, tiny_model):
     resp = _chat(daemon, "tiny")
     assert resp.status_code == 429
     assert resp.json()["error"]["code"] == "queue_full"
+    assert resp.json()["error"]["message"] == (
+        "model 'tiny' has 1 requests running and 1 waiting (max_queue 1); try again shortly")
     assert resp.headers["Retry-After"] == "1"
     list(running)
     thread.join(30)
@@ -656,3 +658,13 @@ def test_a_reload_that_changes_reasoning_response_restarts_the_worker(start_daem
     wait_for(lambda: "restarts for reasoning_response" in daemon.output(), 10, "the restart")
     assert _chat(daemon, "tiny").status_code == 200
     assert daemon.worker_pid("tiny") not in (None, pid)
+
+
+def test_a_zero_queue_refuses_the_load_and_says_so(start_daemon, tiny_model):
+    """It said "has 8 requests running and 0 waiting" of a model not loaded."""
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "max_queue": 0}})
+    resp = _chat(daemon, "tiny")
+    assert resp.status_code == 429
+    assert resp.json()["error"]["message"] == (
+        "model 'tiny' is not loaded and its queue is full (0 waiting, max_queue 0); "
+        "try again shortly")
