@@ -726,7 +726,9 @@ class Supervisor:
             if slot.fatal_reason or (slot.worker is None and slot.failures):
                 raise ModelLoadFailed(f"model '{spec.id}' failed to start: {slot.last_error}")
             if slot.worker is None and not slot.want_start and not slot.waiters:
-                raise NoMemory(f"model '{spec.id}' could not be started: {slot.last_error}")
+                # _plan found it can never fit (a request for it gets the same error)
+                raise InsufficientMemory(
+                    f"model '{spec.id}' could not be started: it {slot.last_error}")
             await asyncio.sleep(0.05)
         raise Timeout(f"model '{spec.id}' did not become ready in {timeout:.0f}s")
 

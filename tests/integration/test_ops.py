@@ -68,6 +68,19 @@ def test_ctl_status_start_stop_restart_pid_and_exit_codes(start_daemon, tiny_mod
     assert ctl(daemon, "start", "nope").returncode == 4
 
 
+def test_ctl_start_of_a_model_over_the_budget_says_insufficient_memory(start_daemon,
+                                                                         tiny_model):
+    """As a request for it does: it was no_memory, the code for a load that waited too long."""
+    daemon = start_daemon({"big": {"path": str(tiny_model), "required_memory_gb": 4.0}},
+                          supervisor={"memory_budget_gb": 1.0})
+    out = ctl(daemon, "start", "big")
+    assert out.returncode == 1
+    assert "insufficient_memory" in out.stdout + out.stderr
+    assert "needs 4.80 GB but the memory budget is 1.00 GB" in out.stdout + out.stderr
+    resp = daemon.http.post("/admin/models/big/start")
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "insufficient_memory"
+
+
 def test_ctl_stop_drains_the_request_in_flight(start_daemon, tiny_model):
     daemon = start_daemon({"tiny": {"path": str(tiny_model), "preload": True,
                                     "fault": {"delay_per_token_s": 0.03}}})
