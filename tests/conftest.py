@@ -16,6 +16,8 @@ import httpx
 import psutil
 import pytest
 
+from mlxrouter.daemon import local_url
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tinymodel import build_tiny_llama  # noqa: E402
@@ -96,7 +98,7 @@ class Daemon:
         self.log_dir = root / "logs"
         info = wait_for(self._lock_info, 30, "the daemon to write its port")
         self.port = info["port"]
-        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.base_url = local_url(info)  # as ctl reaches it (an IPv6 host in brackets)
         self.http = httpx.Client(base_url=self.base_url, timeout=60)
         wait_for(self._healthy, 30, "/health")
 

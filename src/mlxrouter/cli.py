@@ -61,19 +61,18 @@ def _daemon_states(config) -> dict[str, str] | None:
     """Worker states of a running daemon (for the LOADED column), None when none answers."""
     import httpx
 
-    from .daemon import read_lock_info
+    from .daemon import local_url, read_lock_info
 
     info = read_lock_info(config.run_dir)
     if not info.get("port"):
         return None
-    host = info.get("host") or "127.0.0.1"
-    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     headers = ({"Authorization": f"Bearer {config.server.admin_key}"}
                if config.server.admin_key else {})
     try:
-        body = httpx.get(f"http://{host}:{info['port']}/admin/status", headers=headers,
-                         timeout=2).json()
-        return {w["model"]: w["state"] for w in body.get("workers", [])}
+        resp = httpx.get(f"{local_url(info)}/admin/status", headers=headers, timeout=2)
+        if resp.status_code != 200:  # a wrong admin key: states unknown, not all STOPPED
+            return None
+        return {w["model"]: w["state"] for w in resp.json()["workers"]}
     except (httpx.HTTPError, ValueError, KeyError, TypeError):
         return None
 

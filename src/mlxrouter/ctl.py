@@ -52,16 +52,14 @@ class Client:
 def daemon_url(args: argparse.Namespace) -> str:
     if args.url:
         return args.url
-    from .daemon import read_lock_info
+    from .daemon import local_url, read_lock_info
 
     run_dir, _ = control_settings(args.config)
     info = read_lock_info(run_dir)
     if not info.get("port"):
         raise CtlError(f"the daemon is not running (no lock info in {run_dir})",
                        EXIT_UNREACHABLE)
-    host = info.get("host") or "127.0.0.1"
-    host = "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
-    return f"http://{host}:{info['port']}"
+    return local_url(info)
 
 
 def admin_key(args: argparse.Namespace) -> str | None:

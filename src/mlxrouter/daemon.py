@@ -73,6 +73,19 @@ class RunLock:
         os.close(self._fd)
 
 
+def url_host(host: str) -> str:
+    """A bound host as a URL's host: IPv6 addresses in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def local_url(info: dict) -> str:
+    """The base URL a local client reaches the daemon of `info` (read_lock_info) at: a
+    wildcard address by its loopback one, an IPv6 address in brackets."""
+    host = info.get("host") or "127.0.0.1"
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://{url_host(host)}:{info['port']}"
+
+
 def read_lock_info(run_dir: Path) -> dict:
     """The running daemon's pid, boot id, host and port, or {} when no daemon holds the lock:
     a daemon killed with SIGKILL leaves its last info in the file, and the port in it may be
@@ -313,7 +326,7 @@ class Daemon:
         server = asyncio.create_task(
             serve(build_app(state), hconfig, shutdown_trigger=self._http_stop.wait))
         log.info("listening on http://%s:%d (pid %d, boot %s, models in %s)",
-                 config.server.host, port, os.getpid(), supervisor.boot_id,
+                 url_host(config.server.host), port, os.getpid(), supervisor.boot_id,
                  config.model_directory)
         self._preload(config, supervisor, catalog)
         stopper = asyncio.create_task(self.stop_requested.wait())

@@ -4,6 +4,7 @@ logs, log rotation and Prometheus metrics."""
 from __future__ import annotations
 
 import json
+import os
 import queue
 import signal
 import subprocess
@@ -79,6 +80,29 @@ def test_ctl_start_of_a_model_over_the_budget_says_insufficient_memory(start_dae
     assert "needs 4.80 GB but the memory budget is 1.00 GB" in out.stdout + out.stderr
     resp = daemon.http.post("/admin/models/big/start")
     assert resp.status_code == 503 and resp.json()["error"]["code"] == "insufficient_memory"
+
+
+def test_ctl_and_models_list_reach_a_daemon_on_an_ipv6_host(start_daemon, tiny_model):
+    """ctl and models list built http://::1:port and failed with a traceback."""
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "preload": True}},
+                          server={"host": "::1", "admin_key": "adm-1"})
+    assert daemon.base_url.startswith("http://[::1]:")
+    daemon.wait_worker("tiny")
+    status = ctl(daemon, "status", "tiny", key="adm-1")
+    assert status.returncode == 0 and "RUNNING" in status.stdout, status.stderr
+    listed = subprocess.run(
+        [sys.executable, "-m", "mlxrouter", "models", "list", "--json", "--config",
+         str(daemon.root / "supervisor.toml")], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "MLXROUTER_ADMIN_KEY": "adm-1"})
+    assert listed.returncode == 0, listed.stderr
+    assert {m["id"]: m["state"] for m in json.loads(listed.stdout)}["tiny"] == "RUNNING"
+    # a wrong admin key: the states are unknown (null), not every model STOPPED
+    wrong = subprocess.run(
+        [sys.executable, "-m", "mlxrouter", "models", "list", "--json", "--config",
+         str(daemon.root / "supervisor.toml")], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "MLXROUTER_ADMIN_KEY": "wrong"})
+    assert {m["id"]: m["state"] for m in json.loads(wrong.stdout)}["tiny"] is None
+    assert "listening on http://[::1]:" in (daemon.log_dir / "daemon.log").read_text()
 
 
 def test_ctl_stop_drains_the_request_in_flight(start_daemon, tiny_model):
