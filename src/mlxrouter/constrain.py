@@ -15,6 +15,7 @@ layout models see most (Python's json.dumps) and what chat templates render for 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -115,6 +116,35 @@ def grammar_for_tool_call(tools: list[Mapping[str, Any]], choice: str | Mapping[
     return grammar
 
 
+def check_tool_schemas(tools: list[Mapping[str, Any]]) -> None:
+    """Every tool's `parameters` compiled as a forced call would compile it: a broken schema
+    (an unknown type, a remote $ref; with `strict`, a keyword llguidance does not implement)
+    is a 400 naming the tool, whatever tool_choice is, before any worker is involved."""
+    for i, tool in enumerate(_builtins(list(tools)) or []):
+        fn = tool.get("function") if isinstance(tool, Mapping) else None
+        params = fn.get("parameters") if isinstance(fn, Mapping) else None
+        if not isinstance(params, Mapping):
+            continue  # no parameters; other shapes are _functions' (and msgspec's) to refuse
+        param = f"tools[{i}].function.parameters"
+        key = json.dumps([params, fn.get("strict") is True], sort_keys=True, default=str)
+        problem = _schema_problem(key, param)
+        if problem:
+            raise InvalidRequest(f"{param} (function '{fn.get('name')}') {problem}",
+                                 param=param)
+
+
+@functools.lru_cache(maxsize=512)
+def _schema_problem(key: str, param: str) -> str:
+    """Why a tool's schema (key: its JSON and strictness) cannot be compiled, else ''. Cached:
+    agents send the same tools with every request."""
+    schema, strict = json.loads(key)
+    try:
+        _compile_schema(schema, strict=strict, param=param)
+    except InvalidRequest as exc:
+        return exc.message.removeprefix(f"{param} ")  # "is not a valid JSON schema: ..."
+    return ""
+
+
 def _builtins(value: Any) -> Any:
     if isinstance(value, Mapping) or value is None:
         return value
@@ -149,7 +179,7 @@ def _compile_schema(schema: Mapping[str, Any], *, strict: bool, param: str) -> s
 def _validate(grammar: str, param: str, prefix: str) -> None:
     is_error, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(grammar)
     if is_error:
-        detail = "; ".join(messages)[:_MAX_MESSAGE_CHARS]
+        detail = "; ".join(_short(m) for m in messages)[:_MAX_MESSAGE_CHARS]
         raise InvalidRequest(f"{prefix}: {detail}", param=param)
 
 

@@ -201,6 +201,10 @@ async def chat_completions(request: Request) -> Response:
                                   is not False):
         raise InvalidRequest(f"model '{spec.id}' does not support tool calling (it is turned "
                              f"off in its configuration)", param="tools")
+    if tools:
+        from .constrain import check_tool_schemas
+
+        await asyncio.to_thread(check_tool_schemas, tools)
     grammar = await response_grammar(req)
     choice = req.tool_choice if req.tool_choice not in (None, "none") else "auto"
     pressure = state.supervisor.pressure

@@ -212,6 +212,29 @@ def test_inconsistent_tool_requests_are_a_400_naming_the_parameter(daemon, extra
     assert info.value.body["param"] == param
 
 
+@pytest.mark.parametrize("choice", ["auto", "required"])
+@pytest.mark.parametrize("params, problem", [
+    ({"type": "object", "properties": {"a": {"type": "strang"}}}, "strang"),
+    ({"type": "object", "properties": {"a": {"type": "array", "uniqueItems": True}}},
+     "uniqueItems"),
+])
+def test_a_broken_tool_schema_is_a_400_in_the_daemon_whatever_tool_choice(start_daemon,
+                                                                         tiny_model, choice,
+                                                                         params, problem):
+    """It was accepted with tool_choice auto, and with required it loaded the model first to
+    answer a 400 that quoted llguidance's whole grammar."""
+    daemon = start_daemon()
+    bad = {"type": "function", "function": {"name": "f", "strict": True, "parameters": params}}
+    with pytest.raises(openai.BadRequestError) as info:
+        daemon.openai().chat.completions.create(model="tiny", messages=ASK, max_tokens=2,
+                                                tools=[WEATHER, bad], tool_choice=choice)
+    body = info.value.body
+    assert body["param"] == "tools[1].function.parameters"
+    assert problem in body["message"] and "function 'f'" in body["message"]
+    assert "x-guidance" not in body["message"] and len(body["message"]) < 400
+    assert not daemon.worker_processes()  # no worker was started for it
+
+
 def test_forced_choice_on_a_format_the_grammar_cannot_write_is_a_400(start_daemon, tiny_model):
     daemon = start_daemon({"mistral": {"path": str(tiny_model), "tool_call_format": "mistral"}})
     client = daemon.openai()
