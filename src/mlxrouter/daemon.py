@@ -372,8 +372,11 @@ class Daemon:
             error = ShuttingDown(
                 "the server is shutting down and drain_timeout_s "
                 f"({self.config.supervisor.drain_timeout_s:g} s) ran out for this request")
-            broker.fail_all(error)
+            # The waiters first: a failed stream frees its slot at once, which would be
+            # granted to a waiter that then ran past the deadline and was cut off with an
+            # empty 500 by the HTTP server's graceful timeout.
             supervisor.fail_waiting(error)
+            broker.fail_all(error)
 
 
 def _configured_paths(config: Config) -> dict[str, str | None]:

@@ -183,6 +183,38 @@ def test_requests_left_when_the_drain_runs_out_get_a_503_or_an_error_event(start
     assert len(events) > 3 and lines[-1].startswith("data: {\"error\"")  # no [DONE] after it
 
 
+def test_a_request_queued_behind_a_full_batch_gets_the_503_when_the_drain_runs_out(
+        start_daemon, tiny_model):
+    """The streams failed first freed their slots, which went to the queued request: it ran
+    past the deadline and the HTTP server cut it off with an empty 500."""
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "max_running": 1,
+                                    "fault": {"delay_per_token_s": 0.05}}},
+                          supervisor={"drain_timeout_s": 1.0})
+    lines: list[str] = []
+
+    def stream() -> None:
+        with httpx.stream("POST", f"{daemon.base_url}/v1/chat/completions", timeout=60, json={
+                "model": "tiny", "messages": MESSAGES, "max_tokens": 500,
+                "stream": True}) as resp:
+            lines.extend(line for line in resp.iter_lines() if line)
+
+    queued: list[httpx.Response] = []
+    threads = [threading.Thread(target=stream), threading.Thread(target=lambda: queued.append(
+        httpx.post(f"{daemon.base_url}/v1/chat/completions", timeout=60, json={
+            "model": "tiny", "messages": MESSAGES, "max_tokens": 100})))]
+    threads[0].start()
+    wait_for(lambda: sum(line.startswith("data: {") for line in lines) > 3, 30,
+             "a stream generating")
+    threads[1].start()
+    wait_for(lambda: daemon.workers()["tiny"]["waiting"] == 1, 10, "a request queued")
+    daemon.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(timeout=30)
+    assert daemon.proc.wait(30) == 0
+    assert queued[0].status_code == 503, (queued[0].status_code, queued[0].text)
+    assert queued[0].json()["error"]["code"] == "shutting_down"
+
+
 @pytest.mark.parametrize("pdeathsig", [True, False], ids=["pdeathsig", "getppid"])
 def test_workers_exit_by_themselves_when_the_daemon_is_sigkilled(start_daemon, tiny_model,
                                                                  pdeathsig):
