@@ -165,6 +165,8 @@ class Supervisor:
         slot = self._slot(spec)
         if slot.fatal_reason:
             raise ModelUnavailable(f"model '{spec.id}' is unavailable: {slot.fatal_reason}")
+        if slot.worker is None:
+            self._refuse_if_it_never_fits(slot.spec)
         left = slot.backoff_until - time.monotonic()
         if slot.worker is None and left > 0:
             raise ModelLoadFailed(f"model '{spec.id}' failed to start and is backing off: "
@@ -342,9 +344,7 @@ class Supervisor:
             if plan.action == "impossible":
                 slot.last_error = plan.reason
                 log.warning("model=%s cannot start: it %s", slot.spec.id, plan.reason)
-                self._fail_waiters(slot, InsufficientMemory(
-                    f"model '{slot.spec.id}' {plan.reason}; lower its max_context or "
-                    f"max_running, or raise memory_budget_gb"))
+                self._fail_waiters(slot, self._never_fits(slot.spec, plan.reason))
                 slot.want_start = False
                 if self._loading is slot:
                     self._loading = None
@@ -376,6 +376,26 @@ class Supervisor:
             slot.wait_since = None
             self._spawn(slot, need)
             return
+
+    @staticmethod
+    def _never_fits(spec: ModelSpec, reason: str) -> InsufficientMemory:
+        advice = ("lower its required_memory_gb or safety_margin"
+                  if spec.required_memory_gb is not None
+                  else "lower its max_context or max_running")
+        return InsufficientMemory(f"model '{spec.id}' {reason}; {advice}, or raise "
+                                  f"memory_budget_gb")
+
+    def _refuse_if_it_never_fits(self, spec: ModelSpec) -> None:
+        """A model bigger than the whole budget gets its 503 at once, not after queueing
+        (where a full queue answered 429 "try again shortly", and a load in progress
+        delayed the 503 by its length)."""
+        try:
+            need = self._need_bytes(spec)
+        except (OSError, ValueError, TypeError, KeyError):
+            return  # unreadable files: the load says why
+        plan = memory.plan_load(need, self.budget_bytes, 0, [])
+        if plan.action == "impossible":
+            raise self._never_fits(spec, plan.reason)
 
     def _downloadable(self, model_id: str) -> bool:
         return self.config.supervisor.allow_download and library.is_repo_id(model_id)

@@ -83,8 +83,20 @@ def test_model_bigger_than_the_budget_is_a_clear_503(start_daemon, tiny_model):
     err = resp.json()["error"]
     assert err["code"] == "insufficient_memory"
     assert "10.00 GB" in err["message"] and "1.50 GB" in err["message"]
+    assert "lower its required_memory_gb" in err["message"]  # not max_context: no effect here
     assert resp.headers["x-should-retry"] == "false"
     assert daemon.worker_processes() == []
+
+
+def test_a_model_that_never_fits_is_refused_before_it_queues(start_daemon, tiny_model):
+    """Requests queued first: a full queue answered 429 "try again shortly" to a model that
+    can never load."""
+    daemon = start_daemon({"big": {"path": str(tiny_model), "required_memory_gb": 10.0,
+                                   "max_queue": 0}},
+                          supervisor={"memory_budget_gb": 1.5})
+    for _ in range(2):
+        resp = _chat(daemon, "big")
+        assert resp.status_code == 503 and resp.json()["error"]["code"] == "insufficient_memory"
 
 
 def test_pinned_busy_model_makes_the_other_wait_then_503_no_memory(start_daemon, tiny_model):
