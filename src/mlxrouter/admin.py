@@ -8,6 +8,7 @@ state itself.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 
@@ -17,9 +18,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from . import __version__
-from .errors import InvalidRequest, ModelNotFound
+from .errors import InvalidRequest, ModelNotFound, ShuttingDown
 from .runtime import app_state, json_response
 from .states import State, WorkerStatus
+
+log = logging.getLogger(__name__)
 
 LOG_CHUNK_BYTES = 64 * 1024
 
@@ -82,8 +85,15 @@ def _model(request: Request, running: bool = False) -> str:
     return model_id
 
 
+def _not_while_shutting_down(state) -> None:
+    """Workers started now would only be stopped by the shutdown under way."""
+    if state.shutting_down:
+        raise ShuttingDown("the server is shutting down")
+
+
 async def start(request: Request) -> Response:
     state = app_state(request)
+    _not_while_shutting_down(state)
     model_id = _model(request)
     timeout = state.config.supervisor.load_timeout_s + 5
     final = await state.supervisor.start_and_wait(state.supervisor.spec(model_id), timeout)
@@ -103,6 +113,7 @@ async def stop(request: Request) -> Response:
 
 async def restart(request: Request) -> Response:
     state = app_state(request)
+    _not_while_shutting_down(state)
     model_id = _model(request)
     await state.supervisor.stop(model_id, reason="ctl restart")
     timeout = state.config.supervisor.load_timeout_s + 5
@@ -152,6 +163,7 @@ async def reload(request: Request) -> Response:
 async def shutdown(request: Request) -> Response:
     state = app_state(request)
     if state.shutdown is not None:
+        log.info("shutdown asked through the admin API (ctl shutdown): shutting down")
         asyncio.get_running_loop().call_soon(state.shutdown)
     return json_response({"status": "shutting down", "pid": os.getpid()}, 202)
 

@@ -728,27 +728,37 @@ class Supervisor:
 
     def request_start(self, spec: ModelSpec) -> Slot:
         """Start a model without a request (preload, ctl start); clears FATAL and BACKOFF."""
+        if self._closing:
+            raise ShuttingDown("the server is shutting down")
         slot = self._slot(spec)
         if slot.fatal_reason:  # a fresh crash loop, not one more crash, makes it FATAL again
             slot.exits.clear()
         slot.fatal_reason, slot.failures, slot.backoff_until = "", 0, 0.0
-        slot.want_start = slot.worker is None  # already there: nothing to start later
+        # already there: nothing to start later, unless it is on its way out (a ctl stop or a
+        # reload draining it), when it starts again once it has gone
+        slot.want_start = slot.worker is None or slot.worker.state in (State.DRAINING,
+                                                                       State.STOPPING)
         self._wake()
         return slot
 
     async def start_and_wait(self, spec: ModelSpec, timeout: float) -> State:
         """ctl start: load now (clearing FATAL / BACKOFF); raise if the load fails."""
+        self._refuse_if_it_never_fits(spec)
         slot = self.request_start(spec)
         deadline = time.monotonic() + timeout
+        reason = ""  # the last wait reason seen: a timed-out wait clears it as it gives up
         while time.monotonic() < deadline:
-            if slot.state is State.RUNNING:
+            if self._closing:
+                raise ShuttingDown("the server is shutting down")
+            if slot.state is State.RUNNING and not slot.want_start:
                 return State.RUNNING
+            reason = slot.last_error or reason
             if slot.fatal_reason or (slot.worker is None and slot.failures):
                 raise ModelLoadFailed(f"model '{spec.id}' failed to start: {slot.last_error}")
             if slot.worker is None and not slot.want_start and not slot.waiters:
-                # _plan found it can never fit (a request for it gets the same error)
-                raise InsufficientMemory(
-                    f"model '{spec.id}' could not be started: it {slot.last_error}")
+                self._refuse_if_it_never_fits(slot.spec)  # the budget changed meanwhile
+                raise NoMemory(f"model '{spec.id}' could not be started: "
+                               f"{reason or 'its start was called off (ctl stop?)'}")
             await asyncio.sleep(0.05)
         raise Timeout(f"model '{spec.id}' did not become ready in {timeout:.0f}s")
 

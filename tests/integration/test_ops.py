@@ -105,6 +105,45 @@ def test_ctl_and_models_list_reach_a_daemon_on_an_ipv6_host(start_daemon, tiny_m
     assert "listening on http://[::1]:" in (daemon.log_dir / "daemon.log").read_text()
 
 
+def test_ctl_start_while_the_model_drains_starts_it_again(start_daemon, tiny_model):
+    """It failed with "could not be started: " and nothing after the colon, leaving the
+    model STOPPED."""
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "preload": True,
+                                    "fault": {"delay_per_token_s": 0.05}}})
+    old = daemon.wait_worker("tiny")
+    stream = iter(daemon.openai().chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=40, stream=True))
+    next(stream)
+    stopping = threading.Thread(target=ctl, args=(daemon, "stop", "tiny"))
+    stopping.start()
+    wait_for(lambda: daemon.workers()["tiny"]["state"] == "DRAINING", 10, "the drain")
+    started = ctl(daemon, "start", "tiny")
+    assert started.returncode == 0, started.stdout + started.stderr
+    list(stream)
+    stopping.join(30)
+    assert daemon.workers()["tiny"]["state"] == "RUNNING"
+    assert daemon.worker_pid("tiny") not in (None, old)
+
+
+def test_ctl_start_during_a_shutdown_is_refused(start_daemon, tiny_model):
+    """It started workers and said "started (RUNNING)" while the daemon shut down."""
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "preload": True,
+                                    "fault": {"delay_per_token_s": 0.05}},
+                           "other": {"path": str(tiny_model)}},
+                          supervisor={"drain_timeout_s": 20.0})
+    daemon.wait_worker("tiny")
+    stream = iter(daemon.openai().chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=60, stream=True))
+    next(stream)
+    assert ctl(daemon, "shutdown").returncode == 0
+    refused = ctl(daemon, "start", "other")
+    assert refused.returncode == 1
+    assert "shutting_down" in refused.stdout + refused.stderr
+    list(stream)
+    assert daemon.proc.wait(30) == 0
+    assert "shutdown asked through the admin API" in (daemon.log_dir / "daemon.log").read_text()
+
+
 def test_ctl_stop_drains_the_request_in_flight(start_daemon, tiny_model):
     daemon = start_daemon({"tiny": {"path": str(tiny_model), "preload": True,
                                     "fault": {"delay_per_token_s": 0.03}}})
