@@ -71,17 +71,35 @@ def rotate(path: Path, max_bytes: int, backups: int) -> None:
         path.unlink()
 
 
-def last_log_line(*paths: Path, limit: int = 4096) -> str:
+def log_sizes(*paths: Path) -> dict[Path, int]:
+    """The current sizes of log files (0 for a missing one): see last_log_line's `since`."""
+    sizes = {}
+    for p in paths:
+        try:
+            sizes[p] = p.stat().st_size
+        except OSError:
+            sizes[p] = 0
+    return sizes
+
+
+def last_log_line(*paths: Path, limit: int = 4096, since: dict[Path, int] | None = None) -> str:
     """The last non-empty line of the most recently written of a worker's logs: the reason a
-    failed start reports (a logged exception, or a traceback on stderr)."""
-    existing = [p for p in paths if p.exists()]
-    if not existing:
+    failed start reports (a logged exception, or a traceback on stderr). With `since` (sizes
+    from log_sizes when the worker started), only what was written after: the files are the
+    model's, and an earlier worker's last line is no reason for this one's exit. A file
+    smaller than its size then was rotated, and is read from its start."""
+    since = since or {}
+    fresh = [p for p, size in log_sizes(*paths).items() if size != since.get(p, 0)]
+    if not fresh:
         return ""
-    path = max(existing, key=lambda p: p.stat().st_mtime_ns)
     try:
+        path = max(fresh, key=lambda p: p.stat().st_mtime_ns)
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - limit))
+            end = f.tell()
+            start = since.get(path, 0)
+            start = start if start <= end else 0  # rotated meanwhile
+            f.seek(max(start, end - limit))
             lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()]
     except OSError:
         return ""

@@ -9,6 +9,7 @@ import asyncio
 import enum
 import time
 from collections import deque
+from pathlib import Path
 
 import msgspec
 
@@ -56,6 +57,10 @@ class Worker:
         self.ready_msg: protocol.Ready | None = None
         self.stats: protocol.Stats | None = None
         self.stop_reason = ""
+        self.kill_reason = ""  # why the supervisor SIGKILLed it (watchdog), if it did
+        # Sizes of its log files when it was spawned: its own lines come after (the files are
+        # the model's, shared with earlier workers)
+        self.log_offsets: dict[Path, int] = {}
         self.exited = asyncio.get_running_loop().create_future()
 
     def started_now(self) -> None:

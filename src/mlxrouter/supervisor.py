@@ -33,7 +33,8 @@ from .config import Config, ConfigError, ModelSpec, worker_environment
 from .discovery import Catalog, sources_for
 from .errors import (InsufficientMemory, ModelLoadFailed, ModelNotFound, ModelUnavailable,
                      NoMemory, QueueFull, RouterError, ShuttingDown, Timeout, WorkerCrashed)
-from .process import PidFile, last_log_line, reap_stale, rotate, signal_group, spawn
+from .process import (PidFile, last_log_line, log_sizes, reap_stale, rotate, signal_group,
+                      spawn)
 from .states import CRASH_LOOP_EXITS, Slot, State, Waiter, Worker, WorkerStatus, slug
 from .watchdog import check_workers
 
@@ -583,6 +584,7 @@ class Supervisor:
             log_file, stderr_file = self.log_paths(worker.spec.id)
             rotate(stderr_file, self.config.supervisor.log_max_bytes,
                    self.config.supervisor.log_backups)
+            worker.log_offsets = log_sizes(log_file, stderr_file)
             worker.proc = await spawn(self._argv(worker), log_path=stderr_file, env=env,
                                       cwd=self.config.run_dir)
             worker.started_now()  # its silence and its load count from here, not the build
@@ -594,7 +596,9 @@ class Supervisor:
             signal_group(worker.pid, signal.SIGTERM)
         code = await worker.proc.wait()
         pidfile.remove()
-        self._on_exit(slot, worker, code, last_log_line(*self.log_paths(worker.spec.id)))
+        reason = (f"killed by the supervisor: {worker.kill_reason}" if worker.kill_reason
+                  else last_log_line(*self.log_paths(worker.spec.id), since=worker.log_offsets))
+        self._on_exit(slot, worker, code, reason)
 
     def _on_exit(self, slot: Slot, worker: Worker, code: int | None, last_line: str) -> None:
         now = time.monotonic()
@@ -674,6 +678,7 @@ class Supervisor:
 
     def kill(self, worker: Worker, why: str) -> None:
         log.warning("killing worker model=%s pid=%s: %s", worker.spec.id, worker.pid, why)
+        worker.kill_reason = worker.kill_reason or why
         signal_group(worker.pid, signal.SIGKILL)
 
     # ---- messages from workers (via the broker)

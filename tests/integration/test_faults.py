@@ -337,3 +337,38 @@ def test_a_kernel_rebuild_at_a_worker_start_does_not_stall_the_daemon(start_daem
     assert len(answered) >= 2 and max(answered) < 1.5, answered
     assert daemon.worker_pid("tiny") == pid
     assert "silent for" not in daemon.output()
+
+
+def test_a_worker_lost_while_loading_reports_its_own_reason_not_an_earlier_workers_line(
+        start_daemon, tiny_model):
+    """The reason came from the model's log file, shared by every worker of the model: a
+    worker killed while loading showed the previous worker's last line ("request ended
+    ..."), and a watchdog kill never said it was one."""
+    daemon = start_daemon({"tiny": {"path": str(tiny_model)}},
+                          supervisor={"load_timeout_s": 8.0, "start_retries": 5})
+    assert daemon.http.post("/v1/chat/completions", json={
+        "model": "tiny", "messages": MESSAGES, "max_tokens": 2}).status_code == 200
+    (daemon.root / "workers" / "model0.toml").write_text(
+        f'id = "tiny"\npath = "{tiny_model}"\nfault = {{ load_delay_s = 60 }}\n')
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: daemon.workers()["tiny"]["state"] == "STOPPED", 15, "the old worker")
+
+    def load_fails() -> dict:
+        return daemon.http.post("/v1/chat/completions", timeout=60, json={
+            "model": "tiny", "messages": MESSAGES, "max_tokens": 2}).json()["error"]
+
+    # killed from outside while loading
+    result: list[dict] = []
+    thread = threading.Thread(target=lambda: result.append(load_fails()))
+    thread.start()
+    pid = wait_for(lambda: daemon.worker_pid("tiny", state="STARTING"), 15, "a loading worker")
+    time.sleep(1.0)
+    os.kill(pid, signal.SIGKILL)
+    thread.join(30)
+    assert "signal 9 while loading" in result[0]["message"], result[0]
+    assert "request ended" not in result[0]["message"]
+    # killed by the watchdog (load_timeout_s), after the backoff
+    wait_for(lambda: daemon.workers()["tiny"]["state"] != "BACKOFF", 15, "the backoff")
+    error = load_fails()
+    assert "killed by the supervisor: not ready after 8s" in error["message"], error
+    assert "request ended" not in error["message"]
