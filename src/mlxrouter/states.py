@@ -81,6 +81,7 @@ class Worker:
 class Waiter:
     def __init__(self, deadline: float) -> None:
         self.deadline = deadline
+        self.since = time.monotonic()  # loads are planned in the order requests came
         self.future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
 
 

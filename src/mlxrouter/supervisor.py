@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import os
 import secrets
 import signal
@@ -331,7 +332,10 @@ class Supervisor:
         if self._loading is not None:
             candidates = [self._loading]
         else:
-            candidates = [s for s in self._slots.values() if self._needs_start(s)]
+            # FIFO: the model whose oldest request has waited longest first; starts no request
+            # waits for (ctl start, preload, a retry) after them
+            candidates = sorted((s for s in self._slots.values() if self._needs_start(s)),
+                                key=lambda s: s.waiters[0].since if s.waiters else math.inf)
         for slot in candidates:
             need = self._need_bytes(slot.spec)
             residents = [memory.Resident(s.spec.id, s.worker.cost_bytes,

@@ -680,3 +680,30 @@ def test_a_zero_queue_refuses_the_load_and_says_so(start_daemon, tiny_model):
     assert resp.json()["error"]["message"] == (
         "model 'tiny' is not loaded and its queue is full (0 waiting, max_queue 0); "
         "try again shortly")
+
+
+def test_loads_start_in_the_order_their_requests_came(start_daemon, tiny_model):
+    """Models waiting for room were planned in the order the daemon first saw them, not the
+    order their requests came."""
+    daemon = start_daemon({"a": {"path": str(tiny_model)}, "d": {"path": str(tiny_model)},
+                           "b": {"path": str(tiny_model), "fault": {"delay_per_token_s": 0.1}}},
+                          supervisor={"max_loaded_models": 1})
+    assert _chat(daemon, "a").status_code == 200  # "a" is known first
+    stream = iter(daemon.openai().chat.completions.create(
+        model="b", messages=MESSAGES, max_tokens=30, stream=True))
+    next(stream)
+    results: dict[str, int] = {}
+    threads = []
+    for model in ("d", "a"):  # "d" asks first
+        t = threading.Thread(target=lambda m=model: results.update({m: _chat(daemon, m)
+                                                                    .status_code}))
+        t.start()
+        threads.append(t)
+        wait_for(lambda m=model: daemon.workers().get(m, {}).get("waiting") == 1, 10,
+                 f"{model} waiting")
+    list(stream)
+    for t in threads:
+        t.join(60)
+    assert results == {"d": 200, "a": 200}
+    log = (daemon.log_dir / "daemon.log").read_text()
+    assert log.rindex("starting worker model=d ") < log.rindex("starting worker model=a ")
