@@ -242,6 +242,20 @@ def configured_capabilities(found: tuple[str, ...], spec: Any) -> list[str]:
     caps = [c for c in found if c != "vision" or spec.supports_vision is not False]
     if spec.supports_vision and "vision" not in caps:
         caps.insert(1, "vision")
+    template = getattr(spec, "chat_template", None)
+    if template:  # a configured template replaces the model's own (templates.py)
+        from .templates import TOOL_FORMAT
+
+        if template in TOOL_FORMAT:
+            renders_tools = True  # every named template renders tools
+        else:
+            raw = _read_bytes(Path(template).expanduser())
+            renders_tools = raw is not None and b"tools" in raw
+        caps = [c for c in caps if c != "tools"]
+        if renders_tools:
+            caps.insert(len([c for c in caps if c in ("text", "vision")]), "tools")
+    if getattr(spec, "tool_call_format", None) and "tools" not in caps:
+        caps.insert(len([c for c in caps if c in ("text", "vision")]), "tools")
     if spec.supports_tools is False or spec.enable_function_calling is False:
         caps = [c for c in caps if c != "tools"]
     return caps

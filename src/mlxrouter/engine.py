@@ -482,9 +482,10 @@ class TextEngine:
 
     def _admit(self, req: protocol.Request, received_at: float) -> None:
         if req.tools and not self.tools_enabled:
-            raise InvalidRequest(f"model '{self.spec.id}' does not support tool calling (its "
-                                 f"chat template renders no tools and no tool_call_format is "
-                                 f"configured)", param="tools")
+            raise InvalidRequest(f"model '{self.spec.id}' does not support tool calling (no "
+                                 f"tool-call format was recognised from its chat template "
+                                 f"and tokenizer, and no tool_call_format is configured)",
+                                 param="tools")
         if req.messages is not None:
             prompt = render_chat(self.tokenizer, req.messages, tools=req.tools,
                                  template=self.chat_template, extra=req.template_kwargs)

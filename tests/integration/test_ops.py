@@ -281,6 +281,36 @@ def test_capabilities_follow_the_models_settings(start_daemon, tiny_model):
     assert listed["no-tools"]["capabilities"] == served["no-tools"]
 
 
+def test_capabilities_follow_a_configured_chat_template_or_call_format(start_daemon,
+                                                                        tiny_model, tmp_path):
+    """A model without tools in its own template that is served with a named template or a
+    tool_call_format takes tools: /v1/models said it did not."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model, bare)
+    tok_config = json.loads((bare / "tokenizer_config.json").read_text())
+    tok_config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (bare / name).unlink(missing_ok=True)
+    plain = tmp_path / "plain.jinja"
+    plain.write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}")
+    daemon = start_daemon({"bare": {"path": str(bare)},
+                           "named": {"path": str(bare), "chat_template": "chatml"},
+                           "format": {"path": str(tiny_model), "tool_call_format": "hermes",
+                                      "chat_template": str(plain)},
+                           "plain-file": {"path": str(tiny_model), "chat_template": str(plain)}})
+    served = {m["id"]: m["capabilities"] for m in daemon.http.get("/v1/models").json()["data"]}
+    assert "tools" not in served["bare"]
+    assert "tools" in served["named"] and "tools" in served["format"]
+    assert "tools" not in served["plain-file"]  # its own template's tools are not used
+    reply = daemon.openai().chat.completions.create(
+        model="named", messages=MESSAGES, max_tokens=2, tool_choice="required", tools=[{
+            "type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
+    assert reply.choices[0].message.tool_calls or reply.choices[0].finish_reason == "length"
+
+
 def test_ctl_shutdown_and_unreachable_daemon(start_daemon):
     daemon = start_daemon()
     assert ctl(daemon, "shutdown").returncode == 0
