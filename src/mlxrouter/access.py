@@ -19,9 +19,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import msgspec
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import Forbidden, RouterError, Unauthorized, error_body, error_headers
+from .errors import (Forbidden, InvalidRequest, RouterError, Unauthorized, error_body,
+                     error_headers)
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -171,3 +175,24 @@ async def _send_error(send: Send, exc: RouterError, rid: str) -> None:
         headers.append((b"www-authenticate", b"Bearer"))
     await send({"type": "http.response.start", "status": exc.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+class CORS(CORSMiddleware):
+    """Starlette's CORS, with a refused preflight in OpenAI's error shape (it answered a
+    text/plain "Disallowed CORS origin"): 403 for an origin not in cors_origins, as a request
+    from it gets, 400 for a method or headers not allowed."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        failures = bytes(response.body).decode().removeprefix("Disallowed CORS ")
+        origin = request_headers.get("origin", "")
+        exc: RouterError = (
+            Forbidden(f"origin {origin} is not allowed (add it to cors_origins)")
+            if "origin" in failures.split(", ") else
+            InvalidRequest(f"CORS preflight refused: {failures} not allowed"))
+        headers = {k: v for k, v in response.headers.items()
+                   if k.lower().startswith("access-control-") or k.lower() == "vary"}
+        return JSONResponse(msgspec.to_builtins(error_body(exc)), exc.status,
+                            {**headers, **error_headers(exc)})

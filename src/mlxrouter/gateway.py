@@ -19,13 +19,12 @@ import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from . import protocol
-from .access import AccessMiddleware, request_id
+from .access import CORS, AccessMiddleware, request_id
 from .admin import admin_routes
 from .calls import Group, token_cap
 from .discovery import configured_capabilities
@@ -329,7 +328,7 @@ def build_app(state: AppState) -> Starlette:
         Exception: on_unexpected,
     }, middleware=[
         # Outermost first: a CORS preflight carries no key and must not meet the key check.
-        *([Middleware(CORSMiddleware, allow_origins=state.config.server.cors_origins,
+        *([Middleware(CORS, allow_origins=state.config.server.cors_origins,
                       allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"],
                       expose_headers=["x-request-id"])]
           if state.config is not None and state.config.server.cors_origins else []),

@@ -470,6 +470,13 @@ def test_cors_preflight_is_answered_for_allowed_origins(start_daemon):
     other = daemon.http.options("/v1/chat/completions", headers={
         "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
     assert "access-control-allow-origin" not in other.headers
+    # refused in OpenAI's shape, as a request from that origin is (it was text/plain)
+    assert other.status_code == 403
+    assert other.json()["error"]["code"] == "forbidden"
+    assert "http://evil.example is not allowed" in other.json()["error"]["message"]
+    method = daemon.http.options("/v1/chat/completions", headers={
+        "Origin": "http://localhost:3000", "Access-Control-Request-Method": "DELETE"})
+    assert method.status_code == 400 and "method" in method.json()["error"]["message"]
     real = daemon.http.get("/v1/models", headers={"Origin": "http://localhost:3000",
                                                    "Authorization": "Bearer k"})
     assert real.status_code == 200
