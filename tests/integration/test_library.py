@@ -544,3 +544,19 @@ def test_remove_refuses_a_target_under_a_linked_directory_even_if_listed(
 
     assert (models / "precious" / "model.safetensors").is_file()
     assert (models / "alias").is_symlink()
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(root: Path, tiny_model: Path) -> None:
+    """`mlxrouter models list | head -1` printed a BrokenPipeError traceback."""
+    shutil.copytree(tiny_model, root / "models" / "mine")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "mlxrouter", "models", "list", "--config",
+             str(root / "supervisor.toml")], stdout=write_end, stderr=subprocess.PIPE,
+            text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert out.returncode == 141
+    assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr
