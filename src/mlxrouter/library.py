@@ -176,7 +176,8 @@ def pull(repo_id: str, model_directory: Path, *, revision: str | None = None,
             raise
         except Exception as exc:  # HTTP, protocol, file system: all one failed download
             _remove_if_empty(target)
-            raise LibraryError(f"download of '{repo_id}' failed (run pull again to resume): "
+            raise LibraryError(f"download of '{repo_id}' failed (asking for it again, or "
+                               f"`mlxrouter models pull {repo_id}`, resumes it): "
                                f"{_first_line(exc)}") from None
         except BaseException:
             _remove_if_empty(target)

@@ -257,7 +257,7 @@ def _install_config(src: Path | None, dest: Path, dry_run: bool) -> None:
     """Put the config at `dest` (the user-level one), moving aside what it replaces."""
     verb = "would " if dry_run else ""
     if src is None:
-        print(f"{verb}write a default config to {dest}")
+        print(f"{'would write' if dry_run else 'wrote'} a default config to {dest}")
         if not dry_run:
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_text(STUB_CONFIG)
