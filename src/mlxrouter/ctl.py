@@ -114,15 +114,27 @@ def _targets(client: Client, names: list[str], running_only: bool) -> list[str]:
 
 def _each(client: Client, args: argparse.Namespace, action: str, done: str) -> int:
     code = EXIT_OK
+    started = []
     for name in _targets(client, args.names, running_only=action != "start"):
         try:
             result = client.call("POST", f"/admin/models/{name}/{action}")
             print(f"{name}: {result.get('message') or done} ({result['state']})")
+            started.append(name)
         except CtlError as exc:
             print(f"{name}: {exc}", file=sys.stderr)
             if exc.code == EXIT_UNREACHABLE:
                 raise
             code = max(code, exc.code)
+    if action != "stop" and len(started) > 1:
+        # each start may have stopped an idle one started before it to make room
+        states = {w["model"]: w for w in client.call("GET", "/admin/status")["workers"]}
+        gone = [n for n in started if states.get(n, {}).get("state") != "RUNNING"]
+        if gone:
+            print(f"{', '.join(gone)}: stopped again to make room for the models started after "
+                  f"(max_loaded_models or the memory budget); "
+                  f"{len(started) - len(gone)} of {len(started)} are running",
+                  file=sys.stderr)
+            code = max(code, EXIT_NOT_RUNNING)
     return code
 
 

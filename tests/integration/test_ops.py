@@ -125,6 +125,16 @@ def test_ctl_start_while_the_model_drains_starts_it_again(start_daemon, tiny_mod
     assert daemon.worker_pid("tiny") not in (None, old)
 
 
+def test_ctl_start_all_says_when_a_start_stopped_an_earlier_one(start_daemon, tiny_model):
+    """Each start evicted the one before; ctl printed "started (RUNNING)" for all and 0."""
+    daemon = start_daemon({"a": {"path": str(tiny_model)}, "b": {"path": str(tiny_model)}},
+                          supervisor={"max_loaded_models": 1})
+    assert chat(daemon, "a") == 200 and chat(daemon, "b") == 200  # both known to status
+    out = ctl(daemon, "start", "all")
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert "stopped again to make room" in out.stderr and "1 of 2 are running" in out.stderr
+
+
 def test_ctl_start_during_a_shutdown_is_refused(start_daemon, tiny_model):
     """It started workers and said "started (RUNNING)" while the daemon shut down."""
     daemon = start_daemon({"tiny": {"path": str(tiny_model), "preload": True,
