@@ -37,7 +37,7 @@ class ContextLengthExceeded(InvalidRequest):
 
 
 class Unauthorized(RouterError):
-    status, error_type, code = 401, "authentication_error", "invalid_api_key"
+    status, error_type, code = 401, "invalid_request_error", "invalid_api_key"
 
 
 class Forbidden(RouterError):
