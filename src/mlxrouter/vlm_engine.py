@@ -265,6 +265,12 @@ class VisionEngine:
             image_token_index=getattr(self.model.config, "image_token_index", None),
             add_special_tokens=should_add_special_tokens(self.model.config.model_type,
                                                          self.processor))
+        if images and raw.get("pixel_values") is None:
+            # a model served through mlx-vlm whose processor has no image processor (a text
+            # model with supports_vision = true): the images would be dropped without a word
+            raise InvalidRequest(f"model '{self.spec.id}' cannot read images: its processor "
+                                 f"has no image processor (is supports_vision set for a text "
+                                 f"model?)", param="messages")
         inputs = {k: v for k, v in raw.items() if k != "attention_mask"}
         inputs["mask"] = raw.get("attention_mask")
         if inputs["input_ids"].size == 0:

@@ -28,6 +28,7 @@ from tinyvlm import build_tiny_qwen2_vl, make_pdf, make_slow_pdf
 pytestmark = pytest.mark.timeout(300)
 
 VLM, TEXT, SLOW = "tiny-vlm", "tiny-text", "tiny-vlm-slow"
+FORCED = "text-as-vision"  # a text model with supports_vision = true
 LIMITS = {"max_image_bytes": 300_000, "max_request_media_bytes": 600_000,
           "max_image_pixels": 2_000_000, "max_pdf_pages": 3, "pdf_dpi": 36,
           "max_request_images": 4, "max_request_pixels": 2_500_000,
@@ -55,6 +56,8 @@ def daemon(tmp_path_factory, tiny_vlm: Path, tiny_model: Path) -> Iterator[Daemo
     root = tmp_path_factory.mktemp("vision-daemon")
     yield from _daemon(root, {VLM: {"path": str(tiny_vlm), "max_tokens": 4},
                               TEXT: {"path": str(tiny_model), "max_tokens": 4},
+                              FORCED: {"path": str(tiny_model), "max_tokens": 4,
+                                       "supports_vision": True},
                               SLOW: {"path": str(tiny_vlm),
                                      "fault": {"delay_per_token_s": 0.05}}}, LIMITS)
 
@@ -276,6 +279,16 @@ def test_image_sent_to_a_text_model_names_the_model(daemon, vlm_pid) -> None:
     assert f"model '{TEXT}'" in caught.value.body["message"]
     assert "not a vision model" in caught.value.body["message"]
     r = chat(daemon, [{"role": "user", "content": "still fine?"}], model=TEXT)
+    assert r.status_code == 200, r.text
+
+
+def test_an_image_to_a_text_model_forced_to_vision_is_refused(daemon, vlm_pid) -> None:
+    """supports_vision = true on a text model loads it with mlx-vlm, whose processor has no
+    image processor: the image was dropped without a word and the model answered anyway."""
+    err = assert_rejected(daemon, chat(daemon, ask([image_part(image_bytes("PNG"))]),
+                                       model=FORCED), "cannot read images", "supports_vision")
+    assert err["param"] == "messages"
+    r = chat(daemon, [{"role": "user", "content": "text is fine"}], model=FORCED)
     assert r.status_code == 200, r.text
 
 
