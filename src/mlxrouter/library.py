@@ -40,6 +40,11 @@ class LibraryError(Exception):
     """A library operation failed; the message says why, for the user."""
 
 
+# How a failed download goes on, in pull's message; the daemon, which downloads on demand,
+# says it its own way (Supervisor._download)
+RESUME_HINT = "run pull again to resume"
+
+
 class RepoNotFound(LibraryError):
     """The hub has no such repository (or it is private / gated without a token)."""
 
@@ -176,8 +181,7 @@ def pull(repo_id: str, model_directory: Path, *, revision: str | None = None,
             raise
         except Exception as exc:  # HTTP, protocol, file system: all one failed download
             _remove_if_empty(target)
-            raise LibraryError(f"download of '{repo_id}' failed (asking for it again, or "
-                               f"`mlxrouter models pull {repo_id}`, resumes it): "
+            raise LibraryError(f"download of '{repo_id}' failed ({RESUME_HINT}): "
                                f"{_first_line(exc)}") from None
         except BaseException:
             _remove_if_empty(target)

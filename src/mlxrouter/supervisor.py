@@ -421,7 +421,8 @@ class Supervisor:
         except library.RepoNotFound as exc:
             raise ModelNotFound(str(exc), param="model") from None
         except library.LibraryError as exc:
-            raise ModelLoadFailed(f"model '{model_id}' could not be downloaded: {exc}",
+            why = str(exc).replace(library.RESUME_HINT, "a new request resumes it")
+            raise ModelLoadFailed(f"model '{model_id}' could not be downloaded: {why}",
                                   retry_after_s=30) from None
         except asyncio.CancelledError:
             task_now = asyncio.current_task()
