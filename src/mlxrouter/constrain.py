@@ -117,9 +117,10 @@ def grammar_for_tool_call(tools: list[Mapping[str, Any]], choice: str | Mapping[
 
 
 def check_tool_schemas(tools: list[Mapping[str, Any]]) -> None:
-    """Every tool's `parameters` compiled as a forced call would compile it: a broken schema
-    (an unknown type, a remote $ref; with `strict`, a keyword llguidance does not implement)
-    is a 400 naming the tool, whatever tool_choice is, before any worker is involved."""
+    """Every tool's `parameters` compiled as a forced call would compile it: a schema it
+    cannot take (an unknown type, a remote $ref, a look-ahead pattern; with `strict`, a
+    keyword llguidance does not implement) is a 400 naming the tool, before any worker is
+    involved."""
     for i, tool in enumerate(_builtins(list(tools)) or []):
         fn = tool.get("function") if isinstance(tool, Mapping) else None
         params = fn.get("parameters") if isinstance(fn, Mapping) else None
@@ -242,12 +243,19 @@ def _lark_text(text: str, special_tokens: Mapping[str, int] | None) -> str:
 _COMPILED_KEPT = 8
 
 
+_GRAMMAR_LINE = re.compile(r"^\s*\d+\s*\|")  # "  5 | args_0: %json {...}": a grammar listing
+
+
 def _short(message: str | None) -> str:
-    """llguidance's errors can carry the parser state and the whole grammar: keep the gist."""
+    """llguidance's errors can carry the parser state and the whole grammar: keep the gist
+    (the cause can be on a later line: "regex parse error:\n (a\n ^\nerror: unclosed
+    group"), on one line."""
     if not message:
         return ""
-    first = message.strip().splitlines()[0]
-    return first if len(first) <= 300 else first[:297] + "..."
+    lines = [ln.strip() for ln in message.strip().splitlines()
+             if ln.strip() and not _GRAMMAR_LINE.match(ln)]
+    text = " ".join(lines)
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 class ConstraintFactory:

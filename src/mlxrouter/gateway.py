@@ -36,8 +36,8 @@ from .errors import (BodyTimeout, BodyTooLarge, ClientGone, InvalidRequest, Meth
 from .openapi import openapi_document
 from .runtime import AppState, app_state, json_response
 from .schemas import (ChatCompletionRequest, ChatShape, CompletionRequest, GenerationParams,
-                      ModelList, ModelObject, TextShape, check_completion, check_supported,
-                      decode_body, message_dicts, tool_dicts)
+                      ModelList, ModelObject, NamedToolChoice, TextShape, check_completion,
+                      check_supported, decode_body, message_dicts, tool_dicts)
 from .vision import collect_media
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,9 @@ async def chat_completions(request: Request) -> Response:
                                   is not False):
         raise InvalidRequest(f"model '{spec.id}' does not support tool calling (it is turned "
                              f"off in its configuration)", param="tools")
-    if tools:
+    if tools and (req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice)):
+        # a forced call compiles the tools' schemas: what it cannot take is a 400 here, not
+        # after the model's load (auto uses no grammar and takes any schema)
         from .constrain import check_tool_schemas
 
         await asyncio.to_thread(check_tool_schemas, tools)

@@ -212,17 +212,19 @@ def test_inconsistent_tool_requests_are_a_400_naming_the_parameter(daemon, extra
     assert info.value.body["param"] == param
 
 
-@pytest.mark.parametrize("choice", ["auto", "required"])
+@pytest.mark.parametrize("choice", ["required", _named("f")])
 @pytest.mark.parametrize("params, problem", [
     ({"type": "object", "properties": {"a": {"type": "strang"}}}, "strang"),
     ({"type": "object", "properties": {"a": {"type": "array", "uniqueItems": True}}},
      "uniqueItems"),
+    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "(a"}}},
+     "unclosed group"),
 ])
-def test_a_broken_tool_schema_is_a_400_in_the_daemon_whatever_tool_choice(start_daemon,
-                                                                         tiny_model, choice,
-                                                                         params, problem):
-    """It was accepted with tool_choice auto, and with required it loaded the model first to
-    answer a 400 that quoted llguidance's whole grammar."""
+def test_a_tool_schema_a_forced_call_cannot_take_is_a_400_from_the_daemon(start_daemon,
+                                                                        tiny_model, choice,
+                                                                        params, problem):
+    """A forced call loaded the model first to answer a 400 that quoted llguidance's whole
+    grammar; the cause of a regex error is on the message's last line."""
     daemon = start_daemon()
     bad = {"type": "function", "function": {"name": "f", "strict": True, "parameters": params}}
     with pytest.raises(openai.BadRequestError) as info:
@@ -233,6 +235,15 @@ def test_a_broken_tool_schema_is_a_400_in_the_daemon_whatever_tool_choice(start_
     assert problem in body["message"] and "function 'f'" in body["message"]
     assert "x-guidance" not in body["message"] and len(body["message"]) < 400
     assert not daemon.worker_processes()  # no worker was started for it
+
+
+def test_auto_tool_choice_takes_a_schema_only_constrained_decoding_cannot(daemon):
+    """A look-ahead pattern is valid JSON Schema: auto uses no grammar and must take it."""
+    odd = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "string", "pattern": "^(?!foo).*$"}}}}}
+    reply = daemon.openai().chat.completions.create(model="tiny", messages=ASK, max_tokens=2,
+                                                    tools=[odd])
+    assert reply.choices[0].finish_reason in ("length", "stop", "tool_calls")
 
 
 def test_forced_choice_on_a_format_the_grammar_cannot_write_is_a_400(start_daemon, tiny_model):
