@@ -137,6 +137,8 @@ def _config_problem(path: Path) -> str:
         return "config.json is not a JSON object"
     if not isinstance(config.get("model_type"), str) or not config["model_type"]:
         return "config.json has no model_type"
+    if "text_config" in config and not isinstance(config["text_config"], dict):
+        return "config.json's text_config is not an object"
     return ""
 
 
@@ -154,13 +156,13 @@ def check_model_dir(path: Path, roots: tuple[Path, ...] = ()) -> str:
         return reason
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         return "no tokenizer"
-    config_problem = _config_problem(path / "config.json")
-    if config_problem:
-        return config_problem
     metadata = [path / n for n in (*TOKENIZER_FILES, *TEMPLATE_FILES, "added_tokens.json")
                 if (path / n).exists()]
     if roots and not all(_inside(f, roots) for f in [path / "config.json", *files, *metadata]):
         return "a model file links outside the configured model roots"
+    config_problem = _config_problem(path / "config.json")  # (read only inside the roots)
+    if config_problem:
+        return config_problem
     return ""
 
 
@@ -246,13 +248,9 @@ def configured_capabilities(found: tuple[str, ...], spec: Any) -> list[str]:
     if template:  # a configured template replaces the model's own (templates.py)
         from .templates import TOOL_FORMAT
 
-        if template in TOOL_FORMAT:
-            renders_tools = True  # every named template renders tools
-        else:
-            raw = _read_bytes(Path(template).expanduser())
-            renders_tools = raw is not None and b"tools" in raw
-        caps = [c for c in caps if c != "tools"]
-        if renders_tools:
+        # every named template renders tools and sets the call format; with a template file
+        # the worker still takes the format from the model's own files, as found above
+        if template in TOOL_FORMAT and "tools" not in caps:
             caps.insert(len([c for c in caps if c in ("text", "vision")]), "tools")
     if getattr(spec, "tool_call_format", None) and "tools" not in caps:
         caps.insert(len([c for c in caps if c in ("text", "vision")]), "tools")

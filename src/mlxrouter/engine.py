@@ -86,7 +86,9 @@ def make_sampler(params: protocol.SamplingParams) -> Callable[[mx.array], mx.arr
         key, sub = mx.random.split(key)
         for f in filters:
             logprobs = f(logprobs)
-        return mx.random.categorical(logprobs * inv_temp, key=sub)
+        # float32: float16 log probabilities times 1/t overflow to -inf for every token from
+        # t ~ 1.5e-5 (a float16 model on Metal), and the draw is then uniform
+        return mx.random.categorical(logprobs.astype(mx.float32) * inv_temp, key=sub)
 
     return sample
 

@@ -396,8 +396,8 @@ class Supervisor:
         delayed the 503 by its length)."""
         try:
             need = self._need_bytes(spec)
-        except (OSError, ValueError, TypeError, KeyError):
-            return  # unreadable files: the load says why
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return  # unreadable files or a config of an odd shape: the load says why
         plan = memory.plan_load(need, self.budget_bytes, 0, [])
         if plan.action == "impossible":
             raise self._never_fits(spec, plan.reason)

@@ -465,3 +465,17 @@ def test_a_wrong_method_is_a_405_in_openai_shape(daemon) -> None:
     err = resp.json()["error"]
     assert err["code"] == "method_not_allowed" and err["type"] == "invalid_request_error"
     assert "GET /v1/chat/completions" in err["message"]
+
+
+def test_a_small_temperature_on_float16_log_probabilities_is_still_near_greedy():
+    """float16 log probabilities times 1/t overflowed to -inf for every token from t ~ 1.5e-5
+    (a float16 model on Metal), and the draw was uniform."""
+    import mlx.core as mx
+
+    from mlxrouter.engine import make_sampler
+    from mlxrouter.protocol import SamplingParams
+
+    logprobs = mx.array([[-7.0, -0.001, -3.0, -5.0]], dtype=mx.float16)
+    for seed in range(20):
+        sample = make_sampler(SamplingParams(max_tokens=1, temperature=1e-6, seed=seed))
+        assert sample(logprobs).item() == 1

@@ -619,6 +619,7 @@ def test_a_damaged_config_json_makes_the_model_unusable_with_the_reason(tmp_path
     make_model(root / "list", config=None)
     (root / "list" / "config.json").write_text("[1, 2]")
     make_model(root / "typeless", config={"hidden_size": 8})
+    make_model(root / "null-text", config={"model_type": "llava", "text_config": None})
 
     found = scan(root)
 
@@ -630,3 +631,17 @@ def test_a_damaged_config_json_makes_the_model_unusable_with_the_reason(tmp_path
         False, "config.json is not a JSON object")
     assert (found["typeless"].usable, found["typeless"].reason) == (
         False, "config.json has no model_type")
+    # "text_config": null made /v1/models and every request to the model a 500
+    assert found["null-text"].reason == "config.json's text_config is not an object"
+
+
+def test_a_config_json_linked_outside_the_roots_is_not_read(tmp_path: Path) -> None:
+    """Its content was read and judged ("not valid JSON") before the roots check."""
+    root = tmp_path / "models"
+    model = make_model(root / "m")
+    outside = tmp_path / "elsewhere.txt"
+    outside.write_text("not json at all")
+    (model / "config.json").unlink()
+    (model / "config.json").symlink_to(outside)
+    found = scan_sources([Source("model_directory", root)])
+    assert found["m"].reason == "a model file links outside the configured model roots"
