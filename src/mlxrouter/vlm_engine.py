@@ -104,6 +104,8 @@ class _Job:
         self.sampler = sampler
         self.processors = processors
         self.stop = StopText(req.sampling.stop)
+        self.ids: list[int] = []  # the tokens generated, and how much of their text is out
+        self.shown = 0
         self.completion_tokens = 0
         self.gen: Iterator[Any] | None = None
         self.received_at = received_at  # when the engine took the Request (End.elapsed_s)
@@ -340,7 +342,9 @@ class VisionEngine:
         job.completion_tokens = result.generation_tokens
         self.tokens_generated += new_tokens
         finish = result.finish_reason
-        text, hit = job.stop.feed(result.text)
+        if finish is None and result.token is not None:
+            job.ids.append(int(result.token))  # (the final result repeats one, or is EOS)
+        text, hit = job.stop.feed(self._new_text(job, final=finish is not None))
         if hit:
             finish = "stop"
         elif finish is not None:
@@ -352,6 +356,19 @@ class VisionEngine:
         if finish is not None:
             self._end(job, finish)
         self._inject_faults()
+
+    def _new_text(self, job: _Job, final: bool) -> str:
+        """The text the last token added. mlx-vlm's streaming detokenizer lets text out only
+        at a token that starts with a space: output without spaces (code, CJK, "oooo")
+        streamed nothing, and stop strings were found a word late or at max_tokens. So the
+        tokens are decoded whole each step (a few hundred at most) and what is new goes out,
+        but for an unfinished character at the end."""
+        full = self.tokenizer.decode(job.ids, skip_special_tokens=True)
+        if not final:
+            full = full.rstrip("\ufffd")
+        new = full[job.shown:]
+        job.shown = max(job.shown, len(full))
+        return new
 
     def _prefill(self, job: _Job) -> Any:
         """The first step runs the vision tower over this request's images: what fails there

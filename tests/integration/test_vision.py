@@ -292,6 +292,24 @@ def test_an_image_to_a_text_model_forced_to_vision_is_refused(daemon, vlm_pid) -
     assert r.status_code == 200, r.text
 
 
+def test_a_vision_models_text_streams_per_token_and_stops_at_once(daemon, vlm_pid) -> None:
+    """mlx-vlm's streaming detokenizer let text out only at a token starting with a space:
+    output without spaces came in one piece at the end, and a stop string was found only
+    then (the tokens past it generated and billed)."""
+    messages = ask([image_part(image_bytes("PNG"))])
+    whole = chat(daemon, messages, temperature=0, max_tokens=6).json()
+    text = whole["choices"][0]["message"]["content"]
+    assert whole["usage"]["completion_tokens"] == 6 and text
+    stopped = chat(daemon, messages, temperature=0, max_tokens=6, stop=[text[0]]).json()
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+    assert stopped["usage"]["completion_tokens"] <= 2, stopped
+    chunks = [c.choices[0].delta.content for c in daemon.openai().chat.completions.create(
+        model=SLOW, messages=messages, temperature=0, max_tokens=6, stream=True)
+        if c.choices and c.choices[0].delta.content]
+    assert "".join(chunks) == text
+    assert len(chunks) >= 4, chunks
+
+
 def test_images_only_from_the_user(daemon, vlm_pid) -> None:
     messages = [{"role": "system", "content": [image_part(image_bytes("PNG"))]},
                 {"role": "user", "content": "hi"}]
