@@ -292,10 +292,20 @@ class Supervisor:
         /v1/health and the gauges once its worker is gone and nobody waits for it; if it comes
         back it starts afresh."""
         for model_id, slot in list(self._slots.items()):
-            if (slot.worker is None and not slot.waiters and model_id not in self._downloads
-                    and not self.catalog.knows(model_id)):
+            if (slot.waiters or model_id in self._downloads
+                    or self.catalog.knows(model_id)):
+                continue
+            w = slot.worker
+            if w is None:
                 del self._slots[model_id]
                 log.info("model=%s is gone from disk and config; forgotten", model_id)
+            elif w.state is State.RUNNING and w.in_flight == 0:
+                # deleted while loaded (models rm): its requests get 404 now, so the worker
+                # only held memory and a place among max_loaded_models
+                log.info("model=%s is gone from disk and config; its idle worker stops",
+                         model_id)
+                slot.want_start = False
+                self._begin_stop(w, "removed from disk", drain=True)
 
     def _forgive_stall(self, now: float) -> None:
         """Ticks come at least every second. A longer gap means the daemon itself stood still
