@@ -239,6 +239,15 @@ def cmd_import_gguf(args: argparse.Namespace) -> int:
               "--out takes any directory", file=sys.stderr)
         return 2
     out = Path(args.out).expanduser() if args.out else config.model_directory / name
+    if not args.out:
+        from .discovery import scan_sources, sources_for
+
+        existing = scan_sources(sources_for(config)).get(name)
+        if existing is not None:  # (org/x next to a pulled org--x: one would hide the other)
+            print(f"mlxrouter: there is a model '{name}' already ({existing.path}); choose "
+                  f"another --name, or remove it first (mlxrouter models rm {name})",
+                  file=sys.stderr)
+            return 2
     try:
         summary = import_gguf(gguf_path, out)
     except (GGUFImportError, OSError) as exc:
@@ -311,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C in models pull, tune, ...: no traceback
+        print("mlxrouter: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # `mlxrouter ctl status | head -1`: the reader left; no traceback, and none again
         # when the interpreter flushes stdout at exit

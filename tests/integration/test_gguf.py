@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -353,3 +354,8 @@ def test_import_gguf_name_is_a_model_id_not_a_path(tmp_path: Path) -> None:
     assert not (tmp_path / "escape").exists() and not (tmp_path / "abs").exists()
     assert run("--name", "org/mine").returncode == 0
     assert (models / "org" / "mine" / "config.json").is_file()
+    # an id that is there already, in another directory: the import would hide one of them
+    shutil.copytree(models / "org" / "mine", models / "org--other")
+    clash = run("--name", "org/other")
+    assert clash.returncode == 2 and "there is a model 'org/other' already" in clash.stderr
+    assert not (models / "org" / "other").exists()
