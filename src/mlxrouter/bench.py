@@ -487,6 +487,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 2:  # (nan and inf too: the request could not even be written)
+        raise argparse.ArgumentTypeError("must be 0 to 2")
+    return value
+
+
 def _json_object(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
@@ -513,7 +523,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-stream", dest="stream", action="store_false",
                    help="non-streaming requests (no TTFT or ITL)")
     p.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--temperature", type=_temperature, default=0.0)
     p.add_argument("--history-tokens", type=_non_negative, default=0,
                    help="also run the multi-turn scenario with about this much history")
     p.add_argument("--history-reps", type=_positive, default=3)

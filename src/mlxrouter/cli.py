@@ -185,6 +185,8 @@ def cmd_models_tune(args: argparse.Namespace) -> int:
     config = _load(args)
     try:
         contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else None
+        if contexts is not None and min(contexts) < 1:
+            raise ValueError("sizes must be at least 1 token")  # 0 measured nothing
     except ValueError:
         print(f"mlxrouter: --contexts takes token counts separated by commas, e.g. "
               f"512,2048 (got {args.contexts!r})", file=sys.stderr)

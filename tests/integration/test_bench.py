@@ -140,6 +140,8 @@ def test_unreachable_server_and_bad_flags(tmp_path):
     assert bad.returncode == 2
     assert "concurrency levels must be integers >= 1" in bad.stderr
     for args, says in ((["--timeout", "0"], "must be > 0"),
+                       (["--temperature", "nan"], "must be 0 to 2"),  # was "invalid JSON"
+                       (["--temperature", "-1"], "must be 0 to 2"),
                        (["--json", str(tmp_path / "no" / "such" / "dir.json")],
                         "cannot write the JSON report")):
         bad = subprocess.run([sys.executable, "-m", "mlxrouter", "bench", "--model", "m",

@@ -87,4 +87,8 @@ def test_tune_of_an_unknown_or_unusable_model_fails_with_the_reason(tmp_path: Pa
 
     assert unknown.returncode == 1 and "no model 'no-such-model'" in unknown.stderr
     assert half.returncode == 1 and "not usable" in half.stderr
+    # sizes below 1 measured nothing, and a "tuned" file was written anyway
+    for bad in ("0", "-5", "512,0"):
+        refused = run_cli(tmp_path, "models", "tune", "half", "--contexts", bad)
+        assert refused.returncode == 2 and "--contexts takes token counts" in refused.stderr
     assert not list((tmp_path / "workers").glob("*.toml"))
