@@ -539,7 +539,8 @@ class Target:
                  args: argparse.Namespace, cpu_pid: int | None = None) -> None:
         self.name, self.args, self.cpu_pid = name, args, cpu_pid
         self.common = dict(base_url=base_url, model=model, prompt_tokens=args.prompt_tokens,
-                           max_tokens=args.max_tokens, extra_body=bias, timeout_s=600.0)
+                           max_tokens=args.max_tokens, extra_body=bias, timeout_s=600.0,
+                           warmup=False)  # (every server is warmed above; levels start idle)
         self.rounds: dict[int, list[dict[str, Any]]] = {c: [] for c in args.concurrency}
         self.cpu: list[dict[str, Any]] = []
         self.warm_waves: list[dict[str, Any]] = []

@@ -66,6 +66,8 @@ class BenchConfig(msgspec.Struct, frozen=True, kw_only=True):
     history_reps: int = 3
     # Mixed into every prompt, so runs never hit each other's prompt caches.
     salt: str = ""
+    # One short request before the levels, so that none of them measures a model's load.
+    warmup: bool = True
 
 
 class RequestResult(msgspec.Struct, kw_only=True):
@@ -391,6 +393,11 @@ async def run_bench(config: BenchConfig, progress: bool = False) -> dict[str, An
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "levels": [],
     }
     try:
+        if config.warmup:
+            bar.set_description("warm-up")
+            warm = await client.send(client.body(f"Say hello. {config.salt}", 1, False))
+            report["warmup"] = {"ok": warm.ok, "error": warm.error,
+                                "latency_ms": round(warm.latency_s * 1000, 1)}
         offset = 0
         for concurrency, count in sizes:
             bar.set_description(f"concurrency {concurrency}")
@@ -422,7 +429,12 @@ def format_table(report: dict[str, Any]) -> str:
     """The report as markdown tables (readable in a terminal, pasteable into docs)."""
     head = ("| concurrency | requests | errors | TTFT p50 ms | TTFT p99 ms | ITL p50 ms "
             "| ITL p99 ms | tok/s per stream p50 | aggregate tok/s | wall s |")
-    lines = [f"{report['model']} @ {report['base_url']}", "", head, "|" + "---|" * 10]
+    lines = [f"{report['model']} @ {report['base_url']}", ""]
+    warm = report.get("warmup")
+    if warm:  # its time includes the model's load when it was not loaded yet
+        lines += [f"warm-up request: {warm['latency_ms']} ms"
+                  + ("" if warm["ok"] else f" ({warm['error']})"), ""]
+    lines += [head, "|" + "---|" * 10]
     for lv in report["levels"]:
         lines.append("| " + " | ".join(_cell(v) for v in (
             lv["concurrency"], lv["requests"], lv["errors"], lv["ttft_ms"]["p50"],
@@ -535,6 +547,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["table", "json"], default="table",
                    help="what goes to stdout (default: %(default)s)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="no request before the levels (the first level may then include "
+                        "the model's load)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -548,7 +563,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         stream=args.stream, endpoint=args.endpoint, temperature=args.temperature,
         api_key=args.api_key, timeout_s=args.timeout, extra_body=args.extra_body,
         history_tokens=args.history_tokens, history_reps=args.history_reps,
-        salt=f"{random.randrange(16**6):06x}")
+        salt=f"{random.randrange(16**6):06x}", warmup=args.warmup)
     if args.json_path:  # found out now, not after the whole run
         folder = os.path.dirname(os.path.abspath(args.json_path))
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK) or (

@@ -46,6 +46,10 @@ def test_streaming_report_has_every_figure(start_daemon, tiny_model, tmp_path):
                          "--history-reps", "1")
     assert report["errors"] == 0
     assert [lv["concurrency"] for lv in report["levels"]] == [1, 3]
+    # the model's load is the warm-up's, not the first level's (its figures measured it)
+    assert report["warmup"]["ok"] and report["warmup"]["latency_ms"] > 0
+    assert report["levels"][0]["ttft_ms"]["p99"] < report["warmup"]["latency_ms"]
+    assert "warm-up request:" in proc.stdout
     for lv in report["levels"]:
         assert set(lv) == LEVEL_FIELDS
         assert (lv["requests"], lv["ok"], lv["errors"], lv["error_kinds"]) == (3, 3, 0, {})
@@ -163,7 +167,8 @@ def test_ctrl_c_keeps_the_levels_that_finished(start_daemon, tiny_model, tmp_pat
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlxrouter", "bench", "--base-url", f"{daemon.base_url}/v1",
          "--model", "tiny", "--concurrency", "1,1", "--requests", "1", "--max-tokens", "60",
-         "--json", str(out), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+         "--json", str(out), "--no-progress", "--no-warmup"], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True)
     wait_for(lambda: daemon.worker_log("tiny").count("request started") == 2, 30,
              "the second level")
