@@ -144,14 +144,11 @@ def test_sigterm_lets_the_stream_in_flight_finish_then_exits_cleanly(start_daemo
     assert not (daemon.run_dir / "gw.sock").exists()
 
 
-def test_requests_left_when_the_drain_runs_out_get_a_503_or_an_error_event(start_daemon,
-                                                                           tiny_model):
-    """A stream still generating and a request still waiting for its model to load when
-    drain_timeout_s runs out fail in OpenAI's shape, not as a cut connection or an empty 500."""
-    daemon = start_daemon(
-        {"tiny": {"path": str(tiny_model), "fault": {"delay_per_token_s": 0.05}},
-         "loading": {"path": str(tiny_model), "fault": {"load_delay_s": 30}}},
-        supervisor={"drain_timeout_s": 1.0})
+def _sigterm_with_a_stream_and_a_queued_request(daemon, queued_model: str, max_tokens: int,
+                                                queued_now) -> tuple[list[str], list]:
+    """A long stream on "tiny" generating and a request for `queued_model` waiting
+    (`queued_now` says when) as the daemon gets SIGTERM; its SSE lines and the waiting
+    request's response, once the daemon has exited 0."""
     lines: list[str] = []
 
     def stream() -> None:
@@ -163,18 +160,31 @@ def test_requests_left_when_the_drain_runs_out_get_a_503_or_an_error_event(start
     queued: list[httpx.Response] = []
     threads = [threading.Thread(target=stream), threading.Thread(target=lambda: queued.append(
         httpx.post(f"{daemon.base_url}/v1/chat/completions", timeout=60, json={
-            "model": "loading", "messages": MESSAGES, "max_tokens": 2})))]
-    # One load at a time: "tiny" first, generating, then "loading" (which never finishes).
+            "model": queued_model, "messages": MESSAGES, "max_tokens": max_tokens})))]
     threads[0].start()
     wait_for(lambda: sum(line.startswith("data: {") for line in lines) > 3, 30,
              "a stream generating")
     threads[1].start()
-    wait_for(lambda: daemon.workers().get("loading", {}).get("state") == "STARTING", 30,
-             "a model loading")
+    wait_for(queued_now, 30, "a request waiting")
     daemon.proc.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(timeout=30)
     assert daemon.proc.wait(30) == 0
+    return lines, queued
+
+
+def test_requests_left_when_the_drain_runs_out_get_a_503_or_an_error_event(start_daemon,
+                                                                           tiny_model):
+    """A stream still generating and a request still waiting for its model to load when
+    drain_timeout_s runs out fail in OpenAI's shape, not as a cut connection or an empty 500."""
+    daemon = start_daemon(
+        {"tiny": {"path": str(tiny_model), "fault": {"delay_per_token_s": 0.05}},
+         "loading": {"path": str(tiny_model), "fault": {"load_delay_s": 30}}},
+        supervisor={"drain_timeout_s": 1.0})
+    # One load at a time: "tiny" first, generating, then "loading" (which never finishes).
+    lines, queued = _sigterm_with_a_stream_and_a_queued_request(
+        daemon, "loading", 2,
+        lambda: daemon.workers().get("loading", {}).get("state") == "STARTING")
     assert queued[0].status_code == 503, queued[0].text
     assert queued[0].json()["error"]["code"] == "shutting_down"
     events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
@@ -190,27 +200,8 @@ def test_a_request_queued_behind_a_full_batch_gets_the_503_when_the_drain_runs_o
     daemon = start_daemon({"tiny": {"path": str(tiny_model), "max_running": 1,
                                     "fault": {"delay_per_token_s": 0.05}}},
                           supervisor={"drain_timeout_s": 1.0})
-    lines: list[str] = []
-
-    def stream() -> None:
-        with httpx.stream("POST", f"{daemon.base_url}/v1/chat/completions", timeout=60, json={
-                "model": "tiny", "messages": MESSAGES, "max_tokens": 500,
-                "stream": True}) as resp:
-            lines.extend(line for line in resp.iter_lines() if line)
-
-    queued: list[httpx.Response] = []
-    threads = [threading.Thread(target=stream), threading.Thread(target=lambda: queued.append(
-        httpx.post(f"{daemon.base_url}/v1/chat/completions", timeout=60, json={
-            "model": "tiny", "messages": MESSAGES, "max_tokens": 100})))]
-    threads[0].start()
-    wait_for(lambda: sum(line.startswith("data: {") for line in lines) > 3, 30,
-             "a stream generating")
-    threads[1].start()
-    wait_for(lambda: daemon.workers()["tiny"]["waiting"] == 1, 10, "a request queued")
-    daemon.proc.send_signal(signal.SIGTERM)
-    for t in threads:
-        t.join(timeout=30)
-    assert daemon.proc.wait(30) == 0
+    _, queued = _sigterm_with_a_stream_and_a_queued_request(
+        daemon, "tiny", 100, lambda: daemon.workers()["tiny"]["waiting"] == 1)
     assert queued[0].status_code == 503, (queued[0].status_code, queued[0].text)
     assert queued[0].json()["error"]["code"] == "shutting_down"
 
