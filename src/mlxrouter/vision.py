@@ -214,6 +214,8 @@ async def _part_bytes(server: ServerConfig, part: Any, where: str, deadline: flo
         return await decode_data_uri(value, server.max_image_bytes, f"{where}.file.file_data")
     url = part.image_url.url
     param = f"{where}.image_url.url"
+    if not url.strip():
+        raise InvalidRequest(f"{where}: image_url.url is empty", param=param)
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
         return await decode_data_uri(url, server.max_image_bytes, param)

@@ -250,6 +250,8 @@ def _png_claiming(width: int, height: int) -> bytes:
                  ["local files are never read"], id="file-url"),
     pytest.param([{"type": "image_url", "image_url": {"url": "/etc/hosts"}}],
                  ["local files are never read"], id="bare-path"),
+    pytest.param([{"type": "image_url", "image_url": {"url": " "}}],
+                 ["image_url.url is empty"], id="empty-url"),  # no talk of local files
     pytest.param([{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}],
                  ["allow_remote_images"], id="remote-off"),
     pytest.param([{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}],
