@@ -168,8 +168,9 @@ def test_ctrl_c_keeps_the_levels_that_finished(start_daemon, tiny_model, tmp_pat
         [sys.executable, "-m", "mlxrouter", "bench", "--base-url", f"{daemon.base_url}/v1",
          "--model", "tiny", "--concurrency", "1,1", "--requests", "1", "--max-tokens", "60",
          "--json", str(out), "--no-progress", "--no-warmup"], stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True)
+        stderr=subprocess.PIPE, text=True,
+        # as from a terminal: a test run started in the background inherits SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for(lambda: daemon.worker_log("tiny").count("request started") == 2, 30,
              "the second level")
     time.sleep(0.3)
