@@ -472,41 +472,26 @@ def _levels(text: str) -> tuple[int, ...]:
     return levels
 
 
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
-    return value
+def _checked(convert: Callable[[str], Any], what: str, ok: Callable[[Any], bool],
+             says: str) -> Callable[[str], Any]:
+    """An argparse type: `convert` the text (else "not <what>"), refused with `says` unless
+    `ok` (written so that nan fails it)."""
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(says)
+        return value
+    return parse
 
 
-def _positive(text: str) -> int:
-    value = _non_negative(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
-
-
-def _temperature(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value <= 2:  # (nan and inf too: the request could not even be written)
-        raise argparse.ArgumentTypeError("must be 0 to 2")
-    return value
+_non_negative = _checked(int, "an integer", lambda v: v >= 0, "must be >= 0")
+_positive = _checked(int, "an integer", lambda v: v >= 1, "must be >= 1")
+_seconds = _checked(float, "a number", lambda v: v > 0, "must be > 0")
+# (nan and inf too: such a request could not even be written)
+_temperature = _checked(float, "a number", lambda v: 0 <= v <= 2, "must be 0 to 2")
 
 
 def _json_object(text: str) -> dict[str, Any]:
