@@ -131,19 +131,23 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
 
 def cmd_models_link(args: argparse.Namespace) -> int:
     from .discovery import sources_for
-    from .library import link_into_lmstudio, link_into_model_directory
+    from .library import LibraryError, link_into_lmstudio, link_into_model_directory
 
     config = _load(args)
-    if args.lmstudio:
-        target = config.supervisor.lmstudio_dir
-        if not target:
-            print("mlxrouter: no LM Studio models directory (set lmstudio_dir)",
-                  file=sys.stderr)
-            return 1
-        lines = link_into_lmstudio(config.model_directory, Path(target), args.names)
-    else:
-        lines = link_into_model_directory(config.model_directory, sources_for(config),
-                                          args.names)
+    try:
+        if args.lmstudio:
+            target = config.supervisor.lmstudio_dir
+            if not target:
+                print("mlxrouter: no LM Studio models directory (set lmstudio_dir)",
+                      file=sys.stderr)
+                return 1
+            lines = link_into_lmstudio(config.model_directory, Path(target), args.names)
+        else:
+            lines = link_into_model_directory(config.model_directory, sources_for(config),
+                                              args.names)
+    except LibraryError as exc:
+        print(f"mlxrouter: {exc}", file=sys.stderr)
+        return 1
     print("\n".join(lines) if lines else "nothing to link")
     return 0
 

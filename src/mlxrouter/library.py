@@ -259,6 +259,15 @@ def _link(link: Path, target: Path) -> str:
     return f"linked {link} -> {target}"
 
 
+def _refuse_unknown(names: list[str] | None, ids: list[str], where: str) -> None:
+    """An id asked for by name that is not there is refused before anything is linked."""
+    unknown = [name for name in names or () if name not in ids]
+    if unknown:
+        listed = ", ".join(sorted(set(ids))) or "none"
+        raise LibraryError(f"no model {', '.join(map(repr, unknown))} {where} "
+                           f"(ids there: {listed})")
+
+
 def link_into_model_directory(model_directory: Path, sources: list[Source],
                               names: list[str] | None = None) -> list[str]:
     """Symlink usable models of the HF cache / LM Studio into the model directory: an HF repo
@@ -266,28 +275,28 @@ def link_into_model_directory(model_directory: Path, sources: list[Source],
     `org--name`. Returns one line per model for the user."""
     have = discovery.scan(model_directory) if model_directory.is_dir() else {}
     lines = []
-    model_directory.mkdir(parents=True, exist_ok=True)
     home = model_directory.resolve()
     roots = tuple(s.root.resolve() for s in sources if s.root.is_dir()) + (home,)
-    for source in sources:
-        if source.name == "model_directory":
+    found = [(source, model) for source in sources if source.name != "model_directory"
+             for model in discovery.scan(source.root, source.name, roots).values()]
+    _refuse_unknown(names, [model.id for _, model in found], "in the HF cache or LM Studio")
+    model_directory.mkdir(parents=True, exist_ok=True)
+    for source, model in found:
+        if names and model.id not in names:
             continue
-        for model in discovery.scan(source.root, source.name, roots).values():
-            if names and model.id not in names:
-                continue
-            if Path(model.path).resolve().is_relative_to(home):
-                lines.append(f"skipped {model.id} (a link into {model_directory} already)")
-            elif not model.usable:
-                lines.append(f"skipped {model.id} ({model.reason})")
-            elif model.id in have:
-                lines.append(f"skipped {model.id} (already in {model_directory})")
-            elif source.name == "hf_cache":
-                repo = Path(model.path).parent.parent  # snapshots/<rev> -> models--org--name
-                lines.append(_link(model_directory / repo.name, repo))
-            else:
-                lines.append(_link(model_directory / model.id.replace("/", "--"),
-                                   Path(model.path)))
-            have[model.id] = model
+        if Path(model.path).resolve().is_relative_to(home):
+            lines.append(f"skipped {model.id} (a link into {model_directory} already)")
+        elif not model.usable:
+            lines.append(f"skipped {model.id} ({model.reason})")
+        elif model.id in have:
+            lines.append(f"skipped {model.id} (already in {model_directory})")
+        elif source.name == "hf_cache":
+            repo = Path(model.path).parent.parent  # snapshots/<rev> -> models--org--name
+            lines.append(_link(model_directory / repo.name, repo))
+        else:
+            lines.append(_link(model_directory / model.id.replace("/", "--"),
+                               Path(model.path)))
+        have[model.id] = model
     return lines
 
 
@@ -297,7 +306,9 @@ def link_into_lmstudio(model_directory: Path, lmstudio_dir: Path,
     without an org go under `mlxrouter/`)."""
     lines = []
     present = discovery.scan(lmstudio_dir, "lmstudio") if lmstudio_dir.is_dir() else {}
-    for model in discovery.scan(model_directory).values():
+    mine = discovery.scan(model_directory)
+    _refuse_unknown(names, list(mine), f"in {model_directory}")
+    for model in mine.values():
         if names and model.id not in names:
             continue
         if not model.usable:

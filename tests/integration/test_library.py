@@ -288,6 +288,21 @@ def test_link_from_hf_cache_and_lmstudio_and_back(root: Path, tiny_model: Path) 
     assert not (root / "models" / "mlxrouter--mine").exists()
 
 
+def test_link_of_an_unknown_id_fails_and_links_nothing(root: Path, tiny_model: Path) -> None:
+    hf_cache_repo(root / "hf" / "hub", "org/cached", tiny_model)
+    shutil.copytree(tiny_model, root / "models" / "mine")
+
+    out = cli(root, "models", "link", "org/cached", "org/typo")
+    back = cli(root, "models", "link", "--lmstudio", "mine", "nope")
+
+    assert out.returncode == 1
+    assert "no model 'org/typo' in the HF cache or LM Studio (ids there: org/cached)" in out.stderr
+    assert not (root / "models" / "models--org--cached").exists()  # nothing half done
+    assert back.returncode == 1
+    assert "no model 'nope' in" in back.stderr and "ids there: mine" in back.stderr
+    assert not (root / "lmstudio" / "mlxrouter").exists()
+
+
 def test_rm_unlinks_links_deletes_dirs_and_asks_first(root: Path, tiny_model: Path) -> None:
     lms_model = root / "lmstudio" / "org" / "linked"
     shutil.copytree(tiny_model, lms_model)
