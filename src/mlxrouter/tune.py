@@ -396,14 +396,16 @@ def update_worker_file(file: Path, model_id: str, values: dict, note: str) -> No
     tmp.replace(file)
 
 
+# the file's note in MB of 2**20 bytes, as `models list`, tune's own output and the config's *_gb
+# keys count (see cli._size)
 def tune(config: Config, model_id: str, *, contexts: list[int] | None = None,
          workers_dir: Path | None = None) -> TuneResult:
     file = tune_target(config, model_id, workers_dir)
     result = measure(config, model_id, contexts=contexts)
     rates = [p.decode_tokens_per_s for p in result.points if p.decode_tokens_per_s]
     note = (f"{datetime.now(timezone.utc):%Y-%m-%d}, load {result.load_s:.2f}s, "
-            f"{result.memory_after_load_bytes / 1e6:.0f} MB after load, "
-            f"{max(result.bytes_per_1k_tokens, result.bytes_per_1k_tokens_config) / 1e6:.2f}"
+            f"{result.memory_after_load_bytes / 2**20:.0f} MB after load, "
+            f"{max(result.bytes_per_1k_tokens, result.bytes_per_1k_tokens_config) / 2**20:.2f}"
             f" MB per 1K tokens, decode {min(rates) if rates else 0:.1f} tok/s")
     update_worker_file(file, model_id, result.values, note)
     result.worker_file = str(file)

@@ -64,6 +64,8 @@ def test_tune_measures_the_model_and_updates_its_worker_file(tmp_path: Path,
     text = worker_file.read_text()
     assert text.startswith("# my notes on tiny\n")
     assert "[memory_pressure_max_tokens]" not in text
+    # the note counts MB as `models list` and tune's own output do (2**20 bytes)
+    assert f"{result['memory_after_load_bytes'] / 2**20:.0f} MB after load" in text
     config = load_config(tmp_path / "supervisor.toml")
     spec = config.spec_for("tiny")
     values = result["values"]
