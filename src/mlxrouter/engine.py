@@ -418,6 +418,7 @@ class TextEngine:
         self.prompt_cache = (LRUPromptCache(max_size=self.spec.prompt_cache_size,
                                             max_bytes=self.spec.prompt_cache_bytes)
                              if self.spec.prompt_cache_bytes > 0 else None)
+        self._cache_too_small_said = False
         self._limit_memory()
 
     def _tool_format(self) -> Any:
@@ -577,8 +578,20 @@ class TextEngine:
 
     def _remember(self, tokens: list[int], cache: list | None) -> None:
         """Keep a finished sequence's KV cache for the next turn (bounded by bytes)."""
-        if self.prompt_cache is not None and cache:
-            self.prompt_cache.insert_cache(self.spec.id, list(tokens), cache)
+        if self.prompt_cache is None or not cache:
+            return
+        size = sum(c.nbytes for c in cache)
+        if size > self.prompt_cache.max_bytes:
+            # LRUPromptCache would take it and drop it at once: say so, once
+            if not self._cache_too_small_said:
+                self._cache_too_small_said = True
+                log.warning("prompt cache: a finished sequence of %d tokens has a KV cache of "
+                            "%d bytes, more than prompt_cache_bytes = %d, so it is not kept and "
+                            "the next turn starts cold; raise prompt_cache_bytes (or set 0 to "
+                            "turn the cache off)", len(tokens), size,
+                            self.prompt_cache.max_bytes)
+            return
+        self.prompt_cache.insert_cache(self.spec.id, list(tokens), cache)
 
     def _processors(self, p: protocol.SamplingParams, max_tokens: int) -> list:
         """mlx-lm's logits processors; OpenAI's penalties look at everything generated."""

@@ -56,3 +56,13 @@ def test_exact_hit_request_simply_works(start_daemon, tiny_model, tokenizer):
     twice = client.completions.create(model="tiny", prompt=prompt + [forced], max_tokens=4,
                                       temperature=0)
     assert twice.choices[0].text == again.choices[0].text
+
+
+def test_a_prompt_cache_too_small_for_one_turn_says_so_in_the_worker_log(start_daemon,
+                                                                         tiny_model):
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "prompt_cache_bytes": 1000}})
+    a, b = _turns(daemon.openai())
+    assert b.usage.prompt_tokens_details.cached_tokens == 0
+    log = daemon.worker_log("tiny")
+    assert "more than prompt_cache_bytes = 1000, so it is not kept" in log
+    assert log.count("prompt cache: a finished sequence") == 1  # once, not per request
