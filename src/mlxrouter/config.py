@@ -465,9 +465,12 @@ def hf_cache_default() -> Path:
     return Path(home).expanduser() / "hub"
 
 
+LMSTUDIO_DEFAULTS = ("~/.lmstudio/models", "~/.cache/lm-studio/models")
+
+
 def lmstudio_default() -> Path | None:
     """LM Studio's models directory, where it exists."""
-    for candidate in ("~/.lmstudio/models", "~/.cache/lm-studio/models"):
+    for candidate in LMSTUDIO_DEFAULTS:
         if Path(candidate).expanduser().is_dir():
             return Path(candidate).expanduser()
     return None

@@ -28,6 +28,8 @@ from typing import Any
 
 import msgspec
 
+from .config import LMSTUDIO_DEFAULTS
+
 log = logging.getLogger(__name__)
 
 SOURCES = ("model_directory", "hf_cache", "lmstudio")
@@ -480,7 +482,9 @@ def sources_for(config) -> list[Source]:
     sup = config.supervisor
     roots = {"model_directory": config.model_directory,
              "hf_cache": Path(sup.hf_cache_dir).expanduser() if sup.hf_cache_dir else None,
-             "lmstudio": Path(sup.lmstudio_dir).expanduser() if sup.lmstudio_dir else None}
+             # with neither default there at load, LM Studio's own default is watched: made
+             # later (LM Studio installed while the daemon runs), it is scanned then
+             "lmstudio": Path(sup.lmstudio_dir or LMSTUDIO_DEFAULTS[0]).expanduser()}
     return [Source(name, roots[name]) for name in sup.discovery_sources
             if roots.get(name) is not None]
 

@@ -453,6 +453,25 @@ def test_models_dropped_into_the_directory_appear_without_restart(
     assert daemon.http.get("/v1/models/org/dropped").json()["loaded"] is True
 
 
+def test_lmstudio_installed_while_the_daemon_runs_is_discovered(
+        download_daemon, tmp_path: Path, tiny_model: Path) -> None:
+    """With no LM Studio directory at start, LM Studio's default one, made later, is scanned
+    (it was a root only after a restart or reload)."""
+    home = tmp_path / "home"
+    daemon = download_daemon(
+        allow=False, supervisor={"discovery_sources": ["model_directory", "lmstudio"]},
+        env={"HOME": str(home), "XDG_CACHE_HOME": os.path.expanduser("~/.cache")})
+    assert daemon.http.get("/v1/models").json()["data"] == []
+
+    shutil.copytree(tiny_model, home / ".lmstudio" / "models" / "org" / "tiny-MLX")
+
+    data = {m["id"]: m for m in daemon.http.get("/v1/models").json()["data"]}
+    assert list(data) == ["org/tiny-MLX"]
+    reply = daemon.openai().chat.completions.create(
+        model="org/tiny-MLX", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert reply.choices[0].finish_reason == "length"
+
+
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
