@@ -189,8 +189,9 @@ class ChatCompletionRequest(GenerationParams, kw_only=True):
     response_format: ResponseFormat | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
-    # Passed to the chat template (as gpt-oss's templates take it).
-    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+    # Passed to the chat template (as gpt-oss's templates take it); the openai SDK's values.
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh",
+                              "max"] | None = None
     # Extra variables for the chat template, e.g. {"enable_thinking": false}.
     chat_template_kwargs: dict[str, Any] | None = None
     # Declared only to be refused; see check_supported.

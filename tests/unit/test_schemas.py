@@ -415,6 +415,7 @@ def test_bad_penalties_and_logit_bias_name_the_field(fields, param):
                          "json_schema": {"name": "x", "schema": {"type": "object"}}}},
     {"logprobs": True, "top_logprobs": 5},
     {"reasoning_effort": "high", "chat_template_kwargs": {"enable_thinking": False}},
+    *({"reasoning_effort": effort} for effort in ("none", "minimal", "xhigh", "max")),
 ])
 def test_tool_and_format_parameters_are_accepted(fields: dict[str, Any]) -> None:
     check_supported(parse(**fields))
