@@ -7,6 +7,7 @@ they are rejected with a 400 naming them instead of being silently ignored.
 
 from __future__ import annotations
 
+import codecs
 import re
 from typing import Annotated, Any, Literal
 
@@ -208,9 +209,13 @@ class ChatCompletionRequest(GenerationParams, kw_only=True):
         return self.max_completion_tokens or self.max_tokens
 
 
+MAX_PROMPTS = 32  # prompts in one /v1/completions request
+
+
 class CompletionRequest(GenerationParams, kw_only=True):
-    # A string, a list of strings, a list of token ids or a list of such lists.
-    prompt: str | Annotated[list[Any], msgspec.Meta(min_length=1, max_length=32)]
+    # A string, a list of strings, a list of token ids or a list of such lists (at most
+    # MAX_PROMPTS prompts; one list of token ids is one prompt, of any length)
+    prompt: str | Annotated[list[Any], msgspec.Meta(min_length=1)]
     echo: bool | None = False
     # Declared only to be refused; see check_completion.
     suffix: str | None = None
@@ -237,10 +242,13 @@ class CompletionRequest(GenerationParams, kw_only=True):
         p = self.prompt
         if isinstance(p, str):
             return [p]
-        if all(isinstance(x, str) for x in p):
-            return list(p)
         if all(_token_id(x) for x in p):
             return [list(p)]
+        if len(p) > MAX_PROMPTS:
+            raise InvalidRequest(f"prompt holds {len(p)} prompts; at most {MAX_PROMPTS} are "
+                                 f"taken in one request", param="prompt")
+        if all(isinstance(x, str) for x in p):
+            return list(p)
         if all(isinstance(x, list) and x and all(_token_id(t) for t in x) for x in p):
             return [list(x) for x in p]
         raise InvalidRequest("prompt must be a string, a list of strings, a list of token ids "
@@ -621,19 +629,25 @@ class TextShape:
 
     def __init__(self, logprobs: int | None = None, prefix: list[str] | None = None) -> None:
         self.logprobs = logprobs
-        # Characters already shown per choice (text_offset counts from the choice's start).
+        # Characters before each choice's next token (text_offset counts from the choice's
+        # start, the echoed prompt included), counted from the tokens' own bytes: the text an
+        # entry carries is what the detokenizer let out at that step, which can be held back
+        # (a lone space goes out with the next token).
         self._offset: dict[int, int] = {i: len(p) for i, p in enumerate(prefix or [])}
+        self._utf8: dict[int, codecs.IncrementalDecoder] = {}
 
     def _logprobs(self, index: int, entries) -> TextLogprobs | None:
         if self.logprobs is None:
             return None
         out = TextLogprobs([], [], [], [])
+        decoder = self._utf8.setdefault(index, codecs.getincrementaldecoder("utf-8")("replace"))
         for e in entries:
             out.tokens.append(spelling(e.token, e.raw))
             out.token_logprobs.append(e.logprob)
             out.top_logprobs.append({spelling(t.token, t.raw): t.logprob for t in e.top})
             out.text_offset.append(self._offset.get(index, 0))
-            self._offset[index] = self._offset.get(index, 0) + len(e.token)
+            shown = len(decoder.decode(e.raw)) if e.raw else len(e.token)
+            self._offset[index] = self._offset.get(index, 0) + shown
         return out
 
     def body(self, cid, created, model, choices, usage):

@@ -70,6 +70,15 @@ def test_text_completion_counts_the_prompt_like_the_tokenizer(client, tokenizer)
     by_ids = client.completions.create(model="tiny", prompt=tokenizer.encode(prompt),
                                        max_tokens=5, temperature=0)
     assert by_ids.choices[0].text == resp.choices[0].text
+    # one list of token ids is one prompt, however long (the 32 is a count of prompts)
+    long = tokenizer.encode(prompt + " there was a lighthouse" * 8)
+    assert len(long) > 32
+    by_long_ids = client.completions.create(model="tiny", prompt=long, max_tokens=1)
+    assert by_long_ids.usage.prompt_tokens == len(long)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="tiny", prompt=["x"] * 33, max_tokens=1)
+    assert caught.value.body["param"] == "prompt"
+    assert "33 prompts; at most 32" in caught.value.body["message"]
 
 
 def test_an_empty_prompt_is_a_400_naming_the_prompt(client):
