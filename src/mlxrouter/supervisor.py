@@ -830,8 +830,10 @@ class Supervisor:
             if spec != slot.spec:
                 slot.fatal_reason, slot.failures, slot.backoff_until = "", 0, 0.0
                 slot.exits.clear()  # a fresh crash loop, not one more crash, makes it FATAL
-            if slot.worker is None and not slot.waiters and not slot.fatal_reason:
-                slot.last_error = ""  # reasons worked out under the old settings
+            if slot.worker is None and not slot.waiters and slot.state is State.STOPPED:
+                # reasons worked out under the old settings (waits for room); why a worker
+                # crashed or failed to start stays while its model shows EXITED or BACKOFF
+                slot.last_error = ""
             slot.spec = spec
             if cold and slot.worker is not None:
                 log.info("reload: model=%s restarts for %s", model_id, ", ".join(cold))

@@ -300,6 +300,19 @@ def test_crash_loop_goes_fatal(start_daemon, tiny_model):
     assert daemon.workers()["tiny"]["state"] == "RUNNING"
 
 
+def test_a_reload_keeps_why_a_worker_crashed(start_daemon, tiny_model):
+    daemon = start_daemon({"tiny": {"path": str(tiny_model),
+                                    "fault": {"crash_after_tokens": 2}}})
+    assert _chat(daemon, "tiny", max_tokens=5).status_code == 502
+    before = daemon.workers()["tiny"]
+    assert before["state"] == "EXITED" and "exited unexpectedly" in before["reason"]
+
+    assert daemon.http.post("/admin/reload").status_code == 200
+
+    after = daemon.workers()["tiny"]
+    assert (after["state"], after["reason"]) == ("EXITED", before["reason"])
+
+
 def test_restarted_daemon_reaps_a_stale_worker(start_daemon, tiny_model):
     # no_parent_watch: the worker cannot notice its daemon's death (a wedged worker would not).
     daemon = start_daemon({"tiny": {"path": str(tiny_model), "fault": {"no_parent_watch": 1}}})
