@@ -355,7 +355,8 @@ def fit_max_tokens(sampling: protocol.SamplingParams, prompt_tokens: int, max_co
     (the client set none) lowered to the room left; else 400 context_length_exceeded naming
     `param` (the messages or the prompt, as OpenAI does)."""
     max_tokens = sampling.max_tokens
-    if prompt_tokens + max_tokens <= max_context:
+    asked = max(max_tokens, sampling.asked_max_tokens)
+    if prompt_tokens + asked <= max_context:
         return max_tokens
     if sampling.fit_to_context and prompt_tokens < max_context:
         return max_context - prompt_tokens
@@ -365,7 +366,7 @@ def fit_max_tokens(sampling: protocol.SamplingParams, prompt_tokens: int, max_co
             f"{prompt_tokens} {what}, which leaves no room for a completion", param=param)
     raise ContextLengthExceeded(
         f"This model's maximum context length is {max_context} tokens; the request has "
-        f"{prompt_tokens} {what} and asks for {max_tokens} more", param=param)
+        f"{prompt_tokens} {what} and asks for {asked} more", param=param)
 
 
 def _context_free(p: protocol.SamplingParams) -> bool:

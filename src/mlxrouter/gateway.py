@@ -95,7 +95,7 @@ def sampling_for(req: GenerationParams, spec: ModelSpec, pressure: str,
                  choice: int = 0) -> protocol.SamplingParams:
     """Request values, else the model's configured defaults; max_tokens capped by pressure.
     Choice i of a seeded n > 1 request samples with seed + i: reproducible, not identical."""
-    max_tokens = req.token_limit or spec.max_tokens
+    max_tokens = asked = req.token_limit or spec.max_tokens
     cap = token_cap(spec, pressure)
     if cap is not None and cap < max_tokens:
         log.info("memory pressure %s: max_tokens %d capped to %d for model=%s", pressure,
@@ -108,6 +108,7 @@ def sampling_for(req: GenerationParams, spec: ModelSpec, pressure: str,
     return protocol.SamplingParams(
         max_tokens=max_tokens,
         fit_to_context=req.token_limit is None,
+        asked_max_tokens=asked if req.token_limit is not None and asked > max_tokens else 0,
         temperature=spec.temp if req.temperature is None else req.temperature,
         top_p=spec.top_p if req.top_p is None else req.top_p,
         top_k=spec.top_k if req.top_k is None else req.top_k,

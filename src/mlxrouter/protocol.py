@@ -60,6 +60,9 @@ class SamplingParams(msgspec.Struct, omit_defaults=True):
     # The client left max_tokens out (max_tokens is a default): lower it to what the context
     # has room for, as OpenAI does, instead of refusing the request.
     fit_to_context: bool = False
+    # What the client asked for when memory pressure capped max_tokens below it: the request
+    # must still fit the context with it (a 400 does not depend on the host's memory).
+    asked_max_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0

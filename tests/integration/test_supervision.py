@@ -271,6 +271,12 @@ def test_critical_pressure_caps_max_tokens_and_evicts_idle_workers(start_daemon,
                                                    max_tokens=10)
     assert resp.usage.completion_tokens == 2
     assert resp.choices[0].finish_reason == "length"
+    # a max_tokens the context cannot hold is a 400 whatever the pressure caps it to
+    with pytest.raises(openai.BadRequestError) as info:
+        daemon.openai().chat.completions.create(model="tiny", messages=MESSAGES,
+                                                max_tokens=100_000)
+    assert info.value.body["code"] == "context_length_exceeded"
+    assert "asks for 100000 more" in info.value.body["message"]
     wait_for(lambda: daemon.workers()["tiny"]["state"] == "STOPPED", 10, "pressure eviction")
 
 
