@@ -239,6 +239,14 @@ def capabilities(path: Path, config: dict) -> tuple[str, ...]:
     return tuple(caps)
 
 
+def served_context(found: int | None, spec: Any) -> int:
+    """The context a worker enforces for the model: its `max_context` (0 = the model's own),
+    never more than the model's (4096 where config.json does not say), as the worker does."""
+    from .memory import effective_context
+
+    return effective_context(spec.max_context, found or 4096)
+
+
 def configured_capabilities(found: tuple[str, ...], spec: Any) -> list[str]:
     """A model's capabilities as it is served: what its files say, with its settings applied
     (`supports_vision` forces vision on or off; tools off with `supports_tools = false` or

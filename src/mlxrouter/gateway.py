@@ -27,7 +27,7 @@ from . import protocol
 from .access import CORS, AccessMiddleware, request_id
 from .admin import admin_routes
 from .calls import Group, token_cap
-from .discovery import configured_capabilities
+from .discovery import configured_capabilities, served_context
 from .docs_pages import docs_routes
 from .config import ModelSpec
 from .errors import (BodyTimeout, BodyTooLarge, ClientGone, InvalidRequest, MethodNotAllowed,
@@ -253,7 +253,8 @@ def _model_object(state: AppState, model_id: str) -> ModelObject:
     extra = {} if info is None or not info.usable else dict(
         source=info.source, architecture=info.architecture, quantization=info.quantization,
         parameters=info.parameters, weights_bytes=info.weights_bytes,
-        context_length=info.context_length,
+        context_length=(served_context(info.context_length, spec) if spec is not None
+                        else info.context_length),
         capabilities=(configured_capabilities(info.capabilities, spec) if spec is not None
                       else list(info.capabilities)))
     return ModelObject(id=model_id, created=int(state.started_at), owned_by=owner,

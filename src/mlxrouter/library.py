@@ -418,11 +418,12 @@ def list_rows(config, states: dict[str, str] | None = None) -> list[dict]:
     for model in sorted(found.values(), key=lambda m: m.id):
         from .config import ConfigError
 
-        caps = list(model.capabilities)
+        caps, context = list(model.capabilities), model.context_length
         if model.usable:
             try:
-                caps = discovery.configured_capabilities(
-                    model.capabilities, config.spec_for(model.id, model.path))
+                spec = config.spec_for(model.id, model.path)
+                caps = discovery.configured_capabilities(model.capabilities, spec)
+                context = discovery.served_context(model.context_length, spec)
             except ConfigError:
                 pass
         rows.append({
@@ -432,7 +433,7 @@ def list_rows(config, states: dict[str, str] | None = None) -> list[dict]:
             "parameters": model.parameters, "weights_bytes": model.weights_bytes,
             "estimated_memory_bytes": (budgeted_bytes(config, model.id, model.path)
                                        if model.usable else None),
-            "context_length": model.context_length,
+            "context_length": context,
             "capabilities": caps, "vision": "vision" in caps,
             "state": (states or {}).get(model.id, "STOPPED" if states is not None else None),
         })

@@ -453,6 +453,21 @@ def test_models_dropped_into_the_directory_appear_without_restart(
     assert daemon.http.get("/v1/models/org/dropped").json()["loaded"] is True
 
 
+def test_context_length_is_the_one_the_server_enforces(start_daemon, tiny_model: Path) -> None:
+    """A configured max_context below the model's own (2048) is what /v1/models and
+    `models list` give: a client that trims its history to context_length gets no 400."""
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "max_context": 100}})
+
+    served = daemon.http.get("/v1/models/tiny").json()
+    row = {m["id"]: m for m in json.loads(
+        cli(daemon.root, "models", "list", "--json").stdout)}["tiny"]
+
+    assert served["context_length"] == row["context_length"] == 100
+    too_long = daemon.http.post("/v1/completions", json={
+        "model": "tiny", "prompt": [5] * 90, "max_tokens": 11})
+    assert too_long.status_code == 400 and "maximum context length is 100" in too_long.text
+
+
 def test_lmstudio_installed_while_the_daemon_runs_is_discovered(
         download_daemon, tmp_path: Path, tiny_model: Path) -> None:
     """With no LM Studio directory at start, LM Studio's default one, made later, is scanned
