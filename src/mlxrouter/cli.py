@@ -26,6 +26,13 @@ def _port(text: str) -> int:
     return value
 
 
+def _host(text: str) -> str:
+    if not text.strip():  # "" would bind every interface without saying so
+        raise argparse.ArgumentTypeError("an empty host would listen on every interface; "
+                                         "give 0.0.0.0 or :: for that, or 127.0.0.1")
+    return text
+
+
 def _load(args: argparse.Namespace):
     try:
         return load_config(args.config, host=getattr(args, "host", None),
@@ -269,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the daemon (gateway, broker, supervisor)")
     serve.add_argument("--config", help="supervisor.toml or the seed's config.json")
-    serve.add_argument("--host")
+    serve.add_argument("--host", type=_host)
     serve.add_argument("--port", type=_port, help="0 to 65535 (0: any free port)")
     serve.add_argument("--model-dir")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"],

@@ -44,7 +44,8 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
 
 
 class ServerConfig(_Section):
-    host: str = "127.0.0.1"
+    # not empty: "" binds every interface, which must be asked for as "0.0.0.0" or "::"
+    host: Annotated[str, msgspec.Meta(min_length=1)] = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = DEFAULT_PORT
     max_body_bytes: Pos = 16 * 1024 * 1024
     # A request body must have arrived this long after its headers (a client that stalls

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -853,7 +854,6 @@ def test_ctl_with_a_config_that_does_not_exist_is_a_usage_error(tmp_path: Path,
                                                                  clean_env: Path) -> None:
     """Not a fallback to the default run dir: a typo in --config must not reach (and shut
     down) the default daemon."""
-    import subprocess
 
     missing = tmp_path / "typo.toml"
     with pytest.raises(ConfigError, match="no such config file"):
@@ -875,6 +875,7 @@ def test_ctl_with_a_config_that_does_not_exist_is_a_usage_error(tmp_path: Path,
     ("[supervisor]\nmax_loaded_models = -1\n", "max_loaded_models"),
     ("[supervisor]\nswap_high_percent = 150\n", "swap_high_percent"),
     ("[supervisor]\nload_timeout_s = 0\n", "load_timeout_s"),
+    ('[server]\nhost = ""\n', "host"),  # "" listened on every interface
 ])
 def test_nonsense_numbers_are_config_errors(tmp_path: Path, text: str, key: str) -> None:
     """keepalive 0 sent tens of thousands of keep-alives a second; a 0 silence timeout killed
@@ -883,3 +884,10 @@ def test_nonsense_numbers_are_config_errors(tmp_path: Path, text: str, key: str)
     with pytest.raises(ConfigError) as info:
         load_config(main)
     assert key in str(info.value)
+
+
+def test_serve_refuses_an_empty_host_flag() -> None:
+    done = subprocess.run([sys.executable, "-m", "mlxrouter", "serve", "--host", ""],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "an empty host would listen on every interface" in done.stderr
