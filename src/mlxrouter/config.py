@@ -427,8 +427,9 @@ def _main_from_seed_json(path: Path) -> dict[str, Any]:
         model_id: _split_seed_section(dict(opts), "models", str(path))
         for model_id, opts in raw.get("models", {}).items()
     }
-    if "api_key" in server:
-        server["api_keys"] = [server.pop("api_key")]
+    if "api_key" in server:  # the seed's one key, added to any list beside it
+        key, keys = server.pop("api_key"), list(server.get("api_keys") or [])
+        server["api_keys"] = keys + [key] if key and key not in keys else keys
     for key in ("streaming_format", "stream_chunk_size"):  # per model here
         if key in server:
             defaults.setdefault(key, server.pop(key))

@@ -359,6 +359,17 @@ def test_seed_config_json_loads(tmp_path: Path, caplog: pytest.LogCaptureFixture
     assert config.source == str(path)
 
 
+@pytest.mark.parametrize("server, keys", [
+    ({"api_key": "a"}, ["a"]),
+    ({"api_keys": ["b"], "api_key": "a"}, ["b", "a"]),  # "b" was dropped: its clients got 401s
+    ({"api_keys": ["a"], "api_key": "a"}, ["a"]),
+    ({"api_key": ""}, []),  # an empty seed key means no key
+])
+def test_seed_api_key_adds_to_api_keys(tmp_path: Path, server: dict, keys: list) -> None:
+    path = write_json(tmp_path / "config.json", {"server": server})
+    assert load_config(path).server.api_keys == keys
+
+
 def test_seed_keys_with_a_new_home_are_carried_over(tmp_path: Path) -> None:
     config = load_config(write_json(tmp_path / "config.json", SEED))
     assert config.supervisor.max_loaded_models == 4  # the seed's cache_size
