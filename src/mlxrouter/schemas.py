@@ -318,9 +318,12 @@ def check_supported(req: ChatCompletionRequest) -> None:
         raise InvalidRequest(f"the JSON schema is larger than {MAX_SCHEMA_BYTES} bytes",
                              param="response_format.json_schema.schema")
     for i, msg in enumerate(req.messages):
-        if msg.role == "tool" and not msg.tool_call_id:
+        # the call it answers, by id (OpenAI's way) or by its function's name (older clients;
+        # the named templates match either)
+        if msg.role == "tool" and not msg.tool_call_id and not msg.name:
             raise InvalidRequest(f"messages[{i}]: a 'tool' message needs the tool_call_id of "
-                                 f"the call it answers", param=f"messages[{i}].tool_call_id")
+                                 f"the call it answers (or the function's name)",
+                                 param=f"messages[{i}].tool_call_id")
     check_messages(req.messages)  # content parts: vision.py
 
 

@@ -448,6 +448,9 @@ def test_a_tool_result_must_name_its_call() -> None:
     with pytest.raises(InvalidRequest) as info:
         check_supported(req)
     assert info.value.param == "messages[1].tool_call_id"
+    # by the function's name, as chat-templates.md says the named templates take it
+    check_supported(parse(messages=[{"role": "user", "content": "x"},
+                                    {"role": "tool", "content": "4", "name": "add"}]))
 
 
 @pytest.mark.parametrize("fields, param", [

@@ -329,6 +329,15 @@ def test_gpt_oss_needs_to_know_which_function_a_result_is_from(tokenizer: Any) -
         render(tokenizer, "gpt-oss", messages)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_a_tool_result_named_by_its_function_renders(tokenizer: Any, name: str) -> None:
+    messages = [{"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": None,
+                 "tool_calls": [call("c1", "get_weather", {"city": "Oslo"})]},
+                {"role": "tool", "name": "get_weather", "content": "sunny, 21C"}]
+    assert "sunny, 21C" in render(tokenizer, name, messages)
+
+
 def test_deepseek_rejects_a_late_system_message(tokenizer: Any) -> None:
     with pytest.raises(TemplateError, match="system messages at the start"):
         render(tokenizer, "deepseek", [*CHAT, {"role": "system", "content": "late"}])
