@@ -86,6 +86,15 @@ def plan_load(need_bytes: int, budget_bytes: int, max_loaded: int,
     if memory_ok:  # only the number of workers stands in the way
         return Plan("wait", reason=(
             f"max_loaded_models ({max_loaded}) workers are loaded, all busy or pinned"))
+    freeable = sum(r.cost_bytes for r in residents if r.evictable)
+    if (available_bytes is not None and need_bytes > available_bytes + freeable
+            and committed - freeable + need_bytes <= budget_bytes):
+        # the budget has room: free memory (high or critical pressure) is what is short
+        return Plan("wait", reason=(
+            f"needs {need_bytes / GB:.2f} GB; only {available_bytes / GB:.2f} GB of memory "
+            f"is available on this machine (high memory pressure)"
+            + (f", {freeable / GB:.2f} GB more after stopping idle workers" if freeable
+               else "")))
     return Plan("wait", reason=(
         f"needs {need_bytes / GB:.2f} GB; {committed / GB:.2f} GB of the "
         f"{budget_bytes / GB:.2f} GB budget is held by busy or pinned workers"))

@@ -68,6 +68,11 @@ def test_impossible_and_wait_plans_name_the_figures():
     wait = plan_load(int(4 * GB), int(10 * GB), 0, [r("busy", 8, evictable=False)])
     assert "4.00 GB" in wait.reason and "8.00 GB" in wait.reason and "10.00 GB" in wait.reason
     # memory is plentiful and the count of workers is what blocks: say so, not "memory"
+    # under pressure, free memory short while the budget has room: not "held by busy workers"
+    short = plan_load(int(21.6 * GB), int(40 * GB), 0, [r("idle", 0.95)], int(20 * GB))
+    assert short == Plan("wait", reason="needs 21.60 GB; only 20.00 GB of memory is available "
+                                        "on this machine (high memory pressure), 0.95 GB more "
+                                        "after stopping idle workers")
     by_count = plan_load(int(1 * GB), int(10 * GB), 1, [r("busy", 1, evictable=False)])
     assert by_count == Plan("wait", reason="max_loaded_models (1) workers are loaded, all "
                                            "busy or pinned")
