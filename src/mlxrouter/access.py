@@ -143,7 +143,11 @@ class AccessMiddleware:
                 check_access(scope, server.api_keys, server.admin_key, server.cors_origins)
             except RouterError as exc:
                 return await _send_error(send, exc, rid)
-            await self.app(scope, receive, _with_request_id(send, rid))
+            self.state.requests_in_progress += 1
+            try:
+                await self.app(scope, receive, _with_request_id(send, rid))
+            finally:
+                self.state.requests_in_progress -= 1
         finally:
             request_id.reset(token)
 

@@ -332,7 +332,8 @@ class Daemon:
         stopper = asyncio.create_task(self.stop_requested.wait())
         await asyncio.wait({server, stopper}, return_when=asyncio.FIRST_COMPLETED)
         state.shutting_down = True
-        await self._drain(broker, supervisor)
+        supervisor.begin_shutdown()
+        await self._drain(state, broker, supervisor)
         self._http_stop.set()
         await asyncio.gather(server, return_exceptions=True)
         await supervisor.close()
@@ -355,14 +356,15 @@ class Daemon:
             if spec.preload or (model_id == default and config.supervisor.preload_default_model):
                 supervisor.request_start(spec)
 
-    async def _drain(self, broker: Broker, supervisor: Supervisor) -> None:
-        """Requests generating and requests still queued (e.g. for a load) may finish."""
+    async def _drain(self, state: AppState, broker: Broker, supervisor: Supervisor) -> None:
+        """Requests generating and requests still queued (e.g. for a load) may finish, and so
+        may HTTP requests not yet that far (a body still arriving, a grammar compiling)."""
         deadline = time.monotonic() + self.config.supervisor.drain_timeout_s
 
         def busy() -> int:
             return broker.in_flight + supervisor.waiting()
 
-        while busy() and time.monotonic() < deadline:
+        while (busy() or state.requests_in_progress) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if busy():
             # What is left fails now, in OpenAI's shape (503 shutting_down, or a stream's

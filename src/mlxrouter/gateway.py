@@ -155,6 +155,8 @@ async def _admit(request: Request, type_: type) -> tuple[AppState, Any, ModelSpe
         raise ShuttingDown("the server is shutting down")
     server = state.config.server
     body = await read_body(request, server.max_body_bytes, server.request_body_timeout_s)
+    if state.shutting_down:  # SIGTERM came while the body arrived: not let in
+        raise ShuttingDown("the server is shutting down")
     req = decode_body(body, type_)
     return state, req, state.supervisor.spec(req.model)
 

@@ -32,6 +32,9 @@ class AppState:
     shutdown: Callable[[], None] | None = None
     started_at: float = field(default_factory=time.time)
     shutting_down: bool = False
+    # HTTP requests between their headers and their response's end (AccessMiddleware): the
+    # drain waits for those too, e.g. one whose body was still arriving when SIGTERM came
+    requests_in_progress: int = 0
 
 
 def json_response(payload: object, status: int = 200,

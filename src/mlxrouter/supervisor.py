@@ -78,6 +78,7 @@ class Supervisor:
         self._last_reap = 0.0
         self._overhead_bytes = memory.DEFAULT_OVERHEAD_BYTES
         self._closing = False
+        self._stopping = False  # begin_shutdown: draining, then close()
         self._wakeup: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._measured_at = float("-inf")
         self._loop_task: asyncio.Task | None = None
@@ -92,6 +93,11 @@ class Supervisor:
         if killed:
             log.warning("reaped %d stale worker(s) of a previous daemon: %s", len(killed), killed)
         self._loop_task = asyncio.create_task(self._run(), name="supervisor")
+
+    def begin_shutdown(self) -> None:
+        """The daemon drains: nothing starts a model any more (a ctl start waiting for a load
+        answers 503 shutting_down at once, while the HTTP server can still send it)."""
+        self._stopping = True
 
     async def close(self) -> None:
         """Stop every worker and wait until each is reaped."""
@@ -748,7 +754,7 @@ class Supervisor:
 
     def request_start(self, spec: ModelSpec) -> Slot:
         """Start a model without a request (preload, ctl start); clears FATAL and BACKOFF."""
-        if self._closing:
+        if self._closing or self._stopping:
             raise ShuttingDown("the server is shutting down")
         slot = self._slot(spec)
         if slot.fatal_reason:  # a fresh crash loop, not one more crash, makes it FATAL again
@@ -768,7 +774,7 @@ class Supervisor:
         deadline = time.monotonic() + timeout
         reason = ""  # the last wait reason seen: a timed-out wait clears it as it gives up
         while time.monotonic() < deadline:
-            if self._closing:
+            if self._closing or self._stopping:
                 raise ShuttingDown("the server is shutting down")
             if slot.state is State.RUNNING and not slot.want_start:
                 return State.RUNNING

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import threading
 import time
 
@@ -204,6 +205,33 @@ def test_a_request_queued_behind_a_full_batch_gets_the_503_when_the_drain_runs_o
         daemon, "tiny", 100, lambda: daemon.workers()["tiny"]["waiting"] == 1)
     assert queued[0].status_code == 503, (queued[0].status_code, queued[0].text)
     assert queued[0].json()["error"]["code"] == "shutting_down"
+
+
+def test_a_request_whose_body_arrives_after_sigterm_gets_a_503(start_daemon):
+    """Its headers came before SIGTERM and its body after: the drain ended at once (nothing
+    was in flight yet), the request was let in and then cut off with an empty 500."""
+    daemon = start_daemon()
+    url = httpx.URL(daemon.base_url)
+    body = json.dumps({"model": "tiny", "messages": MESSAGES, "max_tokens": 2}).encode()
+    with socket.create_connection((url.host, url.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Content-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
+        time.sleep(0.5)
+        daemon.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: daemon.http.get("/health").status_code == 503, 5, "draining")
+        time.sleep(0.5)
+        sock.sendall(body[10:])
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    head, _, payload = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503"), reply
+    assert json.loads(payload)["error"]["code"] == "shutting_down"
+    assert daemon.proc.wait(30) == 0
 
 
 @pytest.mark.parametrize("pdeathsig", [True, False], ids=["pdeathsig", "getppid"])

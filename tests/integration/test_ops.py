@@ -154,6 +154,23 @@ def test_ctl_start_during_a_shutdown_is_refused(start_daemon, tiny_model):
     assert "shutdown asked through the admin API" in (daemon.log_dir / "daemon.log").read_text()
 
 
+def test_a_ctl_start_waiting_for_a_load_when_sigterm_comes_gets_shutting_down(start_daemon,
+                                                                              tiny_model):
+    """It was cut off by the HTTP server's graceful timeout: "ERROR (500): " and nothing."""
+    daemon = start_daemon({"slow": {"path": str(tiny_model), "fault": {"load_delay_s": 30}}})
+    started = subprocess.Popen(
+        [sys.executable, "-m", "mlxrouter", "ctl", "--config",
+         str(daemon.root / "supervisor.toml"), "start", "slow"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: daemon.workers().get("slow", {}).get("state") == "STARTING", 30,
+             "the load")
+    daemon.proc.send_signal(signal.SIGTERM)
+    out, _ = started.communicate(timeout=30)
+    assert started.returncode == 1
+    assert "shutting_down" in out and "(500)" not in out, out
+    assert daemon.proc.wait(30) == 0
+
+
 def test_ctl_stop_drains_the_request_in_flight(start_daemon, tiny_model):
     daemon = start_daemon({"tiny": {"path": str(tiny_model), "preload": True,
                                     "fault": {"delay_per_token_s": 0.03}}})
