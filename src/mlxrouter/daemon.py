@@ -16,7 +16,6 @@ import fcntl
 import importlib.util
 import json
 import logging
-import logging.handlers
 import os
 import signal
 import socket
@@ -37,7 +36,7 @@ from .discovery import Catalog
 from .errors import RouterError, ShuttingDown
 from .gateway import build_app
 from .metrics import Metrics
-from .process import die_with_parent
+from .process import PrivateLogFile, die_with_parent
 from .runtime import AppState
 from .supervisor import Supervisor
 
@@ -114,8 +113,11 @@ def setup_logging(config: Config, level: str | None) -> None:
     root = logging.getLogger()
     root.setLevel((level or ("debug" if config.server.debug else "info")).upper())
     sup = config.supervisor
-    handlers: list[logging.Handler] = [logging.handlers.RotatingFileHandler(
+    handlers: list[logging.Handler] = [PrivateLogFile(
         config.log_dir / "daemon.log", maxBytes=sup.log_max_bytes, backupCount=sup.log_backups)]
+    # httpx logs every request's whole URL at INFO: a remote image's credentials and tokens
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     if sys.stderr.isatty():  # under launchd / systemd stderr is an unrotated file or journald
         handlers.append(logging.StreamHandler(sys.stderr))
     for handler in handlers:

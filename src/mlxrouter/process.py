@@ -12,6 +12,7 @@ import asyncio
 import ctypes
 import json
 import logging
+import logging.handlers
 import os
 import signal
 import sys
@@ -20,6 +21,16 @@ from pathlib import Path
 import psutil
 
 log = logging.getLogger(__name__)
+
+
+class PrivateLogFile(logging.handlers.RotatingFileHandler):
+    """A rotated log only its owner reads (0600, rotated files too): lines can carry request
+    details, such as a remote image's host."""
+
+    def _open(self):  # type: ignore[override]
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)  # a file made before (by an older version) is made private too
+        return os.fdopen(fd, "a", encoding=self.encoding or "utf-8", errors=self.errors)
 
 
 def die_with_parent() -> None:

@@ -313,16 +313,31 @@ async def fetch_remote(url: str, limit: int, timeout_s: float, param: str, *,
                     target = target.join(location)
                     if target.scheme not in ("http", "https"):
                         raise failed
-                log.info("remote image: more than %d redirects url=%s", MAX_REDIRECTS, url)
+                log.info("remote image: more than %d redirects url=%s", MAX_REDIRECTS,
+                         _logged(url))
                 raise InvalidRequest(f"fetching the image at {url} took more than "
                                      f"{MAX_REDIRECTS} redirects", param=param)
     except TimeoutError:
-        log.info("remote image: timed out url=%s", url)
+        log.info("remote image: timed out url=%s", _logged(url))
         raise failed from None
     except (httpx.HTTPError, httpx.InvalidURL, OSError, UnicodeError, ValueError,
             OverflowError, ExceptionGroup) as exc:  # (the last two: a connect's own checks)
-        log.info("remote image: fetch failed url=%s error=%r", url, exc)
+        log.info("remote image: fetch failed url=%s error=%s", _logged(url),
+                 _logged(repr(exc)))
         raise failed from None
+
+
+def _logged(url: str) -> str:
+    """A client's URL as the log shows it: no credentials, query or fragment (signed URLs
+    carry tokens there), and no line breaks or other control characters (a forged log line)."""
+    import httpx
+
+    try:
+        u = httpx.URL(url)
+        text = str(u.copy_with(userinfo=b"", query=None, fragment=None)) if u.host else url
+    except (httpx.InvalidURL, TypeError, ValueError):
+        text = url
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)[:300]
 
 
 async def _get(client: Any, target: Any, address: str, limit: int, url: str,
@@ -336,10 +351,10 @@ async def _get(client: Any, target: Any, address: str, limit: int, url: str,
         if resp.status_code in (301, 302, 303, 307, 308) and "location" in resp.headers:
             return resp.headers["location"]
         if resp.status_code != 200:
-            log.info("remote image: HTTP %d url=%s", resp.status_code, target)
+            log.info("remote image: HTTP %d url=%s", resp.status_code, _logged(str(target)))
             raise OSError(f"HTTP {resp.status_code}")
         if resp.headers.get("content-encoding", "identity").lower() != "identity":
-            log.info("remote image: compressed body refused url=%s", target)
+            log.info("remote image: compressed body refused url=%s", _logged(str(target)))
             raise OSError("content-encoding")
         declared = resp.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:

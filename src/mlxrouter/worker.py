@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import logging.handlers
 import os
 import queue
 import signal
@@ -29,7 +28,7 @@ import zmq
 
 from . import __version__, protocol
 from .config import ModelSpec
-from .process import die_with_parent
+from .process import PrivateLogFile, die_with_parent
 from .vision import is_vision_model
 
 log = logging.getLogger("mlxrouter.worker")
@@ -284,8 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     handler: logging.Handler = (
-        logging.handlers.RotatingFileHandler(args.log_file, maxBytes=args.log_max_bytes,
-                                             backupCount=args.log_backups)
+        PrivateLogFile(args.log_file, maxBytes=args.log_max_bytes,
+                       backupCount=args.log_backups)
         if args.log_file else logging.StreamHandler(sys.stderr))
     handler.setFormatter(logging.Formatter(
         f"%(asctime)s %(levelname)s worker:{args.identity.split('/')[0]} %(message)s"))

@@ -322,7 +322,7 @@ class _ImageHandler(http.server.BaseHTTPRequestHandler):
     png = image_bytes("PNG")
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-        body = self.png if self.path == "/small.png" else b"x" * 400_000
+        body = self.png if self.path.split("?")[0] == "/small.png" else b"x" * 400_000
         self.send_response(200)
         self.send_header("Content-Type", "image/png")
         self.send_header("Content-Length", str(len(body)))
@@ -347,6 +347,19 @@ def test_remote_images_when_allowed(tmp_path, tiny_vlm: Path) -> None:
             assert prompt_tokens(d, ask([remote])) == prompt_tokens(d, ask([inline]))
             big = {"type": "image_url", "image_url": {"url": f"{base}/big.png"}}
             assert_rejected(d, chat(d, ask([big])), "max_image_bytes")
+            # a signed URL's credentials and token never reach the logs, which only their
+            # owner reads
+            signed = f"http://alice:s3cr3t@{base[7:]}/small.png?token=abc123"
+            assert chat(d, ask([{"type": "image_url", "image_url": {"url": signed}}]),
+                        max_tokens=1).status_code == 200
+            assert_rejected(d, chat(d, ask([{"type": "image_url", "image_url": {
+                "url": f"http://alice:s3cr3t@{base[7:]}/big.png?token=abc123"}}])),
+                "max_image_bytes")
+            logs = sorted(d.log_dir.glob("*.log"))
+            assert len(logs) >= 2
+            for log in logs:
+                assert "s3cr3t" not in log.read_text() and "abc123" not in log.read_text()
+                assert log.stat().st_mode & 0o077 == 0, log
     finally:
         server.shutdown()
 

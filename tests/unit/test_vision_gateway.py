@@ -510,3 +510,15 @@ def test_one_deadline_covers_all_of_a_requests_remote_images(vlm_spec) -> None:
         assert time.monotonic() - started < 2.0  # not 3 x the per-image time
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("url, logged", [
+    ("http://alice:s3cr3t@example.com:8080/a.png?token=abc#frag", "http://example.com:8080/a.png"),
+    ("http://example.com/x\n2026-12-08 CRITICAL forged", "http://example.com/x\\n2026-12-08"),
+    ("not a url\r\nforged", "not a url\\r\\nforged"),
+])
+def test_a_remote_image_url_is_logged_without_secrets_or_line_breaks(url: str,
+                                                                     logged: str) -> None:
+    text = vision._logged(url)
+    assert text.startswith(logged) and "\n" not in text and "\r" not in text
+    assert "s3cr3t" not in text and "abc" not in text
