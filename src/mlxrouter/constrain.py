@@ -344,12 +344,26 @@ class GrammarProcessor:
 
     def precheck(self, n_logits: int, param: str = "response_format") -> None:
         """Compute the first mask now, so a grammar that cannot start (a schema llguidance
-        accepts but cannot run with this tokenizer) is a 400 before the request starts."""
+        accepts but cannot run with this tokenizer) is a 400 before the request starts; and,
+        on a copy, the mask after the tokens the grammar forces (`{"key":`, `<tool_call>`),
+        where llguidance's limits (a recursive required child, a huge repetition) bite."""
         if self.error is None:
             self._allowed(n_logits)
+        if self.error is None:
+            self.error = _short(self._probe_forced()) or None
         if self.error is not None:
             raise InvalidRequest(f"the output format cannot be enforced for this model: "
                                  f"{self.error}", param=param)
+
+    def _probe_forced(self) -> str:
+        import llguidance.numpy
+        import numpy as np
+
+        probe = self._matcher.deep_copy()
+        forced = probe.compute_ff_tokens()
+        if forced and probe.consume_tokens(forced):
+            llguidance.numpy.fill_next_token_bitmask(probe, np.zeros_like(self._words))
+        return probe.get_error() if probe.is_error() else ""
 
     def raise_for_error(self) -> None:
         if self.error is not None:

@@ -441,3 +441,25 @@ def test_mask_cost_per_step_with_a_49k_vocabulary():
     median_ms = float(np.median(times)) * 1e3
     print(f"mask step, 49152 tokens: median {median_ms:.3f} ms over {len(times)} steps")
     assert median_ms < 20  # ~0.1-0.3 ms here; a decode step of a 135M model is ~100 ms
+
+
+@pytest.mark.parametrize("schema, cause", [
+    ({"type": "object", "properties": {"n": {"$ref": "#/$defs/n"}}, "required": ["n"],
+      "$defs": {"n": {"type": "object", "properties": {"c": {"$ref": "#/$defs/n"}},
+                      "required": ["c"]}}}, "Too many items"),
+    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "^a{1000}{1000}$"}},
+      "required": ["a"]}, "too many expressions"),
+])
+def test_a_schema_that_fails_after_its_forced_start_is_a_400_before_generating(
+        factory, schema, cause):
+    """llguidance compiles these and gives a first mask, then fails once `{"n":` is in: the
+    request was a 500 (retried by the SDK) after it started, or a stream's error event."""
+    grammar = grammar_for_response_format({"type": "json_schema",
+                                           "json_schema": {"name": "x", "schema": schema}})
+    processor = factory.processor(grammar)
+    with pytest.raises(InvalidRequest, match=cause) as info:
+        processor.precheck(factory.ll_tokenizer.vocab_size)
+    assert info.value.status == 400 and info.value.param == "response_format"
+    fine = factory.processor(grammar_for_response_format({"type": "json_object"}))
+    fine.precheck(factory.ll_tokenizer.vocab_size)
+    assert fine.error is None
