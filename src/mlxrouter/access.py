@@ -46,9 +46,28 @@ class RequestIdFilter(logging.Filter):
 
 def _is_loopback(host: str | None) -> bool:
     try:
-        return host is not None and ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host) if host is not None else None
     except ValueError:
         return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # an IPv4 client of a dual-stack ("::") socket
+    return address is not None and address.is_loopback
+
+
+def _same_address(a: str | None, b: str | None) -> bool:
+    try:
+        return a is not None and b is not None and (
+            ipaddress.ip_address(a) == ipaddress.ip_address(b))
+    except ValueError:
+        return False
+
+
+def _from_this_machine(scope: Scope) -> bool:
+    """A loopback client, or one whose address is the one it connected to (the daemon bound
+    to one of this machine's own addresses: its clients there come from that address)."""
+    client = (scope.get("client") or (None,))[0]
+    server = (scope.get("server") or (None,))[0]
+    return _is_loopback(client) or _same_address(client, server)
 
 
 def _bearer(scope: Scope) -> str | None:
@@ -94,10 +113,12 @@ def _check_browser(scope: Scope, cors_origins: list[str], admin: bool) -> None:
 
 
 def _check_host(scope: Scope) -> None:
-    """DNS rebinding: loopback trust needs a loopback Host header too."""
+    """DNS rebinding: loopback trust needs a loopback Host header too (or the address the
+    client connected to, written as an address)."""
     host = _header(scope, b"host") or ""
     name = urlsplit(f"//{host}").hostname or ""
-    if name != "localhost" and not _is_loopback(name):
+    server = (scope.get("server") or (None,))[0]
+    if name != "localhost" and not _is_loopback(name) and not _same_address(name, server):
         raise Forbidden(f"/admin is only reachable as localhost, not as {host!r}, unless "
                         f"an admin key is configured")
 
@@ -114,9 +135,11 @@ def check_access(scope: Scope, api_keys: list[str], admin_key: str | None,
         if admin_key:
             if not _matches(token, [admin_key]):
                 raise Unauthorized("a valid admin key is required for /admin")
-        elif not _is_loopback((scope.get("client") or (None,))[0]):
-            raise Forbidden("/admin is only reachable from this machine unless an admin key "
-                            "is configured")
+        elif not _from_this_machine(scope):
+            client = (scope.get("client") or ("?",))[0]
+            raise Forbidden(f"/admin is only reachable from this machine (this request came "
+                            f"from {client}) unless an admin key is configured (admin_key, "
+                            f"or MLXROUTER_ADMIN_KEY)")
         else:
             _check_host(scope)
         return
