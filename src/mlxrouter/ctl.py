@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 import time
+from urllib.parse import quote
 
 import httpx
 
@@ -47,6 +48,13 @@ class Client:
             raise CtlError(f"ERROR ({err.get('code', resp.status_code)}): "
                            f"{err.get('message', resp.text)}", code)
         return body
+
+
+
+def model_path(name: str, action: str) -> str:
+    """/admin/models/<id>/<action> with the id percent-encoded: an id may hold "%", "#", "?"
+    or ".." (sent as is, "m%41" stopped model "mA", and "a#b" reached nothing)."""
+    return f"/admin/models/{quote(name, safe='/').replace('.', '%2E')}/{action}"
 
 
 def daemon_url(args: argparse.Namespace) -> str:
@@ -117,7 +125,7 @@ def _each(client: Client, args: argparse.Namespace, action: str, done: str) -> i
     started = []
     for name in _targets(client, args.names, running_only=action != "start"):
         try:
-            result = client.call("POST", f"/admin/models/{name}/{action}")
+            result = client.call("POST", model_path(name, action))
             print(f"{name}: {result.get('message') or done} ({result['state']})")
             started.append(name)
         except CtlError as exc:
@@ -172,7 +180,7 @@ def cmd_pid(client: Client, args: argparse.Namespace) -> int:
 
 def cmd_tail(client: Client, args: argparse.Namespace) -> int:
     stream = "stderr" if args.stderr else "stdout"
-    path = f"/admin/models/{args.name}/log"
+    path = model_path(args.name, "log")
     chunk = client.call("GET", path, params={"stream": stream, "tail": args.bytes})
     sys.stdout.write(chunk["text"])
     sys.stdout.flush()

@@ -171,6 +171,23 @@ def test_a_ctl_start_waiting_for_a_load_when_sigterm_comes_gets_shutting_down(st
     assert daemon.proc.wait(30) == 0
 
 
+def test_ctl_names_a_model_whose_id_holds_url_characters(start_daemon, tiny_model):
+    """The id went into the URL as is: `ctl stop m%41` stopped "mA", `a#b` reached nothing."""
+    daemon = start_daemon({"mA": {"path": str(tiny_model), "preload": True},
+                           "m%41": {"path": str(tiny_model)},
+                           "a#b": {"path": str(tiny_model)}})
+    daemon.wait_worker("mA")
+
+    stop = ctl(daemon, "stop", "m%41")
+    start = ctl(daemon, "start", "a#b")
+    tail = ctl(daemon, "tail", "../../etc/passwd")
+
+    assert "m%41" in stop.stdout and daemon.workers()["mA"]["state"] == "RUNNING"
+    assert start.returncode == 0 and "a#b" in start.stdout, start
+    assert daemon.workers()["a#b"]["state"] == "RUNNING"
+    assert tail.returncode == 4 and "no such model" in tail.stdout + tail.stderr, tail
+
+
 def test_ctl_stop_drains_the_request_in_flight(start_daemon, tiny_model):
     daemon = start_daemon({"tiny": {"path": str(tiny_model), "preload": True,
                                     "fault": {"delay_per_token_s": 0.03}}})
