@@ -236,7 +236,10 @@ class VisionEngine:
             ("logprobs", getattr(req.sampling, "logprobs", False)),
             ("tools", getattr(req, "tools", None)),
             ("response_format", getattr(req, "grammar", None)),
-            ("chat_template_kwargs", getattr(req, "template_kwargs", None)),
+            # reasoning_effort travels among the template variables: name what was sent
+            ("reasoning_effort" if set(getattr(req, "template_kwargs", None) or {}) == {
+                "reasoning_effort"} else "chat_template_kwargs",
+             getattr(req, "template_kwargs", None)),
         ]
         for name, value in refused:
             if value:

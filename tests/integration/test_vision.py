@@ -312,6 +312,20 @@ def test_a_vision_models_text_streams_per_token_and_stops_at_once(daemon, vlm_pi
     assert len(chunks) >= 4, chunks
 
 
+@pytest.mark.parametrize("extra, param", [
+    ({"logprobs": True}, "logprobs"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"chat_template_kwargs": {"x": 1}}, "chat_template_kwargs"),
+    ({"reasoning_effort": "low"}, "reasoning_effort"),  # named as sent, not as a template var
+])
+def test_what_a_vision_model_cannot_honour_is_a_400_naming_it(daemon, vlm_pid, extra,
+                                                             param) -> None:
+    err = assert_rejected(daemon, chat(daemon, ask([image_part(image_bytes("PNG"))]), **extra),
+                          f"parameter '{param}' is not supported for vision models")
+    assert err["param"] == param
+    assert daemon.worker_pid(VLM) == vlm_pid
+
+
 def test_images_only_from_the_user(daemon, vlm_pid) -> None:
     messages = [{"role": "system", "content": [image_part(image_bytes("PNG"))]},
                 {"role": "user", "content": "hi"}]
