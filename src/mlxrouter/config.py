@@ -553,8 +553,11 @@ def load_config(
         keys.append((f"{source}: server.admin_key", server.admin_key))
     env_key = os.environ.get("MLXROUTER_API_KEY")
     env_admin = os.environ.get("MLXROUTER_ADMIN_KEY")
+    # set but empty (a unit file's ${KEY} that was never defined) is refused like an empty
+    # key in the file: the daemon would have run with no authentication without a word
     keys += [(name, value) for name, value in [("MLXROUTER_API_KEY", env_key),
-                                              ("MLXROUTER_ADMIN_KEY", env_admin)] if value]
+                                              ("MLXROUTER_ADMIN_KEY", env_admin)]
+             if value is not None]
     _check_keys(keys)
     if env_key and env_key not in server.api_keys:
         server = msgspec.structs.replace(server, api_keys=[*server.api_keys, env_key])

@@ -155,7 +155,7 @@ async def collect_media(server: ServerConfig, spec: ModelSpec, messages: list[An
         raise InvalidRequest(f"model '{spec.id}' does not accept images or files: it is not "
                              f"a vision model ({why})", param=f"{parts[0][0]}.type")
     shared = f" shared by n={copies} choices" if copies > 1 else ""
-    max_images = max(1, server.max_request_images // copies)
+    max_images = server.max_request_images // copies  # n=16 with one image is 16 decodes
     max_bytes = server.max_request_media_bytes // copies
     max_pixels = server.max_request_pixels // copies
     if len(parts) > max_images:

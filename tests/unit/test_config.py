@@ -245,6 +245,12 @@ def test_a_key_from_the_environment_that_no_client_could_send_is_a_config_error(
         load_config(main)
     monkeypatch.setenv("MLXROUTER_API_KEY", "sk-local_1.2~3+/=")
     assert load_config(main).server.api_keys == ["sk-local_1.2~3+/="]
+    # set but empty (an undefined ${KEY} in a unit file): it ran with no authentication
+    for name in ("MLXROUTER_API_KEY", "MLXROUTER_ADMIN_KEY"):
+        monkeypatch.setenv("MLXROUTER_API_KEY", "sk-1")
+        monkeypatch.setenv(name, "")
+        with pytest.raises(ConfigError, match=f"{name} is empty"):
+            load_config(main)
 
 
 def test_bad_type_in_worker_file_is_a_config_error(tmp_path: Path) -> None:

@@ -458,6 +458,10 @@ def test_n_choices_share_the_request_wide_limits(vlm_spec) -> None:
     with pytest.raises(InvalidRequest, match=r"more than max_request_images \(32 shared by "
                                              r"n=32 choices"):
         collect(vlm_spec, two, copies=32)
+    one = chat_request([img_part(uri(image("PNG")))])
+    with pytest.raises(InvalidRequest, match=r"carries 1 images and files, more than "
+                                             r"max_request_images \(32 shared by n=33"):
+        collect(vlm_spec, one, copies=33)  # one image each would be 33 decodes
     media = collect(vlm_spec, two, copies=4)
     assert {(m.request_max_images, m.request_max_pixels) for m in media} == {
         (SERVER.max_request_images // 4, SERVER.max_request_pixels // 4)}
