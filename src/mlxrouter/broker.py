@@ -83,6 +83,8 @@ class RequestStream:
         self._calls: list[protocol.ToolCallDelta] = []
         self._logprobs: list[protocol.TokenLogprob] = []
         self._wake = asyncio.Event()
+        # done at finish(): what a request waiting for its other choices to start watches
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     @property
     def done(self) -> bool:
@@ -117,6 +119,8 @@ class RequestStream:
             else:
                 self.started.set_result(protocol.Started(rid=self.rid, prompt_tokens=0))
         self._wake.set()
+        if not self.ended.done():
+            self.ended.set_result(None)
         self.lease.release()
 
     async def next_chunk(self) -> Chunk:

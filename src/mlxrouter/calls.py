@@ -191,7 +191,28 @@ class Group:
             raise
 
     async def open(self) -> None:
-        await self._all(c.open() for c in self.calls)
+        """Every choice started. A choice that fails meanwhile (its worker crashed) fails the
+        request at once: the others may still wait for a batch slot, and they waited for the
+        model's reload before the client heard of the crash."""
+        tasks = [asyncio.ensure_future(c.open()) for c in self.calls]
+        try:
+            while not all(t.done() for t in tasks):
+                running = [c.stream.ended for c in self.calls
+                           if c.stream is not None and not c.stream.done]
+                await asyncio.wait([*(t for t in tasks if not t.done()), *running],
+                                   return_when=asyncio.FIRST_COMPLETED)
+                for task in tasks:
+                    if task.done() and task.exception() is not None:
+                        raise task.exception()
+                for call in self.calls:
+                    if call.stream is not None and call.stream.error is not None:
+                        raise call.stream.error
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.close()
+            raise
 
     def close(self) -> None:
         for call in self.calls:

@@ -207,6 +207,27 @@ def test_a_request_queued_behind_a_full_batch_gets_the_503_when_the_drain_runs_o
     assert queued[0].json()["error"]["code"] == "shutting_down"
 
 
+def test_a_crash_fails_a_streamed_n_request_at_once_while_a_choice_waits(start_daemon,
+                                                                        tiny_model):
+    """Two of three choices generating (max_running 2) when the worker dies: the third,
+    waiting for a slot, kept the request open until the model had loaded again, so the client
+    heard of the crash a whole load later."""
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "max_running": 2, "preload": True,
+                                    "fault": {"crash_after_tokens": 4, "load_delay_s": 6,
+                                              "delay_per_token_s": 0.05}}})
+    wait_for(lambda: daemon.workers().get("tiny", {}).get("state") == "RUNNING", 30, "the load")
+    started = time.monotonic()
+    with httpx.stream("POST", f"{daemon.base_url}/v1/chat/completions", timeout=60, json={
+            "model": "tiny", "messages": MESSAGES, "max_tokens": 50, "n": 3,
+            "stream": True}) as resp:
+        # before stream_commit_after_s it is a real 502, after it the stream's error event
+        body = resp.read().decode()
+    elapsed = time.monotonic() - started
+    last = [line for line in body.splitlines() if line.strip()][-1].removeprefix("data: ")
+    assert json.loads(last)["error"]["code"] == "worker_crashed", body
+    assert elapsed < 5, elapsed  # not after a 6 s reload
+
+
 def test_a_request_whose_body_arrives_after_sigterm_gets_a_503(start_daemon):
     """Its headers came before SIGTERM and its body after: the drain ended at once (nothing
     was in flight yet), the request was let in and then cut off with an empty 500."""
