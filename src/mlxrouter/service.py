@@ -232,7 +232,8 @@ def _relocation_problems(src: Path, loaded: Config) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         _copy_config(src, Path(tmp))
         moved = load_config(Path(tmp) / _config_name(src))
-    problems = [k for k in ("model_directory", "run_dir", "log_dir")
+    problems = [k for k in ("model_directory", "run_dir", "log_dir", "hf_cache_dir",
+                            "lmstudio_dir")
                 if getattr(moved.supervisor, k) != getattr(loaded.supervisor, k)]
     problems += [f"path of model {m!r}" for m, opts in loaded.models.items()
                  if moved.models.get(m) != opts]

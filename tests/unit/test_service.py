@@ -315,13 +315,14 @@ def test_install_uses_mlxrouter_config_from_the_environment(
     assert (home / ".mlxrouter" / "supervisor.toml").read_text() == source.read_text()
 
 
+@pytest.mark.parametrize("key", ["model_directory", "hf_cache_dir", "lmstudio_dir"])
 def test_install_refuses_paths_relative_to_the_config(
-        home: Path, tmp_path: Path, exe: Path, runner, capsys) -> None:
+        home: Path, tmp_path: Path, exe: Path, runner, capsys, key: str) -> None:
     cfg = tmp_path / "rel" / "supervisor.toml"
     cfg.parent.mkdir()
-    cfg.write_text('[supervisor]\nmodel_directory = "models"\n')
+    cfg.write_text(f'[supervisor]\n{key} = "somewhere"\n')
     assert install(cfg, exe, "linux") == 2
-    assert "model_directory" in capsys.readouterr().err
+    assert key in capsys.readouterr().err
     assert runner.calls == [] and list(home.iterdir()) == []
 
 
