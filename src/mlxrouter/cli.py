@@ -1,4 +1,4 @@
-"""The `mlxrouter` command: serve, models.
+"""The `mlxrouter` command: serve, ctl, models, service, bench.
 
 Runs in the user's shell. `serve` becomes the daemon (so nothing here imports mlx at module
 level); `models import-gguf` may import mlx, since it is not the daemon.

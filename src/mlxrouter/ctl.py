@@ -51,6 +51,16 @@ class Client:
 
 
 
+def _size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a byte count (0 or more)")
+    return value
+
+
 def model_path(name: str, action: str) -> str:
     """/admin/models/<id>/<action> with the id percent-encoded: an id may hold "%", "#", "?"
     or ".." (sent as is, "m%41" stopped model "mA", and "a#b" reached nothing)."""
@@ -170,8 +180,8 @@ def cmd_pid(client: Client, args: argparse.Namespace) -> int:
         if w is None:
             print(f"{name}: ERROR (no such model)", file=sys.stderr)
             code = EXIT_UNKNOWN
-        elif w["pid"] is None:
-            print(0)
+        elif w["pid"] is None:  # no "0": `kill $(ctl pid NAME)` would signal its own group
+            print(f"{name}: not running ({w['state']})", file=sys.stderr)
             code = max(code, EXIT_NOT_RUNNING)
         else:
             print(w["pid"])
@@ -227,7 +237,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("name")
     p.add_argument("-f", "--follow", action="store_true")
     p.add_argument("--stderr", action="store_true", help="raw stderr instead of the log")
-    p.add_argument("--bytes", type=int, default=1600, help="how much to show first")
+    p.add_argument("--bytes", type=_size, default=1600,
+                   help="how much of the end to show first (0: none, with -f only what comes)")
     p.set_defaults(ctl_func=cmd_tail)
     p = sub.add_parser("pid", help="the daemon's pid, or a model worker's")
     p.add_argument("names", nargs="*")

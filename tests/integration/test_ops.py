@@ -63,6 +63,10 @@ def test_ctl_status_start_stop_restart_pid_and_exit_codes(start_daemon, tiny_mod
     assert ctl(daemon, "stop", "all").returncode == 0
     wait_for(lambda: not daemon.worker_processes(), 10, "workers to stop")
     assert daemon.workers()["tiny"]["state"] == "STOPPED"
+    stopped = ctl(daemon, "pid", "tiny")  # it printed 0: `kill $(...)` hit its own group
+    assert (stopped.returncode, stopped.stdout) == (3, "")
+    assert "tiny: not running (STOPPED)" in stopped.stderr
+    assert ctl(daemon, "tail", "tiny", "--bytes", "-5").returncode == 2
 
     unknown = ctl(daemon, "status", "nope")
     assert unknown.returncode == 4 and "no such model" in unknown.stdout
