@@ -58,6 +58,9 @@ class Source(msgspec.Struct, frozen=True):
 
     name: str
     root: Path
+    # False: a configured directory left out of discovery_sources: not scanned, but links
+    # made by `models link` may still lead into it
+    scanned: bool = True
 
 
 # ---- what a model dir is
@@ -472,7 +475,7 @@ def scan_sources(sources: list[Source]) -> dict[str, DiscoveredModel]:
     unless only the later one is usable."""
     roots = tuple(r for r in (_real(s.root) for s in sources) if r is not None)
     found: dict[str, DiscoveredModel] = {}
-    for source in sources:
+    for source in (s for s in sources if s.scanned):
         for model in scan(source.root, source.name, roots).values():
             _add(found, model)
     return found
@@ -493,8 +496,10 @@ def sources_for(config) -> list[Source]:
              # with neither default there at load, LM Studio's own default is watched: made
              # later (LM Studio installed while the daemon runs), it is scanned then
              "lmstudio": Path(sup.lmstudio_dir or LMSTUDIO_DEFAULTS[0]).expanduser()}
-    return [Source(name, roots[name]) for name in sup.discovery_sources
-            if roots.get(name) is not None]
+    return ([Source(name, roots[name]) for name in sup.discovery_sources
+             if roots.get(name) is not None]
+            + [Source(name, root, scanned=False) for name, root in roots.items()
+               if root is not None and name not in sup.discovery_sources])
 
 
 class Catalog:
@@ -523,7 +528,7 @@ class Catalog:
     def sources(self) -> list[Source]:
         if self._sources is None:
             return [Source("model_directory", self.root)]
-        return [s if s.name != "model_directory" else Source(s.name, self.root)
+        return [s if s.name != "model_directory" else Source(s.name, self.root, s.scanned)
                 for s in self._sources]
 
     def _mtimes(self) -> tuple:

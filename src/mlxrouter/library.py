@@ -277,7 +277,8 @@ def link_into_model_directory(model_directory: Path, sources: list[Source],
     lines = []
     home = model_directory.resolve()
     roots = tuple(s.root.resolve() for s in sources if s.root.is_dir()) + (home,)
-    found = [(source, model) for source in sources if source.name != "model_directory"
+    found = [(source, model) for source in sources
+             if source.name != "model_directory" and source.scanned
              for model in discovery.scan(source.root, source.name, roots).values()]
     _refuse_unknown(names, [model.id for _, model in found], "in the HF cache or LM Studio")
     model_directory.mkdir(parents=True, exist_ok=True)

@@ -288,6 +288,24 @@ def test_link_from_hf_cache_and_lmstudio_and_back(root: Path, tiny_model: Path) 
     assert not (root / "models" / "mlxrouter--mine").exists()
 
 
+def test_links_stay_usable_when_their_source_is_not_scanned(root: Path,
+                                                             tiny_model: Path) -> None:
+    """`models link`, then discovery_sources = ["model_directory"]: the links into the HF
+    cache and LM Studio were "symlink points outside the configured model roots"."""
+    hf_cache_repo(root / "hf" / "hub", "org/cached", tiny_model)
+    shutil.copytree(tiny_model, root / "lmstudio" / "lms" / "tiny-MLX")
+    assert cli(root, "models", "link").returncode == 0
+    config = root / "supervisor.toml"
+    config.write_text(config.read_text().replace(
+        "[supervisor]\n", '[supervisor]\ndiscovery_sources = ["model_directory"]\n'))
+
+    models = listed(root)
+
+    assert models["org/cached"]["usable"], models["org/cached"]
+    assert models["lms/tiny-MLX"]["usable"], models["lms/tiny-MLX"]
+    assert {m["source"] for m in models.values()} == {"model_directory"}  # nothing else scanned
+
+
 def test_link_of_an_unknown_id_fails_and_links_nothing(root: Path, tiny_model: Path) -> None:
     hf_cache_repo(root / "hf" / "hub", "org/cached", tiny_model)
     shutil.copytree(tiny_model, root / "models" / "mine")
@@ -444,7 +462,8 @@ def test_models_dropped_into_the_directory_appear_without_restart(
     assert set(data) == {"org/dropped"}  # the unusable one is not offered
     m = data["org/dropped"]
     assert m["loaded"] is False and m["state"] == "STOPPED"
-    assert m["architecture"] == "LlamaForCausalLM" and m["context_length"] == 2048
+    assert m["architecture"] == "LlamaForCausalLM"
+    assert m["context_length"] == 256  # the daemon's max_context, under the model's 2048
     assert m["capabilities"] == ["text", "tools", "reasoning"]
     assert m["parameters"] > 0 and m["weights_bytes"] > 0
     reply = daemon.openai().chat.completions.create(

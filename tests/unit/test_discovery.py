@@ -511,8 +511,11 @@ def test_sources_follow_the_config_and_the_hf_environment(
     cfg.write_text('[supervisor]\nmodel_directory = "models"\n'
                    'discovery_sources = ["hf_cache", "model_directory"]\n')
     sources = sources_for(load_config(cfg))
-    assert [(s.name, s.root) for s in sources] == [
-        ("hf_cache", tmp_path / "hub-cache"), ("model_directory", tmp_path / "models")]
+    assert [(s.name, s.root, s.scanned) for s in sources] == [
+        ("hf_cache", tmp_path / "hub-cache", True),
+        ("model_directory", tmp_path / "models", True),
+        # left out, not scanned; still a root that `models link`'s links may lead into
+        ("lmstudio", tmp_path / "home" / ".cache" / "lm-studio" / "models", False)]
 
 
 def test_org_level_links_back_into_the_root_are_skipped(tmp_path: Path) -> None:
