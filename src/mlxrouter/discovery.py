@@ -144,7 +144,25 @@ def _config_problem(path: Path) -> str:
         return "config.json has no model_type"
     if "text_config" in config and not isinstance(config["text_config"], dict):
         return "config.json's text_config is not an object"
+    # what the memory estimate reads: a string or a list there made the listing, /v1/models
+    # and every load's planning fail
+    text = config.get("text_config", config)
+    for key in _SIZE_KEYS:
+        value = text.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < 0):
+            return f"config.json's {key} is not a whole number ({value!r})"
+    quant = config.get("quantization")
+    if quant is not None and not isinstance(quant, dict):
+        return "config.json's quantization is not an object"
+    bits = (quant or {}).get("bits")
+    if bits is not None and (not isinstance(bits, int) or isinstance(bits, bool) or bits < 1):
+        return f"config.json's quantization.bits is not a whole number ({bits!r})"
     return ""
+
+
+_SIZE_KEYS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "hidden_size", "max_position_embeddings")
 
 
 def check_model_dir(path: Path, roots: tuple[Path, ...] = ()) -> str:

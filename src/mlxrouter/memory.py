@@ -125,10 +125,10 @@ def weights_bytes(path: Path) -> int:
 
 def kv_bytes_per_token(config: dict) -> int:
     text = config.get("text_config", config)
-    layers = int(text.get("num_hidden_layers", 0))
-    heads = int(text.get("num_attention_heads", 1))
-    kv_heads = int(text.get("num_key_value_heads", heads) or heads)
-    head_dim = int(text.get("head_dim") or (int(text.get("hidden_size", 0)) // max(heads, 1)))
+    layers = int(text.get("num_hidden_layers") or 0)  # null as absent (discovery refuses
+    heads = int(text.get("num_attention_heads") or 1)  # other non-numbers)
+    kv_heads = int(text.get("num_key_value_heads") or heads)
+    head_dim = int(text.get("head_dim") or (int(text.get("hidden_size") or 0) // max(heads, 1)))
     dtype_bytes = 4 if str(text.get("torch_dtype", "")).endswith("32") else 2
     return 2 * layers * kv_heads * head_dim * dtype_bytes
 

@@ -638,6 +638,30 @@ def test_a_damaged_config_json_makes_the_model_unusable_with_the_reason(tmp_path
     assert found["null-text"].reason == "config.json's text_config is not an object"
 
 
+@pytest.mark.parametrize("fields, reason", [
+    ({"num_hidden_layers": "two"}, "config.json's num_hidden_layers is not a whole number"),
+    ({"hidden_size": 8.5}, "config.json's hidden_size is not a whole number"),
+    ({"quantization": [4]}, "config.json's quantization is not an object"),
+    ({"quantization": {"bits": "4", "group_size": 64}},
+     "config.json's quantization.bits is not a whole number"),
+])
+def test_a_config_value_the_memory_estimate_cannot_read_makes_the_model_unusable(
+        tmp_path: Path, fields: dict, reason: str) -> None:
+    """`models list` exited with a traceback, /v1/models was a 500 for every model, and the
+    supervisor's tick failed every second, holding up every other model's load."""
+    from mlxrouter.memory import estimate_cost
+
+    root = tmp_path / "models"
+    bad = make_model(root / "bad", config={"model_type": "llama", **fields})
+    nulls = make_model(root / "nulls", config={"model_type": "llama", "hidden_size": None,
+                                               "head_dim": None, "num_hidden_layers": None})
+    found = scan(root)
+    assert (found["bad"].usable, found["bad"].reason.split(" (")[0]) == (False, reason)
+    assert found["nulls"].usable  # null reads as absent: its load says what is wrong
+    assert estimate_cost(str(nulls), max_context=64, max_batch=1, overhead_bytes=0) >= 0
+    assert bad.is_dir()
+
+
 def test_a_config_json_linked_outside_the_roots_is_not_read(tmp_path: Path) -> None:
     """Its content was read and judged ("not valid JSON") before the roots check."""
     root = tmp_path / "models"
