@@ -538,8 +538,11 @@ def load_config(
             models[model_id] = msgspec.structs.replace(opts, path=_absolute(opts.path, base))
     overrides: dict[str, Any] = {}
     env_dir = os.environ.get("MLX_MODEL_DIR")
-    overrides["model_directory"] = (model_dir or env_dir
-                                    or _absolute(sup.model_directory or "~/models", base))
+    # --model-dir and MLX_MODEL_DIR are relative to the working directory, made absolute
+    # here: workers run in run_dir, where a relative model path found nothing
+    given = model_dir or env_dir
+    overrides["model_directory"] = (str(Path(given).expanduser().absolute()) if given
+                                    else _absolute(sup.model_directory or "~/models", base))
     overrides["run_dir"] = _absolute(sup.run_dir, base) if sup.run_dir else str(home / "run")
     overrides["log_dir"] = _absolute(sup.log_dir, base) if sup.log_dir else str(home / "logs")
     overrides["hf_cache_dir"] = (_absolute(sup.hf_cache_dir, base) if sup.hf_cache_dir

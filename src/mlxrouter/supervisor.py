@@ -577,12 +577,14 @@ class Supervisor:
         sup = self.config.supervisor
         log_file, _ = self.log_paths(worker.spec.id)
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
-        return [sys.executable, "-m", "mlxrouter.worker", "--identity", worker.identity,
+        # "--identity=ID": an id may start with "-" (a directory named "-x"), which argparse
+        # took for an option
+        return [sys.executable, "-m", "mlxrouter.worker", f"--identity={worker.identity}",
                 "--endpoint", self.broker.endpoint, "--parent-pid", str(os.getpid()),
-                "--memory-limit", str(worker.estimate_bytes), "--log-file", str(log_file),
+                "--memory-limit", str(worker.estimate_bytes), f"--log-file={log_file}",
                 "--log-max-bytes", str(sup.log_max_bytes), "--log-backups",
                 str(sup.log_backups), "--log-level", level,
-                "--spec", msgspec.json.encode(worker.spec).decode()]
+                f"--spec={msgspec.json.encode(worker.spec).decode()}"]
 
     def log_paths(self, model_id: str) -> tuple[Path, Path]:
         """The worker's own log (rotated by size) and its raw stdout/stderr (tracebacks,

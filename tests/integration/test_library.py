@@ -487,6 +487,16 @@ def test_context_length_is_the_one_the_server_enforces(start_daemon, tiny_model:
     assert too_long.status_code == 400 and "maximum context length is 100" in too_long.text
 
 
+def test_a_model_whose_id_starts_with_a_dash_loads(download_daemon, tiny_model: Path) -> None:
+    """The worker's argv had "--identity -neg/...", which argparse took for an option: every
+    load failed with "expected one argument"."""
+    daemon = download_daemon(allow=False)
+    shutil.copytree(tiny_model, daemon.root / "models" / "-neg")
+    reply = daemon.openai().chat.completions.create(
+        model="-neg", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert reply.choices[0].finish_reason == "length"
+
+
 def test_lmstudio_installed_while_the_daemon_runs_is_discovered(
         download_daemon, tmp_path: Path, tiny_model: Path) -> None:
     """With no LM Studio directory at start, LM Studio's default one, made later, is scanned

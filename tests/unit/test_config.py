@@ -469,6 +469,12 @@ def test_model_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert load_config(main, model_dir="/flag").model_directory == Path("/flag")
     monkeypatch.delenv("MLX_MODEL_DIR")
     assert load_config(main, model_dir="/flag").model_directory == Path("/flag")
+    # relative to the working directory, where the user typed it (workers run in run_dir)
+    monkeypatch.chdir(tmp_path)
+    assert load_config(main, model_dir="mine").model_directory == tmp_path / "mine"
+    monkeypatch.setenv("MLX_MODEL_DIR", "theirs")
+    assert load_config(main).model_directory == tmp_path / "theirs"
+    assert load_config(main).supervisor.model_directory == str(tmp_path / "theirs")
 
 
 def test_model_dir_env_beats_default(monkeypatch: pytest.MonkeyPatch) -> None:
