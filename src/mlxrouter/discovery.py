@@ -592,7 +592,11 @@ class Catalog:
         """The discovered path for a model id, or None. Configured paths win in config.spec_for."""
         self.refresh()
         found = self._found.get(model_id)
-        if (found is None or not found.usable) and time.monotonic() - self._forced_at > 1.0:
+        if found is not None and found.usable and not (Path(found.path) / "config.json").exists():
+            # removed (`models rm org/x` changes the mtime of org/, not of the root): rescan
+            self.refresh(force=True)
+            found = self._found.get(model_id)
+        elif (found is None or not found.usable) and time.monotonic() - self._forced_at > 1.0:
             # A model dropped into a subdirectory changes no root mtime; at most once a second,
             # so a stream of requests for unknown models cannot keep the loop scanning.
             self._forced_at = time.monotonic()

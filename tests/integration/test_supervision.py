@@ -132,32 +132,34 @@ def test_a_failed_models_retries_do_not_evict_a_model_in_use(start_daemon, tiny_
     assert daemon.worker_pid("a") != pid
 
 
+@pytest.mark.parametrize("model", ["gone", "org/gone"])
 def test_an_idle_worker_whose_directory_was_deleted_stops_by_itself(start_daemon,
-                                                                     tiny_model):
+                                                                     tiny_model, model):
     """(models rm of a loaded model) its worker stayed RUNNING, holding memory and a place
-    among max_loaded_models, while every request for it got 404."""
+    among max_loaded_models, while every request for it got 404. In the org/name layout the
+    removal changed no root's mtime, and the model was served on (until a listing)."""
     import shutil
 
     daemon = start_daemon({})
-    copy = daemon.root / "models" / "gone"
+    copy = daemon.root / "models" / model
     shutil.copytree(tiny_model, copy)
-    assert _chat(daemon, "gone").status_code == 200
-    pid = daemon.worker_pid("gone")
+    assert _chat(daemon, model).status_code == 200
+    pid = daemon.worker_pid(model)
     shutil.rmtree(copy)
-    wait_for(lambda: _chat(daemon, "gone").status_code == 404, 10, "the model to be forgotten")
+    wait_for(lambda: _chat(daemon, model).status_code == 404, 10, "the model to be forgotten")
     wait_for(lambda: not psutil.pid_exists(pid), 10, "the worker to stop by itself")
     assert "its idle worker stops" in (daemon.log_dir / "daemon.log").read_text()
-    assert daemon.http.post("/admin/models/gone/stop").status_code == 404  # now it is gone
+    assert daemon.http.post(f"/admin/models/{model}/stop").status_code == 404  # it is gone
     # ... from the status views too, once its worker has exited
-    wait_for(lambda: "gone" not in daemon.workers(), 5, "the model to leave /v1/health")
+    wait_for(lambda: model not in daemon.workers(), 5, "the model to leave /v1/health")
     gauges = [line for line in daemon.http.get("/metrics").text.splitlines()
-              if line.startswith("mlxrouter_worker_") and 'model="gone"' in line]
+              if line.startswith("mlxrouter_worker_") and f'model="{model}"' in line]
     assert not gauges  # (its request counters stay: they are history)
     listed = daemon.http.get("/admin/status").json()["workers"]
-    assert "gone" not in [m["model"] for m in listed]
-    shutil.copytree(tiny_model, copy)  # back again: served afresh
-    assert _chat(daemon, "gone").status_code == 200
-    assert daemon.workers()["gone"]["restarts"] == 0
+    assert model not in [m["model"] for m in listed]
+    shutil.copytree(tiny_model, copy)  # back again: served afresh (unknown ids rescan at
+    wait_for(lambda: _chat(daemon, model).status_code == 200, 5, "the model")  # most 1/s)
+    assert daemon.workers()[model]["restarts"] == 0
 
 
 def test_ctl_stop_stops_retries_and_loads_for_good(start_daemon, tiny_model):
