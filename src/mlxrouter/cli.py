@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -255,10 +256,17 @@ def cmd_import_gguf(args: argparse.Namespace) -> int:
     if not args.out:
         from .discovery import scan_sources, sources_for
 
-        existing = scan_sources(sources_for(config)).get(name)
-        if existing is not None:  # (org/x next to a pulled org--x: one would hide the other)
-            print(f"mlxrouter: there is a model '{name}' already ({existing.path}); choose "
-                  f"another --name, or remove it first (mlxrouter models rm {name})",
+        # the id discovery will give it: "org--x" is org/x (next to org/x, one would hide
+        # the other)
+        model_id = name if "/" in name else name.replace("--", "/", 1)
+        existing = scan_sources(sources_for(config)).get(model_id)
+        if existing is not None:
+            where = (" --config " + shlex.quote(args.config) if args.config else "") + (
+                " --model-dir " + shlex.quote(args.model_dir) if args.model_dir else "")
+            remedy = (f", or remove it first (mlxrouter models rm {shlex.quote(model_id)}"
+                      f"{where})" if existing.source == "model_directory" else "")
+            print(f"mlxrouter: import failed: there is a model '{model_id}' already "
+                  f"({existing.path}, {existing.source}); choose another --name{remedy}",
                   file=sys.stderr)
             return 2
     try:

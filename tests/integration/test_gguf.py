@@ -359,3 +359,10 @@ def test_import_gguf_name_is_a_model_id_not_a_path(tmp_path: Path) -> None:
     clash = run("--name", "org/other")
     assert clash.returncode == 2 and "there is a model 'org/other' already" in clash.stderr
     assert not (models / "org" / "other").exists()
+    # the hint names the directory it was given (it pointed `models rm` at ~/models)
+    assert clash.stderr.startswith("mlxrouter: import failed: ")
+    assert f"mlxrouter models rm org/other --model-dir {models})" in clash.stderr
+    # "org--mine" is the id org/mine, which is there (it imported a copy hidden behind it)
+    hidden = run("--name", "org--mine")
+    assert hidden.returncode == 2 and "there is a model 'org/mine' already" in hidden.stderr
+    assert not (models / "org--mine").exists()
