@@ -185,9 +185,11 @@ def cmd_models_rm(args: argparse.Namespace) -> int:
         print(f"mlxrouter: rm failed: {exc}", file=sys.stderr)
         return 1
     print(f"{done} {path}")
-    still = discovery.scan(config.model_directory).get(args.name)
-    if still is not None:  # another directory of the same id (`org--name` and `org/name`)
-        print(f"note: '{args.name}' is still there, from {still.path}")
+    # another directory of the same id (`org--name` and `org/name`), or another source (the
+    # HF cache, LM Studio): the daemon serves that copy from now on
+    still = discovery.scan_sources(discovery.sources_for(config)).get(args.name)
+    if still is not None and still.usable:
+        print(f"note: '{args.name}' is still served, from {still.path} ({still.source})")
     return 0
 
 

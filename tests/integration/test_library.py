@@ -335,6 +335,8 @@ def test_rm_unlinks_links_deletes_dirs_and_asks_first(root: Path, tiny_model: Pa
 
     out = cli(root, "models", "rm", "org/linked", "--yes")
     assert out.returncode == 0 and "unlinked" in out.stdout
+    # LM Studio still has it: the daemon serves that copy from now on, and rm says so
+    assert f"'org/linked' is still served, from {lms_model} (lmstudio)" in out.stdout
     assert not (root / "models" / "org--linked").is_symlink()
     assert (lms_model / "model.safetensors").is_file()  # the link's target is untouched
 
@@ -355,10 +357,10 @@ def test_two_directories_of_one_id_are_reported_not_silently_merged(root: Path,
     assert "two directories are model 'dup/same'" in listing.stderr
     first = cli(root, "models", "rm", "dup/same", "--yes")
     assert first.returncode == 0
-    assert "'dup/same' is still there, from" in first.stdout
+    assert "'dup/same' is still served, from" in first.stdout
     assert "dup/same" in listed(root)
     second = cli(root, "models", "rm", "dup/same", "--yes")
-    assert second.returncode == 0 and "still there" not in second.stdout
+    assert second.returncode == 0 and "still served" not in second.stdout
     assert "dup/same" not in listed(root)
     assert not (root / "models" / "dup--same").exists()
     assert not (root / "models" / "dup").exists()
