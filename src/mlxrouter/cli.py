@@ -149,7 +149,8 @@ def cmd_models_link(args: argparse.Namespace) -> int:
                 print("mlxrouter: no LM Studio models directory (set lmstudio_dir)",
                       file=sys.stderr)
                 return 1
-            lines = link_into_lmstudio(config.model_directory, Path(target), args.names)
+            lines = link_into_lmstudio(config.model_directory, Path(target), args.names,
+                                       tuple(s.root.resolve() for s in sources_for(config)))
         else:
             lines = link_into_model_directory(config.model_directory, sources_for(config),
                                               args.names)

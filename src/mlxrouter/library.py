@@ -302,12 +302,14 @@ def link_into_model_directory(model_directory: Path, sources: list[Source],
 
 
 def link_into_lmstudio(model_directory: Path, lmstudio_dir: Path,
-                       names: list[str] | None = None) -> list[str]:
+                       names: list[str] | None = None,
+                       roots: tuple[Path, ...] = ()) -> list[str]:
     """Symlink usable models of the model directory into LM Studio's org/name layout (ids
-    without an org go under `mlxrouter/`)."""
+    without an org go under `mlxrouter/`). `roots`: every configured root, where the model
+    directory's own links (made by `models link`) may lead."""
     lines = []
     present = discovery.scan(lmstudio_dir, "lmstudio") if lmstudio_dir.is_dir() else {}
-    mine = discovery.scan(model_directory)
+    mine = discovery.scan(model_directory, roots=(model_directory.resolve(), *roots))
     _refuse_unknown(names, list(mine), f"in {model_directory}")
     for model in mine.values():
         if names and model.id not in names:

@@ -306,6 +306,19 @@ def test_links_stay_usable_when_their_source_is_not_scanned(root: Path,
     assert {m["source"] for m in models.values()} == {"model_directory"}  # nothing else scanned
 
 
+def test_link_to_lmstudio_takes_models_linked_in_from_the_hf_cache(root: Path,
+                                                                   tiny_model: Path) -> None:
+    """They were "skipped (symlink points outside the configured model roots)"."""
+    repo = hf_cache_repo(root / "hf" / "hub", "org/cached", tiny_model)
+    assert cli(root, "models", "link").returncode == 0
+
+    out = cli(root, "models", "link", "--lmstudio", "org/cached")
+
+    assert out.returncode == 0 and "outside" not in out.stdout, out.stdout
+    linked = root / "lmstudio" / "org" / "cached"
+    assert linked.is_symlink() and linked.resolve().parent.parent == repo.resolve()
+
+
 def test_link_of_an_unknown_id_fails_and_links_nothing(root: Path, tiny_model: Path) -> None:
     hf_cache_repo(root / "hf" / "hub", "org/cached", tiny_model)
     shutil.copytree(tiny_model, root / "models" / "mine")
