@@ -290,7 +290,16 @@ def configured_capabilities(found: tuple[str, ...], spec: Any) -> list[str]:
     return caps
 
 
-def _safetensors_parameters(files: list[Path], bits: int | None) -> int | None:
+def _bits_of(quant: Any, base: str, default: int | None) -> int | None:
+    """A quantized module's bits: its own entry in config.json's quantization (mixed-bit
+    models, e.g. an 8-bit embedding in a 4-bit model), else the model's."""
+    own = quant.get(base) if isinstance(quant, dict) else None
+    bits = own.get("bits") if isinstance(own, dict) else None
+    return bits if isinstance(bits, int) and 0 < bits <= 32 else default
+
+
+def _safetensors_parameters(files: list[Path], bits: int | None,
+                            quant: Any = None) -> int | None:
     """Parameter count from the safetensors headers (a few KB read per file). Quantized
     weights (those with a `.scales` sibling) hold 32/bits values per uint32."""
     total = 0
@@ -316,8 +325,9 @@ def _safetensors_parameters(files: list[Path], bits: int | None) -> int | None:
                 return None  # not a header we understand: no count rather than a wrong one
             count = math.prod(shape)
             base = name.rsplit(".", 1)[0]
-            if bits and info.get("dtype") == "U32" and f"{base}.scales" in header:
-                count = count * 32 // bits
+            own = _bits_of(quant, base, bits)
+            if own and info.get("dtype") == "U32" and f"{base}.scales" in header:
+                count = count * 32 // own
             total += count
     return total or None
 
@@ -368,7 +378,7 @@ def describe(path: Path) -> dict:
             config.get("model_type", "")),
         "model_type": str(config.get("model_type", "")),
         "quantization": _quantization(config),
-        "parameters": _safetensors_parameters(files, bits),
+        "parameters": _safetensors_parameters(files, bits, quant),
         "weights_bytes": sum(s for _, s in sizes),
         "context_length": _context_length(config),
         "capabilities": capabilities(path, config),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 import logging
 import os
 from pathlib import Path
@@ -555,7 +556,7 @@ def test_a_safetensors_header_of_the_wrong_shape_gives_no_count_and_breaks_nothi
     root = tmp_path / "models"
     make_model(root / "good")
     bad = make_model(root / "bad", config={"model_type": "llama",
-                                            "quantization": {"bits": "four"}})
+                                            "quantization": {"bits": 4, "group_size": 64}})
     (bad / "model.safetensors").write_bytes(safetensors_with_header(header))
     found = scan(root)
     assert found["good"].usable
@@ -672,3 +673,24 @@ def test_a_config_json_linked_outside_the_roots_is_not_read(tmp_path: Path) -> N
     (model / "config.json").symlink_to(outside)
     found = scan_sources([Source("model_directory", root)])
     assert found["m"].reason == "a model file links outside the configured model roots"
+
+
+def test_mixed_bit_quantized_weights_count_with_their_own_bits(tmp_path: Path) -> None:
+    """The embedded SmolLM2 has an 8-bit embedding in a 4-bit model: counted at 4 bits, its
+    162.8M parameters were shown for 134.5M."""
+    from mlxrouter.discovery import _safetensors_parameters
+
+    def tensor(dtype: str, shape: list[int]) -> dict:
+        return {"dtype": dtype, "shape": shape, "data_offsets": [0, 0]}
+
+    header = {"model.embed_tokens.weight": tensor("U32", [10, 64 * 8 // 32]),
+              "model.embed_tokens.scales": tensor("F16", [10, 2]),
+              "model.proj.weight": tensor("U32", [64, 64 * 4 // 32]),
+              "model.proj.scales": tensor("F16", [64, 2]),
+              "model.norm.weight": tensor("F16", [64])}
+    raw = json.dumps(header).encode()
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    quant = {"bits": 4, "group_size": 32, "model.embed_tokens": {"bits": 8, "group_size": 32}}
+
+    assert _safetensors_parameters([file], 4, quant) == 10 * 64 + 64 * 64 + 64
