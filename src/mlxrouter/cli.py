@@ -128,6 +128,17 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
     from .library import LibraryError, pull
 
     config = _load(args)
+    from .discovery import scan
+
+    # the same id in another directory of the model directory (org/name, a linked
+    # models--org--name): the pull would be hidden behind it, or hide it
+    existing = scan(config.model_directory).get(args.repo)
+    target = (config.model_directory / args.repo.replace("/", "--")).resolve()
+    if existing is not None and not Path(existing.path).resolve().is_relative_to(target):
+        print(f"mlxrouter: pull failed: there is a model '{args.repo}' already, at "
+              f"{existing.path}; remove it first (mlxrouter models rm {shlex.quote(args.repo)}"
+              f"), or use that copy", file=sys.stderr)
+        return 1
     try:
         path = pull(args.repo, config.model_directory, revision=args.revision)
     except LibraryError as exc:

@@ -128,6 +128,23 @@ def test_pull_of_a_repo_that_does_not_exist_fails_clearly(root: Path, hub: FakeH
     assert list((root / "models").iterdir()) == []
 
 
+def test_pull_of_an_id_another_directory_holds_is_refused(root: Path, hub: FakeHub,
+                                                          tiny_model: Path) -> None:
+    """It said "pulled" and the copy was hidden behind the nested org/name one."""
+    hub.add_repo("torg/sub", tiny_files(tiny_model))
+    shutil.copytree(tiny_model, root / "models" / "torg" / "sub")
+
+    out = cli(root, "models", "pull", "torg/sub", hub=hub)
+
+    assert out.returncode == 1
+    assert "there is a model 'torg/sub' already, at" in out.stderr
+    assert not (root / "models" / "torg--sub").exists() and hub.requests == []
+    shutil.rmtree(root / "models" / "torg")
+    assert cli(root, "models", "pull", "torg/sub", hub=hub).returncode == 0
+    again = cli(root, "models", "pull", "torg/sub", hub=hub)  # its own copy: pulled again
+    assert again.returncode == 0, again.stderr
+
+
 def test_pull_of_a_pytorch_only_repo_says_it_is_not_mlx(root: Path, hub: FakeHub,
                                                        tiny_model: Path) -> None:
     files = tiny_files(tiny_model)
