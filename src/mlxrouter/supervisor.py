@@ -186,7 +186,9 @@ class Supervisor:
         if len(slot.waiters) >= spec.max_queue:
             running = worker.in_flight if worker is not None else 0
             if worker is None or worker.state is not State.RUNNING:
-                state = "is loading" if worker is not None else "is not loaded"
+                state = ("is not loaded" if worker is None else
+                         "is loading" if worker.state is State.STARTING else
+                         f"is {worker.state.value.lower()} (a new worker starts after it)")
                 raise QueueFull(f"model '{spec.id}' {state} and its queue is full "
                                 f"({len(slot.waiters)} waiting, max_queue {spec.max_queue}); "
                                 f"try again shortly")
@@ -654,8 +656,10 @@ class Supervisor:
                                      f"{CRASH_LOOP_WINDOW_S / 60:.0f} minutes (last: {how})")
                 self._fail_waiters(slot, ModelUnavailable(
                     f"model '{model}' is unavailable: {slot.fatal_reason}"))
+        # a watchdog's kill says why (silent, stalled, over its memory) to the requests too
+        why = f": killed by the supervisor: {worker.kill_reason}" if worker.kill_reason else ""
         self.broker.fail_worker(worker.identity, WorkerCrashed(
-            f"the worker serving model '{model}' exited unexpectedly ({how})"))
+            f"the worker serving model '{model}' exited unexpectedly ({how}){why}"))
         self.broker.unregister(worker.identity)
         self._by_identity.pop(worker.identity, None)
         if slot.worker is worker:

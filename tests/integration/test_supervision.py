@@ -517,6 +517,8 @@ def test_wedged_engine_is_killed_and_its_request_fails_fast(start_daemon, tiny_m
     resp = _chat(daemon, "tiny", max_tokens=20)
     assert resp.status_code == 502
     assert 2.0 <= time.monotonic() - started < 8
+    # the request hears why, not only "exited unexpectedly (signal 9)"
+    assert "killed by the supervisor: engine made no progress" in resp.json()["error"]["message"]
     wait_gone(worker, 5)
     assert "engine made no progress" in daemon.output()
 
