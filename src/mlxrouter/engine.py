@@ -369,6 +369,15 @@ def fit_max_tokens(sampling: protocol.SamplingParams, prompt_tokens: int, max_co
         f"{prompt_tokens} {what} and asks for {asked} more", param=param)
 
 
+def _chars(content: Any) -> int:
+    """Characters of a message's content: a string, or text parts."""
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
+    return 0
+
+
 def _context_free(p: protocol.SamplingParams) -> bool:
     """No logits processor that reads the token history (logit_bias reads none)."""
     return (p.repetition_penalty == 1.0 and not p.presence_penalty
@@ -420,6 +429,7 @@ class TextEngine:
                                             max_bytes=self.spec.prompt_cache_bytes)
                              if self.spec.prompt_cache_bytes > 0 else None)
         self._cache_too_small_said = False
+        self._longest_token: int | None = None  # characters, worked out at the first request
         self._limit_memory()
 
     def _tool_format(self) -> Any:
@@ -490,6 +500,7 @@ class TextEngine:
                                  f"tool-call format was recognised from its chat template "
                                  f"and tokenizer, and no tool_call_format is configured)",
                                  param="tools")
+        self._refuse_if_it_cannot_fit(req)
         if req.messages is not None:
             prompt = render_chat(self.tokenizer, req.messages, tools=req.tools,
                                  template=self.chat_template, extra=req.template_kwargs)
@@ -560,6 +571,33 @@ class TextEngine:
         tail = tok.decode(prompt[-8:]).rstrip()
         opened = tail.endswith(tok.think_start)
         return machine.make_state(initial="reasoning" if opened else "normal")
+
+    def _refuse_if_it_cannot_fit(self, req: protocol.Request) -> None:
+        """A 400 before tokenizing for text that cannot fit the context whatever it encodes
+        to: more characters than max_context tokens of the vocabulary's longest could hold,
+        or more messages than tokens (each renders at least one). Tokenizing megabytes takes
+        seconds on the engine thread, and every stream of this model waited for it."""
+        if req.messages is not None:
+            count, what, param = len(req.messages), "messages", "messages"
+            chars = sum(_chars(m.get("content")) for m in req.messages)
+        elif isinstance(req.prompt, str):
+            count, what, param, chars = 0, "", "prompt", len(req.prompt)
+        else:
+            return
+        if self._longest_token is None:
+            vocab = self.tokenizer._tokenizer.get_vocab()
+            self._longest_token = max((len(t) for t in vocab), default=1) or 1
+        most = self.max_context * self._longest_token
+        if count > self.max_context:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.max_context} tokens; the "
+                f"request has {count} {what}, each at least one token", param=param)
+        if chars > most:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.max_context} tokens; the "
+                f"request's text ({chars} characters) is longer than {self.max_context} "
+                f"tokens can be (its longest token has {self._longest_token} characters)",
+                param=param)
 
     def _cached_prefix(self, prompt: list[int]) -> tuple[list | None, list[int]]:
         """The KV cache of the longest known prefix of `prompt`, and the tokens still to run.

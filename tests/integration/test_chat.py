@@ -274,6 +274,29 @@ def test_prompt_longer_than_the_context_is_a_400(start_daemon, tiny_model):
     assert raw.json()["error"]["param"] == "prompt"
 
 
+def test_text_that_cannot_fit_is_refused_before_it_is_tokenized(start_daemon, tiny_model,
+                                                                 tokenizer):
+    """Megabytes of prompt were tokenized on the engine thread first (seconds, while every
+    stream of the model waited), then refused."""
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "max_context": 64}})
+    longest = max(len(t) for t in tokenizer._tokenizer.get_vocab())
+    chat = daemon.http.post("/v1/chat/completions", json={
+        "model": "tiny", "messages": [{"role": "user", "content": "x" * (64 * longest + 1)}]})
+    text = daemon.http.post("/v1/completions", json={"model": "tiny",
+                                                     "prompt": "x" * (64 * longest + 1)})
+    many = daemon.http.post("/v1/chat/completions", json={
+        "model": "tiny", "messages": [{"role": "user", "content": ""}] * 65})
+    for resp, param in ((chat, "messages"), (text, "prompt"), (many, "messages")):
+        assert resp.status_code == 400, resp.text
+        error = resp.json()["error"]
+        assert (error["code"], error["param"]) == ("context_length_exceeded", param)
+    assert f"its longest token has {longest} characters" in chat.json()["error"]["message"]
+    assert "has 65 messages, each at least one token" in many.json()["error"]["message"]
+    fits = daemon.http.post("/v1/chat/completions", json={
+        "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert fits.status_code == 200
+
+
 def test_a_default_max_tokens_is_lowered_to_the_room_the_context_has(start_daemon, tiny_model,
                                                                      tokenizer):
     # The model's max_tokens (20) does not fit after this prompt; a client that set no limit
