@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import concurrent.futures
+import functools
 import io
 import ipaddress
 import json
@@ -370,6 +372,20 @@ async def _get(client: Any, target: Any, address: str, limit: int, url: str,
         return b"".join(chunks)
 
 
+_RESOLVER: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _resolver() -> concurrent.futures.ThreadPoolExecutor:
+    """Name lookups for remote images run in threads of their own: a lookup outlives the
+    timeout that gives up on it (a thread cannot be cancelled), and a slow name server (any
+    client can point its own domain at one) filled the loop's default pool, which worker
+    starts, grammar compiles and image checks share, for tens of seconds."""
+    global _RESOLVER
+    if _RESOLVER is None:
+        _RESOLVER = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="resolve")
+    return _RESOLVER
+
+
 async def public_address(target: Any, allow_private: bool, param: str) -> str:
     """The address to connect to for `target`'s host: every address it resolves to must be
     public (global unicast) unless `allow_private`, else a 400 that names the setting. An
@@ -378,7 +394,8 @@ async def public_address(target: Any, allow_private: bool, param: str) -> str:
     if not host:
         raise OSError("no host")
     port = target.port or (443 if target.scheme == "https" else 80)
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    infos = await asyncio.get_running_loop().run_in_executor(
+        _resolver(), functools.partial(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM))
     addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
     if not addresses:
         raise OSError("no address")

@@ -526,3 +526,37 @@ def test_a_remote_image_url_is_logged_without_secrets_or_line_breaks(url: str,
     text = vision._logged(url)
     assert text.startswith(logged) and "\n" not in text and "\r" not in text
     assert "s3cr3t" not in text and "abc" not in text
+
+
+def test_slow_name_lookups_leave_the_default_thread_pool_free(monkeypatch) -> None:
+    """A lookup outlives its timeout; on the loop's default pool, a few slow ones held up
+    worker starts, grammar compiles and image checks for tens of seconds."""
+    import socket
+    import time
+
+    import httpx
+
+    real = socket.getaddrinfo
+
+    def slow(host, *args, **kwargs):
+        if host.endswith("slow.example"):
+            time.sleep(1.5)
+            raise socket.gaierror("timed out")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+
+    async def scenario() -> float:
+        async def lookup(i: int) -> None:
+            target = httpx.URL(f"http://h{i}.slow.example/x.png")
+            try:
+                await asyncio.wait_for(vision.public_address(target, False, "p"), 0.1)
+            except (TimeoutError, OSError):
+                pass
+
+        await asyncio.gather(*(lookup(i) for i in range(os.cpu_count() + 8)))
+        started = time.monotonic()
+        await asyncio.to_thread(lambda: None)  # what a worker start or a compile waits for
+        return time.monotonic() - started
+
+    assert asyncio.run(scenario()) < 0.5
