@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import time
 from urllib.parse import quote
@@ -74,6 +76,14 @@ def daemon_url(args: argparse.Namespace) -> str:
 
     run_dir, _ = control_settings(args.config)
     info = read_lock_info(run_dir)
+    if info.get("pid") and not info.get("port"):
+        if args.ctl_command == "shutdown":  # what the daemon does with SIGTERM then: stop
+            os.kill(int(info["pid"]), signal.SIGTERM)
+            raise CtlError(f"the daemon (pid {info['pid']}) was still starting; sent it "
+                           f"SIGTERM, and it stops before it listens", EXIT_OK)
+        raise CtlError(f"the daemon (pid {info['pid']}) is still starting (importing the "
+                       f"embedded model or building its CPU libraries); try again shortly",
+                       EXIT_UNREACHABLE)
     if not info.get("port"):
         raise CtlError(f"the daemon is not running (no lock info in {run_dir})",
                        EXIT_UNREACHABLE)

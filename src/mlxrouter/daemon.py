@@ -60,6 +60,9 @@ class RunLock:
             info = read_lock_info(run_dir)
             os.close(self._fd)
             raise AlreadyRunning(f"already running (pid {info.get('pid', '?')})") from None
+        # known from the start (an import and a CPU-library build can take a minute before
+        # it listens): a second serve names it, and ctl says it is starting
+        self.write(state="starting")
 
     def write(self, **info: object) -> None:
         data = json.dumps({"pid": os.getpid(), **info}).encode()

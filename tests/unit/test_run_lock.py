@@ -52,3 +52,34 @@ def test_ctl_says_not_running_over_a_stale_lock(tmp_path: Path) -> None:
                            "pid"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 7, done
     assert "not running" in done.stderr
+
+
+def test_a_starting_daemon_is_named_and_ctl_says_it_is_starting(tmp_path: Path) -> None:
+    """Before it listened (an import and a CPU-library build: up to a minute) its lock held
+    no pid: a second serve said "pid ?" and ctl said the daemon was not running."""
+    import os
+
+    (tmp_path / "supervisor.toml").write_text(f'[supervisor]\nrun_dir = "{tmp_path / "run"}"\n')
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from mlxrouter.daemon import RunLock; lock = RunLock(Path(sys.argv[1])); "
+         "print('held', flush=True); time.sleep(60)", str(tmp_path / "run")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(AlreadyRunning, match=f"already running \\(pid {holder.pid}\\)"):
+            RunLock(tmp_path / "run")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLXROUTER_")}
+        ctl = [sys.executable, "-m", "mlxrouter", "ctl", "--config",
+               str(tmp_path / "supervisor.toml")]
+        status = subprocess.run([*ctl, "status"], capture_output=True, text=True, timeout=60,
+                                env=env)
+        assert status.returncode == 7
+        assert f"the daemon (pid {holder.pid}) is still starting" in status.stderr
+        stop = subprocess.run([*ctl, "shutdown"], capture_output=True, text=True, timeout=60,
+                              env=env)
+        assert stop.returncode == 0 and "sent it SIGTERM" in stop.stderr
+        assert holder.wait(10) != 0  # (a real daemon stops cleanly on it)
+    finally:
+        holder.kill()
+        holder.wait()
