@@ -482,8 +482,12 @@ def default_config_path() -> Path | None:
     env = os.environ.get("MLXROUTER_CONFIG")
     if env:
         return Path(env).expanduser()
-    candidate = state_home() / "supervisor.toml"
-    return candidate if candidate.exists() else None
+    # supervisor.toml, else a seed config.json put there by `service install --config`
+    for name in ("supervisor.toml", "config.json"):
+        candidate = state_home() / name
+        if candidate.exists():
+            return candidate
+    return None
 
 
 _KEY = re.compile(r"[\x21-\x7e]+")  # what a client can send after "Bearer " and match

@@ -244,8 +244,14 @@ def _stale(src: Path, dest_dir: Path) -> list[Path]:
     """What the copy would replace with different content; it is moved aside, not lost."""
     main = dest_dir / _config_name(src)
     stale = [main] if main.exists() and not filecmp.cmp(src, main, shallow=False) else []
+    # the other kind of main file goes aside too: with both there, the next install or any
+    # command without --config would take supervisor.toml over the config.json installed
+    other = dest_dir / ("supervisor.toml" if src.suffix == ".json" else "config.json")
+    stale += [other] if other.exists() else []
     workers = dest_dir / "workers"
-    if src.suffix != ".json" and workers.is_dir():
+    if src.suffix == ".json" and workers.is_dir() and any(workers.glob("*.toml")):
+        stale.append(workers)  # a config.json never reads workers/
+    elif src.suffix != ".json" and workers.is_dir():
         ours = {p.name: p for p, _ in _config_files(src)[1:]}
         theirs = {p.name: p for p in workers.glob("*.toml")}
         if ours.keys() != theirs.keys() or any(

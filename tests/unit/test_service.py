@@ -287,6 +287,29 @@ def test_install_moves_a_different_existing_config_aside(
     assert len(list(state.glob("*.bak-*"))) == 2
 
 
+def test_a_seed_config_json_stays_the_service_config_on_reinstall(
+        home: Path, source: Path, exe: Path, tmp_path: Path, runner) -> None:
+    """Installing a config.json left the old supervisor.toml beside it, and `service install`
+    again (as service.md says after changing drain_timeout_s) went back to that one, or to a
+    new default config, without a word."""
+    state = home / ".mlxrouter"
+    assert install(source, exe, "linux") == 0  # a TOML config first
+    seed = tmp_path / "seed" / "config.json"
+    seed.parent.mkdir()
+    seed.write_text('{"server": {"port": 9200}}')
+
+    assert install(seed, exe, "linux") == 0
+    assert cli("install", "--executable", str(exe), "--platform", "linux") == 0
+
+    unit, _ = read_unit(unit_path(home))
+    assert systemd_words(unit["Service"]["ExecStart"])[-2:] == [
+        "--config", str(state / "config.json")]
+    assert not (state / "supervisor.toml").exists() and not (state / "workers").exists()
+    assert len(list(state.glob("supervisor.toml.bak-*"))) == 1
+    assert len(list(state.glob("workers.bak-*"))) == 1
+    assert service.load_config(None).server.port == 9200  # what `ctl` and `models` read too
+
+
 def test_install_in_place_when_config_is_already_the_user_one(
         home: Path, exe: Path, runner) -> None:
     user = home / ".mlxrouter" / "supervisor.toml"
