@@ -81,9 +81,11 @@ def grammar_for_response_format(response_format: Mapping[str, Any] | Any) -> str
 
 def grammar_for_tool_call(tools: list[Mapping[str, Any]], choice: str | Mapping[str, Any],
                           start: str = "", end: str = "", *, max_calls: int = 1,
-                          special_tokens: Mapping[str, int] | None = None) -> str:
+                          special_tokens: Mapping[str, int] | None = None,
+                          args_key: str = "arguments") -> str:
     """A grammar for `start {"name": N, "arguments": A} end`, N an allowed tool, A valid
     against N's `parameters` (Hermes/Qwen: start="<tool_call>\\n", end="\\n</tool_call>").
+    `args_key`: the arguments' key as the model's format writes it (Llama 3: "parameters").
 
     `choice` is "required" (any of the tools) or {"type": "function", "function": {"name"}}.
     Up to `max_calls` calls, separated by "\\n"; the default is exactly one, because a weak
@@ -99,7 +101,7 @@ def grammar_for_tool_call(tools: list[Mapping[str, Any]], choice: str | Mapping[
     for i, name in enumerate(names):
         fn = functions[name]
         params = fn.get("parameters") or _NO_ARGUMENTS
-        head = f'{{"name": {json.dumps(name)}, "arguments": '
+        head = f'{{"name": {json.dumps(name)}, {json.dumps(args_key)}: '
         rules.append(f"call_{i}: {_lark_literal(head)} args_{i} \"}}\"")
         schema = _with_layout(params, strict=fn.get("strict") is True)
         rules.append(f"args_{i}: %json {json.dumps(schema)}")
@@ -296,10 +298,11 @@ class ConstraintFactory:
         return self._special
 
     def tool_call_grammar(self, tools: list[Mapping[str, Any]], choice: str | Mapping[str, Any],
-                          start: str = "", end: str = "", *, max_calls: int = 1) -> str:
+                          start: str = "", end: str = "", *, max_calls: int = 1,
+                          args_key: str = "arguments") -> str:
         """`grammar_for_tool_call` with this tokenizer's special tokens for the markers."""
         return grammar_for_tool_call(tools, choice, start, end, max_calls=max_calls,
-                                     special_tokens=self.special_tokens)
+                                     special_tokens=self.special_tokens, args_key=args_key)
 
     def processor(self, grammar: str) -> GrammarProcessor:
         import llguidance

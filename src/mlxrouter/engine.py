@@ -654,9 +654,13 @@ class TextEngine:
         if self.constraints is None:
             self.constraints = ConstraintFactory(self.tokenizer)
         grammar = req.grammar
-        if forced:
-            grammar = self.constraints.tool_call_grammar(req.tools, req.tool_choice, fmt.start,
-                                                         fmt.end)
+        if forced:  # the call as the model's own format writes it (chat-templates.md)
+            start, end = fmt.start, fmt.end
+            if fmt.name == "phi4":  # a JSON list of calls between the markers
+                start, end = start + "[", "]" + end
+            grammar = self.constraints.tool_call_grammar(
+                req.tools, req.tool_choice, start, end,
+                args_key="parameters" if fmt.name == "llama3_json" else "arguments")
         processor = self.constraints.processor(grammar)
         n_logits = (self.vocab_size if self.vocab_size < 2**31
                     else self.constraints.ll_tokenizer.vocab_size)

@@ -82,6 +82,21 @@ def test_named_tool_choice_gives_a_valid_call_even_from_a_random_model(daemon):
         assert not choice.message.content  # the call's markup is not content
 
 
+@pytest.mark.parametrize("template", ["llama3", "phi4"])
+def test_a_forced_call_in_the_llama3_and_phi4_formats_is_parsed(start_daemon, tiny_model,
+                                                                template):
+    """Forced in the format's own shape ("parameters" for Llama 3, a list for phi4) and read
+    back as a tool call."""
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "chat_template": template}})
+    resp = daemon.openai().chat.completions.create(
+        model="tiny", messages=ASK, tools=[WEATHER], tool_choice=_named("get_weather"),
+        max_tokens=120, temperature=1.0, seed=3)
+    choice = resp.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    assert len(choice.message.tool_calls) == 1
+    _assert_valid_call(choice.message.tool_calls[0])
+
+
 def test_required_tool_choice_calls_one_of_the_tools(daemon):
     client = daemon.openai()
     resp = client.chat.completions.create(

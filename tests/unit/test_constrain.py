@@ -263,6 +263,21 @@ def test_bare_json_call_without_markers(factory):
     assert matches(factory, grammar, call_tokens(factory, body, markers=False))
 
 
+def test_a_forced_call_takes_the_arguments_key_of_the_models_format(factory):
+    """Llama 3 writes "parameters" (its template and parser say so): forcing "arguments"
+    made the model write what it was never trained on."""
+    grammar = factory.tool_call_grammar(TOOLS, "required", args_key="parameters")
+    tok = factory.ll_tokenizer
+    assert matches(factory, grammar, tok.tokenize_str(
+        json.dumps({"name": "get_time", "parameters": {"hours": 1}})))
+    assert not matches(factory, grammar, tok.tokenize_str(
+        json.dumps({"name": "get_time", "arguments": {"hours": 1}})))
+    # phi4's list between its markers, as the engine asks for it
+    listed = grammar_for_tool_call(TOOLS, "required", "<|tool_call|>[", "]<|/tool_call|>")
+    assert matches(factory, listed, tok.tokenize_str(
+        '<|tool_call|>[{"name": "ping", "arguments": {}}]<|/tool_call|>'))
+
+
 def test_max_calls_bounds_the_number_of_calls(factory):
     one = call_tokens(factory, {"name": "ping", "arguments": {}})
     newline = factory.ll_tokenizer.tokenize_str("\n")
