@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from mlxrouter.daemon import local_url
+from mlxrouter.states import slug
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -123,7 +124,7 @@ class Daemon:
         return log.read_text()[-4000:] if log.exists() else ""
 
     def worker_log(self, model_id: str) -> str:
-        path = self.log_dir / f"worker-{model_id.replace('/', '--')}.log"
+        path = self.log_dir / f"worker-{slug(model_id)}.log"
         return path.read_text() if path.exists() else ""
 
     def workers(self) -> dict[str, dict]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import hashlib
 import time
 from collections import deque
 from pathlib import Path
@@ -35,7 +36,13 @@ LIVE = (State.STARTING, State.RUNNING, State.DRAINING, State.STOPPING)
 
 
 def slug(model_id: str) -> str:
-    return model_id.replace("/", "--")
+    """A model id as a file name (logs, pid files): "/" becomes "--". An id that could meet
+    another that way ("x--y" and "x/y", "x-/y" and "x/-y") gets a hash of itself too, so two
+    models never share a pid file or a log."""
+    name = model_id.replace("/", "--")
+    if "--" in model_id or "-/" in model_id or "/-" in model_id:
+        name += "~" + hashlib.sha256(model_id.encode()).hexdigest()[:8]
+    return name
 
 
 class Worker:

@@ -321,6 +321,23 @@ def test_a_reload_keeps_why_a_worker_crashed(start_daemon, tiny_model):
     assert (after["state"], after["reason"]) == ("EXITED", before["reason"])
 
 
+def test_ids_that_would_share_a_file_name_keep_their_own_pid_files_and_logs(start_daemon,
+                                                                            tiny_model):
+    """"x--y" and "x/y" were both x--y: one pid file for two workers (ctl stop of one removed
+    it while the other ran) and one log with both models' lines."""
+    import shutil
+
+    daemon = start_daemon({"x--y": {"path": str(tiny_model)}})
+    shutil.copytree(tiny_model, daemon.root / "models" / "x" / "y")
+    for model in ("x--y", "x/y"):
+        assert _chat(daemon, model).status_code == 200
+    assert len(list((daemon.run_dir / "workers").glob("*.pid"))) == 2
+    assert "model=x/y " in daemon.worker_log("x/y")
+    assert "model=x--y " in daemon.worker_log("x--y")
+    assert "model=x--y " not in daemon.worker_log("x/y")
+    assert "model=x/y " not in daemon.worker_log("x--y")
+
+
 def test_restarted_daemon_reaps_a_stale_worker(start_daemon, tiny_model):
     # no_parent_watch: the worker cannot notice its daemon's death (a wedged worker would not).
     daemon = start_daemon({"tiny": {"path": str(tiny_model), "fault": {"no_parent_watch": 1}}})
