@@ -438,6 +438,8 @@ def list_rows(config, states: dict[str, str] | None = None) -> list[dict]:
                                        if model.usable else None),
             "context_length": context,
             "capabilities": caps, "vision": "vision" in caps,
-            "state": (states or {}).get(model.id, "STOPPED" if states is not None else None),
+            # (an unusable model has no state: the daemon does not know it)
+            "state": (states or {}).get(model.id, "STOPPED" if states is not None
+                                        and model.usable else None),
         })
     return rows

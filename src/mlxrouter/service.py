@@ -435,8 +435,9 @@ def _explain(spec: ServiceSpec, origin: str, platform: str) -> None:
         print(f"         service output: journalctl --user -u {UNIT_NAME}")
     print(f"To change the config, edit {spec.config} (or workers/*.toml beside it),\n"
           "then apply it with `mlxrouter ctl reload` (or `kill -HUP $(mlxrouter ctl pid)`).\n"
-          "Changes to host, port or run_dir need `mlxrouter service restart`; changes to\n"
-          "drain_timeout_s or stop_timeout_s need `mlxrouter service install` again.")
+          "Changes to host, port, run_dir or log_dir need `mlxrouter service restart`;\n"
+          "changes to drain_timeout_s or stop_timeout_s need `mlxrouter service install` "
+          "again.")
     if platform == "linux" and not (Path("/var/lib/systemd/linger")
                                     / pwd.getpwuid(os.getuid()).pw_name).exists():
         print("systemd stops user services at logout; to keep it running: "

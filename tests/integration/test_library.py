@@ -508,12 +508,16 @@ def test_context_length_is_the_one_the_server_enforces(start_daemon, tiny_model:
     """A configured max_context below the model's own (2048) is what /v1/models and
     `models list` give: a client that trims its history to context_length gets no 400."""
     daemon = start_daemon({"tiny": {"path": str(tiny_model), "max_context": 100}})
+    (daemon.root / "models" / "half").mkdir()
+    (daemon.root / "models" / "half" / "config.json").write_text("{}")
 
     served = daemon.http.get("/v1/models/tiny").json()
-    row = {m["id"]: m for m in json.loads(
-        cli(daemon.root, "models", "list", "--json").stdout)}["tiny"]
+    rows = {m["id"]: m for m in json.loads(cli(daemon.root, "models", "list", "--json").stdout)}
+    row = rows["tiny"]
 
     assert served["context_length"] == row["context_length"] == 100
+    assert row["state"] == "STOPPED"
+    assert rows["half"]["state"] is None  # unusable: the daemon knows no such model
     too_long = daemon.http.post("/v1/completions", json={
         "model": "tiny", "prompt": [5] * 90, "max_tokens": 11})
     assert too_long.status_code == 400 and "maximum context length is 100" in too_long.text
