@@ -98,6 +98,13 @@ class ModelUnavailable(RouterError):
     status, code, should_retry = 503, "model_unavailable", False
 
 
+class ModelStopped(ModelUnavailable):
+    """`ctl stop` while the request waited for the model: a new request loads it again, so a
+    retry may (it was "do not retry")."""
+
+    should_retry = True
+
+
 class ShuttingDown(RouterError):
     status, code, retry_after_s = 503, "shutting_down", 5
 

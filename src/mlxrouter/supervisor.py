@@ -32,8 +32,9 @@ from . import __version__, library, memory, protocol
 from .broker import Broker, Lease
 from .config import Config, ConfigError, ModelSpec, worker_environment
 from .discovery import Catalog, sources_for
-from .errors import (InsufficientMemory, ModelLoadFailed, ModelNotFound, ModelUnavailable,
-                     NoMemory, QueueFull, RouterError, ShuttingDown, Timeout, WorkerCrashed)
+from .errors import (InsufficientMemory, ModelLoadFailed, ModelNotFound, ModelStopped,
+                     ModelUnavailable, NoMemory, QueueFull, RouterError, ShuttingDown, Timeout,
+                     WorkerCrashed)
 from .process import (PidFile, last_log_line, log_sizes, reap_stale, rotate, signal_group,
                       spawn)
 from .states import CRASH_LOOP_EXITS, Slot, State, Waiter, Worker, WorkerStatus, slug
@@ -808,8 +809,9 @@ class Supervisor:
             slot.want_start = False
             if slot.worker is None and slot.backoff_until:
                 slot.backoff_until = 0.0  # its retries end; EXITED with the start's failure
-            self._fail_waiters(slot, ModelUnavailable(
-                f"model '{model_id}' was stopped ({reason}) while this request waited for it"))
+            self._fail_waiters(slot, ModelStopped(
+                f"model '{model_id}' was stopped ({reason}) while this request waited for it; "
+                f"a new request loads it again"))
         worker = slot.worker if slot is not None else None
         if worker is None:
             return False

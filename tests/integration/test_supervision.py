@@ -184,6 +184,7 @@ def test_ctl_stop_stops_retries_and_loads_for_good(start_daemon, tiny_model):
     asker.join(10)
     assert waiting[0].status_code == 503, waiting[0].text
     assert "was stopped" in waiting[0].json()["error"]["message"]
+    assert waiting[0].headers["x-should-retry"] == "true"  # a new request loads it again
     time.sleep(1)
     assert daemon.workers()["slow"]["pid"] is None, daemon.workers()["slow"]
 
