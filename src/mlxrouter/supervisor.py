@@ -184,6 +184,11 @@ class Supervisor:
         if (worker is not None and worker.state is State.RUNNING and not slot.waiters
                 and worker.in_flight < worker.spec.max_running):
             return self._lease(slot, worker)
+        if spec.max_queue == 0 and worker is None:  # no request may wait for a load: a retry
+            raise ModelUnavailable(  # loads nothing either
+                f"model '{spec.id}' is not loaded, and with max_queue = 0 no request can wait "
+                f"for its load: start it with `mlxrouter ctl start {spec.id}` (or set "
+                f"preload = true for it)")
         if len(slot.waiters) >= spec.max_queue:
             running = worker.in_flight if worker is not None else 0
             if worker is None or worker.state is not State.RUNNING:

@@ -714,13 +714,16 @@ def test_a_reload_that_changes_reasoning_response_restarts_the_worker(start_daem
 
 
 def test_a_zero_queue_refuses_the_load_and_says_so(start_daemon, tiny_model):
-    """It said "has 8 requests running and 0 waiting" of a model not loaded."""
+    """It said "has 8 requests running and 0 waiting" of a model not loaded, then a 429
+    "try again shortly", though no retry could ever load it."""
     daemon = start_daemon({"tiny": {"path": str(tiny_model), "max_queue": 0}})
     resp = _chat(daemon, "tiny")
-    assert resp.status_code == 429
-    assert resp.json()["error"]["message"] == (
-        "model 'tiny' is not loaded and its queue is full (0 waiting, max_queue 0); "
-        "try again shortly")
+    assert resp.status_code == 503 and resp.headers["x-should-retry"] == "false"
+    assert resp.json()["error"]["code"] == "model_unavailable"
+    assert "with max_queue = 0 no request can wait for its load: start it with " \
+        "`mlxrouter ctl start tiny`" in resp.json()["error"]["message"]
+    assert daemon.http.post("/admin/models/tiny/start").status_code == 200
+    assert _chat(daemon, "tiny").status_code == 200
 
 
 def test_loads_start_in_the_order_their_requests_came(start_daemon, tiny_model):
