@@ -359,7 +359,17 @@ def _decode(data: dict[str, Any], type_: type, where: str) -> Any:
     try:
         return msgspec.convert(data, type_)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        text = str(exc)
+        models = data.get("models")
+        if "$.models[...]" in text and isinstance(models, dict):
+            # msgspec does not name dict keys: say which [models."ID"] table it is
+            for model_id, opts in models.items():
+                try:
+                    msgspec.convert({"models": {model_id: opts}}, type_)
+                except msgspec.ValidationError:
+                    text = text.replace("$.models[...]", f"$.models[{json.dumps(model_id)}]")
+                    break
+        raise ConfigError(f"{where}: {text}") from None
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -914,3 +914,11 @@ def test_serve_refuses_an_empty_host_flag() -> None:
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "an empty host would listen on every interface" in done.stderr
+
+
+def test_an_error_in_a_models_table_names_the_model(tmp_path: Path) -> None:
+    main = write(tmp_path / "supervisor.toml",
+                 '[models."org/ok"]\nmax_tokens = 5\n[models."org/bad"]\nload_dtype = "int3"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(main)
+    assert '$.models["org/bad"].load_dtype' in str(info.value)
