@@ -585,8 +585,11 @@ class TextEngine:
         else:
             return
         if self._longest_token is None:
-            vocab = self.tokenizer._tokenizer.get_vocab()
-            self._longest_token = max((len(t) for t in vocab), default=1) or 1
+            try:
+                vocab = self.tokenizer._tokenizer.get_vocab()
+                self._longest_token = max((len(t) for t in vocab), default=1) or 1
+            except Exception:  # a tokenizer without a vocabulary to read: no early check
+                self._longest_token = 2**31
         most = self.max_context * self._longest_token
         if count > self.max_context:
             raise ContextLengthExceeded(
