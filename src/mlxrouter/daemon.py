@@ -337,6 +337,7 @@ class Daemon:
         stopper = asyncio.create_task(self.stop_requested.wait())
         await asyncio.wait({server, stopper}, return_when=asyncio.FIRST_COMPLETED)
         state.shutting_down = True
+        state.stopping.set()
         supervisor.begin_shutdown()
         await self._drain(state, broker, supervisor)
         self._http_stop.set()
@@ -369,7 +370,11 @@ class Daemon:
         def busy() -> int:
             return broker.in_flight + supervisor.waiting()
 
-        while (busy() or state.requests_in_progress) and time.monotonic() < deadline:
+        # requests not generating nor queued yet (a grammar compiling, a body refused just
+        # now) get a few seconds, not the whole drain: one could be a client that stopped
+        grace = min(deadline, time.monotonic() + 5.0)
+        while (busy() or (state.requests_in_progress and time.monotonic() < grace)) and (
+                time.monotonic() < deadline):
             await asyncio.sleep(0.05)
         if busy():
             # What is left fails now, in OpenAI's shape (503 shutting_down, or a stream's

@@ -154,9 +154,19 @@ async def _admit(request: Request, type_: type) -> tuple[AppState, Any, ModelSpe
     if state.shutting_down:
         raise ShuttingDown("the server is shutting down")
     server = state.config.server
-    body = await read_body(request, server.max_body_bytes, server.request_body_timeout_s)
-    if state.shutting_down:  # SIGTERM came while the body arrived: not let in
+    reading = asyncio.ensure_future(
+        read_body(request, server.max_body_bytes, server.request_body_timeout_s))
+    stopping = asyncio.ensure_future(state.stopping.wait())
+    try:
+        await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        if not reading.done():
+            reading.cancel()  # SIGTERM came while the body arrived: not let in, not waited for
+            await asyncio.gather(reading, return_exceptions=True)
+    if reading.cancelled() or state.shutting_down:
         raise ShuttingDown("the server is shutting down")
+    body = reading.result()
     req = decode_body(body, type_)
     return state, req, state.supervisor.spec(req.model)
 

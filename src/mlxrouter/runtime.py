@@ -6,6 +6,8 @@ not a global).
 
 from __future__ import annotations
 
+import asyncio
+
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +37,8 @@ class AppState:
     # HTTP requests between their headers and their response's end (AccessMiddleware): the
     # drain waits for those too, e.g. one whose body was still arriving when SIGTERM came
     requests_in_progress: int = 0
+    # set with shutting_down: a request body still arriving is refused at once (503)
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def json_response(payload: object, status: int = 200,

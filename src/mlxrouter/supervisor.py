@@ -80,6 +80,7 @@ class Supervisor:
         self._overhead_bytes = memory.DEFAULT_OVERHEAD_BYTES
         self._closing = False
         self._stopping = False  # begin_shutdown: draining, then close()
+        self._download_waiting = 0  # requests waiting for a download (see waiting())
         self._wakeup: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._measured_at = float("-inf")
         self._loop_task: asyncio.Task | None = None
@@ -437,6 +438,7 @@ class Supervisor:
             task = asyncio.create_task(self._pull(model_id), name=f"download:{model_id}")
             self._downloads[model_id] = task
             task.add_done_callback(lambda t: self._downloaded(model_id, t))
+        self._download_waiting += 1  # the drain waits for these as for queued requests
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                 await asyncio.shield(task)
@@ -450,10 +452,13 @@ class Supervisor:
                                   retry_after_s=30) from None
         except asyncio.CancelledError:
             task_now = asyncio.current_task()
-            if self._closing and task_now is not None and not task_now.cancelling():
-                # the download was cancelled by close(), not this request
+            if (self._closing or self._stopping) and task_now is not None and (
+                    not task_now.cancelling()):
+                # the download was cancelled by the shutdown, not this request
                 raise ShuttingDown("the server is shutting down") from None
             raise
+        finally:
+            self._download_waiting -= 1
 
     async def _pull(self, model_id: str) -> Path:
         """library.pull in a daemon thread of its own, not the loop's default executor: loop
@@ -928,10 +933,14 @@ class Supervisor:
         return self._slots
 
     def fail_waiting(self, error: RouterError) -> None:
-        """Every request still queued for a lease fails now (a drain that ran out)."""
+        """Every request still queued for a lease fails now (a drain that ran out), and so do
+        those waiting for a download (cancelled: they answer 503 shutting_down)."""
         for slot in self._slots.values():
             self._fail_waiters(slot, error)
+        for task in list(self._downloads.values()):
+            task.cancel()
 
     def waiting(self) -> int:
-        """Requests queued for a lease (loading, memory, a full batch): drain counts them."""
-        return sum(len(s.waiters) for s in self._slots.values())
+        """Requests queued for a lease (loading, memory, a full batch) or for a download:
+        drain counts them."""
+        return sum(len(s.waiters) for s in self._slots.values()) + self._download_waiting

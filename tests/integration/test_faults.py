@@ -228,6 +228,30 @@ def test_a_crash_fails_a_streamed_n_request_at_once_while_a_choice_waits(start_d
     assert elapsed < 5, elapsed  # not after a 6 s reload
 
 
+def test_a_request_whose_body_never_ends_gets_a_503_at_sigterm(start_daemon):
+    """A body still arriving at SIGTERM is refused at once: counted as busy, it held the
+    drain for the whole drain_timeout_s and was then cut off with an empty 500."""
+    daemon = start_daemon(supervisor={"drain_timeout_s": 20.0})
+    url = httpx.URL(daemon.base_url)
+    with socket.create_connection((url.host, url.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"mo")
+        time.sleep(0.5)
+        started = time.monotonic()
+        daemon.proc.send_signal(signal.SIGTERM)
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+        answered = time.monotonic() - started
+    assert reply.startswith(b"HTTP/1.1 503"), reply
+    assert json.loads(reply.partition(b"\r\n\r\n")[2])["error"]["code"] == "shutting_down"
+    assert answered < 3, answered
+    assert daemon.proc.wait(15) == 0
+
+
 def test_a_request_whose_body_arrives_after_sigterm_gets_a_503(start_daemon):
     """Its headers came before SIGTERM and its body after: the drain ended at once (nothing
     was in flight yet), the request was let in and then cut off with an empty 500."""
