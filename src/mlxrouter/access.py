@@ -54,20 +54,10 @@ def _is_loopback(host: str | None) -> bool:
     return address is not None and address.is_loopback
 
 
-def _same_address(a: str | None, b: str | None) -> bool:
-    try:
-        return a is not None and b is not None and (
-            ipaddress.ip_address(a) == ipaddress.ip_address(b))
-    except ValueError:
-        return False
-
-
 def _from_this_machine(scope: Scope) -> bool:
-    """A loopback client, or one whose address is the one it connected to (the daemon bound
-    to one of this machine's own addresses: its clients there come from that address)."""
-    client = (scope.get("client") or (None,))[0]
-    server = (scope.get("server") or (None,))[0]
-    return _is_loopback(client) or _same_address(client, server)
+    """A loopback client. (Not one from the address the daemon is bound to: a reverse proxy on
+    this machine connects from there for every remote client behind it.)"""
+    return _is_loopback((scope.get("client") or (None,))[0])
 
 
 def _bearer(scope: Scope) -> str | None:
@@ -113,12 +103,10 @@ def _check_browser(scope: Scope, cors_origins: list[str], admin: bool) -> None:
 
 
 def _check_host(scope: Scope) -> None:
-    """DNS rebinding: loopback trust needs a loopback Host header too (or the address the
-    client connected to, written as an address)."""
+    """DNS rebinding: loopback trust needs a loopback Host header too."""
     host = _header(scope, b"host") or ""
     name = urlsplit(f"//{host}").hostname or ""
-    server = (scope.get("server") or (None,))[0]
-    if name != "localhost" and not _is_loopback(name) and not _same_address(name, server):
+    if name != "localhost" and not _is_loopback(name):
         raise Forbidden(f"/admin is only reachable as localhost, not as {host!r}, unless "
                         f"an admin key is configured")
 
@@ -137,7 +125,7 @@ def check_access(scope: Scope, api_keys: list[str], admin_key: str | None,
                 raise Unauthorized("a valid admin key is required for /admin")
         elif not _from_this_machine(scope):
             client = (scope.get("client") or ("?",))[0]
-            raise Forbidden(f"/admin is only reachable from this machine (this request came "
+            raise Forbidden(f"/admin is only reachable over loopback (this request came "
                             f"from {client}) unless an admin key is configured (admin_key, "
                             f"or MLXROUTER_ADMIN_KEY)")
         else:

@@ -78,7 +78,13 @@ def daemon_url(args: argparse.Namespace) -> str:
     info = read_lock_info(run_dir)
     if info.get("pid") and not info.get("port"):
         if args.ctl_command == "shutdown":  # what the daemon does with SIGTERM then: stop
-            os.kill(int(info["pid"]), signal.SIGTERM)
+            try:
+                os.kill(int(info["pid"]), signal.SIGTERM)
+            except ProcessLookupError:  # it ended meanwhile
+                raise CtlError("the daemon is not running", EXIT_UNREACHABLE) from None
+            except PermissionError:
+                raise CtlError(f"the daemon (pid {info['pid']}) is still starting and is not "
+                               f"yours to signal", EXIT_FAILED) from None
             raise CtlError(f"the daemon (pid {info['pid']}) was still starting; sent it "
                            f"SIGTERM, and it stops before it listens", EXIT_OK)
         raise CtlError(f"the daemon (pid {info['pid']}) is still starting (importing the "

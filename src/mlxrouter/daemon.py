@@ -112,6 +112,12 @@ def read_lock_info(run_dir: Path) -> dict:
 def setup_logging(config: Config, level: str | None) -> None:
     """daemon.log (rotated by size) and stderr; every line carries the request id, if any."""
     config.log_dir.mkdir(parents=True, exist_ok=True)
+    for old in config.log_dir.glob("*.log*"):  # rotated ones made before logs were private
+        try:
+            if old.is_file() and not old.is_symlink():
+                old.chmod(0o600)
+        except OSError:
+            pass
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
     root = logging.getLogger()
     root.setLevel((level or ("debug" if config.server.debug else "info")).upper())

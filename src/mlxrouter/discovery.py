@@ -260,12 +260,14 @@ def capabilities(path: Path, config: dict) -> tuple[str, ...]:
     return tuple(caps)
 
 
-def served_context(found: int | None, spec: Any) -> int:
+def served_context(spec: Any) -> int:
     """The context a worker enforces for the model: its `max_context` (0 = the model's own),
-    never more than the model's (4096 where config.json does not say), as the worker does."""
-    from .memory import effective_context
+    never more than the model's, read from config.json as the worker reads it
+    (`max_position_embeddings`, 4096 where it does not say)."""
+    from .memory import _model_config, effective_context, model_max_context
 
-    return effective_context(spec.max_context, found or 4096)
+    return effective_context(spec.max_context,
+                             model_max_context(_model_config(Path(spec.path))))
 
 
 def configured_capabilities(found: tuple[str, ...], spec: Any) -> list[str]:

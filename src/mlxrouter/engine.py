@@ -784,8 +784,10 @@ class TextEngine:
             seq.detok.finalize()
         segment = seq.detok.last_segment
         if seq.top_logprobs is not None and finish != "stop":
-            seq.held.add(self._token_logprob(r.token, segment, r.logprobs, seq.top_logprobs),
-                         segment)
+            entry = self._token_logprob(r.token, segment, r.logprobs, seq.top_logprobs)
+            if not _byte_exact(seq.detok):  # its bytes may not be what shows (WordPiece "##")
+                entry.chars = len(segment)
+            seq.held.add(entry, segment)
         text, hit = seq.stop.feed(segment)
         if finish is not None:
             self._remember(r.all_tokens, r.prompt_cache)
@@ -894,6 +896,15 @@ def _gpt2_byte_decoder() -> dict[str, int]:
 
 _BYTE_DECODER = _gpt2_byte_decoder()
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_exact(detok: Any) -> bool:
+    """Whether a token's own bytes are what it adds to the text (mlx-lm's byte-level BPE and
+    SentencePiece detokenizers), not only what the detokenizer shows at its step (the naive
+    one, for WordPiece, Metaspace and other decoders)."""
+    from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, SPMStreamingDetokenizer
+
+    return isinstance(detok, (BPEStreamingDetokenizer, SPMStreamingDetokenizer))
 
 
 def continuing_detokenizer(tokenizer: Any) -> Any:

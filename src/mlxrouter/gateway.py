@@ -265,7 +265,7 @@ def _model_object(state: AppState, model_id: str) -> ModelObject:
     extra = {} if info is None or not info.usable else dict(
         source=info.source, architecture=info.architecture, quantization=info.quantization,
         parameters=info.parameters, weights_bytes=info.weights_bytes,
-        context_length=(served_context(info.context_length, spec) if spec is not None
+        context_length=(served_context(spec) if spec is not None
                         else info.context_length),
         capabilities=(configured_capabilities(info.capabilities, spec) if spec is not None
                       else list(info.capabilities)))

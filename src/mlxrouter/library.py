@@ -426,7 +426,7 @@ def list_rows(config, states: dict[str, str] | None = None) -> list[dict]:
             try:
                 spec = config.spec_for(model.id, model.path)
                 caps = discovery.configured_capabilities(model.capabilities, spec)
-                context = discovery.served_context(model.context_length, spec)
+                context = discovery.served_context(spec)
             except ConfigError:
                 pass
         rows.append({

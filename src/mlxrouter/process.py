@@ -57,6 +57,7 @@ async def spawn(argv: list[str], *, env: dict[str, str], log_path: Path,
                 cwd: Path) -> asyncio.subprocess.Process:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)  # one made by an older version was world-readable
     try:
         return await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=fd, stderr=fd, env=env,

@@ -154,6 +154,9 @@ class TokenLogprob(msgspec.Struct, array_like=True):
     logprob: float
     top: list[TopLogprob] = []
     raw: bytes = b""
+    # characters it adds to the text, for text_offset: -1 = count its `raw` bytes decoded
+    # (byte-level BPE, SentencePiece), else what the detokenizer showed for it
+    chars: int = -1
 
 
 class Delta(msgspec.Struct, omit_defaults=True):

@@ -649,7 +649,8 @@ class TextShape:
             out.token_logprobs.append(e.logprob)
             out.top_logprobs.append({spelling(t.token, t.raw): t.logprob for t in e.top})
             out.text_offset.append(self._offset.get(index, 0))
-            shown = len(decoder.decode(e.raw)) if e.raw else len(e.token)
+            shown = (e.chars if e.chars >= 0 else len(decoder.decode(e.raw)) if e.raw
+                     else len(e.token))
             self._offset[index] = self._offset.get(index, 0) + shown
         return out
 

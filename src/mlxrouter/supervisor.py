@@ -185,8 +185,8 @@ class Supervisor:
         if (worker is not None and worker.state is State.RUNNING and not slot.waiters
                 and worker.in_flight < worker.spec.max_running):
             return self._lease(slot, worker)
-        if spec.max_queue == 0 and worker is None:  # no request may wait for a load: a retry
-            raise ModelUnavailable(  # loads nothing either
+        if spec.max_queue == 0 and worker is None and not slot.want_start:  # nothing loads it:
+            raise ModelUnavailable(  # a retry loads nothing either
                 f"model '{spec.id}' is not loaded, and with max_queue = 0 no request can wait "
                 f"for its load: start it with `mlxrouter ctl start {spec.id}` (or set "
                 f"preload = true for it)")
@@ -820,8 +820,8 @@ class Supervisor:
             if slot.worker is None and slot.backoff_until:
                 slot.backoff_until = 0.0  # its retries end; EXITED with the start's failure
             self._fail_waiters(slot, ModelStopped(
-                f"model '{model_id}' was stopped ({reason}) while this request waited for it; "
-                f"a new request loads it again"))
+                f"model '{model_id}' was stopped ({reason}) while this request waited for it"
+                + ("; a new request loads it again" if slot.spec.max_queue else "")))
         worker = slot.worker if slot is not None else None
         if worker is None:
             return False

@@ -29,6 +29,7 @@ import msgspec
 from . import memory
 from .config import Config, ConfigError, WorkerFile
 from .discovery import Catalog, sources_for
+from .states import slug
 
 # Tokens decoded per measurement; max_tokens is what this speed decodes in this long.
 DECODE_TOKENS = 32
@@ -361,7 +362,7 @@ def worker_file_for(directory: Path, model_id: str) -> Path:
             continue
         if data.get("id", file.stem) == model_id:
             return file
-    return directory / f"{model_id.replace('/', '--')}.toml"
+    return directory / f"{slug(model_id)}.toml"  # (x--y and x/y: two files)
 
 
 def update_worker_file(file: Path, model_id: str, values: dict, note: str) -> None:

@@ -338,7 +338,12 @@ def _logged(url: str) -> str:
         u = httpx.URL(url)
         text = str(u.copy_with(userinfo=b"", query=None, fragment=None)) if u.host else url
     except (httpx.InvalidURL, TypeError, ValueError):
-        text = url
+        text = url  # unparsable (a line break, a broken host): cut by hand
+    text = text.split("?", 1)[0].split("#", 1)[0]
+    scheme, sep, rest = text.partition("://")
+    if sep:
+        authority, slash, path = rest.partition("/")
+        text = f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)[:300]
 
 
@@ -382,7 +387,7 @@ def _resolver() -> concurrent.futures.ThreadPoolExecutor:
     starts, grammar compiles and image checks share, for tens of seconds."""
     global _RESOLVER
     if _RESOLVER is None:
-        _RESOLVER = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="resolve")
+        _RESOLVER = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="resolve")
     return _RESOLVER
 
 

@@ -339,6 +339,28 @@ def test_ids_that_would_share_a_file_name_keep_their_own_pid_files_and_logs(star
     assert "model=x/y " not in daemon.worker_log("x--y")
 
 
+def test_logs_written_before_logs_were_private_are_made_private(tmp_path, tiny_model):
+    """Rotated logs and a worker's stderr log from before stayed world-readable, with the
+    signed URLs logged then."""
+    from conftest import write_config
+
+    (tmp_path / "models").mkdir()
+    config = write_config(tmp_path, models={"tiny": {"path": str(tiny_model)}})
+    (tmp_path / "logs").mkdir()
+    old = [tmp_path / "logs" / name for name in ("daemon.log.1", "worker-tiny.stderr.log")]
+    for file in old:
+        file.write_text("old\n")
+        file.chmod(0o644)
+    daemon = spawn_daemon(tmp_path, config)
+    try:
+        assert _chat(daemon, "tiny").status_code == 200
+        for file in old:
+            assert file.stat().st_mode & 0o077 == 0, file
+    finally:
+        daemon.stop()
+        assert not wait_for_gone(daemon)
+
+
 def test_restarted_daemon_reaps_a_stale_worker(start_daemon, tiny_model):
     # no_parent_watch: the worker cannot notice its daemon's death (a wedged worker would not).
     daemon = start_daemon({"tiny": {"path": str(tiny_model), "fault": {"no_parent_watch": 1}}})

@@ -694,3 +694,17 @@ def test_mixed_bit_quantized_weights_count_with_their_own_bits(tmp_path: Path) -
     quant = {"bits": 4, "group_size": 32, "model.embed_tokens": {"bits": 8, "group_size": 32}}
 
     assert _safetensors_parameters([file], 4, quant) == 10 * 64 + 64 * 64 + 64
+
+
+def test_the_served_context_is_read_as_the_worker_reads_it(tmp_path: Path) -> None:
+    """A max_position_embeddings only at the top level of a config with a text_config: the
+    worker enforces 4096, and /v1/models said 8192."""
+    from types import SimpleNamespace
+
+    from mlxrouter.discovery import served_context
+
+    model = make_model(tmp_path / "vlm", config={
+        "model_type": "llava", "text_config": {"hidden_size": 8},
+        "max_position_embeddings": 100_000})
+    assert served_context(SimpleNamespace(max_context=8192, path=str(model))) == 4096
+    assert served_context(SimpleNamespace(max_context=1000, path=str(model))) == 1000

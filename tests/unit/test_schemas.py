@@ -468,3 +468,20 @@ def test_unusable_or_oversized_tools_and_schemas_are_a_400(fields: dict[str, Any
     with pytest.raises(InvalidRequest) as info:
         check_supported(parse(**fields))
     assert info.value.param == param
+
+
+def test_text_offsets_follow_what_each_token_adds() -> None:
+    """From a token's bytes where they are its text (byte-level BPE: a lone space shown late
+    still starts at 0), else from what the detokenizer showed for it (WordPiece "##ing" adds
+    3 characters, not 5)."""
+    from mlxrouter.protocol import TokenLogprob
+    from mlxrouter.schemas import TextShape
+
+    bpe = TextShape(logprobs=0)._logprobs(0, [TokenLogprob("", -0.1, [], b" "),
+                                               TokenLogprob(" 4", -0.1, [], b"4"),
+                                               TokenLogprob(",", -0.1, [], b",")])
+    naive = TextShape(logprobs=0)._logprobs(0, [TokenLogprob("play", -0.1, [], b"play", 4),
+                                                 TokenLogprob("ing", -0.1, [], b"##ing", 3),
+                                                 TokenLogprob(" now", -0.1, [], b"now", 4)])
+    assert bpe.text_offset == [0, 1, 2]
+    assert naive.text_offset == [0, 4, 7]

@@ -61,3 +61,15 @@ def test_without_a_config_file_the_written_file_is_one_the_loader_reads(home: Pa
     assert reloaded.source == str(home / "supervisor.toml")
     spec = reloaded.spec_for("org/m", str(home / "models" / "m"))
     assert spec.max_tokens == 256 and spec.required_memory_gb == 1.5
+
+
+def test_ids_that_share_a_file_name_get_their_own_worker_files(tmp_path: Path) -> None:
+    """Tuning "x--y" picked x--y.toml, which held "x/y", and overwrote x/y's values."""
+    from mlxrouter.tune import worker_file_for
+
+    workers = tmp_path / "workers"
+    workers.mkdir()
+    (workers / "x--y.toml").write_text('id = "x/y"\nmax_tokens = 999\n')
+    assert worker_file_for(workers, "x/y") == workers / "x--y.toml"
+    other = worker_file_for(workers, "x--y")
+    assert other != workers / "x--y.toml" and other.parent == workers
