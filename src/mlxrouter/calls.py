@@ -184,11 +184,15 @@ class Group:
         try:
             return list(await asyncio.gather(*tasks))
         except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            self.close()
+            await self._abandon(tasks)
             raise
+
+    async def _abandon(self, tasks: list[asyncio.Future]) -> None:
+        """A choice failed (or the client left): the others stop, and the request closes."""
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.close()
 
     async def open(self) -> None:
         """Every choice started. A choice that fails meanwhile (its worker crashed) fails the
@@ -208,10 +212,7 @@ class Group:
                     if call.stream is not None and call.stream.error is not None:
                         raise call.stream.error
         except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            self.close()
+            await self._abandon(tasks)
             raise
 
     def close(self) -> None:
