@@ -37,7 +37,7 @@ from .errors import RouterError, ShuttingDown
 from .gateway import build_app
 from .metrics import Metrics
 from .process import PrivateLogFile, die_with_parent
-from .runtime import AppState
+from .runtime import AppState, Interrupted, unless_set
 from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -263,17 +263,10 @@ class Daemon:
     async def _unless_stopped(self, awaitable: Any) -> Any:
         """`awaitable`'s result, unless a stop is asked for first: then it is cancelled (a
         thread's work runs on to its end) and StoppedWhileStarting is raised."""
-        work = asyncio.ensure_future(awaitable)
-        stop = asyncio.ensure_future(self.stop_requested.wait())
         try:
-            await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-        if not work.done():
-            work.cancel()
-            await asyncio.gather(work, return_exceptions=True)
-            raise StoppedWhileStarting
-        return work.result()
+            return await unless_set(awaitable, self.stop_requested)
+        except Interrupted:
+            raise StoppedWhileStarting from None
 
     async def _run(self, lock: RunLock) -> int:
         config = self.config

@@ -197,6 +197,7 @@ class Sequence:
         self.completion_tokens = 0
         # Alternatives per token when the request asked for logprobs, else None.
         self.top_logprobs = req.sampling.top_logprobs if req.sampling.logprobs else None
+        self.byte_exact = True  # _byte_exact(detok), set at admission (text_offset)
         self.held = HeldLogprobs()  # their entries, released with their tokens' text
         self.tools: Any = None  # a toolcalls.ToolCallStream when the output may hold calls
         self.constraint: Any = None  # a constrain.GrammarProcessor when decoding is constrained
@@ -542,6 +543,7 @@ class TextEngine:
         detok = (self.tokenizer.detokenizer if req.messages is not None
                  else continuing_detokenizer(self.tokenizer))
         seq = Sequence(req, uid, detok, len(prompt), received_at)
+        seq.byte_exact = _byte_exact(detok)
         seq.cached_tokens = cached
         seq.constraint = constraint
         if req.messages is not None:
@@ -785,7 +787,7 @@ class TextEngine:
         segment = seq.detok.last_segment
         if seq.top_logprobs is not None and finish != "stop":
             entry = self._token_logprob(r.token, segment, r.logprobs, seq.top_logprobs)
-            if not _byte_exact(seq.detok):  # its bytes may not be what shows (WordPiece "##")
+            if not seq.byte_exact:  # its bytes may not be what shows (WordPiece "##")
                 entry.chars = len(segment)
             seq.held.add(entry, segment)
         text, hit = seq.stop.feed(segment)

@@ -34,7 +34,7 @@ from .errors import (BodyTimeout, BodyTooLarge, ClientGone, InvalidRequest, Meth
                      ModelNotFound, NotFound, RouterError, ShuttingDown, error_body,
                      error_headers)
 from .openapi import openapi_document
-from .runtime import AppState, app_state, json_response
+from .runtime import AppState, Interrupted, app_state, json_response, unless_set
 from .schemas import (ChatCompletionRequest, ChatShape, CompletionRequest, GenerationParams,
                       ModelList, ModelObject, NamedToolChoice, TextShape, check_completion,
                       check_supported, decode_body, message_dicts, tool_dicts)
@@ -154,19 +154,14 @@ async def _admit(request: Request, type_: type) -> tuple[AppState, Any, ModelSpe
     if state.shutting_down:
         raise ShuttingDown("the server is shutting down")
     server = state.config.server
-    reading = asyncio.ensure_future(
-        read_body(request, server.max_body_bytes, server.request_body_timeout_s))
-    stopping = asyncio.ensure_future(state.stopping.wait())
-    try:
-        await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopping.cancel()
-        if not reading.done():
-            reading.cancel()  # SIGTERM came while the body arrived: not let in, not waited for
-            await asyncio.gather(reading, return_exceptions=True)
-    if reading.cancelled() or state.shutting_down:
+    try:  # SIGTERM while the body arrives: not let in, and not waited for
+        body = await unless_set(
+            read_body(request, server.max_body_bytes, server.request_body_timeout_s),
+            state.stopping)
+    except Interrupted:
+        raise ShuttingDown("the server is shutting down") from None
+    if state.shutting_down:
         raise ShuttingDown("the server is shutting down")
-    body = reading.result()
     req = decode_body(body, type_)
     return state, req, state.supervisor.spec(req.model)
 

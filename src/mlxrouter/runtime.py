@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 from starlette.requests import Request
@@ -39,6 +40,27 @@ class AppState:
     requests_in_progress: int = 0
     # set with shutting_down: a request body still arriving is refused at once (503)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Interrupted(Exception):
+    """unless_set: the event came first."""
+
+
+async def unless_set(awaitable: Any, event: asyncio.Event) -> Any:
+    """`awaitable`'s result, unless `event` is set first: then the work is cancelled (a
+    thread's runs on to its end) and Interrupted is raised."""
+    work = asyncio.ensure_future(awaitable)
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        if not work.done():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+    if work.cancelled():
+        raise Interrupted
+    return work.result()
 
 
 def json_response(payload: object, status: int = 200,
