@@ -114,7 +114,8 @@ def cmd_models_list(args: argparse.Namespace) -> int:
           f"{'EST.MEM':>8s} {'CONTEXT':>7s} {'CAPABILITIES':26s} SOURCE")
     for r in rows:
         if not r["usable"]:
-            print(f"{r['id']:40s} unusable: {r['reason']} ({r['path']})")
+            print(f"{r['id']:40s} unusable: {r['reason']}"
+                  + (f" ({r['path']})" if r["path"] else ""))
             continue
         print(f"{r['id']:40s} {(r['state'] or '-'):8s} {r['architecture'][:24]:24s} "
               f"{r['quantization'][:16]:16s} {_size(r['parameters'], ''):>7s} "

@@ -532,6 +532,10 @@ def sources_for(config) -> list[Source]:
                if root is not None and name not in sup.discovery_sources])
 
 
+# Why a configured model without a `path` cannot be served when discovery does not find it.
+NOT_ON_DISK = "has no path and was not found on disk"
+
+
 class Catalog:
     """Configured models plus what is on disk; rescans when the directory changes."""
 

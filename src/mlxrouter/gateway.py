@@ -23,11 +23,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import protocol
+from . import library, protocol
 from .access import CORS, AccessMiddleware, request_id
 from .admin import admin_routes
 from .calls import Group, token_cap
-from .discovery import configured_capabilities, served_context
+from .discovery import NOT_ON_DISK, configured_capabilities, served_context
 from .docs_pages import docs_routes
 from .config import ModelSpec
 from .errors import (BodyTimeout, BodyTooLarge, ClientGone, InvalidRequest, MethodNotAllowed,
@@ -257,13 +257,19 @@ def _model_object(state: AppState, model_id: str) -> ModelObject:
             estimate = state.supervisor.need_bytes(spec)
         except RouterError:
             estimate = None
-    extra = {} if info is None or not info.usable else dict(
-        source=info.source, architecture=info.architecture, quantization=info.quantization,
-        parameters=info.parameters, weights_bytes=info.weights_bytes,
-        context_length=(served_context(spec) if spec is not None
-                        else info.context_length),
-        capabilities=(configured_capabilities(info.capabilities, spec) if spec is not None
-                      else list(info.capabilities)))
+    if info is None and state.supervisor.downloadable(model_id):
+        extra = dict(reason=library.PULLED_ON_FIRST_REQUEST)
+    elif info is None or not info.usable:
+        extra = dict(usable=False, source=info.source if info is not None else "",
+                     reason=info.reason if info is not None else NOT_ON_DISK)
+    else:
+        extra = dict(
+            source=info.source, architecture=info.architecture, quantization=info.quantization,
+            parameters=info.parameters, weights_bytes=info.weights_bytes,
+            context_length=(served_context(spec) if spec is not None
+                            else info.context_length),
+            capabilities=(configured_capabilities(info.capabilities, spec) if spec is not None
+                          else list(info.capabilities)))
     return ModelObject(id=model_id, created=int(state.started_at), owned_by=owner,
                        loaded=st.value == "RUNNING", state=st.value,
                        path=_model_path(state, model_id),

@@ -43,6 +43,8 @@ class LibraryError(Exception):
 # How a failed download goes on, in pull's message; the daemon, which downloads on demand,
 # says it its own way (Supervisor._download)
 RESUME_HINT = "run pull again to resume"
+# The reason listed for a configured repo id not downloaded yet, with downloads allowed.
+PULLED_ON_FIRST_REQUEST = "not downloaded yet: the first request for it pulls it"
 
 
 class RepoNotFound(LibraryError):
@@ -417,6 +419,12 @@ def list_rows(config, states: dict[str, str] | None = None) -> list[dict]:
         info = catalog.info(model_id) if config.models[model_id].path else None
         if info is not None:
             found[model_id] = info
+        elif model_id not in found:
+            # named in the config, not on disk: listed as /v1/models lists it
+            pulled = config.supervisor.allow_download and is_repo_id(model_id)
+            found[model_id] = discovery.DiscoveredModel(
+                model_id, "", usable=pulled, source="config",
+                reason=PULLED_ON_FIRST_REQUEST if pulled else discovery.NOT_ON_DISK)
     rows = []
     for model in sorted(found.values(), key=lambda m: m.id):
         from .config import ConfigError

@@ -524,6 +524,9 @@ class ModelObject(msgspec.Struct):
     estimated_memory_bytes: int | None = None
     context_length: int | None = None
     capabilities: list[str] = []
+    # False (with the reason) for a configured model that cannot be served as it is on disk.
+    usable: bool = True
+    reason: str | None = None
 
 
 class TextLogprobs(msgspec.Struct):

@@ -144,7 +144,7 @@ class Supervisor:
 
     def spec(self, model_id: str) -> ModelSpec:
         if not self.catalog.knows(model_id):
-            if self._downloadable(model_id):
+            if self.downloadable(model_id):
                 # acquire() downloads it first; the spec points where the download lands.
                 return self.config.spec_for(model_id, str(
                     library.pull_target(self.config.model_directory, model_id)))
@@ -170,7 +170,7 @@ class Supervisor:
         if self._closing:
             raise ShuttingDown("the server is shutting down")
         if spec.id in self._downloads or (
-                self._downloadable(spec.id) and not self.catalog.knows(spec.id)):
+                self.downloadable(spec.id) and not self.catalog.knows(spec.id)):
             await self._download(spec.id, deadline)
         slot = self._slot(spec)
         if slot.fatal_reason:
@@ -427,7 +427,7 @@ class Supervisor:
         if plan.action == "impossible":
             raise self._never_fits(spec, plan.reason)
 
-    def _downloadable(self, model_id: str) -> bool:
+    def downloadable(self, model_id: str) -> bool:
         return self.config.supervisor.allow_download and library.is_repo_id(model_id)
 
     async def _download(self, model_id: str, deadline: float) -> None:

@@ -523,6 +523,31 @@ def test_context_length_is_the_one_the_server_enforces(start_daemon, tiny_model:
     assert too_long.status_code == 400 and "maximum context length is 100" in too_long.text
 
 
+def test_configured_models_that_cannot_be_served_say_why_in_both_lists(
+        start_daemon, tiny_model: Path) -> None:
+    """A configured model with no path that discovery does not find was in /v1/models as if
+    usable (capabilities [], no reason) and missing from `models list`; one whose configured
+    path has no model showed no reason either."""
+    missing = tiny_model / "nothere"
+    daemon = start_daemon({"tiny": {"path": str(tiny_model)}, "ghost": {"max_tokens": 8},
+                           "gone": {"path": str(missing)}})
+    served = {m["id"]: m for m in daemon.http.get("/v1/models").json()["data"]}
+    rows = {m["id"]: m for m in json.loads(cli(daemon.root, "models", "list", "--json").stdout)}
+    table = cli(daemon.root, "models", "list").stdout
+
+    assert served["tiny"]["usable"] is True and served["tiny"]["reason"] is None
+    for listed_ in (served, rows):
+        assert listed_["ghost"]["usable"] is False
+        assert listed_["ghost"]["reason"] == "has no path and was not found on disk"
+        assert listed_["gone"]["usable"] is False
+        assert listed_["gone"]["path"] == str(missing) and listed_["gone"]["reason"]
+    assert served["gone"]["reason"] == rows["gone"]["reason"]
+    assert "ghost" in table and "unusable: has no path and was not found on disk" in table
+    refused = daemon.http.post("/v1/chat/completions", json={
+        "model": "ghost", "messages": [{"role": "user", "content": "hi"}]})
+    assert refused.status_code == 503 and "not found on disk" in refused.text
+
+
 def test_a_model_whose_id_starts_with_a_dash_loads(download_daemon, tiny_model: Path) -> None:
     """The worker's argv had "--identity -neg/...", which argparse took for an option: every
     load failed with "expected one argument"."""
