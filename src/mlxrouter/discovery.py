@@ -502,11 +502,17 @@ def scan(root: Path, source: str = "model_directory",
 
 def scan_sources(sources: list[Source]) -> dict[str, DiscoveredModel]:
     """All sources in order; an id found in an earlier source hides the same id later,
-    unless only the later one is usable."""
+    unless only the later one is usable. A later source's link to a directory an earlier
+    source serves under another id (`models link --lmstudio` puts `mine` into LM Studio as
+    `mlxrouter/mine`) is the same model, not a second one to serve."""
     roots = tuple(r for r in (_real(s.root) for s in sources) if r is not None)
     found: dict[str, DiscoveredModel] = {}
     for source in (s for s in sources if s.scanned):
+        served = {_real(Path(m.path)): m.id for m in found.values() if m.usable}
         for model in scan(source.root, source.name, roots).values():
+            other = served.get(_real(Path(model.path))) if model.usable else None
+            if other is not None and other != model.id:
+                continue
             _add(found, model)
     return found
 

@@ -300,6 +300,8 @@ def test_link_from_hf_cache_and_lmstudio_and_back(root: Path, tiny_model: Path) 
     assert in_lms.is_symlink() and in_lms.resolve() == (root / "models" / "mine").resolve()
     assert (in_lms / "model.safetensors").stat().st_ino == (
         root / "models" / "mine" / "model.safetensors").stat().st_ino  # linked, not copied
+    # the link is the model directory's `mine` seen from LM Studio: not a second model
+    assert "mine" in listed(root) and "mlxrouter/mine" not in listed(root)
     round_trip = cli(root, "models", "link", "mlxrouter/mine")
     assert "skipped mlxrouter/mine (a link into" in round_trip.stdout  # no link to a link
     assert not (root / "models" / "mlxrouter--mine").exists()
