@@ -748,6 +748,31 @@ def test_a_zero_queue_refuses_the_load_and_says_so(start_daemon, tiny_model):
     assert _chat(daemon, "tiny").status_code == 200
 
 
+def test_a_zero_queue_model_whose_start_waits_for_room_answers_try_again(start_daemon,
+                                                                        tiny_model):
+    """While `ctl start` waits for room, a request is a retryable 429, and once the model is
+    loaded it is served: nothing else will start the model, but that start is coming."""
+    daemon = start_daemon({"busy": {"path": str(tiny_model), "fault": {"delay_per_token_s": 0.1}},
+                           "z": {"path": str(tiny_model), "max_queue": 0}},
+                          supervisor={"max_loaded_models": 1})
+    stream = iter(daemon.openai().chat.completions.create(
+        model="busy", messages=MESSAGES, max_tokens=40, stream=True))
+    next(stream)
+    started: dict[str, int] = {}
+    starter = threading.Thread(target=lambda: started.update(
+        z=daemon.http.post("/admin/models/z/start", timeout=60).status_code))
+    starter.start()
+    wait_for(lambda: _chat(daemon, "z").status_code == 429, 10, "a 429 while the start waits")
+    resp = _chat(daemon, "z")
+    assert resp.status_code == 429 and resp.headers["retry-after"] == "1", resp.text
+    assert resp.json()["error"]["code"] == "queue_full"
+    assert "is not loaded and its queue is full" in resp.json()["error"]["message"]
+    list(stream)
+    starter.join(60)
+    assert started == {"z": 200}
+    assert _chat(daemon, "z").status_code == 200
+
+
 def test_loads_start_in_the_order_their_requests_came(start_daemon, tiny_model):
     """Models waiting for room were planned in the order the daemon first saw them, not the
     order their requests came."""
