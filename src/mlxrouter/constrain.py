@@ -100,7 +100,7 @@ def grammar_for_tool_call(tools: list[Mapping[str, Any]], choice: str | Mapping[
     rules = []
     for i, name in enumerate(names):
         fn = functions[name]
-        params = fn.get("parameters") or _NO_ARGUMENTS
+        params = _arguments_schema(fn.get("parameters"))
         head = f'{{"name": {json.dumps(name)}, {json.dumps(args_key)}: '
         rules.append(f"call_{i}: {_lark_literal(head)} args_{i} \"}}\"")
         schema = _with_layout(params, strict=fn.get("strict") is True)
@@ -118,18 +118,30 @@ def grammar_for_tool_call(tools: list[Mapping[str, Any]], choice: str | Mapping[
     return grammar
 
 
-def check_tool_schemas(tools: list[Mapping[str, Any]]) -> None:
-    """Every tool's `parameters` compiled as a forced call would compile it: a schema it
+def _arguments_schema(params: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """A function's arguments are a JSON object: a `parameters` schema that does not say its
+    type (OpenAI's check takes it as "object") must not let a forced call write null."""
+    if not params:
+        return _NO_ARGUMENTS
+    return params if "type" in params else {"type": "object", **params}
+
+
+def check_tool_schemas(tools: list[Mapping[str, Any]], choice: Any = "required") -> None:
+    """Every tool's `parameters` that a forced call (`choice`: "required", or a named
+    function: that one only) may use, compiled as the call would compile it: a schema it
     cannot take (an unknown type, a remote $ref, a look-ahead pattern; with `strict`, a
     keyword llguidance does not implement) is a 400 naming the tool, before any worker is
     involved."""
+    choice = _builtins(choice) if not isinstance(choice, str) else choice
+    named = (choice.get("function") or {}).get("name") if isinstance(choice, Mapping) else None
     for i, tool in enumerate(_builtins(list(tools)) or []):
         fn = tool.get("function") if isinstance(tool, Mapping) else None
         params = fn.get("parameters") if isinstance(fn, Mapping) else None
-        if not isinstance(params, Mapping):
+        if not isinstance(params, Mapping) or (named is not None and fn.get("name") != named):
             continue  # no parameters; other shapes are _functions' (and msgspec's) to refuse
         param = f"tools[{i}].function.parameters"
-        key = json.dumps([params, fn.get("strict") is True], sort_keys=True, default=str)
+        key = json.dumps([_arguments_schema(params), fn.get("strict") is True],
+                         sort_keys=True, default=str)
         problem = _schema_problem(key, param)
         if problem:
             raise InvalidRequest(f"{param} (function '{fn.get('name')}') {problem}",
@@ -256,8 +268,21 @@ def _short(message: str | None) -> str:
         return ""
     lines = [ln.strip() for ln in message.strip().splitlines()
              if ln.strip() and not _GRAMMAR_LINE.match(ln)]
-    text = " ".join(lines)
+    # the parser's state dump (tokens so far, timings) follows "<state>": not for clients
+    text = " ".join(lines).split("<state>", 1)[0].strip()
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+@functools.cache
+def _limits() -> Any:
+    """llguidance's limits, but for items in a row of its parser: 2,000 by default, which
+    an object of ~600 optional properties (20 KB of schema) passes at its first key, so
+    the request failed after it started. A row is still bounded by the items one step may
+    add (`step_max_items`, 50,000). An object of 1,000 properties with SmolLM2's tokenizer:
+    masks of 1.1 ms (4.3 at most) a token."""
+    import llguidance
+
+    return llguidance.LLParserLimits(max_items_in_row=50_000)
 
 
 class ConstraintFactory:
@@ -309,7 +334,8 @@ class ConstraintFactory:
 
         base = self._compiled.pop(grammar, None)
         if base is None:
-            base = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
+            base = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0,
+                                        limits=_limits())
         self._compiled[grammar] = base  # most recent last
         while len(self._compiled) > _COMPILED_KEPT:
             del self._compiled[next(iter(self._compiled))]

@@ -121,6 +121,7 @@ class ConstraintFailed(RouterError):
     """Constrained decoding went wrong inside the grammar matcher; the worker lives on."""
 
     code = "constraint_failed"
+    should_retry = False  # the same request meets the same grammar: an SDK retry fails again
 
 
 # Codes a worker may send in protocol.Error, mapped back to the class the gateway raises.

@@ -213,7 +213,7 @@ async def chat_completions(request: Request) -> Response:
         # after the model's load (auto uses no grammar and takes any schema)
         from .constrain import check_tool_schemas
 
-        await asyncio.to_thread(check_tool_schemas, tools)
+        await asyncio.to_thread(check_tool_schemas, tools, req.tool_choice)
     grammar = await response_grammar(req)
     choice = req.tool_choice if req.tool_choice not in (None, "none") else "auto"
     pressure = state.supervisor.pressure

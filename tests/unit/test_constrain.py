@@ -25,10 +25,13 @@ from mlx_lm.sample_utils import make_sampler
 from mlxrouter.constrain import (
     ConstraintError,
     ConstraintFactory,
+    _limits,
+    _short,
+    check_tool_schemas,
     grammar_for_response_format,
     grammar_for_tool_call,
 )
-from mlxrouter.errors import InvalidRequest, error_body
+from mlxrouter.errors import InvalidRequest, error_body, error_headers
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -77,7 +80,8 @@ def factory(loaded) -> ConstraintFactory:
 
 def matches(factory: ConstraintFactory, grammar: str, tokens: list[int]) -> bool:
     """Whether the grammar accepts exactly these tokens as a complete output."""
-    matcher = llguidance.LLMatcher(factory.ll_tokenizer, grammar, log_level=0)
+    matcher = llguidance.LLMatcher(factory.ll_tokenizer, grammar, log_level=0,
+                                   limits=_limits())  # as the worker builds them
     return matcher.consume_tokens(tokens) and matcher.is_accepting()
 
 
@@ -478,3 +482,43 @@ def test_a_schema_that_fails_after_its_forced_start_is_a_400_before_generating(
     fine = factory.processor(grammar_for_response_format({"type": "json_object"}))
     fine.precheck(factory.ll_tokenizer.vocab_size)
     assert fine.error is None
+
+
+def test_a_parameters_schema_without_a_type_still_forces_an_object(factory):
+    """OpenAI's check (and ours) takes such a schema as an object, but the forced call's
+    grammar did not: `"arguments": null` (or 9) came out, no call parsed, markup as content."""
+    untyped = [{"type": "function", "function": {"name": "f", "parameters": {
+        "properties": {"c": {"enum": ["a", "b"]}}, "required": ["c"]}}}]
+    grammar = factory.tool_call_grammar(untyped, "required", *HERMES)
+    assert matches(factory, grammar, call_tokens(factory, {"name": "f", "arguments": {"c": "a"}}))
+    for arguments in (None, 9, ["a"]):
+        assert not matches(factory, grammar, call_tokens(
+            factory, {"name": "f", "arguments": arguments})), arguments
+
+
+def test_a_named_tool_choice_is_not_refused_for_another_tools_schema():
+    bad = {"type": "function", "function": {"name": "bad", "strict": True, "parameters": {
+        "type": "object", "properties": {"a": {"type": "array", "uniqueItems": True}}}}}
+    check_tool_schemas([bad, TIME], {"type": "function", "function": {"name": "get_time"}})
+    with pytest.raises(InvalidRequest, match="function 'bad'") as info:
+        check_tool_schemas([bad, TIME], "required")
+    assert info.value.param == "tools[0].function.parameters"
+
+
+def test_an_object_of_many_optional_properties_is_enforced_to_its_end(factory):
+    """600 optional properties (20 KB of schema) passed the precheck and failed at the first
+    key ("Current row has 2399 items; max is 2000"): a 500 after the request started."""
+    props = {f"p{i}": {"type": "boolean"} for i in range(600)}
+    grammar = grammar_for_response_format(json_schema_format(
+        {"type": "object", "properties": props, "additionalProperties": False}))
+    processor = factory.processor(grammar)
+    processor.precheck(factory.ll_tokenizer.vocab_size)
+    assert text_matches(factory, grammar, '{"p3": true, "p599": false}')
+    assert not text_matches(factory, grammar, '{"p600": true}')
+
+
+def test_a_matcher_error_keeps_its_cause_and_drops_the_parser_state():
+    message = ("Parser Error: Current row has 2399 items; max is 2000\n<state>\nTokens: "
+               "\u27e6{\u27e7\nParser: {\"compute_time_us\": 12}")
+    assert _short(message) == "Parser Error: Current row has 2399 items; max is 2000"
+    assert error_headers(ConstraintError("x")) == {"x-should-retry": "false"}
