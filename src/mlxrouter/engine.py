@@ -807,6 +807,9 @@ class TextEngine:
             if finish is None:  # parallel_tool_calls=false: one call, then stop
                 self._retire(r.uid)
                 finish = "tool_calls"
+        if finish == "length" and seq.constraint is not None and seq.constraint.accepted:
+            # the output is complete (the grammar allows only EOS next): not cut off
+            finish = "stop"
         if finish == "stop" and seq.tools is not None and seq.tools.called:
             finish = "tool_calls"
         if self.spec.reasoning_response == "disable":

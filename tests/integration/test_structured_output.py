@@ -86,3 +86,20 @@ def test_schemas_that_cannot_be_enforced_are_a_400(daemon, schema):
     assert info.value.status_code == 400
     assert info.value.body["param"].startswith("response_format")
     assert info.value.body["message"]
+
+
+def test_output_complete_at_exactly_max_tokens_is_not_reported_as_cut(daemon):
+    """A document the grammar accepts, ending at the max_tokens-th token, said "length", so
+    the SDK's parse() raised LengthFinishReasonError over a valid result."""
+    schema = {"type": "object", "properties": {"c": {"enum": ["x"]}}, "required": ["c"],
+              "additionalProperties": False}
+    client = daemon.openai()
+    ask = dict(model="tiny", messages=ASK, response_format=_schema_format(schema),
+               temperature=0)
+    free = client.chat.completions.create(max_tokens=40, **ask)
+    assert free.choices[0].message.content == '{"c": "x"}'
+    usage = free.usage.completion_tokens  # the document's tokens, and the EOS after them
+    exact = client.chat.completions.create(max_tokens=usage - 1, **ask).choices[0]
+    assert (exact.message.content, exact.finish_reason) == ('{"c": "x"}', "stop")
+    short = client.chat.completions.create(max_tokens=usage - 2, **ask).choices[0]
+    assert short.finish_reason == "length" and short.message.content != '{"c": "x"}'
