@@ -73,6 +73,8 @@ class ChatMessage(msgspec.Struct, omit_defaults=True):
     # an assistant's reasoning, as answers give it: templates that keep it in a tool loop
     # (qwen, gpt-oss) render it
     reasoning_content: str | None = None
+    # the legacy functions API's call: refused (check_chat), never dropped without a word
+    function_call: Any = None
 
 
 class StreamOptions(msgspec.Struct):
@@ -318,6 +320,12 @@ def check_supported(req: ChatCompletionRequest) -> None:
         raise InvalidRequest(f"the JSON schema is larger than {MAX_SCHEMA_BYTES} bytes",
                              param="response_format.json_schema.schema")
     for i, msg in enumerate(req.messages):
+        if msg.function_call is not None:
+            raise InvalidRequest(
+                f"messages[{i}].function_call is not supported (the legacy 'functions' API); "
+                "give the call as tool_calls: [{id, type: 'function', function: {name, "
+                "arguments}}], and its result as a 'tool' message",
+                param=f"messages[{i}].function_call")
         # the call it answers, by id (OpenAI's way) or by its function's name (older clients;
         # the named templates match either)
         if msg.role == "tool" and not msg.tool_call_id and not msg.name:
@@ -381,7 +389,10 @@ def decode_body(body: bytes, type_: type[msgspec.Struct]) -> Any:
         if text.startswith("Object missing required field"):
             field = text.split("`")[1]
             param = f"{param}.{field}" if param else field
-        raise InvalidRequest(f"invalid request: {text}", param=param or None) from None
+        hint = ("; a function's result is a 'tool' message (the legacy 'functions' API is "
+                "not supported)" if text.startswith("Invalid enum value 'function'")
+                and (param or "").endswith(".role") else "")
+        raise InvalidRequest(f"invalid request: {text}{hint}", param=param or None) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
     except RecursionError:

@@ -485,3 +485,22 @@ def test_text_offsets_follow_what_each_token_adds() -> None:
                                                  TokenLogprob(" now", -0.1, [], b"now", 4)])
     assert bpe.text_offset == [0, 1, 2]
     assert naive.text_offset == [0, 4, 7]
+
+
+def test_a_legacy_function_call_in_the_history_is_refused_not_dropped() -> None:
+    """The assistant's `function_call` was dropped without a word: the model saw a turn
+    with no call in it."""
+    req = parse(messages=[
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None,
+         "function_call": {"name": "get_weather", "arguments": "{}"}}])
+    with pytest.raises(InvalidRequest, match="legacy .functions. API") as info:
+        check_supported(req)
+    assert info.value.param == "messages[1].function_call"
+    assert "tool_calls" in info.value.message
+
+
+def test_a_function_role_message_is_told_to_be_a_tool_message() -> None:
+    err = rejected(body(messages=[{"role": "function", "name": "f", "content": "1"}]))
+    assert err.param == "messages[0].role"
+    assert "a function's result is a 'tool' message" in err.message
