@@ -273,7 +273,8 @@ def served_context(spec: Any) -> int:
 def configured_capabilities(found: tuple[str, ...], spec: Any) -> list[str]:
     """A model's capabilities as it is served: what its files say, with its settings applied
     (`supports_vision` forces vision on or off; tools off with `supports_tools = false` or
-    `enable_function_calling = false`)."""
+    `enable_function_calling = false`, and for vision models, which the vision engine serves
+    without tools)."""
     caps = [c for c in found if c != "vision" or spec.supports_vision is not False]
     if spec.supports_vision and "vision" not in caps:
         caps.insert(1, "vision")
@@ -287,7 +288,8 @@ def configured_capabilities(found: tuple[str, ...], spec: Any) -> list[str]:
             caps.insert(len([c for c in caps if c in ("text", "vision")]), "tools")
     if getattr(spec, "tool_call_format", None) and "tools" not in caps:
         caps.insert(len([c for c in caps if c in ("text", "vision")]), "tools")
-    if spec.supports_tools is False or spec.enable_function_calling is False:
+    if spec.supports_tools is False or spec.enable_function_calling is False or (
+            "vision" in caps):  # the vision engine refuses tools (vlm_engine)
         caps = [c for c in caps if c != "tools"]
     return caps
 

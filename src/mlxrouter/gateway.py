@@ -38,7 +38,7 @@ from .runtime import AppState, Interrupted, app_state, json_response, unless_set
 from .schemas import (ChatCompletionRequest, ChatShape, CompletionRequest, GenerationParams,
                       ModelList, ModelObject, NamedToolChoice, TextShape, check_completion,
                       check_supported, decode_body, message_dicts, tool_dicts)
-from .vision import collect_media
+from .vision import collect_media, is_vision_model, refuse_for_vision
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +201,12 @@ async def response_grammar(req: ChatCompletionRequest) -> str | None:
 async def chat_completions(request: Request) -> Response:
     state, req, spec = await _admit(request, ChatCompletionRequest)
     check_supported(req)
+    if is_vision_model(spec):  # refused before an image is fetched or the model is loaded
+        rf = req.response_format
+        refuse_for_vision(protocol.Request(
+            rid=0, sampling=protocol.SamplingParams(max_tokens=1, logprobs=bool(req.logprobs)),
+            tools=tool_dicts(req), template_kwargs=template_kwargs(req),
+            grammar="response_format" if rf is not None and rf.type != "text" else None))
     messages = message_dicts(req.messages)
     media = await collect_media(state.config.server, spec, req.messages, req.n)  # vision.py
     tools = tool_dicts(req)
@@ -241,6 +247,8 @@ async def completions(request: Request) -> Response:
                 prompt=prompt, request_id=request_id.get()))
             prompt_of.append(p)
             prefix.append(prompt if req.echo and isinstance(prompt, str) else "")
+    if requests and is_vision_model(spec):  # before the model is loaded for it
+        refuse_for_vision(requests[0])
     group = Group(state, spec, requests, TextShape(req.logprobs, prefix), req.model,
                   prompt_of, prefix)
     return await _respond(group, req, request)

@@ -138,6 +138,24 @@ def media_parts(messages: list[Any]) -> Iterator[tuple[str, Any]]:
 # ---- the gateway's one call
 
 
+def refuse_for_vision(req: protocol.Request) -> None:
+    """What the vision engine cannot honour (vlm_engine) is a 400 naming it, never silently
+    ignored; the gateway asks before the model is loaded for it (which could evict another)."""
+    refused = [
+        ("logprobs", getattr(req.sampling, "logprobs", False)),
+        ("tools", getattr(req, "tools", None)),
+        ("response_format", getattr(req, "grammar", None)),
+        # reasoning_effort travels among the template variables: name what was sent
+        ("reasoning_effort" if set(getattr(req, "template_kwargs", None) or {}) == {
+            "reasoning_effort"} else "chat_template_kwargs",
+         getattr(req, "template_kwargs", None)),
+    ]
+    for name, value in refused:
+        if value:
+            raise InvalidRequest(f"parameter '{name}' is not supported for vision models "
+                                 "on this server yet", param=name)
+
+
 async def collect_media(server: ServerConfig, spec: ModelSpec, messages: list[Any],
                         copies: int = 1) -> list[protocol.Media]:
     """The checked bytes of every image and PDF of a chat request, for Request.media.

@@ -42,6 +42,7 @@ from .engine import (Emit, FaultPlan, _max_context, check_logit_bias, convert_we
                      fit_max_tokens, half_copies, is_allocation_failure, make_sampler)
 from .errors import InvalidRequest, RouterError
 from .media import decode_all
+from .vision import refuse_for_vision
 
 log = logging.getLogger(__name__)
 
@@ -231,20 +232,9 @@ class VisionEngine:
 
     @staticmethod
     def _refuse_unsupported(req: protocol.Request) -> None:
-        """What this engine cannot honour is a 400 naming it, never silently ignored."""
-        refused = [
-            ("logprobs", getattr(req.sampling, "logprobs", False)),
-            ("tools", getattr(req, "tools", None)),
-            ("response_format", getattr(req, "grammar", None)),
-            # reasoning_effort travels among the template variables: name what was sent
-            ("reasoning_effort" if set(getattr(req, "template_kwargs", None) or {}) == {
-                "reasoning_effort"} else "chat_template_kwargs",
-             getattr(req, "template_kwargs", None)),
-        ]
-        for name, value in refused:
-            if value:
-                raise InvalidRequest(f"parameter '{name}' is not supported for vision models "
-                                     "on this server yet", param=name)
+        """What this engine cannot honour is a 400 naming it, never silently ignored (the
+        gateway checks first: vision.refuse_for_vision)."""
+        refuse_for_vision(req)
 
     def _inputs(self, req: protocol.Request, decoded: list[list[Any]]
                 ) -> tuple[dict[str, Any], int]:

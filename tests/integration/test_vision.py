@@ -29,6 +29,7 @@ pytestmark = pytest.mark.timeout(300)
 
 VLM, TEXT, SLOW = "tiny-vlm", "tiny-text", "tiny-vlm-slow"
 FORCED = "text-as-vision"  # a text model with supports_vision = true
+COLD = "tiny-vlm-cold"  # only asked what it refuses: never loaded
 LIMITS = {"max_image_bytes": 300_000, "max_request_media_bytes": 600_000,
           "max_image_pixels": 2_000_000, "max_pdf_pages": 3, "pdf_dpi": 36,
           "max_request_images": 4, "max_request_pixels": 2_500_000,
@@ -59,7 +60,9 @@ def daemon(tmp_path_factory, tiny_vlm: Path, tiny_model: Path) -> Iterator[Daemo
                               FORCED: {"path": str(tiny_model), "max_tokens": 4,
                                        "supports_vision": True},
                               SLOW: {"path": str(tiny_vlm),
-                                     "fault": {"delay_per_token_s": 0.05}}}, LIMITS)
+                                     "fault": {"delay_per_token_s": 0.05}},
+                              COLD: {"path": str(tiny_vlm), "tool_call_format": "hermes"}},
+                       LIMITS)
 
 
 def image_bytes(fmt: str, size: tuple[int, int] = (64, 48)) -> bytes:
@@ -324,6 +327,25 @@ def test_what_a_vision_model_cannot_honour_is_a_400_naming_it(daemon, vlm_pid, e
                           f"parameter '{param}' is not supported for vision models")
     assert err["param"] == param
     assert daemon.worker_pid(VLM) == vlm_pid
+
+
+def test_what_a_vision_model_refuses_never_loads_it_and_is_not_advertised(daemon) -> None:
+    """These 400s came from the worker: the model was loaded for them (evicting another
+    under max_loaded_models), and /v1/models listed `tools` for a vision model."""
+    tool = {"type": "function", "function": {"name": "f"}}
+    for extra in ({"tools": [tool]}, {"logprobs": True},
+                  {"response_format": {"type": "json_object"}}):
+        param = next(iter(extra))
+        err = assert_rejected(daemon, chat(daemon, ask([image_part(image_bytes("PNG"))]),
+                                           model=COLD, **extra),
+                              f"parameter '{param}' is not supported for vision models")
+        assert err["param"] == param
+    text = daemon.http.post("/v1/completions", json={"model": COLD, "prompt": "hi",
+                                                     "logprobs": 1})
+    assert text.status_code == 400 and "not supported for vision models" in text.text
+    assert daemon.workers().get(COLD, {}).get("pid") in (None, 0), daemon.workers()[COLD]
+    served = daemon.http.get(f"/v1/models/{COLD}").json()
+    assert "vision" in served["capabilities"] and "tools" not in served["capabilities"]
 
 
 def test_images_only_from_the_user(daemon, vlm_pid) -> None:
