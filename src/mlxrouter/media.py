@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -208,10 +209,16 @@ def decode_all(media: list[protocol.Media], timeout_s: float) -> list[list[Any]]
             f"decoding the request's images and PDF pages took longer than "
             f"media_decode_timeout_s ({timeout_s:g} s); the file costs too much to render",
             param="messages") from None
-    if done.returncode != 0:
+    if done.returncode != 0:  # not the request's fault (a 400 comes back as result.error)
         tail = done.stderr.decode("utf-8", "replace").strip().splitlines()[-1:]
-        raise RuntimeError(f"the media decoder exited with {done.returncode}: "
-                           f"{tail[0] if tail else 'no message'}")
+        rc = done.returncode
+        try:
+            how = f"was killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with {rc}"
+        except ValueError:
+            how = f"was killed by signal {-rc}"
+        raise RouterError(f"the media decoder {how} while decoding this request's images and "
+                          f"PDF pages{': ' + tail[0] if tail else ''}; the model is still "
+                          f"served, and a retry may succeed")
     result = msgspec.msgpack.decode(done.stdout, type=Decoded)
     if result.error:
         raise InvalidRequest(result.error, param=result.param)

@@ -199,7 +199,9 @@ class VisionEngine:
         try:
             fn(*args)
             return True
-        except RouterError as exc:
+        except RouterError as exc:  # in the worker's log too: a decode timeout, a dead decoder
+            log.info("request refused request_id=%s rid=%d code=%s: %s", req.request_id or "-",
+                     req.rid, exc.code, exc.message)
             self.emit(protocol.Error(rid=req.rid, code=exc.code, message=exc.message,
                                      param=exc.param))
         except Exception as exc:  # processor, template, tokenizer: the request's fault

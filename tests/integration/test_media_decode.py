@@ -107,3 +107,31 @@ def test_a_pdf_with_no_pages_says_so() -> None:
     pdfium.PdfDocument.new().save(buf)
     with pytest.raises(InvalidRequest, match=r"has no pages$"):
         media.decode_all([pdf_media(buf.getvalue())], None)
+
+
+def test_a_decoder_killed_by_a_signal_is_a_server_error_not_the_requests_fault() -> None:
+    """The OOM killer (here: SIGKILL from a thread) took the child: the client got a 400
+    invalid_request "exited with -9: no message", as if its file were bad."""
+    import threading
+
+    import psutil
+
+    from mlxrouter.errors import RouterError
+
+    def kill_the_decoder() -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            for p in psutil.Process().children(recursive=True):
+                if "mlxrouter.media" in " ".join(p.cmdline()):
+                    time.sleep(0.3)
+                    p.kill()
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_the_decoder)
+    killer.start()
+    with pytest.raises(RouterError) as caught:
+        media.decode_all([pdf_media(make_slow_pdf(16))], timeout_s=30)
+    killer.join()
+    assert not isinstance(caught.value, InvalidRequest)
+    assert caught.value.status == 500 and "killed by SIGKILL" in caught.value.message
