@@ -275,8 +275,10 @@ async def decode_data_uri(uri: str, limit: int, param: str) -> bytes:
 
 
 async def _b64decode(payload: str, limit: int, param: str) -> bytes:
-    # Refused before decoding: base64 carries 3 bytes per 4 characters.
-    if (len(payload) - payload.count("\n") - payload.count("\r")) * 3 // 4 > limit + 2:
+    # Refused before decoding: base64 carries 3 bytes per 4 characters, and whitespace (line
+    # breaks, or spaces and tabs where a client wrapped it so) carries none.
+    blanks = sum(payload.count(c) for c in " \t\n\r\f\v")
+    if (len(payload) - blanks) * 3 // 4 > limit + 2:
         raise InvalidRequest(f"the image or file is larger than max_image_bytes ({limit} "
                              "bytes)", param=param)
     if len(payload) > _THREAD_ABOVE_BYTES:

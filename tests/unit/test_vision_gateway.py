@@ -85,6 +85,17 @@ def test_data_uri_decodes_base64_with_line_breaks() -> None:
                                               "p")) == data
 
 
+@pytest.mark.parametrize("blank", ["\r\n", " ", "\t"])
+def test_an_image_at_the_limit_wrapped_with_any_blank_is_taken(blank: str) -> None:
+    """Spaces and tabs counted as data: an image within ~1.3% of max_image_bytes, wrapped
+    with them, was refused as larger than the limit."""
+    data = image("BMP", (100, 100))  # 30 KB: the blanks are ~300 characters
+    raw = base64.b64encode(data).decode()
+    wrapped = blank.join(raw[i:i + 76] for i in range(0, len(raw), 76))
+    assert asyncio.run(vision.decode_data_uri(f"data:image/bmp;base64,{wrapped}", len(data),
+                                              "p")) == data
+
+
 @pytest.mark.parametrize("bad, says", [
     ("data:image/png,rawbytes", "base64"),
     ("data:text/plain;base64,aGVsbG8=", "unsupported media type 'text/plain'"),
