@@ -74,7 +74,9 @@ class ServerConfig(_Section):
     max_image_bytes: Pos = 10 * 1024 * 1024
     max_request_media_bytes: Pos = 32 * 1024 * 1024
     # Pixels of one image or rendered PDF page; larger ones are refused before decoding.
-    max_image_pixels: Pos = 50_000_000
+    # at most what PIL opens at all (twice its MAX_IMAGE_PIXELS): a larger limit could not
+    # take effect, and an image under it would be refused for PIL's limit instead
+    max_image_pixels: Annotated[int, msgspec.Meta(ge=1, le=178_956_970)] = 50_000_000
     max_pdf_pages: Pos = 32
     pdf_dpi: Annotated[int, msgspec.Meta(ge=18, le=600)] = 150
     # Whole request: images and PDF pages counted together, and their pixels summed as decoded

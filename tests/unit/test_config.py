@@ -228,6 +228,8 @@ def test_unknown_key_in_worker_file_names_key_and_file(tmp_path: Path) -> None:
     ("[server]\napi_keys = [\" k1 \"]\n", "server.api_keys[0] must be visible ASCII"),
     ("[server]\napi_keys = [\"k\u00e9\"]\n", "server.api_keys[0] must be visible ASCII"),
     ("[server]\nadmin_key = \"\"\n", "server.admin_key is empty"),
+    # PIL opens no image over 178,956,970 pixels: a larger limit could never take effect
+    ("[server]\nmax_image_pixels = 300000000\n", "max_image_pixels"),
 ])
 def test_bad_type_in_main_file_is_a_config_error(tmp_path: Path, text: str, key: str) -> None:
     main = write(tmp_path / "supervisor.toml", text)
