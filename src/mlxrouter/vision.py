@@ -180,8 +180,11 @@ async def collect_media(server: ServerConfig, spec: ModelSpec, messages: list[An
     max_pixels = server.max_request_pixels // copies
     if len(parts) > max_images:
         where = parts[min(max_images, len(parts) - 1)][0]
+        each = (f", decoded once for each of its n={copies} choices ({len(parts) * copies} "
+                f"decodes)" if copies > 1 else "")
         raise InvalidRequest(
-            f"{where}: the request carries {len(parts)} images and files, more than "
+            f"{where}: the request carries {len(parts)} "
+            f"{'image or file' if len(parts) == 1 else 'images and files'}{each}, more than "
             f"max_request_images ({server.max_request_images}{shared}; PDF pages count one "
             f"each)", param=where)
     out: list[protocol.Media] = []

@@ -470,8 +470,9 @@ def test_n_choices_share_the_request_wide_limits(vlm_spec) -> None:
                                              r"n=32 choices"):
         collect(vlm_spec, two, copies=32)
     one = chat_request([img_part(uri(image("PNG")))])
-    with pytest.raises(InvalidRequest, match=r"carries 1 images and files, more than "
-                                             r"max_request_images \(32 shared by n=33"):
+    with pytest.raises(InvalidRequest, match=r"carries 1 image or file, decoded once for "
+                                             r"each of its n=33 choices \(33 decodes\), more "
+                                             r"than max_request_images \(32 shared by n=33"):
         collect(vlm_spec, one, copies=33)  # one image each would be 33 decodes
     media = collect(vlm_spec, two, copies=4)
     assert {(m.request_max_images, m.request_max_pixels) for m in media} == {
