@@ -176,8 +176,10 @@ def test_spec_for_without_any_path_is_a_config_error(full_config: Path) -> None:
         config.spec_for("nowhere/model", None)
 
 
-def test_shipped_example_config_loads() -> None:
+def test_shipped_example_config_loads(clean_env: Path) -> None:
     config = load_config(REPO / "supervisor.toml")
+    # its run and log dirs follow MLXROUTER_HOME, as its comment says (it pinned them)
+    assert (config.run_dir, config.log_dir) == (clean_env / "run", clean_env / "logs")
     assert config.server.host == "127.0.0.1"
     assert config.server.port == 8800
     assert "smollm2-135m-instruct" in config.models
