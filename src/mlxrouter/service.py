@@ -10,6 +10,7 @@ so tests point both at a temporary HOME. Every launchctl / systemctl call goes t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import filecmp
 import math
 import os
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -243,7 +244,9 @@ def _relocation_problems(src: Path, loaded: Config) -> list[str]:
 def _stale(src: Path, dest_dir: Path) -> list[Path]:
     """What the copy would replace with different content; it is moved aside, not lost."""
     main = dest_dir / _config_name(src)
-    stale = [main] if main.exists() and not filecmp.cmp(src, main, shallow=False) else []
+    # a link there is replaced by the copy, not written through
+    stale = [main] if main.is_symlink() or (
+        main.exists() and not filecmp.cmp(src, main, shallow=False)) else []
     # the other kind of main file goes aside too: with both there, the next install or any
     # command without --config would take supervisor.toml over the config.json installed
     other = dest_dir / ("supervisor.toml" if src.suffix == ".json" else "config.json")
@@ -260,8 +263,10 @@ def _stale(src: Path, dest_dir: Path) -> list[Path]:
     return stale
 
 
-def _install_config(src: Path | None, dest: Path, dry_run: bool) -> None:
-    """Put the config at `dest` (the user-level one), moving aside what it replaces."""
+def _install_config(src: Path | None, dest: Path, dry_run: bool, copy: bool = True) -> None:
+    """Put the config at `dest` (the user-level one), moving aside what it replaces; with
+    `copy` false it is there already (in place), and only the other kind of main file and,
+    for a config.json, workers/ go aside."""
     verb = "would " if dry_run else ""
     if src is None:
         print(f"{'would write' if dry_run else 'wrote'} a default config to {dest}")
@@ -277,6 +282,8 @@ def _install_config(src: Path | None, dest: Path, dry_run: bool) -> None:
         print(f"{verb}move {old} aside to {backup}")
         if not dry_run:
             old.rename(backup)
+    if not copy:
+        return
     for file, name in _config_files(src):
         print(f"{verb}copy {file} -> {dest.parent / name}")
     if not dry_run:
@@ -352,8 +359,12 @@ class _Source(NamedTuple):
 
     @property
     def in_place(self) -> bool:
-        return (self.src is not None and self.dest.exists()
-                and self.src.resolve() == self.dest.resolve())
+        # the same file in the same directory as the service reads it (its workers/ and
+        # relative paths come from the directory the path names, links not followed): a
+        # link at dest to a config elsewhere is not in place
+        return (self.src is not None and self.dest.exists() and self.src.name == self.dest.name
+                and not self.dest.is_symlink()
+                and self.src.parent.resolve() == self.dest.parent.resolve())
 
     @property
     def origin(self) -> str:
@@ -377,15 +388,40 @@ def _locate_config(config_path: Path | None, state_dir: Path) -> _Source:
     return source
 
 
+# Settings a shell may hold that the service never sees (service.md): the config to install
+# is read without them, as the service will read it.
+_SHELL_ONLY = {
+    "MLX_MODEL_DIR": "set model_directory in the config",
+    "MLXROUTER_API_KEY": "put the key in the config's [server] api_keys, or the service runs "
+                         "without it",
+    "MLXROUTER_ADMIN_KEY": "put the key in the config's [server] admin_key, or the service "
+                           "runs without it",
+}
+
+
+@contextlib.contextmanager
+def _as_the_service_sees_it() -> Iterator[list[str]]:
+    """The environment without `_SHELL_ONLY`'s variables (named in what it yields)."""
+    saved = {k: os.environ.pop(k) for k in _SHELL_ONLY if k in os.environ}
+    try:
+        yield list(saved)
+    finally:
+        os.environ.update(saved)
+
+
 def install(*, config_path: Path | None, program: list[str] | None, platform: str,
             dry_run: bool) -> int:
     """Copy the config to the state dir, write the service file, load and start it."""
     state_dir = state_home()
-    try:
-        source = _locate_config(config_path, state_dir)
-    except ConfigError as exc:
-        print(f"mlxrouter: config error: {exc}", file=sys.stderr)
-        return 2
+    with _as_the_service_sees_it() as unseen:
+        for name in unseen:
+            print(f"mlxrouter: {name} is set in this shell, but the service does not see it: "
+                  f"{_SHELL_ONLY[name]}", file=sys.stderr)
+        try:
+            source = _locate_config(config_path, state_dir)
+        except ConfigError as exc:
+            print(f"mlxrouter: config error: {exc}", file=sys.stderr)
+            return 2
     program = program or default_program()
     if not Path(program[0]).is_file():
         print(f"mlxrouter: executable {program[0]} not found", file=sys.stderr)
@@ -396,8 +432,7 @@ def install(*, config_path: Path | None, program: list[str] | None, platform: st
     if dry_run:
         print("# dry run: nothing is written or run")
     try:
-        if not source.in_place:
-            _install_config(source.src, source.dest, dry_run)
+        _install_config(source.src, source.dest, dry_run, copy=not source.in_place)
         if dry_run:
             print(f"would write {unit}:\n{data.decode()}")
         else:
@@ -427,13 +462,16 @@ def install(*, config_path: Path | None, program: list[str] | None, platform: st
 
 
 def _explain(spec: ServiceSpec, origin: str, platform: str) -> None:
-    print(f"config:  {spec.config} ({origin}); per-model files in {spec.state_dir}/workers/")
+    json_config = spec.config.endswith(".json")  # a config.json never reads workers/
+    print(f"config:  {spec.config} ({origin})" + ("" if json_config else
+                                                  f"; per-model files in {spec.state_dir}/workers/"))
     print(f"logs:    {spec.log_dir}/daemon.log and worker-<model>.log")
     if platform == "darwin":
         print(f"         launchd output: {spec.log_dir}/launchd.out.log, launchd.err.log")
     else:
         print(f"         service output: journalctl --user -u {UNIT_NAME}")
-    print(f"To change the config, edit {spec.config} (or workers/*.toml beside it),\n"
+    beside = "its models section" if json_config else "workers/*.toml beside it"
+    print(f"To change the config, edit {spec.config} (or {beside}),\n"
           "then apply it with `mlxrouter ctl reload` (or `kill -HUP $(mlxrouter ctl pid)`).\n"
           "Changes to host, port, run_dir or log_dir need `mlxrouter service restart`;\n"
           "changes to drain_timeout_s or stop_timeout_s need `mlxrouter service install` "

@@ -322,6 +322,56 @@ def test_install_in_place_when_config_is_already_the_user_one(
     assert list(user.parent.glob("*.bak-*")) == []
 
 
+def test_a_config_json_installed_in_place_sends_the_other_main_file_aside(
+        home: Path, exe: Path, runner, capsys) -> None:
+    """In place, nothing went aside: the supervisor.toml beside it stayed, and the next bare
+    `service install` switched the service to it."""
+    state = home / ".mlxrouter"
+    state.mkdir()
+    (state / "config.json").write_text('{"server": {"port": 18899}}')
+    (state / "supervisor.toml").write_text("[server]\nport = 18877\n")
+    assert install(state / "config.json", exe, "linux") == 0
+    assert cli("install", "--executable", str(exe), "--platform", "linux") == 0
+    unit, _ = read_unit(unit_path(home))
+    assert systemd_words(unit["Service"]["ExecStart"])[-2:] == [
+        "--config", str(state / "config.json")]
+    assert not (state / "supervisor.toml").exists()
+    assert len(list(state.glob("supervisor.toml.bak-*"))) == 1
+    out = capsys.readouterr().out
+    assert "workers/" not in out and "its models section" in out  # JSON reads no workers/
+
+
+def test_a_link_to_the_config_in_the_state_dir_is_replaced_by_a_copy(
+        home: Path, source: Path, exe: Path, runner) -> None:
+    """A ~/.mlxrouter/supervisor.toml linked to the config counted as "in place": the service
+    read ~/.mlxrouter/workers/ (none), not the config's own workers/*.toml."""
+    state = home / ".mlxrouter"
+    state.mkdir()
+    (state / "supervisor.toml").symlink_to(source)
+    assert install(source, exe, "linux") == 0
+    installed = state / "supervisor.toml"
+    assert not installed.is_symlink() and installed.read_text() == source.read_text()
+    assert source.exists() and (state / "workers" / "tiny.toml").is_file()
+    assert "tiny" in service.load_config(installed).models
+
+
+def test_install_reads_the_config_without_the_shells_settings(
+        home: Path, tmp_path: Path, exe: Path, runner, capsys, monkeypatch) -> None:
+    """MLX_MODEL_DIR in the installing shell hid a model_directory relative to the config
+    (both loads took the variable), and the installed service, which never sees it, read
+    ~/.mlxrouter/models."""
+    cfg = tmp_path / "rel" / "supervisor.toml"
+    cfg.parent.mkdir()
+    cfg.write_text('[supervisor]\nmodel_directory = "models"\n')
+    monkeypatch.setenv("MLX_MODEL_DIR", str(tmp_path / "anything"))
+    monkeypatch.setenv("MLXROUTER_API_KEY", "sk-shell")
+    assert install(cfg, exe, "linux") == 2
+    err = capsys.readouterr().err
+    assert "model_directory" in err and "MLX_MODEL_DIR is set in this shell" in err
+    assert "MLXROUTER_API_KEY is set in this shell" in err
+    assert os.environ["MLX_MODEL_DIR"] == str(tmp_path / "anything")  # put back
+
+
 def test_install_without_config_writes_a_default_one(home: Path, exe: Path, runner) -> None:
     assert cli("install", "--executable", str(exe), "--platform", "linux") == 0
     user = home / ".mlxrouter" / "supervisor.toml"
