@@ -169,12 +169,16 @@ class Client:
         path = "/chat/completions" if self.config.endpoint == "chat" else "/completions"
         started = time.perf_counter()
         try:
-            if body.get("stream"):
-                result = await self._stream(path, body, started)
-            else:
-                result = await self._whole(path, body)
+            # the whole request, a stream's every event included (httpx's timeout is per read)
+            async with asyncio.timeout(self.config.timeout_s):
+                if body.get("stream"):
+                    result = await self._stream(path, body, started)
+                else:
+                    result = await self._whole(path, body)
         except httpx.HTTPError as exc:
             result = RequestResult(ok=False, error=f"transport {type(exc).__name__}")
+        except TimeoutError:
+            result = RequestResult(ok=False, error="timeout (--timeout)")
         except ValueError:  # a body or an SSE event that is not JSON
             result = RequestResult(ok=False, error="invalid JSON")
         result.latency_s = time.perf_counter() - started
@@ -527,7 +531,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--extra-body", type=_json_object, default={},
                    help="JSON merged into every request body")
     p.add_argument("--api-key")
-    p.add_argument("--timeout", type=_seconds, default=600.0, help="seconds per request")
+    p.add_argument("--timeout", type=_seconds, default=600.0,
+                   help="seconds per request, a stream's whole answer included")
     p.add_argument("--json", dest="json_path", help="also write the JSON report here")
     p.add_argument("--format", choices=["table", "json"], default="table",
                    help="what goes to stdout (default: %(default)s)")

@@ -182,3 +182,18 @@ def test_ctrl_c_keeps_the_levels_that_finished(start_daemon, tiny_model, tmp_pat
     report = json.loads(out.read_text())
     assert report["interrupted"] and len(report["levels"]) == 1
     assert report["levels"][0]["ok"] == 1
+
+
+def test_timeout_bounds_a_whole_stream(start_daemon, tiny_model, tmp_path):
+    """--timeout ("seconds per request") bounded each read only: a stream sending a token
+    every 0.2 s ran its whole 4 s past a 1 s timeout and counted as ok."""
+    daemon = start_daemon({"tiny": {"path": str(tiny_model), "preload": True,
+                                    "fault": {"delay_per_token_s": 0.2}}})
+    daemon.wait_worker("tiny")
+    proc, report = bench(f"{daemon.base_url}/v1", tmp_path, "--model", "tiny", "--no-warmup",
+                         "--concurrency", "1", "--requests", "1", "--max-tokens", "20",
+                         "--timeout", "1", "--extra-body", '{"logit_bias": {"2": -100}}',
+                         rc=1)
+    (lv,) = report["levels"]
+    assert lv["error_kinds"] == {"timeout (--timeout)": 1}, lv
+    assert lv["latency_ms"]["p50"] is None or lv["latency_ms"]["p50"] < 2500
