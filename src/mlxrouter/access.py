@@ -136,6 +136,10 @@ def check_access(scope: Scope, api_keys: list[str], admin_key: str | None,
                            "Missing API key: send 'Authorization: Bearer <key>'")
 
 
+# The endpoints whose answers mlxrouter_requests_total counts (gateway._counted).
+_COUNTED_PATHS = {"/v1/chat/completions": "chat.completions", "/v1/completions": "completions"}
+
+
 class AccessMiddleware:
     """Keys are read from the live config on every request, so a reload applies at once."""
 
@@ -152,7 +156,13 @@ class AccessMiddleware:
             try:
                 server = self.state.config.server
                 check_access(scope, server.api_keys, server.admin_key, server.cors_origins)
-            except RouterError as exc:
+            except RouterError as exc:  # counted as the endpoints count their refusals
+                metrics = getattr(self.state, "metrics", None)
+                if metrics is not None:
+                    metrics.rejected("", exc.code)
+                    endpoint = _COUNTED_PATHS.get(scope["path"].rstrip("/"))
+                    if endpoint is not None:
+                        metrics.request_done("", endpoint, exc.status, duration_s=0.0)
                 return await _send_error(send, exc, rid)
             self.state.requests_in_progress += 1
             try:

@@ -388,6 +388,11 @@ def test_api_keys_guard_the_api_but_not_health(start_daemon):
         openai.OpenAI(base_url=f"{daemon.base_url}/v1", api_key="nope",
                       max_retries=0).models.list()
     assert "sk-local" not in daemon.output()
+    # refused keys are counted, so an operator can alert on them (they were in no metric)
+    scraped = daemon.http.get("/metrics", headers={"Authorization": "Bearer sk-local-1"}).text
+    assert 'mlxrouter_requests_total{endpoint="chat.completions",model="",status="401"} 1.0' \
+        in scraped
+    assert 'mlxrouter_rejections_total{model="",reason="invalid_api_key"} 4.0' in scraped
 
 
 def test_admin_key_guards_the_admin_api(start_daemon):
