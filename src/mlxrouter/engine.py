@@ -192,7 +192,10 @@ class Sequence:
         self.cached_tokens = 0
         self.split: Any = None  # a TextStateMachine state while the model may reason
         self.detok = detok
-        self.stop = StopText(req.sampling.stop)
+        # Stop strings apply to content; a forced tool call's output is all call (its grammar
+        # allows nothing else), where one matched inside cut the call: no call came back.
+        forced_call = bool(req.tools) and req.tool_choice != "auto"
+        self.stop = StopText([] if forced_call else req.sampling.stop)
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
         # Alternatives per token when the request asked for logprobs, else None.

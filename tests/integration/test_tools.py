@@ -97,6 +97,18 @@ def test_a_forced_call_in_the_llama3_and_phi4_formats_is_parsed(start_daemon, ti
     _assert_valid_call(choice.message.tool_calls[0])
 
 
+def test_stop_strings_never_cut_a_forced_call(daemon):
+    """A forced call is all markup and JSON, and a stop string matched inside it ("}" here)
+    cut it: no call came back, only raw markup as content with finish_reason "stop"."""
+    for stop in (["}"], ["get_weather", '"city"']):
+        choice = daemon.openai().chat.completions.create(
+            model="tiny", messages=ASK, tools=[WEATHER], tool_choice=_named("get_weather"),
+            max_tokens=120, temperature=0, stop=stop).choices[0]
+        assert choice.finish_reason == "tool_calls", choice
+        assert len(choice.message.tool_calls) == 1 and not choice.message.content
+        _assert_valid_call(choice.message.tool_calls[0])
+
+
 def test_required_tool_choice_calls_one_of_the_tools(daemon):
     client = daemon.openai()
     resp = client.chat.completions.create(
