@@ -151,7 +151,10 @@ async def ensure_embedded_model(config: Config, catalog: Catalog) -> None:
     sup = config.supervisor
     if not sup.import_embedded_model or sup.default_model != EMBEDDED_MODEL_ID:
         return
-    if catalog.knows(EMBEDDED_MODEL_ID):
+    configured = config.models.get(EMBEDDED_MODEL_ID)
+    # on disk, or given a path of its own; settings alone for it (max_running, pinned, ...)
+    # do not make it known: that skipped the import, and the default model was never there
+    if (configured is not None and configured.path) or catalog.path_of(EMBEDDED_MODEL_ID):
         return
     gguf = embedded_gguf()
     if gguf is None:

@@ -24,8 +24,10 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 def daemon(tmp_path_factory):
     root = tmp_path_factory.mktemp("embedded")
     (root / "models").mkdir()
+    # settings for the default model (no path) must not stop its import: they did
     config = write_config(root, supervisor={"import_embedded_model": True,
-                                            "preload_default_model": True})
+                                            "preload_default_model": True},
+                          models={"smollm2-135m-instruct": {"max_running": 4}})
     daemon = spawn_daemon(root, config)
     yield daemon
     daemon.stop()
