@@ -800,8 +800,10 @@ class Supervisor:
                 raise ModelLoadFailed(f"model '{spec.id}' failed to start: {slot.last_error}")
             if slot.worker is None and not slot.want_start and not slot.waiters:
                 self._refuse_if_it_never_fits(slot.spec)  # the budget changed meanwhile
-                raise NoMemory(f"model '{spec.id}' could not be started: "
-                               f"{reason or 'its start was called off (ctl stop?)'}")
+                if not reason:  # nothing held it back: it was stopped
+                    raise ModelStopped(f"model '{spec.id}' was stopped while it started "
+                                       f"(ctl stop)")
+                raise NoMemory(f"model '{spec.id}' could not be started: {reason}")
             await asyncio.sleep(0.05)
         raise Timeout(f"model '{spec.id}' did not become ready in {timeout:.0f}s")
 
@@ -861,6 +863,12 @@ class Supervisor:
             slot.spec = spec
             if cold and slot.worker is not None:
                 log.info("reload: model=%s restarts for %s", model_id, ", ".join(cold))
+                # started again once drained when something wanted it up: a start under way
+                # (ctl start, a preload) or a model nothing else would start (preload, or
+                # max_queue = 0: no request may wait for a load); else the next request does
+                if (slot.worker.state is State.STARTING or spec.preload
+                        or spec.max_queue == 0):
+                    slot.want_start = True
                 self._begin_stop(slot.worker, "reload", drain=True)
         self._shrink_to_limits()
         self._wake()

@@ -773,6 +773,32 @@ def test_a_zero_queue_model_whose_start_waits_for_room_answers_try_again(start_d
     assert _chat(daemon, "z").status_code == 200
 
 
+def test_a_cold_reload_starts_again_what_nothing_else_would(start_daemon, tiny_model):
+    """A max_queue = 0 model restarted for a cold field stayed STOPPED for good (no request
+    may wait for its load, and the 429 meanwhile promised "a new worker starts after it");
+    a `ctl start` waiting on a load that a reload restarted failed with no_memory."""
+    daemon = start_daemon({"z": {"path": str(tiny_model), "max_queue": 0},
+                           "slow": {"path": str(tiny_model), "fault": {"load_delay_s": 3}}})
+    assert daemon.http.post("/admin/models/z/start").status_code == 200
+    old = daemon.worker_pid("z")
+    started: dict[str, object] = {}
+    starter = threading.Thread(target=lambda: started.update(
+        resp=daemon.http.post("/admin/models/slow/start", timeout=60)))
+    starter.start()
+    wait_for(lambda: daemon.workers().get("slow", {}).get("state") == "STARTING", 10,
+             "slow STARTING")
+    (daemon.root / "workers" / "model0.toml").write_text(
+        f'id = "z"\npath = "{tiny_model}"\nmax_queue = 0\nmax_running = 3\n')
+    (daemon.root / "workers" / "model1.toml").write_text(
+        f'id = "slow"\npath = "{tiny_model}"\nfault = {{ load_delay_s = 1 }}\n')
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: daemon.worker_pid("z") not in (None, old), 30, "z started again")
+    assert _chat(daemon, "z").status_code == 200
+    starter.join(60)
+    assert started["resp"].status_code == 200, started["resp"].text
+    assert daemon.worker_pid("slow") is not None
+
+
 def test_loads_start_in_the_order_their_requests_came(start_daemon, tiny_model):
     """Models waiting for room were planned in the order the daemon first saw them, not the
     order their requests came."""
