@@ -297,8 +297,15 @@ class Supervisor:
                          else "not enough memory")
                 self._fail_waiters(slot, NoMemory(
                     f"{short} to load model '{slot.spec.id}' in time: {slot.last_error}"))
-                # (no longer waiting: its figures would go stale in status)
-                slot.wait_since, slot.want_start, slot.last_error = None, False, ""
+                gave_up = ""
+                if slot.want_start:  # a preload or ctl start: no client hears of it
+                    wait_s = self.config.supervisor.load_wait_timeout_s
+                    gave_up = (f"its start was given up after load_wait_timeout_s "
+                               f"({wait_s:g} s): {short} ({slot.last_error})")
+                    log.warning("model=%s: %s", slot.spec.id, gave_up)
+                # (no longer waiting: its live figures would go stale in status, so only a
+                # start given up keeps a reason, as what happened)
+                slot.wait_since, slot.want_start, slot.last_error = None, False, gave_up
         if not self._closing:
             self._plan(now)
 

@@ -110,6 +110,18 @@ def test_pinned_busy_model_makes_the_other_wait_then_503_no_memory(start_daemon,
     assert _live_models(daemon) == {"a"}
 
 
+def test_a_start_that_waits_for_room_too_long_says_it_gave_up(start_daemon, tiny_model):
+    """A preload's or a ctl start's wait was dropped without a word: STOPPED, no reason,
+    nothing in daemon.log."""
+    daemon = start_daemon(_two_models(tiny_model, pinned=True),
+                          supervisor={"memory_budget_gb": 1.5, "load_wait_timeout_s": 1.0})
+    assert _chat(daemon, "a").status_code == 200  # pinned: "b" never gets its room
+    assert daemon.http.post("/admin/models/b/start", timeout=30).status_code == 503
+    reason = daemon.workers()["b"].get("reason", "")
+    assert "given up after load_wait_timeout_s (1 s)" in reason, daemon.workers()["b"]
+    assert "model=b: its start was given up" in (daemon.log_dir / "daemon.log").read_text()
+
+
 def test_a_failed_models_retries_do_not_evict_a_model_in_use(start_daemon, tiny_model):
     """Room for one model. "bad" fails its start (BACKOFF, then retried by itself); "a"
     serves meanwhile. Retries nobody waits for never stop "a"; a request for "bad" may."""
