@@ -95,9 +95,12 @@ def plan_load(need_bytes: int, budget_bytes: int, max_loaded: int,
             f"is available on this machine (high memory pressure)"
             + (f", {freeable / GB:.2f} GB more after stopping idle workers" if freeable
                else "")))
+    held = committed - freeable  # idle workers could be stopped: they are not in the way
     return Plan("wait", reason=(
-        f"needs {need_bytes / GB:.2f} GB; {committed / GB:.2f} GB of the "
-        f"{budget_bytes / GB:.2f} GB budget is held by busy or pinned workers"))
+        f"needs {need_bytes / GB:.2f} GB; {held / GB:.2f} GB of the "
+        f"{budget_bytes / GB:.2f} GB budget is held by busy or pinned workers"
+        + (f" ({freeable / GB:.2f} GB more by idle ones, which stopping would not free "
+           f"enough)" if freeable else "")))
 
 
 # ---- cost estimates

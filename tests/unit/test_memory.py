@@ -73,6 +73,13 @@ def test_impossible_and_wait_plans_name_the_figures():
     assert short == Plan("wait", reason="needs 21.60 GB; only 20.00 GB of memory is available "
                                         "on this machine (high memory pressure), 0.95 GB more "
                                         "after stopping idle workers")
+    # idle workers are not what holds the room (they counted as "busy or pinned")
+    mixed = plan_load(int(0.48 * GB), int(1 * GB), 0,
+                      [r("pinned", 0.5, evictable=False), r("busy", 0.33, evictable=False),
+                       r("idle", 0.12)])
+    assert mixed.reason == ("needs 0.48 GB; 0.83 GB of the 1.00 GB budget is held by busy or "
+                            "pinned workers (0.12 GB more by idle ones, which stopping would "
+                            "not free enough)")
     by_count = plan_load(int(1 * GB), int(10 * GB), 1, [r("busy", 1, evictable=False)])
     assert by_count == Plan("wait", reason="max_loaded_models (1) workers are loaded, all "
                                            "busy or pinned")
