@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import time
+from pathlib import Path
 
 import msgspec
 from starlette.requests import Request
@@ -46,6 +47,10 @@ class LogChunk(msgspec.Struct):
     path: str
     offset: int
     text: str
+    # The file read (its inode), sent back with the next offset: a rotation shows as a new
+    # one, and the rest of the old file is read first. `more`: the file was longer than this.
+    inode: int = 0
+    more: bool = False
 
 
 class ActionResult(msgspec.Struct):
@@ -131,23 +136,44 @@ async def logs(request: Request) -> Response:
     try:
         offset = int(request.query_params.get("offset", "-1"))
         tail = int(request.query_params.get("tail", "1600"))
+        inode = int(request.query_params.get("inode", "0"))
     except ValueError:
-        raise InvalidRequest("offset and tail must be integers", param="offset") from None
-    text, end = await asyncio.to_thread(_read_log, path, offset, tail)
-    return json_response(LogChunk(model_id, str(path), end, text))
+        raise InvalidRequest("offset, tail and inode must be integers", param="offset") from None
+    data, end, inode, more = await asyncio.to_thread(_read_log, path, offset, tail, inode)
+    return json_response(LogChunk(model_id, str(path), end, data.decode(errors="replace"),
+                                  inode, more))
 
 
-def _read_log(path, offset: int, tail: int) -> tuple[str, int]:
+def _read_log(path: Path, offset: int, tail: int, inode: int = 0
+              ) -> tuple[bytes, int, int, bool]:
+    """Up to LOG_CHUNK_BYTES from `offset` of the file `inode` (0: unknown): (bytes, next
+    offset, the inode they came from, more to read now). When the log was rotated under the
+    reader (another inode, or shorter than the offset), the rest of the old file (now `.1`)
+    comes first, then the new one from its start: lines written in between are not lost."""
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except OSError:
-        return "", 0
-    if offset < 0 or offset > size:  # first call, or the log was rotated under us
-        offset = max(0, size - tail) if offset < 0 else 0
+        return b"", 0, 0, False
+    if offset < 0:  # first call: the last `tail` bytes
+        offset, inode = max(0, st.st_size - tail), st.st_ino
+    elif (inode and inode != st.st_ino) or offset > st.st_size:
+        rest = b""
+        rotated = path.with_name(path.name + ".1")
+        try:
+            if inode and rotated.stat().st_ino == inode:
+                with open(rotated, "rb") as f:
+                    f.seek(offset)
+                    rest = f.read(LOG_CHUNK_BYTES)
+        except OSError:
+            pass
+        if len(rest) == LOG_CHUNK_BYTES:  # more of the old file first
+            return rest, offset + len(rest), inode, True
+        data, end, inode, more = _read_log(path, 0, 0, st.st_ino)
+        return rest + data, end, inode, more
     with open(path, "rb") as f:
         f.seek(offset)
         data = f.read(LOG_CHUNK_BYTES)
-    return data.decode(errors="replace"), offset + len(data)
+    return data, offset + len(data), inode or st.st_ino, offset + len(data) < st.st_size
 
 
 async def reload(request: Request) -> Response:

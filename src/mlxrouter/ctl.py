@@ -208,17 +208,16 @@ def cmd_tail(client: Client, args: argparse.Namespace) -> int:
     stream = "stderr" if args.stderr else "stdout"
     path = model_path(args.name, "log")
     chunk = client.call("GET", path, params={"stream": stream, "tail": args.bytes})
-    sys.stdout.write(chunk["text"])
-    sys.stdout.flush()
-    offset = chunk["offset"]
-    while args.follow:
-        time.sleep(0.25)
-        chunk = client.call("GET", path, params={"stream": stream, "offset": offset})
+    while True:  # a chunk is at most 64 KiB: the rest of what was asked for, or has come
         if chunk["text"]:
             sys.stdout.write(chunk["text"])
             sys.stdout.flush()
-        offset = chunk["offset"]
-    return EXIT_OK
+        if not chunk.get("more"):
+            if not args.follow:
+                return EXIT_OK
+            time.sleep(0.25)
+        chunk = client.call("GET", path, params={"stream": stream, "offset": chunk["offset"],
+                                                 "inode": chunk.get("inode", 0)})
 
 
 def cmd_reload(client: Client, args: argparse.Namespace) -> int:

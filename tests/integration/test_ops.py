@@ -239,6 +239,12 @@ def test_ctl_tail_follow_shows_new_lines(start_daemon):
         tail.wait(10)
     stderr = ctl(daemon, "tail", "--stderr", "tiny")
     assert stderr.returncode == 0
+    # more than one 64 KiB chunk asked for: the end of the log, not a chunk from its middle
+    with open(daemon.log_dir / "worker-tiny.log", "a") as log:
+        log.write("".join(f"padding line {i:06d}\n" for i in range(8000)))  # 160 KB
+    big = ctl(daemon, "tail", "tiny", "--bytes", "100000")
+    assert big.returncode == 0 and big.stdout.endswith("padding line 007999\n")
+    assert len(big.stdout) == 100_000
 
 
 def test_ctl_reload_adds_and_removes_a_model(start_daemon, tiny_model):
