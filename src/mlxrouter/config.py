@@ -608,8 +608,11 @@ def control_settings(path: Path | str | None) -> tuple[Path, str | None]:
     if path is not None and path.suffix != ".json":
         try:
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):  # (TOMLDecodeError and UnicodeDecodeError among them)
-            raw = {}
+        except (OSError, ValueError) as exc:  # (TOMLDecodeError, UnicodeDecodeError)
+            # its run dir and admin key are unknown: sending no key got a misleading 401,
+            # and the default run dir could hold another daemon
+            raise ConfigError(f"{path} cannot be read ({exc}); ctl finds the daemon and its "
+                              f"admin key there: fix it, or give --url and --admin-key") from None
     sup = raw.get("supervisor", {}) if isinstance(raw.get("supervisor"), dict) else {}
     server = raw.get("server", {}) if isinstance(raw.get("server"), dict) else {}
     base = path.parent if path is not None else Path.cwd()

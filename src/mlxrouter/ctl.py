@@ -97,8 +97,8 @@ def daemon_url(args: argparse.Namespace) -> str:
 
 
 def admin_key(args: argparse.Namespace) -> str | None:
-    if args.admin_key:
-        return args.admin_key
+    if args.admin_key or os.environ.get("MLXROUTER_ADMIN_KEY"):
+        return args.admin_key or os.environ["MLXROUTER_ADMIN_KEY"]
     return control_settings(args.config)[1]
 
 

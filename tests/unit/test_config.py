@@ -926,3 +926,17 @@ def test_an_error_in_a_models_table_names_the_model(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(main)
     assert '$.models["org/bad"].load_dtype' in str(info.value)
+
+
+def test_ctl_with_a_main_file_that_does_not_parse_says_so(tmp_path: Path) -> None:
+    """Its admin key and run dir were taken as unset: the daemon answered a 401 "a valid
+    admin key is required", and `ctl reload` could not show the syntax error."""
+    main = write(tmp_path / "supervisor.toml", """
+        [server]
+        admin_key = "adm"
+    """)
+    assert cfg.control_settings(main)[1] == "adm"
+    main.write_text(main.read_text() + "this is [not toml\n")
+    with pytest.raises(ConfigError, match=r"supervisor.toml cannot be read \(.*\); ctl finds "
+                                          r"the daemon and its admin key there"):
+        cfg.control_settings(main)
