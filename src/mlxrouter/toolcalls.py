@@ -328,6 +328,19 @@ class _Sink:
         return out
 
 
+def _inside_a_string(body: str) -> bool:
+    """Whether a call's JSON body so far stops inside a string: an end marker found there is
+    part of an argument, not the call's end."""
+    text = body.strip()
+    if not text.startswith(("{", "[")):
+        return False
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as exc:
+        return exc.msg.startswith("Unterminated string")
+    return False
+
+
 class _Marked:
     """Calls between a start and an end marker, anywhere in the output."""
 
@@ -363,6 +376,11 @@ class _Marked:
                 if cut:
                     body, closer = body[:-cut], body[-cut:]
             else:
+                if self.fmt.end and _inside_a_string(self.buf[:j]):
+                    # the marker is text in an argument ("use </tool_call> to close"): the
+                    # call ends at a later one
+                    self.searched = j + 1
+                    continue
                 body, closer = self.buf[:j], self.fmt.end
                 self.buf = self.buf[j + len(closer):]
             self.inside = False

@@ -217,6 +217,23 @@ def test_a_call_cut_off_inside_its_end_marker_is_still_a_call() -> None:
     assert assemble(parsed)["content"] == cut and not stream.called
 
 
+def test_an_end_marker_inside_an_argument_does_not_end_the_call() -> None:
+    """A coding agent's edit of text holding "</tool_call>" came back as content, no call."""
+    args = {"text": "use </tool_call> to close", "n": 1}
+    raw = ('<tool_call>\n' + json.dumps({"name": "edit", "arguments": args})
+           + '\n</tool_call>\nDone.')
+    for seed in range(4):
+        parsed, stream = run(format_by_name("hermes"), [], random_pieces(raw, seed))
+        got = assemble(parsed)
+        assert [(c["name"], json.loads(c["arguments"])) for c in got["calls"]] == [
+            ("edit", args)], seed
+        assert got["content"] == "Done."
+    # a call that does not parse at its marker, and is not inside a string, is content at once
+    broken = '<tool_call>\n{"name": "f", "arguments": {"x": 1}\n</tool_call>\nBye.'
+    stream = ToolCallStream(format_by_name("hermes"), [])
+    assert stream.feed(broken).content.startswith("<tool_call>")
+
+
 def test_unknown_tool_name_is_still_a_call(caplog: pytest.LogCaptureFixture) -> None:
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
     with caplog.at_level(logging.INFO, logger="mlxrouter.toolcalls"):
