@@ -91,6 +91,17 @@ def expand_media(messages: list[dict[str, Any]], media: list[protocol.Media],
 # ---- the engine
 
 
+def _think_tokens(tokenizer: Any) -> tuple[int, int] | None:
+    """The ids of <think> and </think> when both are single tokens of the vocabulary (as
+    mlx-lm's TokenizerWrapper finds them for text models), else None."""
+    try:
+        vocab = tokenizer.get_vocab()
+    except Exception:  # a processor without a vocabulary to read: no reasoning split
+        return None
+    start, end = vocab.get("<think>"), vocab.get("</think>")
+    return (int(start), int(end)) if start is not None and end is not None else None
+
+
 class _Job:
     """One request: its prepared inputs until it runs, then its generator."""
 
@@ -105,8 +116,11 @@ class _Job:
         self.sampler = sampler
         self.processors = processors
         self.stop = StopText(req.sampling.stop)
-        self.ids: list[int] = []  # the tokens generated, and how much of their text is out
-        self.shown = 0
+        self.ids: list[int] = []  # the content tokens generated, and how much of their text
+        self.shown = 0            # is out
+        self.thinking = False  # inside <think>...</think> (reasoning models)
+        self.reasoning_ids: list[int] = []
+        self.reasoning_shown = 0
         self.completion_tokens = 0
         self.gen: Iterator[Any] | None = None
         self.received_at = received_at  # when the engine took the Request (End.elapsed_s)
@@ -154,6 +168,7 @@ class VisionEngine:
         self.vocab_size = int(config.get("vocab_size")
                               or config.get("text_config", {}).get("vocab_size") or 0) or 2**31
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.think = _think_tokens(self.tokenizer)
         self._limit_memory()
 
     def _limit_memory(self) -> None:
@@ -224,6 +239,10 @@ class VisionEngine:
                                     "messages" if req.messages is not None else "prompt")
         job = _Job(req, inputs, prompt_tokens, make_sampler(req.sampling),
                    self._processors(req.sampling, max_tokens), max_tokens, received_at)
+        if self.think is not None:  # a template that opens the block itself starts inside it
+            tail = [int(t) for t in inputs["input_ids"].reshape(-1).tolist()[-8:]]
+            opened = [t for t in tail if t in self.think]
+            job.thinking = bool(opened) and opened[-1] == self.think[0]
         self._queue.append(job)
         log.info("request started request_id=%s rid=%d prompt_tokens=%d images=%d "
                  "decode_ms=%.0f prepare_ms=%.0f max_tokens=%d queued=%d", job.request_id,
@@ -338,19 +357,43 @@ class VisionEngine:
         self.tokens_generated += new_tokens
         finish = result.finish_reason
         if finish is None and result.token is not None:
-            job.ids.append(int(result.token))  # (the final result repeats one, or is EOS)
+            self._take(job, int(result.token))  # (the final result repeats one, or is EOS)
+        reasoning = self._new_reasoning(job, final=finish is not None)
         text, hit = job.stop.feed(self._new_text(job, final=finish is not None))
         if hit:
             finish = "stop"
         elif finish is not None:
             text += job.stop.flush()
+        if self.spec.reasoning_response == "disable":
+            reasoning = ""
         self.emit(protocol.Step(deltas=[protocol.Delta(rid=job.rid, content=text,
+                                                       reasoning=reasoning,
                                                        tokens=new_tokens)]))
         if result.finish_reason is not None:
             next(job.gen, None)  # lets mlx-vlm run its own clean-up after the last token
         if finish is not None:
             self._end(job, finish)
         self._inject_faults()
+
+    def _take(self, job: _Job, token: int) -> None:
+        """A generated token: a reasoning marker switches where the next ones go (reasoning
+        models: the text between <think> and </think> is reasoning, never content)."""
+        if self.think is not None and token in self.think:
+            job.thinking = token == self.think[0]
+        elif job.thinking:
+            job.reasoning_ids.append(token)
+        else:
+            job.ids.append(token)
+
+    def _new_reasoning(self, job: _Job, final: bool) -> str:
+        if not job.reasoning_ids:
+            return ""
+        full = self.tokenizer.decode(job.reasoning_ids, skip_special_tokens=True)
+        if not final:
+            full = full.rstrip("\ufffd")
+        new = full[job.reasoning_shown:]
+        job.reasoning_shown = max(job.reasoning_shown, len(full))
+        return new
 
     def _new_text(self, job: _Job, final: bool) -> str:
         """The text the last token added. mlx-vlm's streaming detokenizer lets text out only

@@ -8,6 +8,7 @@ and that the vision worker is the same process as before.
 from __future__ import annotations
 
 import base64
+import json
 import http.server
 import io
 import struct
@@ -346,6 +347,47 @@ def test_what_a_vision_model_refuses_never_loads_it_and_is_not_advertised(daemon
     assert daemon.workers().get(COLD, {}).get("pid") in (None, 0), daemon.workers()[COLD]
     served = daemon.http.get(f"/v1/models/{COLD}").json()
     assert "vision" in served["capabilities"] and "tools" not in served["capabilities"]
+
+
+def test_a_thinking_vision_models_reasoning_never_reaches_content(tmp_path, tiny_vlm) -> None:
+    """mlx-vlm's models sent everything as content: the reasoning of a template that opens
+    <think> (Qwen3-VL-Thinking style) came back as the answer."""
+    import shutil
+
+    thinker = tmp_path / "thinker"
+    shutil.copytree(tiny_vlm, thinker)
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        path = thinker / name
+        data = json.loads(path.read_text())
+        data["chat_template"] = data["chat_template"].replace(
+            "'<|im_start|>assistant\\n'", "'<|im_start|>assistant\\n<think>\\n'")
+        assert "<think>" in data["chat_template"]
+        path.write_text(json.dumps(data))
+    vocab = json.loads((thinker / "tokenizer.json").read_text())
+    end = next(t["id"] for t in vocab["added_tokens"] if t["content"] == "</think>")
+    yield_ = _daemon(tmp_path / "d", {"thinker": {"path": str(thinker)},
+                                      "plain": {"path": str(thinker),
+                                                "reasoning_response": "disable"}}, LIMITS)
+    daemon = next(yield_)
+    try:
+        messages = ask([image_part(image_bytes("PNG"))])
+        msg = chat(daemon, messages, model="thinker", max_tokens=4, temperature=0,
+                   logit_bias={str(end): -100}).json()["choices"][0]["message"]
+        assert msg["reasoning_content"] and not msg["content"], msg
+        closed = chat(daemon, messages, model="thinker", max_tokens=4, temperature=0,
+                      logit_bias={str(end): 100}).json()["choices"][0]["message"]
+        assert not closed.get("reasoning_content") and "</think>" not in closed["content"]
+        streamed = [c.choices[0].delta for c in daemon.openai().chat.completions.create(
+            model="thinker", messages=messages, max_tokens=4, temperature=0, stream=True,
+            logit_bias={str(end): -100}) if c.choices]
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in streamed) == (
+            msg["reasoning_content"])
+        assert not "".join(d.content or "" for d in streamed)
+        dropped = chat(daemon, messages, model="plain", max_tokens=4, temperature=0,
+                       logit_bias={str(end): -100}).json()["choices"][0]["message"]
+        assert not dropped.get("reasoning_content") and not dropped["content"]
+    finally:
+        next(yield_, None)
 
 
 def test_images_only_from_the_user(daemon, vlm_pid) -> None:
