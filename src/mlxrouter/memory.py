@@ -175,10 +175,16 @@ def budgeted_bytes(spec: Any, overhead_bytes: int) -> int:
     the safety margin, else the estimate from its files plus its prompt cache."""
     if spec.required_memory_gb is not None:
         return int(spec.required_memory_gb * spec.safety_margin * GB)
-    return estimate_cost(spec.path, max_context=spec.max_context, max_batch=spec.max_running,
+    from .vision import is_vision_model
+
+    # the vision engine (mlx-vlm) runs one request at a time and keeps no prompt cache: it
+    # was charged max_running KV caches and the cache, gigabytes it never uses
+    vision = is_vision_model(spec)
+    return estimate_cost(spec.path, max_context=spec.max_context,
+                         max_batch=1 if vision else spec.max_running,
                          overhead_bytes=overhead_bytes, load_dtype=spec.load_dtype,
                          half_weights=spec.half_weights and sys.platform.startswith("linux")
-                         ) + spec.prompt_cache_bytes
+                         ) + (0 if vision else spec.prompt_cache_bytes)
 
 
 def estimate_cost(path: str, *, max_context: int, max_batch: int, overhead_bytes: int,

@@ -151,3 +151,18 @@ def test_half_copies_are_budgeted(tmp_path, monkeypatch, config, half_weights, e
     monkeypatch.setattr(memory.sys, "platform", "linux")
     (tmp_path / "model.safetensors").write_bytes(b"\0" * 1000)
     assert memory.loaded_weights_bytes(tmp_path, config, "auto", half_weights) == expected
+
+
+def test_a_vision_model_is_charged_one_kv_cache_and_no_prompt_cache(tiny_model) -> None:
+    """The vision engine runs one request at a time and keeps no prompt cache; it was charged
+    max_running full KV caches and the prompt cache (3.3 GB too much for a 7B VLM)."""
+    from mlxrouter.config import ModelSpec
+    from mlxrouter.memory import budgeted_bytes
+
+    text = ModelSpec(id="m", path=str(tiny_model), max_running=8, max_context=2048,
+                     prompt_cache_bytes=256 * 2**20, supports_vision=False)
+    vision = ModelSpec(id="m", path=str(tiny_model), max_running=8, max_context=2048,
+                       prompt_cache_bytes=256 * 2**20, supports_vision=True)
+    config = json.loads((tiny_model / "config.json").read_text())
+    one_slot = kv_bytes_per_token(config) * 2048
+    assert budgeted_bytes(text, 0) - budgeted_bytes(vision, 0) == 7 * one_slot + 256 * 2**20
