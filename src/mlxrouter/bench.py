@@ -519,7 +519,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated levels (default: 1,4,8)")
     p.add_argument("--requests", type=_non_negative, default=0,
                    help="requests per level (default: twice the level)")
-    p.add_argument("--prompt-tokens", type=_positive, default=128)
+    p.add_argument("--prompt-tokens", type=_positive, default=128,
+                   help="about this many prompt tokens; a chat's template and its unique "
+                        "system message make up about 40 of them, the least there can be")
     p.add_argument("--max-tokens", type=_positive, default=64)
     p.add_argument("--no-stream", dest="stream", action="store_false",
                    help="non-streaming requests (no TTFT or ITL)")
@@ -546,6 +548,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.history_tokens and args.endpoint != "chat":
         print("mlxrouter bench: --history-tokens needs --endpoint chat", file=sys.stderr)
+        return 2
+    if args.requests and args.requests < max(args.concurrency):
+        print(f"mlxrouter bench: --requests {args.requests} is fewer than the concurrency "
+              f"level {max(args.concurrency)}: that level would never run as many streams "
+              f"at once", file=sys.stderr)
+        return 2
+    if args.extra_body.get("n", 1) != 1 or args.extra_body.get("best_of", 1) != 1:
+        # usage counts every choice's tokens while the timing follows the first one
+        print("mlxrouter bench: --extra-body may not set n or best_of: the figures are per "
+              "choice of one-choice requests", file=sys.stderr)
         return 2
     config = BenchConfig(
         base_url=args.base_url, model=args.model, concurrency=args.concurrency,

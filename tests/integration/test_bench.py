@@ -147,7 +147,11 @@ def test_unreachable_server_and_bad_flags(tmp_path):
                        (["--temperature", "nan"], "must be 0 to 2"),  # was "invalid JSON"
                        (["--temperature", "-1"], "must be 0 to 2"),
                        (["--json", str(tmp_path / "no" / "such" / "dir.json")],
-                        "cannot write the JSON report")):
+                        "cannot write the JSON report"),
+                       # figures that would be mislabelled: a level of 4 that never ran 4
+                       # streams, and ITL over every choice's tokens timed on the first
+                       (["--concurrency", "4", "--requests", "2"], "fewer than the concurrency"),
+                       (["--extra-body", '{"n": 2}'], "may not set n")):
         bad = subprocess.run([sys.executable, "-m", "mlxrouter", "bench", "--model", "m",
                               "--base-url", f"http://127.0.0.1:{port}/v1", *args],
                              capture_output=True, text=True, timeout=60)
