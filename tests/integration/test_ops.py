@@ -327,7 +327,7 @@ def test_capabilities_follow_the_models_settings(start_daemon, tiny_model):
     daemon = start_daemon({"as-vision": {"path": str(tiny_model), "supports_vision": True},
                            "no-tools": {"path": str(tiny_model), "supports_tools": False}})
     served = {m["id"]: m["capabilities"] for m in daemon.http.get("/v1/models").json()["data"]}
-    assert served["as-vision"] == ["text", "vision", "tools", "reasoning"]
+    assert served["as-vision"] == ["text", "vision", "reasoning"]  # vision: served without tools
     assert served["no-tools"] == ["text", "reasoning"]
     listed = {r["id"]: r for r in list_rows(load_config(daemon.root / "supervisor.toml"))}
     assert listed["as-vision"]["capabilities"] == served["as-vision"]
