@@ -37,6 +37,28 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]],
     return list(ids)
 
 
+def check_template(template: Any, where: str) -> None:
+    """A chat template that does not parse fails the model's load, naming where it came from
+    (every request used to be a 400 blaming its messages). Parsed as transformers renders it
+    (its extensions: `{% generation %}`, loop controls); named variants (a dict) each."""
+    from jinja2 import TemplateSyntaxError
+
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # another transformers: rendering reports it, as before
+        return
+    variants = template.items() if isinstance(template, dict) else [("", template)]
+    for name, source in variants:
+        if not isinstance(source, str):
+            continue
+        try:
+            _compile_jinja_template(source)
+        except TemplateSyntaxError as exc:
+            label = f"{where} ({name!r})" if name else where
+            raise ValueError(f"the chat template of {label} does not parse: {exc} (line "
+                             f"{exc.lineno})") from None
+
+
 def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """OpenAI messages as chat templates expect them: tool call arguments as objects (OpenAI
     sends JSON strings; templates render them with `tojson`)."""

@@ -212,6 +212,9 @@ class ModelOptions(_Section):
                 raise ValueError(f"chat_template {template!r} is neither a template name "
                                  f"({', '.join(NAMES)}) nor an existing file given by an "
                                  f"absolute path")
+            if template not in NAMES and template != str(path):
+                # "~" as checked here: a worker whose env sets another HOME read another file
+                msgspec.structs.force_setattr(self, "chat_template", str(path))
 
 
 class WorkerFile(ModelOptions):

@@ -35,7 +35,7 @@ from mlx_lm.sample_utils import (apply_min_p, apply_top_k, apply_top_p, greedy_s
                                  make_logits_processors)
 
 from . import protocol
-from .chat import HeldLogprobs, StopText, render_chat, render_completion
+from .chat import HeldLogprobs, StopText, check_template, render_chat, render_completion
 from .constrain import ConstraintFactory
 from .templates import TOOL_FORMAT, template_source
 from .toolcalls import ToolCallStream, detect_format, format_by_name
@@ -426,6 +426,9 @@ class TextEngine:
                               or config.get("text_config", {}).get("vocab_size") or 0) or 2**31
         self.chat_template = (template_source(self.spec.chat_template)
                               if self.spec.chat_template else None)
+        check_template(self.chat_template or getattr(self.tokenizer, "chat_template", None),
+                       f"chat_template {self.spec.chat_template}" if self.spec.chat_template
+                       else "the model's tokenizer")
         self.tool_format = self._tool_format()
         self.constraints: ConstraintFactory | None = None
         self.gen = self._new_batch()

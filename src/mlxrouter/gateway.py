@@ -171,7 +171,8 @@ _RESERVED_TEMPLATE_KWARGS = frozenset({
     "messages", "conversation", "tools", "documents", "chat_template", "tokenize",
     "add_generation_prompt", "continue_final_message", "return_dict", "return_tensors",
     "return_assistant_tokens_mask", "padding", "truncation", "max_length", "tokenizer_kwargs",
-    "self", "kwargs",
+    "self", "kwargs", "sanitize_control_tokens",
+    "conversations",  # transformers' render_jinja_template's own
 })
 
 

@@ -80,6 +80,32 @@ def test_reserved_template_variables_are_a_400(start_daemon, bare_model, tmp_pat
     assert "add_generation_prompt" in info.value.body["message"]
 
 
+def test_a_template_file_that_does_not_parse_fails_the_load_naming_it(start_daemon, bare_model,
+                                                                       tmp_path):
+    """Every request to it was a 400 "the model's chat template rejected the messages":
+    the client was blamed for the server's file."""
+    template = tmp_path / "broken.jinja"
+    template.write_text("{% for m in messages %}{{ m.content }\n")
+    daemon = start_daemon({"broken": {"path": str(bare_model), "chat_template": str(template)}})
+    resp = daemon.http.post("/v1/chat/completions", json={
+        "model": "broken", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+    assert resp.status_code == 503, resp.text
+    error = resp.json()["error"]
+    assert error["code"] == "model_load_failed"
+    assert f"chat_template {template} does not parse" in error["message"]
+
+
+def test_variables_transformers_takes_for_itself_are_a_400(start_daemon, bare_model, tmp_path):
+    template = tmp_path / "mine.jinja"
+    template.write_text(FILE_TEMPLATE)
+    daemon = start_daemon({"mine": {"path": str(bare_model), "chat_template": str(template)}})
+    for name in ("sanitize_control_tokens", "conversations"):
+        with pytest.raises(openai.BadRequestError) as info:
+            _prompt_tokens(daemon, "mine", extra_body={"chat_template_kwargs": {name: True}})
+        assert info.value.body["param"] == "chat_template_kwargs" and name in (
+            info.value.body["message"])
+
+
 def test_an_unknown_template_name_is_a_config_error(tmp_path, bare_model):
     import subprocess
     import sys

@@ -940,3 +940,18 @@ def test_ctl_with_a_main_file_that_does_not_parse_says_so(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match=r"supervisor.toml cannot be read \(.*\); ctl finds "
                                           r"the daemon and its admin key there"):
         cfg.control_settings(main)
+
+
+def test_a_home_relative_template_path_is_kept_as_the_file_checked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """"~" was expanded again in the worker, whose env may set another HOME: the file checked
+    at load was not the one read (TemplateNotFound, then BACKOFF)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "t.jinja").write_text("{{ messages }}")
+    main = write(tmp_path / "supervisor.toml", """
+        [models.m]
+        path = "/m"
+        chat_template = "~/t.jinja"
+        env = { HOME = "/elsewhere" }
+    """)
+    assert load_config(main).spec_for("m").chat_template == str(tmp_path / "t.jinja")
