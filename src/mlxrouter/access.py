@@ -158,7 +158,8 @@ class AccessMiddleware:
                 check_access(scope, server.api_keys, server.admin_key, server.cors_origins)
             except RouterError as exc:  # counted as the endpoints count their refusals
                 metrics = getattr(self.state, "metrics", None)
-                if metrics is not None:
+                if metrics is not None and scope["path"].startswith("/v1/"):  # the API's
+                    # clients; not /admin (ctl) nor /metrics (a scraper's key)
                     metrics.rejected("", exc.code)
                     endpoint = _COUNTED_PATHS.get(scope["path"].rstrip("/"))
                     if endpoint is not None:

@@ -608,10 +608,12 @@ def control_settings(path: Path | str | None) -> tuple[Path, str | None]:
         # the default run dir instead.
         raise ConfigError(f"{path}: no such config file")
     raw: dict[str, Any] = {}
-    if path is not None and path.suffix != ".json":
+    if path is not None:
         try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:  # (TOMLDecodeError, UnicodeDecodeError)
+            text = path.read_text(encoding="utf-8")
+            raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+            raw = raw if isinstance(raw, dict) else {}
+        except (OSError, ValueError) as exc:  # (TOMLDecodeError, JSONDecodeError, Unicode...)
             # its run dir and admin key are unknown: sending no key got a misleading 401,
             # and the default run dir could hold another daemon
             raise ConfigError(f"{path} cannot be read ({exc}); ctl finds the daemon and its "

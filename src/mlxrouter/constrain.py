@@ -371,6 +371,12 @@ class GrammarProcessor:
         """The tokens so far form a complete output (false when cut off by max_tokens)."""
         return self.error is None and self._matcher.is_accepting()
 
+    @property
+    def finished(self) -> bool:
+        """Complete, and nothing but EOS may follow: `12` of an integer is accepted, yet the
+        model may have been writing `12345`; `{"a": 1}` is finished."""
+        return self.error is None and self._matcher.is_stopped()
+
     def precheck(self, n_logits: int, param: str = "response_format") -> None:
         """Compute the first mask now, so a grammar that cannot start (a schema llguidance
         accepts but cannot run with this tokenizer) is a 400 before the request starts; and,

@@ -21,6 +21,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import struct
 import time
 from pathlib import Path
@@ -512,7 +513,10 @@ def scan_sources(sources: list[Source]) -> dict[str, DiscoveredModel]:
     for source in (s for s in sources if s.scanned):
         served = {_real(Path(m.path)): m.id for m in found.values() if m.usable}
         for model in scan(source.root, source.name, roots).values():
-            other = served.get(_real(Path(model.path))) if model.usable else None
+            # only a link: a source's own directory is never hidden (a user's link in the
+            # model directory to an HF snapshot keeps the repo id served too)
+            linked = model.usable and os.path.islink(model.path)
+            other = served.get(_real(Path(model.path))) if linked else None
             if other is not None and other != model.id:
                 continue
             _add(found, model)

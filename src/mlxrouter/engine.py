@@ -813,7 +813,7 @@ class TextEngine:
             if finish is None:  # parallel_tool_calls=false: one call, then stop
                 self._retire(r.uid)
                 finish = "tool_calls"
-        if finish == "length" and seq.constraint is not None and seq.constraint.accepted:
+        if finish == "length" and seq.constraint is not None and seq.constraint.finished:
             # the output is complete (the grammar allows only EOS next): not cut off
             finish = "stop"
         if finish == "stop" and seq.tools is not None and seq.tools.called:

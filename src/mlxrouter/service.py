@@ -359,12 +359,11 @@ class _Source(NamedTuple):
 
     @property
     def in_place(self) -> bool:
-        # the same file in the same directory as the service reads it (its workers/ and
-        # relative paths come from the directory the path names, links not followed): a
-        # link at dest to a config elsewhere is not in place
-        return (self.src is not None and self.dest.exists() and self.src.name == self.dest.name
-                and not self.dest.is_symlink()
-                and self.src.parent.resolve() == self.dest.parent.resolve())
+        # the file the service reads already: a link at dest to a config elsewhere is not
+        # (its workers/ and relative paths are the other directory's: it is copied), a link
+        # elsewhere to dest is (copying it onto itself failed after workers/ went aside)
+        return (self.src is not None and self.dest.exists() and not self.dest.is_symlink()
+                and self.src.resolve() == self.dest.resolve())
 
     @property
     def origin(self) -> str:
@@ -400,27 +399,38 @@ _SHELL_ONLY = {
 
 
 @contextlib.contextmanager
-def _as_the_service_sees_it() -> Iterator[list[str]]:
-    """The environment without `_SHELL_ONLY`'s variables (named in what it yields)."""
+def _as_the_service_sees_it() -> Iterator[dict[str, str]]:
+    """The environment without `_SHELL_ONLY`'s variables (what it yields: their values)."""
     saved = {k: os.environ.pop(k) for k in _SHELL_ONLY if k in os.environ}
     try:
-        yield list(saved)
+        yield saved
     finally:
         os.environ.update(saved)
+
+
+def _unseen(shell: dict[str, str], config: Config) -> list[str]:
+    """The shell's settings the service would miss: those the config does not hold too."""
+    held = {"MLX_MODEL_DIR": lambda v: Path(v).expanduser().absolute() == config.model_directory,
+            "MLXROUTER_API_KEY": lambda v: v in config.server.api_keys,
+            "MLXROUTER_ADMIN_KEY": lambda v: v == config.server.admin_key}
+    return [name for name, value in shell.items() if not held[name](value)]
 
 
 def install(*, config_path: Path | None, program: list[str] | None, platform: str,
             dry_run: bool) -> int:
     """Copy the config to the state dir, write the service file, load and start it."""
     state_dir = state_home()
-    with _as_the_service_sees_it() as unseen:
-        for name in unseen:
-            print(f"mlxrouter: {name} is set in this shell, but the service does not see it: "
-                  f"{_SHELL_ONLY[name]}", file=sys.stderr)
+    with _as_the_service_sees_it() as shell:
         try:
             source = _locate_config(config_path, state_dir)
         except ConfigError as exc:
-            print(f"mlxrouter: config error: {exc}", file=sys.stderr)
+            source = None
+            error = exc
+        for name in _unseen(shell, source.config) if source is not None else shell:
+            print(f"mlxrouter: {name} is set in this shell, but the service does not see it: "
+                  f"{_SHELL_ONLY[name]}", file=sys.stderr)
+        if source is None:
+            print(f"mlxrouter: config error: {error}", file=sys.stderr)
             return 2
     program = program or default_program()
     if not Path(program[0]).is_file():
@@ -432,7 +442,9 @@ def install(*, config_path: Path | None, program: list[str] | None, platform: st
     if dry_run:
         print("# dry run: nothing is written or run")
     try:
-        _install_config(source.src, source.dest, dry_run, copy=not source.in_place)
+        # in place: what is stale is judged against the file the service reads
+        _install_config(source.dest if source.in_place else source.src, source.dest, dry_run,
+                        copy=not source.in_place)
         if dry_run:
             print(f"would write {unit}:\n{data.decode()}")
         else:

@@ -110,6 +110,7 @@ class Slot:
         self.wait_since: float | None = None
         self.removed = False  # by a reload: listed only until its worker is gone
         self.stopped_on_purpose = False  # its last worker was stopped, not lost
+        self.stops = 0  # ctl stops so far (a ctl start that waited tells them from no room)
 
     @property
     def state(self) -> State:

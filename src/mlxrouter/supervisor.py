@@ -587,6 +587,8 @@ class Supervisor:
         worker = Worker(spec, identity, need_bytes)
         slot.worker = worker
         slot.want_start = False
+        if not slot.failures:  # a wait for room (or one given up) is over; a failure stays
+            slot.last_error = ""
         self._by_identity[identity] = worker
         self.broker.register(identity)  # before it exists: its first message is never dropped
         asyncio.create_task(self._run_process(slot, worker), name=f"worker:{spec.id}")
@@ -795,6 +797,7 @@ class Supervisor:
         """ctl start: load now (clearing FATAL / BACKOFF); raise if the load fails."""
         self._refuse_if_it_never_fits(spec)
         slot = self.request_start(spec)
+        stops = slot.stops
         deadline = time.monotonic() + timeout
         reason = ""  # the last wait reason seen: a timed-out wait clears it as it gives up
         while time.monotonic() < deadline:
@@ -802,15 +805,20 @@ class Supervisor:
                 raise ShuttingDown("the server is shutting down")
             if slot.state is State.RUNNING and not slot.want_start:
                 return State.RUNNING
-            reason = slot.last_error or reason
+            # a reason while it waits for room; once its worker starts, that wait is over
+            reason = (slot.last_error or reason) if slot.worker is None else ""
             if slot.fatal_reason or (slot.worker is None and slot.failures):
                 raise ModelLoadFailed(f"model '{spec.id}' failed to start: {slot.last_error}")
             if slot.worker is None and not slot.want_start and not slot.waiters:
+                if slot.removed:
+                    raise ModelUnavailable(f"model '{spec.id}' was removed by a configuration "
+                                           f"reload while it started")
+                if slot.stops != stops:
+                    raise ModelStopped(f"model '{spec.id}' was stopped (ctl stop) while it "
+                                       f"started")
                 self._refuse_if_it_never_fits(slot.spec)  # the budget changed meanwhile
-                if not reason:  # nothing held it back: it was stopped
-                    raise ModelStopped(f"model '{spec.id}' was stopped while it started "
-                                       f"(ctl stop)")
-                raise NoMemory(f"model '{spec.id}' could not be started: {reason}")
+                raise NoMemory(f"model '{spec.id}' could not be started: "
+                               f"{reason or 'its start was called off'}")
             await asyncio.sleep(0.05)
         raise Timeout(f"model '{spec.id}' did not become ready in {timeout:.0f}s")
 
@@ -825,6 +833,7 @@ class Supervisor:
         nor the requests waiting for its load (they get a 503); a new request still does."""
         slot = self._slots.get(model_id)
         if slot is not None and for_good:
+            slot.stops += 1  # a ctl start waiting for it says it was stopped
             slot.want_start = False
             if slot.worker is None and slot.backoff_until:
                 slot.backoff_until = 0.0  # its retries end; EXITED with the start's failure
@@ -873,8 +882,10 @@ class Supervisor:
                 # started again once drained when something wanted it up: a start under way
                 # (ctl start, a preload) or a model nothing else would start (preload, or
                 # max_queue = 0: no request may wait for a load); else the next request does
-                if (slot.worker.state is State.STARTING or spec.preload
-                        or spec.max_queue == 0):
+                # (not one already on its way out: a ctl stop, an eviction, an idle stop)
+                if slot.worker.state is State.STARTING or (
+                        slot.worker.state is State.RUNNING
+                        and (spec.preload or spec.max_queue == 0)):
                     slot.want_start = True
                 self._begin_stop(slot.worker, "reload", drain=True)
         self._shrink_to_limits()

@@ -251,12 +251,16 @@ def _normalize(parsed: Any) -> list[_Call]:
     return calls
 
 
-def _parse_calls(fmt: ToolFormat, body: str, tools: list[dict]) -> list[_Call] | None:
-    """Calls in one body, or None (logged) when the model wrote something else there."""
+def _parse_calls(fmt: ToolFormat, body: str, tools: list[dict],
+                 quiet: bool = False) -> list[_Call] | None:
+    """Calls in one body, or None (logged, unless `quiet`: a trial) when the model wrote
+    something else there."""
     try:
         return _normalize(fmt.parse(body.strip(), tools))
     except (ValueError, SyntaxError, KeyError, TypeError, AttributeError, IndexError,
             RecursionError, MemoryError) as exc:  # the last two: nesting too deep to parse
+        if quiet:
+            return None
         log.warning("tool call not parsed, released as content format=%s error=%s body=%r",
                     fmt.name, exc, body[:200])
         return None
@@ -338,6 +342,8 @@ def _inside_a_string(body: str) -> bool:
         json.loads(text)
     except json.JSONDecodeError as exc:
         return exc.msg.startswith("Unterminated string")
+    except (RecursionError, ValueError):  # nested past the parser's depth: not a call
+        return False
     return False
 
 
@@ -349,6 +355,9 @@ class _Marked:
         self.buf = ""
         self.inside = False
         self.searched = 0  # buf[:searched] holds no complete end marker
+        # The first end marker passed over as text inside an argument's string: the call
+        # ends there after all if no later marker closes a call that parses.
+        self.skipped: int | None = None
 
     def feed(self, text: str, sink: _Sink, final: bool) -> None:
         self.buf += text
@@ -366,6 +375,16 @@ class _Marked:
             # An end-less call (Mistral) ends where the next one starts, or with the output.
             end = self.fmt.end or start
             j = self.buf.find(end, self.searched)
+            if j >= 0 and self.fmt.end and _inside_a_string(self.buf[:j]):
+                # the marker is text in an argument ("use </tool_call> to close"): the call
+                # ends at a later one
+                self.skipped = j if self.skipped is None else self.skipped
+                self.searched = j + 1
+                continue
+            if self.skipped is not None and (
+                    (j < 0 and final) or (j >= 0 and _parse_calls(
+                        self.fmt, self.buf[:j], self.tools, quiet=True) is None)):
+                j = self.skipped  # no later marker closes a call: the first one did
             if j < 0 and not final:
                 self.searched = max(0, len(self.buf) - len(end) + 1)
                 return
@@ -376,14 +395,9 @@ class _Marked:
                 if cut:
                     body, closer = body[:-cut], body[-cut:]
             else:
-                if self.fmt.end and _inside_a_string(self.buf[:j]):
-                    # the marker is text in an argument ("use </tool_call> to close"): the
-                    # call ends at a later one
-                    self.searched = j + 1
-                    continue
                 body, closer = self.buf[:j], self.fmt.end
                 self.buf = self.buf[j + len(closer):]
-            self.inside = False
+            self.inside, self.skipped = False, None
             self._close(body, closer, sink)
 
     def _close(self, body: str, closer: str, sink: _Sink) -> None:

@@ -940,6 +940,9 @@ def test_ctl_with_a_main_file_that_does_not_parse_says_so(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match=r"supervisor.toml cannot be read \(.*\); ctl finds "
                                           r"the daemon and its admin key there"):
         cfg.control_settings(main)
+    seed = write(tmp_path / "config.json", '{"server": {"admin_key": "k", ')
+    with pytest.raises(ConfigError, match=r"config.json cannot be read"):
+        cfg.control_settings(seed)
 
 
 def test_a_home_relative_template_path_is_kept_as_the_file_checked(

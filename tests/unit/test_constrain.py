@@ -522,3 +522,16 @@ def test_a_matcher_error_keeps_its_cause_and_drops_the_parser_state():
                "\u27e6{\u27e7\nParser: {\"compute_time_us\": 12}")
     assert _short(message) == "Parser Error: Current row has 2399 items; max is 2000"
     assert error_headers(ConstraintError("x")) == {"x-should-retry": "false"}
+
+
+@pytest.mark.parametrize("schema, text, finished", [
+    ({"type": "object", "properties": {"c": {"enum": ["x"]}}, "required": ["c"],
+      "additionalProperties": False}, '{"c": "x"}', True),
+    ({"type": "integer"}, "12", False),  # accepted, but 12345 was as likely on its way
+    ({"type": "number"}, "1.5", False),
+])
+def test_finished_means_nothing_but_eos_may_follow(factory, schema, text, finished):
+    """What turns a max_tokens cut into "stop": accepting alone said so of a number."""
+    processor = factory.processor(grammar_for_response_format(json_schema_format(schema)))
+    processor._consume(factory.ll_tokenizer.tokenize_str(text))
+    assert processor.accepted and processor.finished is finished

@@ -456,6 +456,26 @@ def test_sources_in_order_first_id_wins_and_hf_cache_holds_only_repos(tmp_path: 
     assert all(m.usable for m in found.values())
 
 
+def test_a_link_to_another_sources_model_hides_neither_id_unless_the_later_is_the_link(
+        tmp_path: Path) -> None:
+    """`models link --lmstudio` puts `mlxrouter/mine` into LM Studio, a link to the model
+    directory's `mine`: one model, served once. A user's own link in the model directory to
+    an HF snapshot or an LM Studio model must not hide that source's own id."""
+    mine = tmp_path / "models"
+    hf = tmp_path / "hf" / "hub"
+    lms = tmp_path / "lmstudio"
+    make_model(mine / "own")
+    make_hf_repo(hf, "org", "cached", ["r1"], main="r1")
+    make_model(lms / "org" / "real")
+    (mine / "alias-hf").symlink_to(hf / "models--org--cached" / "snapshots" / "r1")
+    (mine / "alias-lms").symlink_to(lms / "org" / "real")
+    (lms / "mlxrouter").mkdir()
+    (lms / "mlxrouter" / "own").symlink_to(mine / "own")
+    found = scan_sources([Source("model_directory", mine), Source("hf_cache", hf),
+                          Source("lmstudio", lms)])
+    assert set(found) == {"own", "alias-hf", "alias-lms", "org/cached", "org/real"}
+
+
 def test_hf_cache_symlinks_to_blobs_stay_inside_the_root(tmp_path: Path) -> None:
     hf = tmp_path / "hub"
     repo = hf / "models--org--m"

@@ -355,6 +355,21 @@ def test_a_link_to_the_config_in_the_state_dir_is_replaced_by_a_copy(
     assert "tiny" in service.load_config(installed).models
 
 
+def test_a_link_elsewhere_to_the_installed_config_installs_it_in_place(
+        home: Path, tmp_path: Path, exe: Path, runner) -> None:
+    """Not in place by name, it was copied onto itself (SameFileError, exit 1) after the
+    live workers/ had been moved aside."""
+    state = home / ".mlxrouter"
+    (state / "workers").mkdir(parents=True)
+    (state / "supervisor.toml").write_text("[server]\nport = 9300\n")
+    (state / "workers" / "m.toml").write_text('path = "/m"\n')
+    link = tmp_path / "proj" / "supervisor.toml"
+    link.parent.mkdir()
+    link.symlink_to(state / "supervisor.toml")
+    assert install(link, exe, "linux") == 0
+    assert (state / "workers" / "m.toml").is_file() and not list(state.glob("*.bak-*"))
+
+
 def test_install_reads_the_config_without_the_shells_settings(
         home: Path, tmp_path: Path, exe: Path, runner, capsys, monkeypatch) -> None:
     """MLX_MODEL_DIR in the installing shell hid a model_directory relative to the config
@@ -370,6 +385,13 @@ def test_install_reads_the_config_without_the_shells_settings(
     assert "model_directory" in err and "MLX_MODEL_DIR is set in this shell" in err
     assert "MLXROUTER_API_KEY is set in this shell" in err
     assert os.environ["MLX_MODEL_DIR"] == str(tmp_path / "anything")  # put back
+    # said only of what the config does not hold as well
+    held = tmp_path / "held" / "supervisor.toml"
+    held.parent.mkdir()
+    held.write_text(f'[server]\napi_keys = ["sk-shell"]\n[supervisor]\n'
+                    f'model_directory = "{tmp_path / "anything"}"\n')
+    assert install(held, exe, "linux") == 0
+    assert "is set in this shell" not in capsys.readouterr().err
 
 
 def test_install_without_config_writes_a_default_one(home: Path, exe: Path, runner) -> None:

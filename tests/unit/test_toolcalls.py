@@ -228,6 +228,22 @@ def test_an_end_marker_inside_an_argument_does_not_end_the_call() -> None:
         assert [(c["name"], json.loads(c["arguments"])) for c in got["calls"]] == [
             ("edit", args)], seed
         assert got["content"] == "Done."
+    # a string that never closes: the call ended at its first marker after all, and the
+    # next call is still a call
+    two = ('<tool_call>\n{"name": "a", "arguments": {"p": "open</tool_call>\n'
+           '<tool_call>\n{"name": "b", "arguments": {"q": "/tmp/y"}}\n</tool_call>')
+    for seed in range(3):
+        parsed, stream = run(format_by_name("hermes"), [], random_pieces(two, seed))
+        got = assemble(parsed)
+        assert [(c["name"], json.loads(c["arguments"])) for c in got["calls"]] == [
+            ("b", {"q": "/tmp/y"})], (seed, got)
+        assert got["content"].startswith('<tool_call>\n{"name": "a"')
+    unclosed = '<tool_call>\n{"name": "a", "arguments": {"p": "open</tool_call>\nBye.'
+    parsed, stream = run(format_by_name("hermes"), [], [unclosed])
+    assert assemble(parsed)["content"] == unclosed and not stream.called
+    deep = "<tool_call>\n" + "[" * 5000 + "</tool_call>\nAfter."  # past json's depth
+    parsed, stream = run(format_by_name("hermes"), [], [deep])
+    assert assemble(parsed)["content"] == deep
     # a call that does not parse at its marker, and is not inside a string, is content at once
     broken = '<tool_call>\n{"name": "f", "arguments": {"x": 1}\n</tool_call>\nBye.'
     stream = ToolCallStream(format_by_name("hermes"), [])
