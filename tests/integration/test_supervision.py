@@ -811,6 +811,31 @@ def test_a_cold_reload_starts_again_what_nothing_else_would(start_daemon, tiny_m
     assert daemon.worker_pid("slow") is not None
 
 
+def test_a_cold_reload_while_ctl_stop_drains_does_not_start_it_again(start_daemon, tiny_model):
+    """A max_queue = 0 model draining for `ctl stop` came back after a reload: the operator's
+    stop was undone."""
+    daemon = start_daemon({"z": {"path": str(tiny_model), "max_queue": 0,
+                                 "fault": {"delay_per_token_s": 0.1}}})
+    assert daemon.http.post("/admin/models/z/start", timeout=60).status_code == 200
+    stream = iter(daemon.openai().chat.completions.create(
+        model="z", messages=MESSAGES, max_tokens=40, stream=True))
+    next(stream)
+    stopped: dict[str, int] = {}
+    stopper = threading.Thread(target=lambda: stopped.update(
+        z=daemon.http.post("/admin/models/z/stop", timeout=60).status_code))
+    stopper.start()
+    wait_for(lambda: daemon.workers()["z"]["state"] in ("DRAINING", "STOPPING"), 10, "draining")
+    (daemon.root / "workers" / "model0.toml").write_text(
+        f'id = "z"\npath = "{tiny_model}"\nmax_queue = 0\nmax_running = 3\n')
+    daemon.proc.send_signal(signal.SIGHUP)
+    list(stream)
+    stopper.join(60)
+    assert stopped == {"z": 200}
+    wait_for(lambda: daemon.workers()["z"]["state"] == "STOPPED", 20, "z stopped")
+    time.sleep(2)  # (a start would come within a tick or two)
+    assert daemon.workers()["z"]["state"] == "STOPPED", daemon.workers()["z"]
+
+
 def test_loads_start_in_the_order_their_requests_came(start_daemon, tiny_model):
     """Models waiting for room were planned in the order the daemon first saw them, not the
     order their requests came."""
