@@ -208,9 +208,9 @@ class Sequence:
         self.received_at = received_at  # when the engine took the Request (End.elapsed_s)
 
     def route(self, text: str, final: bool) -> tuple[str, str, list[protocol.ToolCallDelta]]:
-        """(content, reasoning, tool call pieces) of newly decoded text; reasoning markers
-        and tool-call markup never reach content."""
-        content, reasoning = self._split_reasoning(text, final)
+        """(content, reasoning, tool call pieces) of newly decoded text, its reasoning split
+        off already (split_reasoning); tool-call markup never reaches content."""
+        content, reasoning = text, ""
         if self.tools is None:
             return content, reasoning, []
         parsed = self.tools.feed(content)
@@ -224,7 +224,8 @@ class Sequence:
             protocol.ToolCallDelta(index=c.index, id=c.id or "", name=c.name or "",
                                    arguments=c.arguments or "") for c in calls]
 
-    def _split_reasoning(self, text: str, final: bool) -> tuple[str, str]:
+    def split_reasoning(self, text: str, final: bool) -> tuple[str, str]:
+        """(answer, reasoning) of newly decoded text; the markers reach neither."""
         if self.split is None:
             return text, ""
         out = {"normal": "", "reasoning": ""}
@@ -405,6 +406,7 @@ class TextEngine:
         self.weights_bytes = 0  # as they sit in memory, half copies included
         self.half_copies = (0, 0)  # how many, bytes
         self._texts: dict[int, tuple[str, bytes]] = {}  # token id -> text, bytes (logprobs)
+        self._think_ids: set[int] = set()
 
     @property
     def active(self) -> int:
@@ -424,6 +426,9 @@ class TextEngine:
                               + self.half_copies[1])
         self.vocab_size = int(config.get("vocab_size")
                               or config.get("text_config", {}).get("vocab_size") or 0) or 2**31
+        tok = self.tokenizer  # its reasoning markers' ids (a marker token is not the answer)
+        self._think_ids = (set(tok.think_start_tokens or ()) | set(tok.think_end_tokens or ())
+                           if getattr(tok, "has_thinking", False) else set())
         self.chat_template = (template_source(self.spec.chat_template)
                               if self.spec.chat_template else None)
         check_template(self.chat_template or getattr(self.tokenizer, "chat_template", None),
@@ -791,7 +796,14 @@ class TextEngine:
         if finish is not None:
             seq.detok.finalize()
         segment = seq.detok.last_segment
-        if seq.top_logprobs is not None and finish != "stop":
+        # A reasoning model's text is split first: stop strings and logprobs are about the
+        # answer (a stop "\n\n" ended a Qwen3-style answer inside its reasoning, empty; the
+        # reasoning's tokens and markers were among logprobs, even with it disabled).
+        thought = ""
+        if seq.split is not None:
+            segment, thought = seq.split_reasoning(segment, final=finish is not None)
+        if seq.top_logprobs is not None and finish != "stop" and (
+                segment or not (thought or r.token in self._think_ids)):
             entry = self._token_logprob(r.token, segment, r.logprobs, seq.top_logprobs)
             if not seq.byte_exact:  # its bytes may not be what shows (WordPiece "##")
                 entry.chars = len(segment)
@@ -808,6 +820,7 @@ class TextEngine:
         logprobs = (seq.held.release(text, cut=hit, final=finish is not None)
                     if seq.top_logprobs is not None else [])
         content, reasoning, calls = seq.route(text, final=finish is not None)
+        reasoning = thought + reasoning
         if seq.tools is not None and seq.tools.called and seq.one_call:
             calls = [c for c in calls if c.index == 0]
             if finish is None:  # parallel_tool_calls=false: one call, then stop

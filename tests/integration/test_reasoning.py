@@ -64,6 +64,35 @@ def test_reasoning_can_be_dropped(start_daemon, thinking_model):
     assert reasoning(msg) is None and msg.content == ""
 
 
+def test_stop_strings_and_logprobs_are_about_the_answer(start_daemon, thinking_model,
+                                                        think_ids):
+    """A stop string met in the reasoning ended the request there, with an empty answer, and
+    the reasoning's tokens (and its markers) were among the answer's logprobs, even with
+    the reasoning dropped."""
+    tok, end_think = think_ids
+    daemon = start_daemon({"thinker": {"path": str(thinking_model)},
+                           "quiet": {"path": str(thinking_model),
+                                     "reasoning_response": "disable"}})
+    client = daemon.openai()
+    ask = dict(messages=MESSAGES, max_tokens=6, temperature=0)
+    thought = reasoning(client.chat.completions.create(
+        model="thinker", logit_bias={str(end_think): -100}, **ask).choices[0].message)
+    assert len(thought) >= 3
+    stopped = client.chat.completions.create(
+        model="thinker", logit_bias={str(end_think): -100}, stop=[thought[1:3]],
+        **ask).choices[0]
+    assert stopped.finish_reason == "length" and reasoning(stopped.message) == thought
+    for model in ("thinker", "quiet"):
+        inside = client.chat.completions.create(
+            model=model, logit_bias={str(end_think): -100}, logprobs=True, **ask).choices[0]
+        assert not inside.logprobs or not inside.logprobs.content, inside.logprobs
+    closed = client.chat.completions.create(
+        model="thinker", messages=MESSAGES, max_tokens=3, temperature=0, logprobs=True,
+        logit_bias={str(end_think): 100}).choices[0]
+    assert closed.message.content == "</think></think>"
+    assert [e.token for e in closed.logprobs.content] == ["</think>", "</think>"]
+
+
 def test_models_without_an_opened_block_answer_in_content(start_daemon, tiny_model):
     client = start_daemon({"tiny": {"path": str(tiny_model)}}).openai()
     msg = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6,
