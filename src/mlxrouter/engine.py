@@ -62,8 +62,10 @@ MIN_TOP_P = 1e-30
 def make_sampler(params: protocol.SamplingParams) -> Callable[[mx.array], mx.array]:
     """mlx-lm's filters with a per-request random key, so seeded requests stay in the batch.
 
-    MLX's random state is global; a key of our own per sequence makes a seeded request
-    reproducible whatever else shares the batch. Greedy requests share mlx-lm's one
+    MLX's random state is global; a key of our own per sequence makes a seeded request draw
+    the same samples whatever else shares the batch (from logits that a system BLAS can round
+    differently when the prompt was prefilled with others: agents.md's `seed`). Greedy
+    requests share mlx-lm's one
     `greedy_sampler`, which lets the batch sample them in one call.
     """
     if params.temperature < MIN_TEMPERATURE:  # 0, or so close that 1/t overflows the logits
