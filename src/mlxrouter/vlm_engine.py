@@ -388,25 +388,24 @@ class VisionEngine:
     def _new_reasoning(self, job: _Job, final: bool) -> str:
         if not job.reasoning_ids:
             return ""
-        full = self.tokenizer.decode(job.reasoning_ids, skip_special_tokens=True)
-        if not final:
-            full = full.rstrip("\ufffd")
-        new = full[job.reasoning_shown:]
-        job.reasoning_shown = max(job.reasoning_shown, len(full))
+        new, job.reasoning_shown = self._decoded_since(job.reasoning_ids, job.reasoning_shown,
+                                                       final)
         return new
 
     def _new_text(self, job: _Job, final: bool) -> str:
-        """The text the last token added. mlx-vlm's streaming detokenizer lets text out only
-        at a token that starts with a space: output without spaces (code, CJK, "oooo")
-        streamed nothing, and stop strings were found a word late or at max_tokens. So the
-        tokens are decoded whole each step (a few hundred at most) and what is new goes out,
-        but for an unfinished character at the end."""
-        full = self.tokenizer.decode(job.ids, skip_special_tokens=True)
+        new, job.shown = self._decoded_since(job.ids, job.shown, final)
+        return new
+
+    def _decoded_since(self, ids: list[int], shown: int, final: bool) -> tuple[str, int]:
+        """The text the last token added to `ids`, and how much is out now. mlx-vlm's
+        streaming detokenizer lets text out only at a token that starts with a space: output
+        without spaces (code, CJK, "oooo") streamed nothing, and stop strings were found a
+        word late or at max_tokens. So the tokens are decoded whole each step (a few hundred
+        at most) and what is new goes out, but for an unfinished character at the end."""
+        full = self.tokenizer.decode(ids, skip_special_tokens=True)
         if not final:
             full = full.rstrip("\ufffd")
-        new = full[job.shown:]
-        job.shown = max(job.shown, len(full))
-        return new
+        return full[shown:], max(shown, len(full))
 
     def _prefill(self, job: _Job) -> Any:
         """The first step runs the vision tower over this request's images: what fails there
