@@ -99,7 +99,12 @@ def daemon_url(args: argparse.Namespace) -> str:
 def admin_key(args: argparse.Namespace) -> str | None:
     if args.admin_key or os.environ.get("MLXROUTER_ADMIN_KEY"):
         return args.admin_key or os.environ["MLXROUTER_ADMIN_KEY"]
-    return control_settings(args.config)[1]
+    try:
+        return control_settings(args.config)[1]
+    except ConfigError:
+        if args.url:  # told where the daemon is: one without an admin key needs none
+            return None
+        raise
 
 
 def _hms(seconds: float | None) -> str:

@@ -171,6 +171,8 @@ def check_model_dir(path: Path, roots: tuple[Path, ...] = ()) -> str:
     With `roots`, the dir and its files must resolve inside one of them."""
     if roots and not _inside(path, roots):
         return "symlink points outside the configured model roots"
+    if not path.is_dir():
+        return "no such directory"
     if not (path / "config.json").is_file():
         if any(path.glob("*.gguf")):
             return "GGUF checkpoint, not MLX (import it with `mlxrouter models import-gguf`)"

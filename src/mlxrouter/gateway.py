@@ -269,7 +269,7 @@ def _model_object(state: AppState, model_id: str) -> ModelObject:
     if info is None and state.supervisor.downloadable(model_id):
         extra = dict(reason=library.PULLED_ON_FIRST_REQUEST)
     elif info is None or not info.usable:
-        extra = dict(usable=False, source=info.source if info is not None else "",
+        extra = dict(usable=False, source=info.source if info is not None else "config",
                      reason=info.reason if info is not None else NOT_ON_DISK)
     else:
         extra = dict(

@@ -439,7 +439,7 @@ def list_rows(config, states: dict[str, str] | None = None) -> list[dict]:
                 pass
         rows.append({
             "id": model.id, "path": model.path, "source": model.source,
-            "usable": model.usable, "reason": model.reason,
+            "usable": model.usable, "reason": model.reason or None,
             "architecture": model.architecture, "quantization": model.quantization,
             "parameters": model.parameters, "weights_bytes": model.weights_bytes,
             "estimated_memory_bytes": (budgeted_bytes(config, model.id, model.path)
@@ -450,4 +450,5 @@ def list_rows(config, states: dict[str, str] | None = None) -> list[dict]:
             "state": (states or {}).get(model.id, "STOPPED" if states is not None
                                         and model.usable else None),
         })
+        rows[-1]["loaded"] = rows[-1]["state"] == "RUNNING"
     return rows

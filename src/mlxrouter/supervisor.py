@@ -31,7 +31,7 @@ import msgspec
 from . import __version__, library, memory, protocol
 from .broker import Broker, Lease
 from .config import Config, ConfigError, ModelSpec, worker_environment
-from .discovery import Catalog, sources_for
+from .discovery import Catalog, check_model_dir, sources_for
 from .errors import (InsufficientMemory, ModelLoadFailed, ModelNotFound, ModelStopped,
                      ModelUnavailable, NoMemory, QueueFull, RouterError, ShuttingDown, Timeout,
                      WorkerCrashed)
@@ -176,6 +176,7 @@ class Supervisor:
         if slot.fatal_reason:
             raise ModelUnavailable(f"model '{spec.id}' is unavailable: {slot.fatal_reason}")
         if slot.worker is None:
+            self._refuse_if_not_a_model(slot.spec)
             self._refuse_if_it_never_fits(slot.spec)
         left = slot.backoff_until - time.monotonic()
         if slot.worker is None and left > 0:
@@ -421,6 +422,18 @@ class Supervisor:
                   else "lower its max_context or max_running")
         return InsufficientMemory(f"model '{spec.id}' {reason}; {advice}, or raise "
                                   f"memory_budget_gb")
+
+    def _refuse_if_not_a_model(self, spec: ModelSpec) -> None:
+        """A configured path with no model there is a 503 at once, with the reason: starting
+        a worker for it failed four times (each a retryable 503) before the model went FATAL.
+        Discovered paths were checked when found."""
+        configured = self.config.models.get(spec.id)
+        if configured is None or not configured.path:
+            return
+        reason = check_model_dir(Path(spec.path))
+        if reason:
+            raise ModelUnavailable(f"model '{spec.id}' cannot be served from its configured "
+                                   f"path {spec.path}: {reason}")
 
     def _refuse_if_it_never_fits(self, spec: ModelSpec) -> None:
         """A model bigger than the whole budget gets its 503 at once, not after queueing

@@ -112,7 +112,10 @@ def test_a_broken_model_dir_fails_its_requests_not_the_daemon(start_daemon, tmp_
     resp = daemon.http.post("/v1/chat/completions", json={"model": "broken",
                                                           "messages": MESSAGES})
     assert resp.status_code == 503
-    assert resp.json()["error"]["code"] == "model_load_failed"
+    # refused with discovery's reason, without a worker started for it
+    assert resp.json()["error"]["code"] == "model_unavailable"
+    assert f"cannot be served from its configured path {broken}: " in (
+        resp.json()["error"]["message"])
     assert daemon.http.get("/health").status_code == 200
 
 
@@ -121,8 +124,8 @@ def test_a_configured_path_that_does_not_exist_says_so(start_daemon, tmp_path):
     resp = daemon.http.post("/v1/chat/completions", json={"model": "gone",
                                                           "messages": MESSAGES})
     assert resp.status_code == 503
-    assert resp.json()["error"]["code"] == "model_load_failed"
-    assert f"the model path {tmp_path / 'no-such-model'} does not exist" in (
+    assert resp.json()["error"]["code"] == "model_unavailable"
+    assert f"path {tmp_path / 'no-such-model'}: no such directory" in (
         resp.json()["error"]["message"])
     assert "HFValidationError" not in resp.json()["error"]["message"]
 

@@ -543,11 +543,24 @@ def test_configured_models_that_cannot_be_served_say_why_in_both_lists(
         assert listed_["ghost"]["reason"] == "has no path and was not found on disk"
         assert listed_["gone"]["usable"] is False
         assert listed_["gone"]["path"] == str(missing) and listed_["gone"]["reason"]
-    assert served["gone"]["reason"] == rows["gone"]["reason"]
+    assert served["gone"]["reason"] == rows["gone"]["reason"] == "no such directory"
     assert "ghost" in table and "unusable: has no path and was not found on disk" in table
+    # the same fields and values in both (models list had no `loaded`, "" for no reason)
+    assert set(served["tiny"]) - {"object", "created", "owned_by"} == set(rows["tiny"]) - {
+        "vision"}
+    assert rows["tiny"]["reason"] is None and rows["tiny"]["loaded"] is False
+    assert served["ghost"]["source"] == rows["ghost"]["source"] == "config"
     refused = daemon.http.post("/v1/chat/completions", json={
         "model": "ghost", "messages": [{"role": "user", "content": "hi"}]})
     assert refused.status_code == 503 and "not found on disk" in refused.text
+    # a configured path with no model is refused at once, with the reason; it used to be
+    # started (and fail) four times, each a retryable 503, before it went FATAL
+    gone = daemon.http.post("/v1/chat/completions", json={
+        "model": "gone", "messages": [{"role": "user", "content": "hi"}]})
+    assert gone.status_code == 503 and gone.headers["x-should-retry"] == "false"
+    assert f"cannot be served from its configured path {missing}: no such directory" in (
+        gone.json()["error"]["message"])
+    assert "starting worker model=gone" not in daemon.output()
 
 
 def test_a_model_whose_id_starts_with_a_dash_loads(download_daemon, tiny_model: Path) -> None:

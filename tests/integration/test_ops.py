@@ -247,6 +247,19 @@ def test_ctl_tail_follow_shows_new_lines(start_daemon):
     assert len(big.stdout) == 100_000
 
 
+def test_ctl_with_a_main_file_that_does_not_parse(start_daemon):
+    """ctl reads the daemon's run dir and admin key from the main file: one that does not
+    parse is said to be unreadable (it sent no key, and the daemon's 401 hid the syntax
+    error), and --url alone still reaches a daemon that has no admin key."""
+    daemon = start_daemon()
+    main = daemon.root / "supervisor.toml"
+    main.write_text(main.read_text() + "this is [not toml\n")
+    broken = ctl(daemon, "status")
+    assert broken.returncode == 2 and "supervisor.toml cannot be read" in broken.stderr
+    told = ctl(daemon, "--url", daemon.base_url, "status")
+    assert told.returncode == 0 and "tiny" in told.stdout, told.stderr
+
+
 def test_ctl_reload_adds_and_removes_a_model(start_daemon, tiny_model):
     daemon = start_daemon()
     workers = daemon.root / "workers"
